@@ -1,0 +1,484 @@
+//! Configuration: built-in defaults, then an optional TOML file, then systemd
+//! credentials, then environment variables (each layer overrides the last).
+//!
+//! Everything is validated once at start-up and every problem is reported at
+//! the same time, so an operator fixes a broken config in one round instead of
+//! one error per restart. A process never starts half-configured.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as BASE64;
+use ed25519_dalek::VerifyingKey;
+use secrecy::{ExposeSecret, SecretString};
+use serde::Deserialize;
+
+/// Where the config file is looked for when `--config` is not given. A missing
+/// file at this default path is not an error (defaults plus environment).
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/recording-relay/config.toml";
+
+/// The environment variables that override the file, also accepted as
+/// systemd credentials (`LoadCredential=TELNYX_API_KEY:/etc/…`).
+const OVERRIDES: &[&str] = &[
+    "DATABASE_URL",
+    "LISTEN_ADDR",
+    "TELNYX_PUBLIC_KEY",
+    "TELNYX_API_KEY",
+    "TELNYX_API_URL",
+    "SUPABASE_URL",
+    "SUPABASE_SERVICE_ROLE_KEY",
+    "STORAGE_BUCKET",
+];
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path} is not valid: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("invalid configuration:\n  - {}", .0.join("\n  - "))]
+    Invalid(Vec<String>),
+}
+
+/// What a process is about to run; each role needs a different subset of
+/// settings (a listener-only host need not hold the Supabase key).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    Migrate,
+    Listen,
+    Work,
+    Serve,
+}
+
+impl Role {
+    fn listens(self) -> bool {
+        matches!(self, Role::Listen | Role::Serve)
+    }
+    fn works(self) -> bool {
+        matches!(self, Role::Work | Role::Serve)
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub database: DatabaseConfig,
+    pub listener: ListenerConfig,
+    pub telnyx: TelnyxConfig,
+    pub supabase: SupabaseConfig,
+    pub worker: WorkerConfig,
+    pub retry: RetryConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DatabaseConfig {
+    pub url: Option<SecretString>,
+    pub max_connections: u32,
+    /// How long a request may wait for a pooled connection. The webhook must
+    /// answer within Telnyx's 2 s, so this stays well under it.
+    #[serde(with = "humantime_serde")]
+    pub acquire_timeout: Duration,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ListenerConfig {
+    pub addr: SocketAddr,
+    pub max_body_bytes: usize,
+    #[serde(with = "humantime_serde")]
+    pub timestamp_tolerance: Duration,
+    /// Upper bound on the whole verify+insert+commit of one webhook; past it
+    /// the answer is 503 so Telnyx retries instead of timing out on us.
+    #[serde(with = "humantime_serde")]
+    pub request_timeout: Duration,
+    /// Slowloris guard: a client must finish sending headers within this.
+    #[serde(with = "humantime_serde")]
+    pub header_read_timeout: Duration,
+    pub max_connections: usize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TelnyxConfig {
+    /// Base64 of the account's 32-byte Ed25519 public key (Telnyx portal).
+    pub public_key: Option<String>,
+    pub api_key: Option<SecretString>,
+    pub api_url: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SupabaseConfig {
+    pub url: Option<String>,
+    pub service_role_key: Option<SecretString>,
+    pub bucket: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WorkerConfig {
+    /// Jobs processed at once by one daemon.
+    pub concurrency: usize,
+    /// Fallback poll; LISTEN/NOTIFY normally wakes the worker at once.
+    #[serde(with = "humantime_serde")]
+    pub poll_interval: Duration,
+    /// How long a claim is valid without a heartbeat; a crashed worker's jobs
+    /// become runnable again after this.
+    #[serde(with = "humantime_serde")]
+    pub lease: Duration,
+    /// In-flight jobs get this long to finish on SIGTERM before they are
+    /// released; keep it below systemd's TimeoutStopSec (default 90 s).
+    #[serde(with = "humantime_serde")]
+    pub shutdown_timeout: Duration,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetryConfig {
+    #[serde(with = "humantime_serde")]
+    pub base: Duration,
+    #[serde(with = "humantime_serde")]
+    pub cap: Duration,
+    pub max_attempts: i32,
+}
+
+impl Default for DatabaseConfig {
+    fn default() -> Self {
+        Self {
+            url: None,
+            max_connections: 10,
+            acquire_timeout: Duration::from_millis(1000),
+        }
+    }
+}
+
+impl Default for ListenerConfig {
+    fn default() -> Self {
+        Self {
+            addr: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            max_body_bytes: 1024 * 1024,
+            timestamp_tolerance: Duration::from_secs(300),
+            request_timeout: Duration::from_millis(1500),
+            header_read_timeout: Duration::from_secs(5),
+            max_connections: 1024,
+        }
+    }
+}
+
+impl Default for TelnyxConfig {
+    fn default() -> Self {
+        Self {
+            public_key: None,
+            api_key: None,
+            api_url: "https://api.telnyx.com/v2".to_owned(),
+        }
+    }
+}
+
+impl Default for SupabaseConfig {
+    fn default() -> Self {
+        Self {
+            url: None,
+            service_role_key: None,
+            bucket: "call-recordings".to_owned(),
+        }
+    }
+}
+
+impl Default for WorkerConfig {
+    fn default() -> Self {
+        Self {
+            concurrency: 4,
+            poll_interval: Duration::from_secs(5),
+            lease: Duration::from_secs(60),
+            shutdown_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+impl Default for RetryConfig {
+    fn default() -> Self {
+        Self {
+            base: Duration::from_secs(10),
+            cap: Duration::from_secs(3600),
+            max_attempts: 12,
+        }
+    }
+}
+
+/// A source of override values, so tests can supply their own environment
+/// instead of mutating the process's.
+pub trait Env {
+    fn var(&self, name: &str) -> Option<String>;
+}
+
+/// The real process environment plus systemd's credentials directory.
+pub struct ProcessEnv;
+
+impl Env for ProcessEnv {
+    fn var(&self, name: &str) -> Option<String> {
+        std::env::var(name).ok().filter(|v| !v.is_empty())
+    }
+}
+
+impl Config {
+    /// Loads the file (an explicit path must exist; the default path may be
+    /// absent), then applies credentials and environment overrides.
+    pub fn load(explicit: Option<&Path>, env: &dyn Env) -> Result<Self, ConfigError> {
+        let mut config = match explicit {
+            Some(path) => Self::from_file(path)?,
+            None if Path::new(DEFAULT_CONFIG_PATH).exists() => {
+                Self::from_file(Path::new(DEFAULT_CONFIG_PATH))?
+            }
+            None => Self::default(),
+        };
+        config.apply_overrides(env)?;
+        Ok(config)
+    }
+
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::from_toml(&text).map_err(|message| ConfigError::Parse {
+            path: path.to_owned(),
+            message,
+        })
+    }
+
+    pub fn from_toml(text: &str) -> Result<Self, String> {
+        toml::from_str(text).map_err(|e| e.to_string())
+    }
+
+    fn apply_overrides(&mut self, env: &dyn Env) -> Result<(), ConfigError> {
+        let credentials = std::env::var_os("CREDENTIALS_DIRECTORY").map(PathBuf::from);
+        let mut problems = Vec::new();
+        for name in OVERRIDES {
+            let value = env.var(name).or_else(|| {
+                credentials
+                    .as_deref()
+                    .and_then(|dir| read_credential(dir, name))
+            });
+            let Some(value) = value else { continue };
+            match *name {
+                "DATABASE_URL" => self.database.url = Some(value.into()),
+                "LISTEN_ADDR" => match value.parse() {
+                    Ok(addr) => self.listener.addr = addr,
+                    Err(_) => problems.push(format!(
+                        "LISTEN_ADDR: {value:?} is not a socket address like 127.0.0.1:8080"
+                    )),
+                },
+                "TELNYX_PUBLIC_KEY" => self.telnyx.public_key = Some(value),
+                "TELNYX_API_KEY" => self.telnyx.api_key = Some(value.into()),
+                "TELNYX_API_URL" => self.telnyx.api_url = value,
+                "SUPABASE_URL" => self.supabase.url = Some(value),
+                "SUPABASE_SERVICE_ROLE_KEY" => self.supabase.service_role_key = Some(value.into()),
+                "STORAGE_BUCKET" => self.supabase.bucket = value,
+                _ => unreachable!("every override name is handled"),
+            }
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigError::Invalid(problems))
+        }
+    }
+
+    /// Checks everything `role` needs, reporting every problem at once.
+    pub fn validate(&self, role: Role) -> Result<(), ConfigError> {
+        let mut problems = Vec::new();
+        if self.database.url.is_none() {
+            problems.push("database.url is not set (or DATABASE_URL)".to_owned());
+        }
+        if self.database.max_connections == 0 {
+            problems.push("database.max_connections must be at least 1".to_owned());
+        }
+        if role.listens() {
+            if let Err(e) = self.telnyx_public_key() {
+                problems.push(e);
+            }
+            if self.listener.max_body_bytes == 0 {
+                problems.push("listener.max_body_bytes must be at least 1".to_owned());
+            }
+            if self.listener.request_timeout >= Duration::from_secs(2) {
+                problems.push(
+                    "listener.request_timeout must be below Telnyx's 2s delivery timeout"
+                        .to_owned(),
+                );
+            }
+        }
+        if role.works() {
+            self.validate_worker(&mut problems);
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigError::Invalid(problems))
+        }
+    }
+
+    fn validate_worker(&self, problems: &mut Vec<String>) {
+        let w = &self.worker;
+        if w.concurrency == 0 {
+            problems.push("worker.concurrency must be at least 1".to_owned());
+        }
+        if w.lease < Duration::from_secs(3) {
+            problems
+                .push("worker.lease must be at least 3s (heartbeats run every lease/3)".to_owned());
+        }
+        if w.poll_interval.is_zero() {
+            problems.push("worker.poll_interval must be above 0s".to_owned());
+        }
+        let r = &self.retry;
+        if r.max_attempts < 1 {
+            problems.push("retry.max_attempts must be at least 1".to_owned());
+        }
+        if r.base.is_zero() || r.base > r.cap {
+            problems.push("retry.base must be above 0s and not above retry.cap".to_owned());
+        }
+    }
+
+    /// Decodes `telnyx.public_key` into a verifying key, with a message that
+    /// says what is wrong with it (never the key itself).
+    pub fn telnyx_public_key(&self) -> Result<VerifyingKey, String> {
+        let Some(b64) = self.telnyx.public_key.as_deref() else {
+            return Err("telnyx.public_key is not set (or TELNYX_PUBLIC_KEY): \
+                        the base64 Ed25519 public key from the Telnyx portal"
+                .to_owned());
+        };
+        let bytes = BASE64
+            .decode(b64.trim())
+            .map_err(|_| "telnyx.public_key is not valid base64".to_owned())?;
+        let bytes: [u8; 32] = bytes.as_slice().try_into().map_err(|_| {
+            format!(
+                "telnyx.public_key must decode to 32 bytes (an Ed25519 public key), got {}",
+                bytes.len()
+            )
+        })?;
+        VerifyingKey::from_bytes(&bytes)
+            .map_err(|_| "telnyx.public_key is not a valid Ed25519 public key".to_owned())
+    }
+
+    pub fn database_url(&self) -> Option<&str> {
+        self.database.url.as_ref().map(|s| s.expose_secret())
+    }
+}
+
+fn read_credential(dir: &Path, name: &str) -> Option<String> {
+    let text = std::fs::read_to_string(dir.join(name)).ok()?;
+    let value = text.trim_end_matches(['\n', '\r']).to_owned();
+    (!value.is_empty()).then_some(value)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use super::*;
+
+    struct MapEnv(HashMap<&'static str, &'static str>);
+
+    impl Env for MapEnv {
+        fn var(&self, name: &str) -> Option<String> {
+            self.0.get(name).map(|v| (*v).to_owned())
+        }
+    }
+
+    fn env(pairs: &[(&'static str, &'static str)]) -> MapEnv {
+        MapEnv(pairs.iter().copied().collect())
+    }
+
+    const KEY: &str = "O2onvM62pC1io6jQKm8Nc2UyFXcd4kOmOsBIoYtZ2ik=";
+
+    #[test]
+    fn the_example_config_parses_and_matches_the_defaults() {
+        let text = include_str!("../config.toml.example");
+        let parsed = Config::from_toml(text).expect("example parses");
+        let defaults = Config::default();
+        assert_eq!(parsed.worker.lease, defaults.worker.lease);
+        assert_eq!(parsed.retry.cap, defaults.retry.cap);
+        assert_eq!(parsed.listener.addr, defaults.listener.addr);
+    }
+
+    #[test]
+    fn environment_overrides_the_file() {
+        let mut c = Config::from_toml("[supabase]\nbucket = \"from-file\"\n").unwrap();
+        c.apply_overrides(&env(&[
+            ("STORAGE_BUCKET", "from-env"),
+            ("LISTEN_ADDR", "0.0.0.0:9000"),
+        ]))
+        .unwrap();
+        assert_eq!(c.supabase.bucket, "from-env");
+        assert_eq!(c.listener.addr.port(), 9000);
+    }
+
+    #[test]
+    fn every_problem_is_reported_at_once() {
+        let c = Config::from_toml("[worker]\nconcurrency = 0\n").unwrap();
+        let Err(ConfigError::Invalid(problems)) = c.validate(Role::Serve) else {
+            panic!("expected invalid");
+        };
+        let all = problems.join("\n");
+        assert!(all.contains("database.url"), "{all}");
+        assert!(all.contains("telnyx.public_key is not set"), "{all}");
+        assert!(all.contains("worker.concurrency"), "{all}");
+    }
+
+    #[test]
+    fn malformed_public_keys_are_explained() {
+        for (key, expected) in [
+            ("not base64!!", "not valid base64"),
+            ("AAAA", "must decode to 32 bytes"),
+        ] {
+            let mut c = Config::default();
+            c.telnyx.public_key = Some(key.to_owned());
+            let err = c.telnyx_public_key().unwrap_err();
+            assert!(err.contains(expected), "{key}: {err}");
+            assert!(!err.contains(key), "the key must not be echoed: {err}");
+        }
+        let mut c = Config::default();
+        c.telnyx.public_key = Some(KEY.to_owned());
+        assert!(c.telnyx_public_key().is_ok());
+    }
+
+    #[test]
+    fn bad_durations_and_unknown_keys_name_the_setting() {
+        let err = Config::from_toml("[worker]\nlease = \"sixty\"\n").unwrap_err();
+        assert!(err.contains("lease"), "{err}");
+        let err = Config::from_toml("[worker]\nleese = \"60s\"\n").unwrap_err();
+        assert!(err.contains("leese"), "{err}");
+    }
+
+    #[test]
+    fn migrate_needs_only_the_database() {
+        let mut c = Config::default();
+        c.database.url = Some("postgres://localhost/x".to_owned().into());
+        assert!(c.validate(Role::Migrate).is_ok());
+        assert!(c.validate(Role::Listen).is_err());
+    }
+
+    #[test]
+    fn secrets_do_not_appear_in_debug_output() {
+        let mut c = Config::default();
+        c.telnyx.api_key = Some("KEYsecret123".to_owned().into());
+        assert!(!format!("{c:?}").contains("KEYsecret123"));
+    }
+
+    #[test]
+    fn credentials_are_read_without_trailing_newline() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("TELNYX_API_KEY"), "KEYabc\n").unwrap();
+        assert_eq!(
+            read_credential(dir.path(), "TELNYX_API_KEY").as_deref(),
+            Some("KEYabc")
+        );
+        assert_eq!(read_credential(dir.path(), "MISSING"), None);
+    }
+}

@@ -1,0 +1,198 @@
+//! The durable job queue: one `recording_jobs` row per recording webhook.
+//!
+//! - [`queue`]: every SQL statement the queue runs (enqueue, claim, heartbeat,
+//!   fenced completion/retry/failure/release, lease rescue), with its tests.
+//! - [`backoff`]: the retry schedule (exponential, full jitter, capped).
+//! - [`worker`]: the loop that LISTENs, claims, runs a [`JobHandler`] under a
+//!   heartbeated lease, and drains on shutdown.
+
+pub mod backoff;
+pub mod queue;
+pub mod worker;
+
+use std::future::Future;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use tokio_util::sync::CancellationToken;
+
+pub use queue::{Enqueued, Queue, QueueError};
+pub use worker::{Worker, WorkerOptions};
+
+/// Mirrors the `recording_job_state` Postgres enum.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, sqlx::Type, Serialize)]
+#[sqlx(type_name = "recording_job_state", rename_all = "lowercase")]
+#[serde(rename_all = "lowercase")]
+pub enum JobState {
+    Pending,
+    Running,
+    Succeeded,
+    Failed,
+    Unmatched,
+    Cancelled,
+}
+
+impl JobState {
+    pub fn is_final(self) -> bool {
+        matches!(
+            self,
+            JobState::Succeeded | JobState::Failed | JobState::Unmatched | JobState::Cancelled
+        )
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobState::Pending => "pending",
+            JobState::Running => "running",
+            JobState::Succeeded => "succeeded",
+            JobState::Failed => "failed",
+            JobState::Unmatched => "unmatched",
+            JobState::Cancelled => "cancelled",
+        }
+    }
+}
+
+/// A job row as the worker sees it after claiming it.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct Job {
+    pub id: i64,
+    pub event_id: String,
+    pub event_type: String,
+    pub occurred_at: Option<DateTime<Utc>>,
+    pub event: serde_json::Value,
+    pub recording_id: Option<String>,
+    pub call_session_id: Option<String>,
+    pub call_control_id: Option<String>,
+    pub call_leg_id: Option<String>,
+    pub connection_id: Option<String>,
+    pub client_state: Option<String>,
+    pub from_number: Option<String>,
+    pub to_number: Option<String>,
+    pub duration_millis: Option<i64>,
+    pub channels: Option<String>,
+    pub recording_started_at: Option<DateTime<Utc>>,
+    pub recording_ended_at: Option<DateTime<Utc>>,
+    pub state: JobState,
+    pub attempts: i32,
+    pub max_attempts: i32,
+    pub last_error: Option<String>,
+    pub errors: serde_json::Value,
+    pub next_run_at: DateTime<Utc>,
+    pub locked_by: Option<String>,
+    pub locked_until: Option<DateTime<Utc>>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    pub finished_at: Option<DateTime<Utc>>,
+}
+
+impl Job {
+    /// The fence every later state change of this claim must match.
+    pub fn lease(&self) -> Option<Lease> {
+        Some(Lease {
+            job_id: self.id,
+            worker: self.locked_by.clone()?,
+            attempt: self.attempts,
+        })
+    }
+}
+
+/// Identifies one claim of one job. A worker whose lease expired and whose
+/// job was claimed again holds a stale `Lease`: its updates match no row.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Lease {
+    pub job_id: i64,
+    pub worker: String,
+    pub attempt: i32,
+}
+
+/// What the webhook listener extracted from a verified event.
+#[derive(Debug, Clone, Default)]
+pub struct NewJob {
+    pub event_id: String,
+    pub event_type: String,
+    pub occurred_at: Option<DateTime<Utc>>,
+    pub event: serde_json::Value,
+    pub recording_id: Option<String>,
+    pub call_session_id: Option<String>,
+    pub call_control_id: Option<String>,
+    pub call_leg_id: Option<String>,
+    pub connection_id: Option<String>,
+    pub client_state: Option<String>,
+    pub from_number: Option<String>,
+    pub to_number: Option<String>,
+    pub duration_millis: Option<i64>,
+    pub channels: Option<String>,
+    pub recording_started_at: Option<DateTime<Utc>>,
+    pub recording_ended_at: Option<DateTime<Utc>>,
+    pub max_attempts: i32,
+}
+
+/// How a handler ended a job that did not fail.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    Succeeded,
+    /// Terminal, but not an error of the relay: the recording is safe in
+    /// storage and an operator has to say which intake it belongs to.
+    Unmatched {
+        reason: String,
+    },
+}
+
+/// A failed attempt, split by what should happen next.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum JobError {
+    /// Timeouts, 5xx, 429, connection resets: try again later.
+    #[error("{message}")]
+    Retryable {
+        message: String,
+        /// A provider's own hint (e.g. Telnyx's `x-ratelimit-reset`).
+        retry_after: Option<Duration>,
+    },
+    /// The recording is gone, the request is invalid, a key is wrong: retrying
+    /// cannot help, so the job stops at once with this as its `last_error`.
+    #[error("{message}")]
+    Permanent { message: String },
+}
+
+impl JobError {
+    pub fn retryable(message: impl Into<String>) -> Self {
+        JobError::Retryable {
+            message: message.into(),
+            retry_after: None,
+        }
+    }
+
+    pub fn permanent(message: impl Into<String>) -> Self {
+        JobError::Permanent {
+            message: message.into(),
+        }
+    }
+
+    pub fn kind(&self) -> &'static str {
+        match self {
+            JobError::Retryable { .. } => "retryable",
+            JobError::Permanent { .. } => "permanent",
+        }
+    }
+}
+
+/// Everything a handler gets besides the job row.
+#[derive(Clone)]
+pub struct JobContext {
+    pub queue: Queue,
+    pub lease: Lease,
+    /// Cancelled when the lease is lost or the shutdown grace period ran out;
+    /// the handler's future is dropped at its next await point either way.
+    pub cancel: CancellationToken,
+}
+
+/// The work done for one job. The worker owns claiming, leases, heartbeats
+/// and recording the result; the handler only does the job's own steps.
+pub trait JobHandler: Send + Sync + 'static {
+    fn handle(
+        &self,
+        job: Job,
+        ctx: JobContext,
+    ) -> impl Future<Output = Result<Outcome, JobError>> + Send;
+}

@@ -1,0 +1,671 @@
+//! All SQL of the job queue, in one place.
+//!
+//! The claim commits at once (no transaction is held during HTTP work); every
+//! later change is fenced on `(id, locked_by, attempts)` and checks
+//! `rows_affected`, so a worker that lost its lease changes nothing.
+
+use std::time::Duration;
+
+use sqlx::PgPool;
+
+use super::{Job, JobError, JobState, Lease, NewJob};
+
+/// The channel the `recording_jobs_notify` trigger sends on.
+pub const NOTIFY_CHANNEL: &str = "recording_jobs";
+
+#[derive(Debug, thiserror::Error)]
+pub enum QueueError {
+    #[error("database error: {0}")]
+    Database(#[from] sqlx::Error),
+}
+
+/// Result of an enqueue: Telnyx redelivers, so a duplicate is normal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Enqueued {
+    Inserted(i64),
+    Duplicate,
+}
+
+#[derive(Clone, Debug)]
+pub struct Queue {
+    pool: PgPool,
+}
+
+fn millis(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
+impl Queue {
+    pub fn new(pool: PgPool) -> Self {
+        Self { pool }
+    }
+
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// Stores a verified event. Autocommit: when this returns, the row is
+    /// durable and the listener may answer 2xx.
+    pub async fn enqueue(&self, job: &NewJob) -> Result<Enqueued, QueueError> {
+        let id: Option<i64> = sqlx::query_scalar(
+            "INSERT INTO recording_jobs (
+                 event_id, event_type, occurred_at, event, recording_id, call_session_id,
+                 call_control_id, call_leg_id, connection_id, client_state, from_number,
+                 to_number, duration_millis, channels, recording_started_at,
+                 recording_ended_at, max_attempts)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17)
+             ON CONFLICT (event_id) DO NOTHING
+             RETURNING id",
+        )
+        .bind(&job.event_id)
+        .bind(&job.event_type)
+        .bind(job.occurred_at)
+        .bind(&job.event)
+        .bind(&job.recording_id)
+        .bind(&job.call_session_id)
+        .bind(&job.call_control_id)
+        .bind(&job.call_leg_id)
+        .bind(&job.connection_id)
+        .bind(&job.client_state)
+        .bind(&job.from_number)
+        .bind(&job.to_number)
+        .bind(job.duration_millis)
+        .bind(&job.channels)
+        .bind(job.recording_started_at)
+        .bind(job.recording_ended_at)
+        .bind(job.max_attempts)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(id.map_or(Enqueued::Duplicate, Enqueued::Inserted))
+    }
+
+    /// Keeps a verified delivery that could not be parsed, byte for byte.
+    pub async fn quarantine(
+        &self,
+        reason: &str,
+        signed_at: Option<chrono::DateTime<chrono::Utc>>,
+        raw_body: &[u8],
+    ) -> Result<i64, QueueError> {
+        let id = sqlx::query_scalar(
+            "INSERT INTO webhook_quarantine (reason, signed_at, raw_body)
+             VALUES ($1, $2, $3) RETURNING id",
+        )
+        .bind(reason)
+        .bind(signed_at)
+        .bind(raw_body)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(id)
+    }
+
+    /// Claims up to `limit` runnable jobs for `worker`: sets the lease and
+    /// counts the attempt in one statement that commits at once.
+    pub async fn claim(
+        &self,
+        worker: &str,
+        limit: usize,
+        lease: Duration,
+    ) -> Result<Vec<Job>, QueueError> {
+        let jobs = sqlx::query_as::<_, Job>(
+            "WITH picked AS (
+                 SELECT id FROM recording_jobs
+                 WHERE state = 'pending' AND next_run_at <= now()
+                 ORDER BY next_run_at, id
+                 LIMIT $1
+                 FOR UPDATE SKIP LOCKED
+             )
+             UPDATE recording_jobs j
+             SET state = 'running',
+                 attempts = j.attempts + 1,
+                 locked_by = $2,
+                 locked_until = now() + $3 * interval '1 millisecond',
+                 updated_at = now()
+             FROM picked
+             WHERE j.id = picked.id
+             RETURNING j.*",
+        )
+        .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+        .bind(worker)
+        .bind(millis(lease))
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(jobs)
+    }
+
+    /// Extends the lease. `false` means the lease was lost (expired and
+    /// rescued, or cancelled by an operator): the caller must stop.
+    pub async fn heartbeat(&self, lease: &Lease, duration: Duration) -> Result<bool, QueueError> {
+        let done = sqlx::query(
+            "UPDATE recording_jobs
+             SET locked_until = now() + $4 * interval '1 millisecond', updated_at = now()
+             WHERE id = $1 AND locked_by = $2 AND attempts = $3 AND state = 'running'",
+        )
+        .bind(lease.job_id)
+        .bind(&lease.worker)
+        .bind(lease.attempt)
+        .bind(millis(duration))
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    /// Marks the job succeeded. `false`: the lease was lost first.
+    pub async fn complete(&self, lease: &Lease) -> Result<bool, QueueError> {
+        let done = sqlx::query(
+            "UPDATE recording_jobs
+             SET state = 'succeeded', finished_at = now(), updated_at = now(),
+                 locked_by = NULL, locked_until = NULL
+             WHERE id = $1 AND locked_by = $2 AND attempts = $3 AND state = 'running'",
+        )
+        .bind(lease.job_id)
+        .bind(&lease.worker)
+        .bind(lease.attempt)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    /// Records a failed attempt. With attempts left the job goes back to
+    /// `pending` at `now() + delay`; without, it ends `failed`. Returns the
+    /// new state, or `None` when the lease was lost first.
+    pub async fn retry(
+        &self,
+        lease: &Lease,
+        error: &JobError,
+        delay: Duration,
+    ) -> Result<Option<JobState>, QueueError> {
+        let state = sqlx::query_scalar(
+            "UPDATE recording_jobs
+             SET state = CASE WHEN attempts >= max_attempts
+                              THEN 'failed' ELSE 'pending' END::recording_job_state,
+                 next_run_at = CASE WHEN attempts >= max_attempts THEN next_run_at
+                                    ELSE now() + $5 * interval '1 millisecond' END,
+                 finished_at = CASE WHEN attempts >= max_attempts THEN now() END,
+                 last_error = CASE WHEN attempts >= max_attempts
+                                   THEN format('gave up after %s attempts: %s', attempts, $4::text)
+                                   ELSE $4 END,
+                 errors = errors || jsonb_build_array(jsonb_build_object(
+                     'attempt', attempts, 'at', now(), 'worker', locked_by,
+                     'kind', $6::text, 'error', $4::text)),
+                 locked_by = NULL, locked_until = NULL, updated_at = now()
+             WHERE id = $1 AND locked_by = $2 AND attempts = $3 AND state = 'running'
+             RETURNING state",
+        )
+        .bind(lease.job_id)
+        .bind(&lease.worker)
+        .bind(lease.attempt)
+        .bind(error.to_string())
+        .bind(millis(delay))
+        .bind(error.kind())
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(state)
+    }
+
+    /// Ends the job in a terminal state other than success (`failed` for a
+    /// permanent error, `unmatched` when no intake matched).
+    pub async fn finish_unsuccessfully(
+        &self,
+        lease: &Lease,
+        state: JobState,
+        kind: &str,
+        reason: &str,
+    ) -> Result<bool, QueueError> {
+        debug_assert!(matches!(state, JobState::Failed | JobState::Unmatched));
+        let done = sqlx::query(
+            "UPDATE recording_jobs
+             SET state = $4, last_error = $5, finished_at = now(), updated_at = now(),
+                 errors = errors || jsonb_build_array(jsonb_build_object(
+                     'attempt', attempts, 'at', now(), 'worker', locked_by,
+                     'kind', $6::text, 'error', $5::text)),
+                 locked_by = NULL, locked_until = NULL
+             WHERE id = $1 AND locked_by = $2 AND attempts = $3 AND state = 'running'",
+        )
+        .bind(lease.job_id)
+        .bind(&lease.worker)
+        .bind(lease.attempt)
+        .bind(state)
+        .bind(reason)
+        .bind(kind)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    /// Gives a claimed job back without counting the attempt (shutdown): it
+    /// is runnable at once and the trigger wakes another worker.
+    pub async fn release(&self, lease: &Lease) -> Result<bool, QueueError> {
+        let done = sqlx::query(
+            "UPDATE recording_jobs
+             SET state = 'pending', attempts = attempts - 1, next_run_at = now(),
+                 locked_by = NULL, locked_until = NULL, updated_at = now()
+             WHERE id = $1 AND locked_by = $2 AND attempts = $3 AND state = 'running'",
+        )
+        .bind(lease.job_id)
+        .bind(&lease.worker)
+        .bind(lease.attempt)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    /// Returns jobs whose worker stopped heartbeating (crashed, hung, or cut
+    /// off from the database) to `pending`, or to `failed` when that was
+    /// their last attempt. The attempt stays counted, so a job that kills its
+    /// worker cannot loop forever. Returns how many were rescued.
+    pub async fn rescue_expired_leases(&self) -> Result<u64, QueueError> {
+        let done = sqlx::query(
+            "UPDATE recording_jobs j
+             SET state = CASE WHEN j.attempts >= j.max_attempts
+                              THEN 'failed' ELSE 'pending' END::recording_job_state,
+                 finished_at = CASE WHEN j.attempts >= j.max_attempts THEN now() END,
+                 next_run_at = now(),
+                 last_error = format('lease expired: worker %s stopped heartbeating', j.locked_by),
+                 errors = j.errors || jsonb_build_array(jsonb_build_object(
+                     'attempt', j.attempts, 'at', now(), 'worker', j.locked_by,
+                     'kind', 'lease_expired',
+                     'error', format('lease expired: worker %s stopped heartbeating', j.locked_by))),
+                 locked_by = NULL, locked_until = NULL, updated_at = now()
+             FROM (SELECT id FROM recording_jobs
+                   WHERE state = 'running' AND locked_until < now()
+                   ORDER BY locked_until
+                   LIMIT 1000
+                   FOR UPDATE SKIP LOCKED) expired
+             WHERE j.id = expired.id",
+        )
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected())
+    }
+
+    pub async fn get(&self, id: i64) -> Result<Option<Job>, QueueError> {
+        let job = sqlx::query_as::<_, Job>("SELECT * FROM recording_jobs WHERE id = $1")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(job)
+    }
+
+    pub async fn get_by_event_id(&self, event_id: &str) -> Result<Option<Job>, QueueError> {
+        let job = sqlx::query_as::<_, Job>("SELECT * FROM recording_jobs WHERE event_id = $1")
+            .bind(event_id)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(job)
+    }
+
+    /// Jobs per state, for readiness output and tests.
+    pub async fn count_by_state(&self) -> Result<Vec<(JobState, i64)>, QueueError> {
+        let rows = sqlx::query_as(
+            "SELECT state, count(*) FROM recording_jobs GROUP BY state ORDER BY state",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashSet;
+
+    use sqlx::PgPool;
+
+    use super::*;
+    use crate::testing;
+
+    const LEASE: Duration = Duration::from_secs(30);
+
+    fn new_job(event_id: &str) -> NewJob {
+        NewJob {
+            event_id: event_id.to_owned(),
+            event_type: "call.recording.saved".to_owned(),
+            event: serde_json::json!({"data": {"id": event_id}}),
+            call_session_id: Some(format!("session-{event_id}")),
+            max_attempts: 3,
+            ..NewJob::default()
+        }
+    }
+
+    async fn queue(pool: PgPool) -> Queue {
+        Queue::new(testing::prepare(pool).await)
+    }
+
+    async fn one_claimed(q: &Queue, worker: &str) -> Job {
+        let mut jobs = q.claim(worker, 1, LEASE).await.unwrap();
+        assert_eq!(jobs.len(), 1, "expected one claimable job");
+        jobs.remove(0)
+    }
+
+    /// Moves the lease into the past, as if the worker died long ago.
+    async fn expire_lease(q: &Queue, id: i64) {
+        sqlx::query(
+            "UPDATE recording_jobs SET locked_until = now() - interval '1 second' WHERE id = $1",
+        )
+        .bind(id)
+        .execute(q.pool())
+        .await
+        .unwrap();
+    }
+
+    #[sqlx::test(migrations = false)]
+    async fn enqueue_is_idempotent_on_event_id(pool: PgPool) {
+        let q = queue(pool).await;
+        let first = q.enqueue(&new_job("ev-1")).await.unwrap();
+        assert!(matches!(first, Enqueued::Inserted(_)));
+        assert_eq!(
+            q.enqueue(&new_job("ev-1")).await.unwrap(),
+            Enqueued::Duplicate
+        );
+        assert_eq!(
+            q.count_by_state().await.unwrap(),
+            vec![(JobState::Pending, 1)]
+        );
+    }
+
+    #[sqlx::test(migrations = false)]
+    async fn claim_sets_lease_and_counts_the_attempt(pool: PgPool) {
+        let q = queue(pool).await;
+        q.enqueue(&new_job("ev-1")).await.unwrap();
+        let job = one_claimed(&q, "w1").await;
+        assert_eq!(job.state, JobState::Running);
+        assert_eq!(job.attempts, 1);
+        assert_eq!(job.locked_by.as_deref(), Some("w1"));
+        let until = job.locked_until.unwrap();
+        let ahead = until - chrono::Utc::now();
+        assert!(ahead > chrono::Duration::seconds(25) && ahead <= chrono::Duration::seconds(31));
+        assert!(q.claim("w2", 10, LEASE).await.unwrap().is_empty());
+    }
+
+    #[sqlx::test(migrations = false)]
+    async fn concurrent_claims_never_share_a_job(pool: PgPool) {
+        let q = queue(pool).await;
+        for i in 0..200 {
+            q.enqueue(&new_job(&format!("ev-{i}"))).await.unwrap();
+        }
+        let mut tasks = Vec::new();
+        for w in 0..8 {
+            let q = q.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut mine = Vec::new();
+                loop {
+                    let jobs = q.claim(&format!("w{w}"), 7, LEASE).await.unwrap();
+                    if jobs.is_empty() {
+                        break mine;
+                    }
+                    mine.extend(jobs.into_iter().map(|j| j.id));
+                }
+            }));
+        }
+        let mut seen = HashSet::new();
+        let mut total = 0;
+        for t in tasks {
+            for id in t.await.unwrap() {
+                total += 1;
+                assert!(seen.insert(id), "job {id} claimed twice");
+            }
+        }
+        assert_eq!(total, 200);
+    }
+
+    #[sqlx::test(migrations = false)]
+    async fn claim_takes_the_oldest_runnable_first_and_skips_future_ones(pool: PgPool) {
+        let q = queue(pool).await;
+        for id in ["a", "b", "c"] {
+            q.enqueue(&new_job(id)).await.unwrap();
+        }
+        sqlx::query("UPDATE recording_jobs SET next_run_at = now() + interval '1 hour' WHERE event_id = 'a'")
+            .execute(q.pool())
+            .await
+            .unwrap();
+        let jobs = q.claim("w", 10, LEASE).await.unwrap();
+        let ids: Vec<_> = jobs.iter().map(|j| j.event_id.as_str()).collect();
+        assert_eq!(ids, ["b", "c"]);
+    }
+
+    #[sqlx::test(migrations = false)]
+    async fn an_expired_lease_is_rescued_and_claimed_again_with_the_attempt_counted(pool: PgPool) {
+        let q = queue(pool).await;
+        q.enqueue(&new_job("ev-1")).await.unwrap();
+        let job = one_claimed(&q, "dead-worker").await;
+        assert_eq!(
+            q.rescue_expired_leases().await.unwrap(),
+            0,
+            "a live lease is left alone"
+        );
+        expire_lease(&q, job.id).await;
+        assert_eq!(q.rescue_expired_leases().await.unwrap(), 1);
+
+        let again = one_claimed(&q, "w2").await;
+        assert_eq!(again.id, job.id);
+        assert_eq!(again.attempts, 2);
+        assert!(again.last_error.unwrap().contains("dead-worker"));
+        assert_eq!(again.errors[0]["kind"], "lease_expired");
+    }
+
+    #[sqlx::test(migrations = false)]
+    async fn a_stale_worker_cannot_change_a_job_it_lost(pool: PgPool) {
+        let q = queue(pool).await;
+        q.enqueue(&new_job("ev-1")).await.unwrap();
+        let stale = one_claimed(&q, "w1").await.lease().unwrap();
+        expire_lease(&q, stale.job_id).await;
+        q.rescue_expired_leases().await.unwrap();
+        let fresh = one_claimed(&q, "w2").await.lease().unwrap();
+
+        assert!(!q.heartbeat(&stale, LEASE).await.unwrap());
+        assert!(!q.complete(&stale).await.unwrap());
+        assert_eq!(
+            q.retry(&stale, &JobError::retryable("x"), LEASE)
+                .await
+                .unwrap(),
+            None
+        );
+        assert!(!q.release(&stale).await.unwrap());
+        assert!(
+            !q.finish_unsuccessfully(&stale, JobState::Failed, "permanent", "x")
+                .await
+                .unwrap()
+        );
+
+        let job = q.get(stale.job_id).await.unwrap().unwrap();
+        assert_eq!(job.state, JobState::Running);
+        assert_eq!(job.locked_by.as_deref(), Some("w2"));
+        assert!(q.complete(&fresh).await.unwrap());
+        assert_eq!(
+            q.get(stale.job_id).await.unwrap().unwrap().state,
+            JobState::Succeeded
+        );
+    }
+
+    #[sqlx::test(migrations = false)]
+    async fn heartbeat_extends_the_lease(pool: PgPool) {
+        let q = queue(pool).await;
+        q.enqueue(&new_job("ev-1")).await.unwrap();
+        let job = one_claimed(&q, "w1").await;
+        let lease = job.lease().unwrap();
+        assert!(q.heartbeat(&lease, Duration::from_secs(600)).await.unwrap());
+        let after = q.get(job.id).await.unwrap().unwrap();
+        assert!(
+            after.locked_until.unwrap()
+                > job.locked_until.unwrap() + chrono::Duration::seconds(500)
+        );
+    }
+
+    #[sqlx::test(migrations = false)]
+    async fn retry_schedules_the_next_run_in_the_backoff_window(pool: PgPool) {
+        let q = queue(pool).await;
+        q.enqueue(&new_job("ev-1")).await.unwrap();
+        let lease = one_claimed(&q, "w1").await.lease().unwrap();
+        let delay = Duration::from_secs(40);
+        let before = chrono::Utc::now();
+        let state = q
+            .retry(&lease, &JobError::retryable("telnyx 503"), delay)
+            .await
+            .unwrap();
+        assert_eq!(state, Some(JobState::Pending));
+        let job = q.get(lease.job_id).await.unwrap().unwrap();
+        let wait = job.next_run_at - before;
+        assert!(
+            wait >= chrono::Duration::seconds(39) && wait <= chrono::Duration::seconds(41),
+            "{wait}"
+        );
+        assert_eq!(job.last_error.as_deref(), Some("telnyx 503"));
+        assert!(job.locked_by.is_none() && job.locked_until.is_none());
+        assert!(
+            q.claim("w1", 1, LEASE).await.unwrap().is_empty(),
+            "not runnable before next_run_at"
+        );
+    }
+
+    #[sqlx::test(migrations = false)]
+    async fn the_last_attempt_ends_failed_with_reason_and_history(pool: PgPool) {
+        let q = queue(pool).await;
+        q.enqueue(&new_job("ev-1")).await.unwrap(); // max_attempts = 3
+        for attempt in 1..=3 {
+            sqlx::query("UPDATE recording_jobs SET next_run_at = now()")
+                .execute(q.pool())
+                .await
+                .unwrap();
+            let lease = one_claimed(&q, "w1").await.lease().unwrap();
+            assert_eq!(lease.attempt, attempt);
+            let err = JobError::retryable(format!("boom {attempt}"));
+            let state = q.retry(&lease, &err, Duration::ZERO).await.unwrap();
+            let expected = if attempt < 3 {
+                JobState::Pending
+            } else {
+                JobState::Failed
+            };
+            assert_eq!(state, Some(expected));
+        }
+        let job = q.get_by_event_id("ev-1").await.unwrap().unwrap();
+        assert_eq!(job.state, JobState::Failed);
+        assert!(job.finished_at.is_some());
+        assert_eq!(
+            job.last_error.as_deref(),
+            Some("gave up after 3 attempts: boom 3")
+        );
+        let history: Vec<_> = job
+            .errors
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["error"].clone())
+            .collect();
+        assert_eq!(history, ["boom 1", "boom 2", "boom 3"]);
+        assert!(q.claim("w1", 1, LEASE).await.unwrap().is_empty());
+    }
+
+    #[sqlx::test(migrations = false)]
+    async fn a_rescued_last_attempt_fails_instead_of_looping(pool: PgPool) {
+        let q = queue(pool).await;
+        q.enqueue(&new_job("ev-1")).await.unwrap();
+        sqlx::query("UPDATE recording_jobs SET attempts = 2")
+            .execute(q.pool())
+            .await
+            .unwrap();
+        let job = one_claimed(&q, "w1").await;
+        expire_lease(&q, job.id).await;
+        q.rescue_expired_leases().await.unwrap();
+        let job = q.get(job.id).await.unwrap().unwrap();
+        assert_eq!(job.state, JobState::Failed);
+        assert!(job.last_error.unwrap().starts_with("lease expired"));
+    }
+
+    #[sqlx::test(migrations = false)]
+    async fn permanent_failure_stops_at_once(pool: PgPool) {
+        let q = queue(pool).await;
+        q.enqueue(&new_job("ev-1")).await.unwrap();
+        let lease = one_claimed(&q, "w1").await.lease().unwrap();
+        assert!(
+            q.finish_unsuccessfully(
+                &lease,
+                JobState::Failed,
+                "permanent",
+                "recording not found at Telnyx"
+            )
+            .await
+            .unwrap()
+        );
+        let job = q.get(lease.job_id).await.unwrap().unwrap();
+        assert_eq!(job.state, JobState::Failed);
+        assert_eq!(job.attempts, 1);
+        assert_eq!(job.errors[0]["kind"], "permanent");
+    }
+
+    #[sqlx::test(migrations = false)]
+    async fn release_returns_the_job_without_counting_the_attempt(pool: PgPool) {
+        let q = queue(pool).await;
+        q.enqueue(&new_job("ev-1")).await.unwrap();
+        let lease = one_claimed(&q, "w1").await.lease().unwrap();
+        assert!(q.release(&lease).await.unwrap());
+        let again = one_claimed(&q, "w2").await;
+        assert_eq!(again.attempts, 1);
+    }
+
+    #[sqlx::test(migrations = false)]
+    async fn check_constraints_reject_inconsistent_rows(pool: PgPool) {
+        let q = queue(pool).await;
+        q.enqueue(&new_job("ev-1")).await.unwrap();
+        for bad in [
+            "UPDATE recording_jobs SET state = 'running'",
+            "UPDATE recording_jobs SET state = 'succeeded'",
+            "UPDATE recording_jobs SET state = 'failed', finished_at = now()",
+            "UPDATE recording_jobs SET attempts = max_attempts",
+        ] {
+            let err = sqlx::query(bad).execute(q.pool()).await.unwrap_err();
+            assert!(
+                err.to_string().contains("violates check constraint"),
+                "{bad}: {err}"
+            );
+        }
+    }
+
+    #[sqlx::test(migrations = false)]
+    async fn the_claim_uses_the_partial_index(pool: PgPool) {
+        let q = queue(pool).await;
+        sqlx::query(
+            "INSERT INTO recording_jobs (event_id, event_type, event, state, finished_at)
+             SELECT 'done-' || g, 'call.recording.saved', '{}', 'succeeded', now()
+             FROM generate_series(1, 5000) g",
+        )
+        .execute(q.pool())
+        .await
+        .unwrap();
+        q.enqueue(&new_job("ev-1")).await.unwrap();
+        sqlx::query("ANALYZE recording_jobs")
+            .execute(q.pool())
+            .await
+            .unwrap();
+        let plan: Vec<(String,)> = sqlx::query_as(
+            "EXPLAIN SELECT id FROM recording_jobs
+             WHERE state = 'pending' AND next_run_at <= now()
+             ORDER BY next_run_at, id LIMIT 10 FOR UPDATE SKIP LOCKED",
+        )
+        .fetch_all(q.pool())
+        .await
+        .unwrap();
+        let plan = plan.into_iter().map(|r| r.0).collect::<Vec<_>>().join("\n");
+        assert!(plan.contains("recording_jobs_claim_idx"), "{plan}");
+        assert!(
+            !plan.contains("Sort"),
+            "the index order must serve ORDER BY:\n{plan}"
+        );
+    }
+
+    #[sqlx::test(migrations = false)]
+    async fn enqueue_and_requeue_notify_listeners(pool: PgPool) {
+        let q = queue(pool).await;
+        let mut listener = sqlx::postgres::PgListener::connect_with(q.pool())
+            .await
+            .unwrap();
+        listener.listen(NOTIFY_CHANNEL).await.unwrap();
+        q.enqueue(&new_job("ev-1")).await.unwrap();
+        let n = tokio::time::timeout(Duration::from_secs(5), listener.recv()).await;
+        assert!(n.is_ok(), "insert notified");
+
+        let lease = one_claimed(&q, "w1").await.lease().unwrap();
+        q.release(&lease).await.unwrap();
+        let n = tokio::time::timeout(Duration::from_secs(5), listener.recv()).await;
+        assert!(n.is_ok(), "return to pending notified");
+    }
+}

@@ -1,0 +1,395 @@
+//! The worker loop: wake on NOTIFY (or the fallback poll), claim as many jobs
+//! as there are free slots, run each under a heartbeated lease, record the
+//! result with a fenced update, and drain on shutdown.
+
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use backon::{BackoffBuilder, ExponentialBuilder, Retryable};
+use futures_util::FutureExt;
+use sqlx::PgPool;
+use sqlx::postgres::PgListener;
+use tokio::sync::Notify;
+use tokio::task::JoinSet;
+use tokio::time::MissedTickBehavior;
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, debug, error, info, info_span, warn};
+
+use super::backoff::Backoff;
+use super::queue::NOTIFY_CHANNEL;
+use super::{Job, JobContext, JobError, JobHandler, JobState, Lease, Outcome, Queue, QueueError};
+
+#[derive(Debug, Clone)]
+pub struct WorkerOptions {
+    /// Written to `locked_by`; unique per process so leases can be told apart.
+    pub worker_id: String,
+    pub concurrency: usize,
+    pub poll_interval: Duration,
+    pub lease: Duration,
+    pub shutdown_timeout: Duration,
+    pub backoff: Backoff,
+}
+
+impl WorkerOptions {
+    pub fn from_config(config: &crate::config::Config, worker_id: String) -> Self {
+        Self {
+            worker_id,
+            concurrency: config.worker.concurrency,
+            poll_interval: config.worker.poll_interval,
+            lease: config.worker.lease,
+            shutdown_timeout: config.worker.shutdown_timeout,
+            backoff: Backoff {
+                base: config.retry.base,
+                cap: config.retry.cap,
+            },
+        }
+    }
+}
+
+/// A process-unique worker id: host, pid and a random suffix (pids repeat
+/// across restarts and containers).
+pub fn default_worker_id() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_else(|_| "unknown-host".to_owned());
+    format!(
+        "{host}:{}:{:06x}",
+        std::process::id(),
+        fastrand::u32(..0x100_0000)
+    )
+}
+
+pub struct Worker<H> {
+    queue: Queue,
+    handler: Arc<H>,
+    opts: Arc<WorkerOptions>,
+}
+
+/// How one claimed job's run ended, before it is written back.
+enum RunEnd {
+    Finished(Result<Outcome, JobError>),
+    /// The shutdown grace period ran out: give the job back.
+    Interrupted,
+    /// Another worker owns the job now; write nothing.
+    LeaseLost,
+}
+
+impl<H: JobHandler> Worker<H> {
+    pub fn new(queue: Queue, handler: H, opts: WorkerOptions) -> Self {
+        Self {
+            queue,
+            handler: Arc::new(handler),
+            opts: Arc::new(opts),
+        }
+    }
+
+    /// Runs until `shutdown` is cancelled, then stops claiming, gives
+    /// in-flight jobs `shutdown_timeout` to finish and releases the rest.
+    pub async fn run(self, shutdown: CancellationToken) {
+        let wake = Arc::new(Notify::new());
+        let listener_stop = CancellationToken::new();
+        let listener = tokio::spawn(forward_notifications(
+            self.queue.pool().clone(),
+            wake.clone(),
+            listener_stop.clone(),
+        ));
+        let hard_stop = CancellationToken::new();
+        let mut in_flight = JoinSet::new();
+        let mut poll = tokio::time::interval(self.opts.poll_interval);
+        poll.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        info!(
+            worker.id = %self.opts.worker_id,
+            concurrency = self.opts.concurrency,
+            "worker started"
+        );
+
+        loop {
+            self.claim_into(&mut in_flight, &hard_stop).await;
+            tokio::select! {
+                biased;
+                () = shutdown.cancelled() => break,
+                Some(joined) = in_flight.join_next(), if !in_flight.is_empty() => {
+                    if let Err(e) = joined {
+                        error!(error = %e, "job task failed unexpectedly");
+                    }
+                }
+                () = wake.notified() => {}
+                _ = poll.tick() => self.rescue_expired_leases().await,
+            }
+        }
+
+        self.drain(in_flight, hard_stop).await;
+        listener_stop.cancel();
+        let _ = listener.await;
+        info!(worker.id = %self.opts.worker_id, "worker stopped");
+    }
+
+    async fn claim_into(&self, in_flight: &mut JoinSet<()>, hard_stop: &CancellationToken) {
+        let free = self.opts.concurrency.saturating_sub(in_flight.len());
+        if free == 0 {
+            return;
+        }
+        let jobs = match self
+            .queue
+            .claim(&self.opts.worker_id, free, self.opts.lease)
+            .await
+        {
+            Ok(jobs) => jobs,
+            Err(e) => {
+                warn!(error = %e, "claiming jobs failed; retrying on the next wake-up or poll");
+                return;
+            }
+        };
+        for job in jobs {
+            let Some(lease) = job.lease() else {
+                error!(job.id = job.id, "claimed job has no lease; skipping");
+                continue;
+            };
+            let span = info_span!(
+                "job",
+                job.id = job.id,
+                recording.id = job.recording_id.as_deref().unwrap_or(""),
+                attempt = job.attempts,
+            );
+            let run = run_job(
+                self.queue.clone(),
+                self.handler.clone(),
+                self.opts.clone(),
+                job,
+                lease,
+                hard_stop.child_token(),
+            );
+            in_flight.spawn(run.instrument(span));
+        }
+    }
+
+    async fn rescue_expired_leases(&self) {
+        match self.queue.rescue_expired_leases().await {
+            Ok(0) => {}
+            Ok(n) => warn!(jobs = n, "rescued jobs whose worker stopped heartbeating"),
+            Err(e) => warn!(error = %e, "rescuing expired leases failed"),
+        }
+    }
+
+    async fn drain(&self, mut in_flight: JoinSet<()>, hard_stop: CancellationToken) {
+        if in_flight.is_empty() {
+            return;
+        }
+        info!(
+            jobs = in_flight.len(),
+            timeout = ?self.opts.shutdown_timeout,
+            "shutting down: waiting for in-flight jobs"
+        );
+        let finished = tokio::time::timeout(self.opts.shutdown_timeout, async {
+            while in_flight.join_next().await.is_some() {}
+        })
+        .await;
+        if finished.is_ok() {
+            return;
+        }
+        warn!(
+            jobs = in_flight.len(),
+            "shutdown grace period over: releasing unfinished jobs"
+        );
+        hard_stop.cancel();
+        // Each job releases itself on cancellation: one short UPDATE.
+        let released = tokio::time::timeout(Duration::from_secs(5), async {
+            while in_flight.join_next().await.is_some() {}
+        })
+        .await;
+        if released.is_err() {
+            error!(
+                jobs = in_flight.len(),
+                "could not release every job; their leases will expire"
+            );
+            in_flight.abort_all();
+        }
+    }
+}
+
+async fn run_job<H: JobHandler>(
+    queue: Queue,
+    handler: Arc<H>,
+    opts: Arc<WorkerOptions>,
+    job: Job,
+    lease: Lease,
+    cancel: CancellationToken,
+) {
+    let started = Instant::now();
+    let ctx = JobContext {
+        queue: queue.clone(),
+        lease: lease.clone(),
+        cancel: cancel.clone(),
+    };
+    debug!("job started");
+    let work = AssertUnwindSafe(handler.handle(job, ctx)).catch_unwind();
+    let end = tokio::select! {
+        result = work => RunEnd::Finished(result.unwrap_or_else(|panic| {
+            Err(JobError::retryable(format!("handler panicked: {}", panic_message(&panic))))
+        })),
+        () = cancel.cancelled() => RunEnd::Interrupted,
+        () = keep_lease_alive(&queue, &lease, opts.lease) => RunEnd::LeaseLost,
+    };
+    record(&queue, &opts, &lease, end, started.elapsed()).await;
+}
+
+/// Heartbeats every third of the lease; returns only when the lease is lost.
+async fn keep_lease_alive(queue: &Queue, lease: &Lease, duration: Duration) {
+    let mut every = tokio::time::interval(duration / 3);
+    every.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    every.tick().await; // the first tick is immediate; the claim just set the lease
+    loop {
+        every.tick().await;
+        match queue.heartbeat(lease, duration).await {
+            Ok(true) => {}
+            Ok(false) => return,
+            // Keep working: if the outage outlasts the lease, the next
+            // heartbeat that gets through reports the loss.
+            Err(e) => warn!(error = %e, "heartbeat failed"),
+        }
+    }
+}
+
+/// Writes the result back, retrying briefly over a database blip. If it
+/// still fails, the lease expires and the rescuer returns the job.
+async fn record(queue: &Queue, opts: &WorkerOptions, lease: &Lease, end: RunEnd, took: Duration) {
+    let took_ms = u64::try_from(took.as_millis()).unwrap_or(u64::MAX);
+    if matches!(end, RunEnd::LeaseLost) {
+        warn!(
+            took_ms,
+            "lease lost (expired or cancelled): another worker owns the job now"
+        );
+        return;
+    }
+    let write = || write_result(queue, opts, lease, &end);
+    let written = write
+        .retry(
+            ExponentialBuilder::default()
+                .with_min_delay(Duration::from_millis(100))
+                .with_max_times(4),
+        )
+        .await;
+    let state = match written {
+        Ok(Some(state)) => state,
+        Ok(None) => {
+            warn!(
+                took_ms,
+                "lease lost before the result was recorded; nothing written"
+            );
+            return;
+        }
+        Err(e) => {
+            error!(took_ms, error = %e, "could not record the job's result; it runs again when its lease expires");
+            return;
+        }
+    };
+    match end {
+        RunEnd::Finished(Ok(Outcome::Succeeded)) => info!(took_ms, "job succeeded"),
+        RunEnd::Finished(Ok(Outcome::Unmatched { reason })) => {
+            error!(took_ms, reason = %reason, "job unmatched: recording stored, no intake found");
+        }
+        RunEnd::Finished(Err(e)) if state == JobState::Pending => {
+            warn!(took_ms, error = %e, "job attempt failed; will retry");
+        }
+        RunEnd::Finished(Err(e)) => error!(took_ms, error = %e, kind = e.kind(), "job failed"),
+        RunEnd::Interrupted => info!(took_ms, "job released at shutdown"),
+        RunEnd::LeaseLost => {}
+    }
+}
+
+/// The fenced update for one result; `None` when the lease was lost first.
+async fn write_result(
+    queue: &Queue,
+    opts: &WorkerOptions,
+    lease: &Lease,
+    end: &RunEnd,
+) -> Result<Option<JobState>, QueueError> {
+    let if_written = |ok: bool, state: JobState| ok.then_some(state);
+    Ok(match end {
+        RunEnd::Finished(Ok(Outcome::Succeeded)) => {
+            if_written(queue.complete(lease).await?, JobState::Succeeded)
+        }
+        RunEnd::Finished(Ok(Outcome::Unmatched { reason })) => if_written(
+            queue
+                .finish_unsuccessfully(lease, JobState::Unmatched, "unmatched", reason)
+                .await?,
+            JobState::Unmatched,
+        ),
+        RunEnd::Finished(Err(e @ JobError::Permanent { .. })) => if_written(
+            queue
+                .finish_unsuccessfully(lease, JobState::Failed, e.kind(), &e.to_string())
+                .await?,
+            JobState::Failed,
+        ),
+        RunEnd::Finished(Err(e @ JobError::Retryable { retry_after, .. })) => {
+            let delay = opts.backoff.delay(lease.attempt, *retry_after);
+            queue.retry(lease, e, delay).await?
+        }
+        RunEnd::Interrupted => if_written(queue.release(lease).await?, JobState::Pending),
+        RunEnd::LeaseLost => None,
+    })
+}
+
+fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unknown panic".to_owned())
+}
+
+/// Turns NOTIFYs into wake-ups. Runs on its own connection and reconnects
+/// forever; after a reconnect it wakes the worker once, since notifications
+/// sent while disconnected are lost (the poll covers the gap too).
+async fn forward_notifications(pool: PgPool, wake: Arc<Notify>, stop: CancellationToken) {
+    let mut delays = reconnect_delays();
+    loop {
+        let connected = async {
+            let mut listener = PgListener::connect_with(&pool).await?;
+            listener.listen(NOTIFY_CHANNEL).await?;
+            Ok::<_, sqlx::Error>(listener)
+        };
+        let mut listener = tokio::select! {
+            () = stop.cancelled() => return,
+            r = connected => match r {
+                Ok(l) => l,
+                Err(e) => {
+                    let delay = delays.next().unwrap_or(Duration::from_secs(30));
+                    warn!(error = %e, retry_in = ?delay, "LISTEN connection failed");
+                    tokio::select! {
+                        () = stop.cancelled() => return,
+                        () = tokio::time::sleep(delay) => continue,
+                    }
+                }
+            },
+        };
+        delays = reconnect_delays();
+        wake.notify_one();
+        loop {
+            tokio::select! {
+                () = stop.cancelled() => return,
+                r = listener.try_recv() => match r {
+                    Ok(Some(_)) => wake.notify_one(),
+                    Ok(None) => {
+                        warn!("LISTEN connection lost; reconnecting");
+                        wake.notify_one();
+                    }
+                    Err(e) => {
+                        warn!(error = %e, "LISTEN connection failed; reconnecting");
+                        break;
+                    }
+                },
+            }
+        }
+    }
+}
+
+fn reconnect_delays() -> impl Iterator<Item = Duration> {
+    ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(250))
+        .with_max_delay(Duration::from_secs(30))
+        .with_jitter()
+        .without_max_times()
+        .build()
+}

@@ -1,0 +1,26 @@
+//! recording-relay: Telnyx call recordings into private Supabase Storage,
+//! linked to ZScribe intakes, with PostgreSQL as the only coordinator.
+//!
+//! How a recording travels, and where each part lives:
+//!
+//! - [`webhook`]: the hyper listener. Verifies Telnyx's Ed25519 signature on
+//!   the raw body, inserts one `recording_jobs` row, answers after COMMIT.
+//! - [`jobs`]: the durable queue. All queue SQL ([`jobs::queue`]), the retry
+//!   schedule ([`jobs::backoff`]) and the worker loop ([`jobs::worker`]:
+//!   LISTEN/NOTIFY + poll, `SKIP LOCKED` claims, leases, heartbeats, drain).
+//! - [`pipeline`]: the steps of one job (resolve, match, store, link, delete).
+//! - [`config`]: defaults, TOML file, systemd credentials, environment.
+//! - [`db`]: pool, migrations, schema checks.
+//! - [`app`]: wires listener and worker into one process with one shutdown token.
+//! - [`cli`]: subcommands and exit codes. [`telemetry`]: logs and masking.
+
+pub mod app;
+pub mod cli;
+pub mod config;
+pub mod db;
+pub mod jobs;
+pub mod pipeline;
+pub mod telemetry;
+#[doc(hidden)]
+pub mod testing;
+pub mod webhook;

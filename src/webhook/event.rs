@@ -1,0 +1,216 @@
+//! Reading a verified Telnyx event envelope.
+//!
+//! Only `data.id` and `data.event_type` are required. Every payload field is
+//! optional and read leniently: the official schema lacks `recording_id`, the
+//! numbers and `duration_millis` (some deliveries carry them, under either
+//! `from`/`to` or `from_number`/`to_number`), and a field of an unexpected
+//! type must not cost us the event. The whole event is kept as jsonb anyway.
+
+use chrono::{DateTime, Utc};
+use serde_json::Value;
+
+use crate::jobs::NewJob;
+
+pub const RECORDING_SAVED: &str = "call.recording.saved";
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EventError {
+    #[error("body is not JSON: {0}")]
+    NotJson(String),
+    #[error("not a Telnyx event envelope: {0}")]
+    NotAnEnvelope(&'static str),
+}
+
+/// A parsed envelope: the two fields every event has, plus the whole value.
+#[derive(Debug, Clone)]
+pub struct Envelope {
+    pub id: String,
+    pub event_type: String,
+    pub value: Value,
+}
+
+impl Envelope {
+    pub fn parse(body: &[u8]) -> Result<Self, EventError> {
+        let value: Value =
+            serde_json::from_slice(body).map_err(|e| EventError::NotJson(e.to_string()))?;
+        let data = value
+            .get("data")
+            .filter(|d| d.is_object())
+            .ok_or(EventError::NotAnEnvelope("no data object"))?;
+        let id = non_empty_str(data, "id").ok_or(EventError::NotAnEnvelope("no data.id"))?;
+        let event_type = non_empty_str(data, "event_type")
+            .ok_or(EventError::NotAnEnvelope("no data.event_type"))?;
+        if event_type == RECORDING_SAVED && !data.get("payload").is_some_and(Value::is_object) {
+            return Err(EventError::NotAnEnvelope(
+                "call.recording.saved without a payload object",
+            ));
+        }
+        Ok(Self {
+            id,
+            event_type,
+            value,
+        })
+    }
+
+    pub fn is_recording_saved(&self) -> bool {
+        self.event_type == RECORDING_SAVED
+    }
+
+    /// The job row for a `call.recording.saved` event.
+    pub fn into_job(self, max_attempts: i32) -> NewJob {
+        let data = &self.value["data"];
+        let p = &data["payload"];
+        NewJob {
+            occurred_at: timestamp(data, "occurred_at"),
+            recording_id: non_empty_str(p, "recording_id"),
+            call_session_id: non_empty_str(p, "call_session_id"),
+            call_control_id: non_empty_str(p, "call_control_id"),
+            call_leg_id: non_empty_str(p, "call_leg_id"),
+            connection_id: non_empty_str(p, "connection_id"),
+            client_state: non_empty_str(p, "client_state"),
+            from_number: non_empty_str(p, "from").or_else(|| non_empty_str(p, "from_number")),
+            to_number: non_empty_str(p, "to").or_else(|| non_empty_str(p, "to_number")),
+            duration_millis: integer(p, "duration_millis"),
+            channels: non_empty_str(p, "channels"),
+            recording_started_at: timestamp(p, "recording_started_at"),
+            recording_ended_at: timestamp(p, "recording_ended_at"),
+            max_attempts,
+            event_id: self.id,
+            event_type: self.event_type,
+            event: self.value,
+        }
+    }
+}
+
+fn non_empty_str(obj: &Value, key: &str) -> Option<String> {
+    match obj.get(key)? {
+        Value::String(s) if !s.trim().is_empty() => Some(s.clone()),
+        Value::Number(n) => Some(n.to_string()),
+        _ => None,
+    }
+}
+
+fn integer(obj: &Value, key: &str) -> Option<i64> {
+    match obj.get(key)? {
+        Value::Number(n) => n.as_i64().or_else(|| {
+            n.as_f64()
+                .filter(|f| f.is_finite() && f.abs() < 9e15)
+                .map(|f| f as i64)
+        }),
+        Value::String(s) => s.trim().parse().ok(),
+        _ => None,
+    }
+    .filter(|v| *v >= 0)
+}
+
+fn timestamp(obj: &Value, key: &str) -> Option<DateTime<Utc>> {
+    let text = obj.get(key)?.as_str()?;
+    DateTime::parse_from_rfc3339(text)
+        .ok()
+        .map(|t| t.with_timezone(&Utc))
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    /// The shape in Telnyx's OpenAPI spec: no recording_id, numbers or duration.
+    fn official() -> Value {
+        json!({
+            "data": {
+                "record_type": "event",
+                "event_type": "call.recording.saved",
+                "id": "0ccc7b54-4df3-4bca-a65a-3da1ecc777f0",
+                "occurred_at": "2025-11-19T10:34:00.000Z",
+                "payload": {
+                    "call_control_id": "v3:abc",
+                    "call_leg_id": "leg-1",
+                    "call_session_id": "sess-1",
+                    "connection_id": "conn-1",
+                    "client_state": "aW50YWtl",
+                    "channels": "single",
+                    "recording_started_at": "2025-11-19T10:30:00.000Z",
+                    "recording_ended_at": "2025-11-19T10:33:00.000Z",
+                    "recording_urls": {"mp3": "https://x/a.mp3", "wav": "https://x/a.wav"},
+                    "public_recording_urls": {}
+                }
+            },
+            "meta": {"attempt": 1, "delivered_to": "https://relay/webhooks/telnyx"}
+        })
+    }
+
+    fn parse(v: &Value) -> Result<Envelope, EventError> {
+        Envelope::parse(v.to_string().as_bytes())
+    }
+
+    #[test]
+    fn official_payload_parses_with_optional_fields_absent() {
+        let job = parse(&official()).unwrap().into_job(12);
+        assert_eq!(job.event_id, "0ccc7b54-4df3-4bca-a65a-3da1ecc777f0");
+        assert_eq!(job.call_session_id.as_deref(), Some("sess-1"));
+        assert_eq!(job.recording_id, None);
+        assert_eq!(job.to_number, None);
+        assert_eq!(job.duration_millis, None);
+        assert_eq!(
+            job.recording_started_at.unwrap().to_rfc3339(),
+            "2025-11-19T10:30:00+00:00"
+        );
+        assert_eq!(job.max_attempts, 12);
+    }
+
+    #[test]
+    fn brief_style_fields_are_picked_up() {
+        let mut v = official();
+        let p = &mut v["data"]["payload"];
+        p["recording_id"] = json!("rec-1");
+        p["from_number"] = json!("+19712656795");
+        p["to"] = json!("+1234567890");
+        p["duration_millis"] = json!(180000);
+        let job = parse(&v).unwrap().into_job(12);
+        assert_eq!(job.recording_id.as_deref(), Some("rec-1"));
+        assert_eq!(job.from_number.as_deref(), Some("+19712656795"));
+        assert_eq!(job.to_number.as_deref(), Some("+1234567890"));
+        assert_eq!(job.duration_millis, Some(180_000));
+    }
+
+    #[test]
+    fn odd_field_types_do_not_reject_the_event() {
+        let mut v = official();
+        let p = &mut v["data"]["payload"];
+        p["duration_millis"] = json!("oops");
+        p["recording_started_at"] = json!(12);
+        p["call_leg_id"] = json!({"nested": true});
+        let job = parse(&v).unwrap().into_job(12);
+        assert_eq!(job.duration_millis, None);
+        assert_eq!(job.recording_started_at, None);
+        assert_eq!(job.call_leg_id, None);
+    }
+
+    #[test]
+    fn rejects_what_is_not_an_envelope() {
+        assert!(matches!(
+            Envelope::parse(b"not json"),
+            Err(EventError::NotJson(_))
+        ));
+        assert!(matches!(
+            Envelope::parse(b"[]"),
+            Err(EventError::NotAnEnvelope(_))
+        ));
+        let mut v = official();
+        v["data"]["id"] = json!("");
+        assert!(matches!(parse(&v), Err(EventError::NotAnEnvelope(_))));
+        let mut v = official();
+        v["data"]["payload"] = json!(null);
+        assert!(matches!(parse(&v), Err(EventError::NotAnEnvelope(_))));
+    }
+
+    #[test]
+    fn other_event_types_parse_but_are_not_recordings() {
+        let mut v = official();
+        v["data"]["event_type"] = json!("call.hangup");
+        let env = parse(&v).unwrap();
+        assert!(!env.is_recording_saved());
+    }
+}

@@ -1,0 +1,359 @@
+//! The webhook listener: verify, insert, answer. Nothing else happens on the
+//! request path, so the answer comes well inside Telnyx's 2 s window.
+//!
+//! A 2xx means the event is committed. Anything that could lose an event (the
+//! database is down, the insert is slow) answers 503 so Telnyx retries, and
+//! redeliveries are deduplicated on `data.id`.
+
+pub mod event;
+pub mod verify;
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::header::{ALLOW, CONTENT_LENGTH, CONTENT_TYPE, HeaderValue};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
+use serde_json::json;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+use self::event::Envelope;
+use self::verify::{SIGNATURE_HEADER, TIMESTAMP_HEADER, Verifier};
+use crate::config::Config;
+use crate::jobs::{Enqueued, Queue};
+
+/// Telnyx's path and the one the original brief documented.
+pub const WEBHOOK_PATHS: [&str; 2] = ["/webhooks/telnyx", "/api/webhooks/telnyx/recording"];
+
+/// Everything a request handler needs; shared by all connections.
+pub struct WebhookState {
+    pub queue: Queue,
+    pub verifier: Verifier,
+    pub max_body_bytes: usize,
+    /// Budget for reading the body and storing the event.
+    pub request_timeout: Duration,
+    pub max_attempts: i32,
+}
+
+/// Per-connection limits.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnectionLimits {
+    pub header_read_timeout: Duration,
+    pub max_connections: usize,
+}
+
+impl WebhookState {
+    pub fn from_config(config: &Config, queue: Queue) -> Result<Self, String> {
+        Ok(Self {
+            queue,
+            verifier: Verifier::new(
+                config.telnyx_public_key()?,
+                config.listener.timestamp_tolerance,
+            ),
+            max_body_bytes: config.listener.max_body_bytes,
+            request_timeout: config.listener.request_timeout,
+            max_attempts: config.retry.max_attempts,
+        })
+    }
+}
+
+impl ConnectionLimits {
+    pub fn from_config(config: &Config) -> Self {
+        Self {
+            header_read_timeout: config.listener.header_read_timeout,
+            max_connections: config.listener.max_connections,
+        }
+    }
+}
+
+/// Serves until `shutdown` is cancelled, then lets open requests finish
+/// (bounded) and returns.
+pub async fn run(
+    listener: TcpListener,
+    state: Arc<WebhookState>,
+    limits: ConnectionLimits,
+    shutdown: CancellationToken,
+) {
+    let connections = Arc::new(Semaphore::new(limits.max_connections));
+    let graceful = GracefulShutdown::new();
+    let mut http = http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout)
+        .keep_alive(true);
+    if let Ok(addr) = listener.local_addr() {
+        info!(%addr, "webhook listener started");
+    }
+
+    loop {
+        let permit = tokio::select! {
+            () = shutdown.cancelled() => break,
+            permit = connections.clone().acquire_owned() => match permit {
+                Ok(p) => p,
+                Err(_) => break,
+            },
+        };
+        let (stream, peer) = tokio::select! {
+            () = shutdown.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let state = state.clone();
+        let service = service_fn(move |req| handle(req, state.clone(), peer));
+        let conn = graceful.watch(http.serve_connection(TokioIo::new(stream), service));
+        tokio::spawn(async move {
+            // Errors here are client-side (reset, header timeout): not ours to log loudly.
+            if let Err(e) = conn.await {
+                tracing::debug!(%peer, error = %e, "connection ended with an error");
+            }
+            drop(permit);
+        });
+    }
+
+    drop(listener);
+    if tokio::time::timeout(Duration::from_secs(5), graceful.shutdown())
+        .await
+        .is_err()
+    {
+        warn!("open webhook connections did not close within 5s");
+    }
+    info!("webhook listener stopped");
+}
+
+async fn handle(
+    req: Request<Incoming>,
+    state: Arc<WebhookState>,
+    peer: SocketAddr,
+) -> Result<Response<Full<Bytes>>, Infallible> {
+    let started = Instant::now();
+    let method = req.method().clone();
+    let path = req.uri().path().to_owned();
+    let reply = route(req, &state).await;
+    let latency_ms = started.elapsed().as_secs_f64() * 1000.0;
+    let status = reply.status.as_u16();
+    let event_id = reply.event_id.as_deref().unwrap_or("");
+    if reply.status.is_server_error() {
+        error!(%method, %path, %peer, status, outcome = reply.outcome, event.id = event_id, latency_ms, detail = %reply.detail, "webhook request");
+    } else if reply.status.is_client_error() {
+        warn!(%method, %path, %peer, status, outcome = reply.outcome, event.id = event_id, latency_ms, detail = %reply.detail, "webhook request");
+    } else if path != "/healthz" && path != "/readyz" {
+        info!(%method, %path, status, outcome = reply.outcome, event.id = event_id, job.id = reply.job_id, latency_ms, "webhook request");
+    }
+    Ok(reply.into_response())
+}
+
+/// The answer to one request plus what the request log line says about it.
+struct Reply {
+    status: StatusCode,
+    outcome: &'static str,
+    detail: String,
+    event_id: Option<String>,
+    job_id: Option<i64>,
+    allow: Option<&'static str>,
+}
+
+impl Reply {
+    fn new(status: StatusCode, outcome: &'static str, detail: impl Into<String>) -> Self {
+        Self {
+            status,
+            outcome,
+            detail: detail.into(),
+            event_id: None,
+            job_id: None,
+            allow: None,
+        }
+    }
+
+    fn event(mut self, id: &str) -> Self {
+        self.event_id = Some(id.to_owned());
+        self
+    }
+
+    fn into_response(self) -> Response<Full<Bytes>> {
+        let mut body = json!({ "status": self.outcome });
+        // Server-side details (database errors) go to the log, not to the caller.
+        if !self.detail.is_empty() && !self.status.is_server_error() {
+            body["detail"] = json!(self.detail);
+        }
+        if let Some(id) = self.job_id {
+            body["job_id"] = json!(id);
+        }
+        let mut response = Response::new(Full::new(Bytes::from(body.to_string())));
+        *response.status_mut() = self.status;
+        let headers = response.headers_mut();
+        headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        if let Some(allow) = self.allow {
+            headers.insert(ALLOW, HeaderValue::from_static(allow));
+        }
+        response
+    }
+}
+
+async fn route(req: Request<Incoming>, state: &WebhookState) -> Reply {
+    let path = req.uri().path();
+    let is_webhook = WEBHOOK_PATHS.contains(&path);
+    match (req.method(), path) {
+        (&Method::POST, _) if is_webhook => receive(req, state).await,
+        (&Method::GET | &Method::HEAD, "/healthz") => Reply::new(StatusCode::OK, "ok", ""),
+        (&Method::GET | &Method::HEAD, "/readyz") => readiness(state).await,
+        (_, "/healthz" | "/readyz") => Reply {
+            allow: Some("GET, HEAD"),
+            ..Reply::new(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "")
+        },
+        _ if is_webhook => Reply {
+            allow: Some("POST"),
+            ..Reply::new(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "")
+        },
+        _ => Reply::new(StatusCode::NOT_FOUND, "not_found", ""),
+    }
+}
+
+async fn readiness(state: &WebhookState) -> Reply {
+    let ping = sqlx::query("SELECT 1").execute(state.queue.pool());
+    match tokio::time::timeout(state.request_timeout, ping).await {
+        Ok(Ok(_)) => Reply::new(StatusCode::OK, "ready", ""),
+        Ok(Err(e)) => Reply::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not_ready",
+            format!("database: {e}"),
+        ),
+        Err(_) => Reply::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not_ready",
+            "database: timed out",
+        ),
+    }
+}
+
+async fn receive(req: Request<Incoming>, state: &WebhookState) -> Reply {
+    let deadline = Instant::now() + state.request_timeout;
+    let declared = req
+        .headers()
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|len| len > state.max_body_bytes as u64) {
+        return too_large(state);
+    }
+    let (parts, body) = req.into_parts();
+    let body = match tokio::time::timeout_at(
+        deadline.into(),
+        Limited::new(body, state.max_body_bytes).collect(),
+    )
+    .await
+    {
+        Ok(Ok(collected)) => collected.to_bytes(),
+        Ok(Err(e))
+            if e.downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some() =>
+        {
+            return too_large(state);
+        }
+        Ok(Err(e)) => {
+            return Reply::new(
+                StatusCode::BAD_REQUEST,
+                "bad_body",
+                format!("reading the body failed: {e}"),
+            );
+        }
+        Err(_) => {
+            return Reply::new(
+                StatusCode::REQUEST_TIMEOUT,
+                "body_timeout",
+                "the body did not arrive in time",
+            );
+        }
+    };
+
+    let header = |name| parts.headers.get(name).map(HeaderValue::as_bytes);
+    let signed_at = match state.verifier.verify(
+        header(TIMESTAMP_HEADER),
+        header(SIGNATURE_HEADER),
+        &body,
+        SystemTime::now(),
+    ) {
+        Ok(t) => t,
+        Err(e) => return Reply::new(StatusCode::UNAUTHORIZED, "unauthorized", e.to_string()),
+    };
+
+    let envelope = match Envelope::parse(&body) {
+        Ok(envelope) => envelope,
+        Err(e) => return quarantine(state, deadline, &e.to_string(), signed_at, &body).await,
+    };
+    if !envelope.is_recording_saved() {
+        return Reply::new(
+            StatusCode::OK,
+            "ignored",
+            format!("event type {}", envelope.event_type),
+        )
+        .event(&envelope.id);
+    }
+    let event_id = envelope.id.clone();
+    let job = envelope.into_job(state.max_attempts);
+    match tokio::time::timeout_at(deadline.into(), state.queue.enqueue(&job)).await {
+        Ok(Ok(Enqueued::Inserted(id))) => Reply {
+            job_id: Some(id),
+            ..Reply::new(StatusCode::OK, "stored", "").event(&event_id)
+        },
+        Ok(Ok(Enqueued::Duplicate)) => Reply::new(StatusCode::OK, "duplicate", "").event(&event_id),
+        Ok(Err(e)) => unavailable(e.to_string()).event(&event_id),
+        // The insert may still commit after this; the redelivery is then a
+        // duplicate, which is harmless.
+        Err(_) => unavailable("storing the event timed out".to_owned()).event(&event_id),
+    }
+}
+
+/// A verified body we cannot read is still Telnyx's data: keep it. If even
+/// that fails, 503 makes Telnyx deliver it again.
+async fn quarantine(
+    state: &WebhookState,
+    deadline: Instant,
+    reason: &str,
+    signed_at: i64,
+    body: &[u8],
+) -> Reply {
+    let signed_at = chrono::DateTime::from_timestamp(signed_at, 0);
+    let stored = tokio::time::timeout_at(
+        deadline.into(),
+        state.queue.quarantine(reason, signed_at, body),
+    )
+    .await;
+    match stored {
+        Ok(Ok(id)) => Reply::new(
+            StatusCode::BAD_REQUEST,
+            "quarantined",
+            format!("{reason} (kept as quarantine row {id})"),
+        ),
+        Ok(Err(e)) => unavailable(e.to_string()),
+        Err(_) => unavailable("quarantining the event timed out".to_owned()),
+    }
+}
+
+fn too_large(state: &WebhookState) -> Reply {
+    Reply::new(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "too_large",
+        format!("body over {} bytes", state.max_body_bytes),
+    )
+}
+
+fn unavailable(detail: String) -> Reply {
+    Reply::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", detail)
+}
