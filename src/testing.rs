@@ -44,3 +44,51 @@ pub fn signature_headers(
 pub fn unix_now() -> i64 {
     chrono::Utc::now().timestamp()
 }
+
+/// A `call.recording.saved` event shaped like Telnyx's OpenAPI example (no
+/// recording_id, numbers or duration: those come from the Recordings API).
+pub fn recording_saved_event(event_id: &str, call_session_id: &str) -> serde_json::Value {
+    serde_json::json!({
+        "data": {
+            "record_type": "event",
+            "event_type": "call.recording.saved",
+            "id": event_id,
+            "occurred_at": "2025-11-19T10:34:00.000Z",
+            "payload": {
+                "call_control_id": format!("v3:{call_session_id}"),
+                "call_leg_id": format!("leg-{call_session_id}"),
+                "call_session_id": call_session_id,
+                "connection_id": "1494404757140276705",
+                "channels": "single",
+                "recording_started_at": "2025-11-19T10:30:00.000Z",
+                "recording_ended_at": "2025-11-19T10:33:00.000Z",
+                "recording_urls": {
+                    "mp3": "https://example.invalid/expired.mp3",
+                    "wav": "https://example.invalid/expired.wav"
+                },
+                "public_recording_urls": {}
+            }
+        },
+        "meta": {"attempt": 1, "delivered_to": "http://127.0.0.1/webhooks/telnyx"}
+    })
+}
+
+/// The URL of the database behind `pool` (a `#[sqlx::test]` database), on
+/// the server `DATABASE_URL` names, optionally through another port.
+pub fn database_url_of(pool: &PgPool, port: Option<u16>) -> String {
+    let opts = pool.connect_options();
+    let base = std::env::var("DATABASE_URL").unwrap_or_default();
+    let mut url = url_without_path(&base);
+    if let Some(port) = port {
+        url = format!("postgres://{}@127.0.0.1:{port}", opts.get_username());
+    }
+    format!("{url}/{}", opts.get_database().unwrap_or("postgres"))
+}
+
+fn url_without_path(url: &str) -> String {
+    let scheme_end = url.find("://").map_or(0, |i| i + 3);
+    match url[scheme_end..].find('/') {
+        Some(i) => url[..scheme_end + i].to_owned(),
+        None => url.to_owned(),
+    }
+}

@@ -1,0 +1,6 @@
+//! End-to-end tests over real HTTP on loopback against a real PostgreSQL
+//! (one fresh database per test).
+
+mod helpers;
+mod webhook;
+mod worker;

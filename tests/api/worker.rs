@@ -1,0 +1,320 @@
+//! The worker loop with test handlers (the real pipeline has its own tests).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use futures_util::future::BoxFuture;
+use recording_relay::jobs::backoff::Backoff;
+use recording_relay::jobs::{
+    Job, JobContext, JobError, JobHandler, JobState, NewJob, Outcome, Queue, Worker, WorkerOptions,
+};
+use recording_relay::testing;
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
+
+use crate::helpers::eventually;
+
+type HandlerFn =
+    dyn Fn(Job, JobContext) -> BoxFuture<'static, Result<Outcome, JobError>> + Send + Sync;
+
+#[derive(Clone)]
+struct FnHandler(Arc<HandlerFn>);
+
+impl JobHandler for FnHandler {
+    fn handle(
+        &self,
+        job: Job,
+        ctx: JobContext,
+    ) -> impl std::future::Future<Output = Result<Outcome, JobError>> + Send {
+        (self.0)(job, ctx)
+    }
+}
+
+fn handler<F, Fut>(f: F) -> FnHandler
+where
+    F: Fn(Job, JobContext) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Result<Outcome, JobError>> + Send + 'static,
+{
+    FnHandler(Arc::new(move |job, ctx| Box::pin(f(job, ctx))))
+}
+
+fn options(id: &str) -> WorkerOptions {
+    WorkerOptions {
+        worker_id: id.to_owned(),
+        concurrency: 4,
+        // Long on purpose: tests that pass must have been woken by NOTIFY.
+        poll_interval: Duration::from_secs(3600),
+        lease: Duration::from_secs(3),
+        shutdown_timeout: Duration::from_millis(500),
+        backoff: Backoff {
+            base: Duration::from_secs(10),
+            cap: Duration::from_secs(60),
+        },
+    }
+}
+
+fn job(id: &str) -> NewJob {
+    NewJob {
+        event_id: id.to_owned(),
+        event_type: "call.recording.saved".to_owned(),
+        event: serde_json::json!({}),
+        max_attempts: 5,
+        ..NewJob::default()
+    }
+}
+
+struct Running {
+    shutdown: CancellationToken,
+    handle: tokio::task::JoinHandle<()>,
+}
+
+impl Running {
+    async fn stop(self) {
+        self.shutdown.cancel();
+        tokio::time::timeout(Duration::from_secs(10), self.handle)
+            .await
+            .expect("worker stops in time")
+            .unwrap();
+    }
+}
+
+fn start(queue: &Queue, h: FnHandler, opts: WorkerOptions) -> Running {
+    let shutdown = CancellationToken::new();
+    let worker = Worker::new(queue.clone(), h, opts);
+    let handle = tokio::spawn(worker.run(shutdown.clone()));
+    Running { shutdown, handle }
+}
+
+async fn state_of(queue: &Queue, event_id: &str) -> Option<JobState> {
+    queue
+        .get_by_event_id(event_id)
+        .await
+        .unwrap()
+        .map(|j| j.state)
+}
+
+async fn wait_for_state(queue: &Queue, event_id: &str, state: JobState) -> bool {
+    eventually(Duration::from_secs(10), || async {
+        state_of(queue, event_id).await == Some(state)
+    })
+    .await
+}
+
+#[sqlx::test(migrations = false)]
+async fn notify_wakes_the_worker_without_waiting_for_the_poll(pool: PgPool) {
+    let queue = Queue::new(testing::prepare(pool).await);
+    let started = Arc::new(tokio::sync::Notify::new());
+    let s = started.clone();
+    let w = start(
+        &queue,
+        handler(move |_, _| {
+            let s = s.clone();
+            async move {
+                s.notify_one();
+                Ok(Outcome::Succeeded)
+            }
+        }),
+        options("w1"),
+    );
+    assert!(eventually(Duration::from_secs(5), || is_listening(&queue)).await);
+
+    let t0 = Instant::now();
+    queue.enqueue(&job("ev-1")).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(5), started.notified())
+        .await
+        .expect("picked up long before the one-hour poll");
+    let pickup = t0.elapsed();
+    assert!(wait_for_state(&queue, "ev-1", JobState::Succeeded).await);
+    let job = queue.get_by_event_id("ev-1").await.unwrap().unwrap();
+    assert!(job.locked_by.is_none() && job.finished_at.is_some());
+    eprintln!("pickup latency: {pickup:?}");
+    w.stop().await;
+}
+
+#[sqlx::test(migrations = false)]
+async fn errors_are_recorded_by_kind(pool: PgPool) {
+    let queue = Queue::new(testing::prepare(pool).await);
+    let w = start(
+        &queue,
+        handler(|job, _| async move {
+            match job.event_id.as_str() {
+                "retry" => Err(JobError::Retryable {
+                    message: "telnyx answered 503".into(),
+                    retry_after: Some(Duration::from_secs(30)),
+                }),
+                "permanent" => Err(JobError::permanent("recording not found at Telnyx (404)")),
+                "unmatched" => Ok(Outcome::Unmatched {
+                    reason: "no intake for this call".into(),
+                }),
+                _ => panic!("boom"),
+            }
+        }),
+        options("w1"),
+    );
+    for id in ["retry", "permanent", "unmatched", "panics"] {
+        queue.enqueue(&job(id)).await.unwrap();
+    }
+    assert!(wait_for_state(&queue, "permanent", JobState::Failed).await);
+    assert!(wait_for_state(&queue, "unmatched", JobState::Unmatched).await);
+    let pending_with_error = |id: &'static str| {
+        let queue = queue.clone();
+        async move {
+            queue
+                .get_by_event_id(id)
+                .await
+                .unwrap()
+                .is_some_and(|j| j.state == JobState::Pending && j.last_error.is_some())
+        }
+    };
+    assert!(eventually(Duration::from_secs(10), || pending_with_error("retry")).await);
+    assert!(eventually(Duration::from_secs(10), || pending_with_error("panics")).await);
+
+    let retry = queue.get_by_event_id("retry").await.unwrap().unwrap();
+    let wait = retry.next_run_at - chrono::Utc::now();
+    assert!(
+        wait > chrono::Duration::seconds(25),
+        "retry-after honoured: {wait}"
+    );
+    let panicked = queue.get_by_event_id("panics").await.unwrap().unwrap();
+    assert!(
+        panicked
+            .last_error
+            .unwrap()
+            .contains("handler panicked: boom")
+    );
+    let permanent = queue.get_by_event_id("permanent").await.unwrap().unwrap();
+    assert_eq!(permanent.attempts, 1);
+    assert_eq!(
+        permanent.last_error.as_deref(),
+        Some("recording not found at Telnyx (404)")
+    );
+    w.stop().await;
+}
+
+#[sqlx::test(migrations = false)]
+async fn shutdown_lets_quick_jobs_finish_and_releases_slow_ones(pool: PgPool) {
+    let queue = Queue::new(testing::prepare(pool).await);
+    let in_handler = Arc::new(AtomicUsize::new(0));
+    let count = in_handler.clone();
+    let w = start(
+        &queue,
+        handler(move |job, _| {
+            let count = count.clone();
+            async move {
+                count.fetch_add(1, Ordering::SeqCst);
+                let work = if job.event_id == "quick" { 200 } else { 60_000 };
+                tokio::time::sleep(Duration::from_millis(work)).await;
+                Ok(Outcome::Succeeded)
+            }
+        }),
+        options("w1"),
+    );
+    queue.enqueue(&job("quick")).await.unwrap();
+    queue.enqueue(&job("slow")).await.unwrap();
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            in_handler.load(Ordering::SeqCst) == 2
+        })
+        .await
+    );
+
+    w.stop().await; // grace period 500 ms
+    assert_eq!(state_of(&queue, "quick").await, Some(JobState::Succeeded));
+    let slow = queue.get_by_event_id("slow").await.unwrap().unwrap();
+    assert_eq!(slow.state, JobState::Pending, "released, not left running");
+    assert_eq!(slow.attempts, 0, "a release does not count the attempt");
+    assert!(slow.next_run_at <= chrono::Utc::now());
+}
+
+/// Sets its flag when dropped: shows a handler's future was abandoned.
+struct DropFlag(Arc<AtomicBool>);
+
+impl Drop for DropFlag {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+}
+
+#[sqlx::test(migrations = false)]
+async fn a_worker_that_loses_its_lease_stops_and_writes_nothing(pool: PgPool) {
+    let queue = Queue::new(testing::prepare(pool).await);
+    let dropped = Arc::new(AtomicBool::new(false));
+    let d = dropped.clone();
+    let w = start(
+        &queue,
+        handler(move |_, _| {
+            let guard = DropFlag(d.clone());
+            async move {
+                std::future::pending::<()>().await;
+                drop(guard);
+                Ok(Outcome::Succeeded)
+            }
+        }),
+        options("w1"),
+    );
+    queue.enqueue(&job("ev-1")).await.unwrap();
+    assert!(wait_for_state(&queue, "ev-1", JobState::Running).await);
+    // Another worker took the job over (as after a rescue).
+    sqlx::query("UPDATE recording_jobs SET locked_by = 'w2'")
+        .execute(queue.pool())
+        .await
+        .unwrap();
+    // Heartbeats run every lease/3 = 1 s; the next one notices and the
+    // handler is abandoned.
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            dropped.load(Ordering::SeqCst)
+        })
+        .await
+    );
+    let j = queue.get_by_event_id("ev-1").await.unwrap().unwrap();
+    assert_eq!(j.state, JobState::Running);
+    assert_eq!(j.locked_by.as_deref(), Some("w2"), "w1 wrote nothing");
+    w.stop().await;
+    let j = queue.get_by_event_id("ev-1").await.unwrap().unwrap();
+    assert_eq!(
+        j.locked_by.as_deref(),
+        Some("w2"),
+        "shutdown released nothing it did not own"
+    );
+}
+
+#[sqlx::test(migrations = false)]
+async fn a_crashed_workers_job_is_picked_up_by_another_after_the_lease(pool: PgPool) {
+    let queue = Queue::new(testing::prepare(pool).await);
+    queue.enqueue(&job("ev-1")).await.unwrap();
+    // "Crash": claim and never heartbeat.
+    let claimed = queue
+        .claim("crashed", 1, Duration::from_secs(1))
+        .await
+        .unwrap();
+    assert_eq!(claimed.len(), 1);
+
+    let mut opts = options("w2");
+    opts.poll_interval = Duration::from_millis(200); // the rescuer runs on the poll tick
+    let w = start(
+        &queue,
+        handler(|_, _| async { Ok(Outcome::Succeeded) }),
+        opts,
+    );
+    let t0 = Instant::now();
+    assert!(wait_for_state(&queue, "ev-1", JobState::Succeeded).await);
+    let recovered_in = t0.elapsed();
+    assert!(recovered_in < Duration::from_secs(5), "{recovered_in:?}");
+    let job = queue.get_by_event_id("ev-1").await.unwrap().unwrap();
+    assert_eq!(job.attempts, 2);
+    assert_eq!(job.errors[0]["kind"], "lease_expired");
+    w.stop().await;
+}
+
+async fn is_listening(queue: &Queue) -> bool {
+    let n: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM pg_stat_activity
+         WHERE datname = current_database() AND query ILIKE 'LISTEN%'",
+    )
+    .fetch_one(queue.pool())
+    .await
+    .unwrap();
+    n > 0
+}
