@@ -7,6 +7,8 @@ use sqlx::PgPool;
 
 use crate::helpers::{CuttableProxy, spawn_listener, spawn_with};
 
+type Headers = Vec<(&'static str, String)>;
+
 fn event(id: &str) -> Vec<u8> {
     testing::recording_saved_event(id, &format!("sess-{id}"))
         .to_string()
@@ -30,7 +32,7 @@ async fn a_signed_event_is_stored_once_committed(pool: PgPool) {
         (event_id.as_str(), session.as_str(), state.as_str()),
         ("ev-1", "sess-ev-1", "pending")
     );
-    assert_eq!(body["job_id"].as_i64().is_some(), true);
+    assert!(body["job_id"].as_i64().is_some());
     app.stop().await;
 }
 
@@ -57,7 +59,7 @@ async fn bad_signatures_are_refused_and_nothing_is_stored(pool: PgPool) {
 
     let mut flipped = body.clone();
     flipped[10] ^= 0x01;
-    let cases: Vec<(&str, Vec<(&str, String)>, Vec<u8>)> = vec![
+    let cases: Vec<(&str, Headers, Vec<u8>)> = vec![
         ("flipped body byte", good.to_vec(), flipped),
         (
             "wrong key",
