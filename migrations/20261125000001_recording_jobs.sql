@@ -36,7 +36,8 @@ CREATE TYPE recording_job_state AS ENUM (
     'succeeded',
     'failed',     -- permanent error or attempts exhausted; last_error says why
     'unmatched',  -- stored, but no intake matched; attach it by hand
-    'cancelled'   -- stopped by an operator
+    'cancelled',  -- stopped by an operator
+    'duplicate'   -- another job relays the same recording; last_error names it
 );
 
 CREATE TABLE recording_jobs (
@@ -84,9 +85,9 @@ CREATE TABLE recording_jobs (
     CONSTRAINT recording_jobs_lease_fields_together
         CHECK ((locked_by IS NULL) = (locked_until IS NULL)),
     CONSTRAINT recording_jobs_finished_iff_final
-        CHECK ((state IN ('succeeded', 'failed', 'unmatched', 'cancelled')) = (finished_at IS NOT NULL)),
+        CHECK ((state IN ('succeeded', 'failed', 'unmatched', 'cancelled', 'duplicate')) = (finished_at IS NOT NULL)),
     CONSTRAINT recording_jobs_failure_has_reason
-        CHECK (state NOT IN ('failed', 'unmatched') OR last_error IS NOT NULL),
+        CHECK (state NOT IN ('failed', 'unmatched', 'duplicate') OR last_error IS NOT NULL),
     CONSTRAINT recording_jobs_errors_is_array
         CHECK (jsonb_typeof(errors) = 'array')
 );
@@ -98,7 +99,10 @@ COMMENT ON TABLE recording_jobs IS 'One row per call.recording.saved webhook; th
 CREATE INDEX recording_jobs_claim_idx ON recording_jobs (next_run_at, id) WHERE state = 'pending';
 -- The lease rescuer's scan: running jobs whose lease ran out.
 CREATE INDEX recording_jobs_lease_idx ON recording_jobs (locked_until) WHERE state = 'running';
-CREATE INDEX recording_jobs_recording_id_idx ON recording_jobs (recording_id) WHERE recording_id IS NOT NULL;
+-- One live job per recording: a webhook replayed under a new event id, or a
+-- reconcile run racing a late webhook, cannot relay the recording twice.
+CREATE UNIQUE INDEX recording_jobs_recording_id_key ON recording_jobs (recording_id)
+    WHERE recording_id IS NOT NULL AND state <> 'duplicate';
 CREATE INDEX recording_jobs_call_session_idx ON recording_jobs (call_session_id) WHERE call_session_id IS NOT NULL;
 CREATE INDEX recording_jobs_state_idx ON recording_jobs (state, updated_at);
 

@@ -130,3 +130,19 @@ async fn wait_for_signal() -> &'static str {
         _ = int.recv() => "SIGINT",
     }
 }
+
+/// The handler of a listener-only process, which claims no jobs.
+pub struct NoJobs;
+
+impl JobHandler for NoJobs {
+    async fn handle(
+        &self,
+        job: crate::jobs::Job,
+        _ctx: crate::jobs::JobContext,
+    ) -> Result<crate::jobs::Outcome, crate::jobs::JobError> {
+        Err(crate::jobs::JobError::retryable(format!(
+            "job {} reached a process without a pipeline",
+            job.id
+        )))
+    }
+}

@@ -6,9 +6,10 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-use crate::app::{self, App, AppError};
+use crate::app::{self, App, AppError, NoJobs};
 use crate::config::{Config, ConfigError, ProcessEnv, Role};
 use crate::db;
+use crate::pipeline::Pipeline;
 use crate::telemetry::LogFormat;
 
 #[derive(Debug, Parser)]
@@ -92,9 +93,15 @@ pub async fn run(cli: Cli, config: Config) -> Result<(), Failure> {
             db::migrate(&pool).await.map_err(anyhow::Error::from)?;
             Ok(())
         }
-        Command::Serve | Command::Listen | Command::Work => {
+        Command::Listen => {
             let shutdown = app::shutdown_on_signals();
-            let handler = crate::pipeline::Pipeline::from_config(&config)?;
+            let app = App::build(config, role).await?;
+            app.run(NoJobs, shutdown).await?;
+            Ok(())
+        }
+        Command::Serve | Command::Work => {
+            let shutdown = app::shutdown_on_signals();
+            let handler = Pipeline::from_config(&config).map_err(anyhow::Error::from)?;
             let app = App::build(config, role).await?;
             app.run(handler, shutdown).await?;
             Ok(())

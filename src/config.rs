@@ -73,6 +73,8 @@ pub struct Config {
     pub supabase: SupabaseConfig,
     pub worker: WorkerConfig,
     pub retry: RetryConfig,
+    pub pipeline: PipelineConfig,
+    pub http: HttpConfig,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -146,6 +148,87 @@ pub struct RetryConfig {
     #[serde(with = "humantime_serde")]
     pub cap: Duration,
     pub max_attempts: i32,
+}
+
+/// Audio format fetched from Telnyx and stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AudioFormat {
+    Wav,
+    Mp3,
+}
+
+impl AudioFormat {
+    pub fn extension(self) -> &'static str {
+        match self {
+            AudioFormat::Wav => "wav",
+            AudioFormat::Mp3 => "mp3",
+        }
+    }
+
+    pub fn content_type(self) -> &'static str {
+        match self {
+            AudioFormat::Wav => "audio/wav",
+            AudioFormat::Mp3 => "audio/mpeg",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PipelineConfig {
+    pub format: AudioFormat,
+    /// An intake matches when its created_at is this close to the start of
+    /// the recording.
+    #[serde(with = "humantime_serde")]
+    pub match_window: Duration,
+    /// Attempts to find the intake (it may not be committed yet) before the
+    /// recording is stored under `unmatched/` for an operator to attach.
+    pub match_attempts: i32,
+    /// Delete the recording at Telnyx once it is stored, verified and linked.
+    pub delete_from_telnyx: bool,
+    /// Recordings larger than this use resumable (TUS) uploads.
+    pub resumable_threshold_bytes: u64,
+    /// Optional: receives a JSON summary of every job that ends failed or
+    /// unmatched.
+    pub alert_webhook_url: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpConfig {
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// Bound on one API call (metadata, list, delete, object info).
+    #[serde(with = "humantime_serde")]
+    pub request_timeout: Duration,
+    /// Longest silence tolerated while streaming a recording; transfers
+    /// themselves have no total bound, since recordings can be large.
+    #[serde(with = "humantime_serde")]
+    pub read_idle_timeout: Duration,
+}
+
+impl Default for PipelineConfig {
+    fn default() -> Self {
+        Self {
+            format: AudioFormat::Wav,
+            match_window: Duration::from_secs(600),
+            match_attempts: 3,
+            delete_from_telnyx: false,
+            resumable_threshold_bytes: 6 * 1024 * 1024,
+            alert_webhook_url: None,
+        }
+    }
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        Self {
+            connect_timeout: Duration::from_secs(5),
+            request_timeout: Duration::from_secs(30),
+            read_idle_timeout: Duration::from_secs(60),
+        }
+    }
 }
 
 impl Default for DatabaseConfig {
@@ -336,6 +419,32 @@ impl Config {
         if w.poll_interval.is_zero() {
             problems.push("worker.poll_interval must be above 0s".to_owned());
         }
+        if self.telnyx.api_key.is_none() {
+            problems.push("telnyx.api_key is not set (or TELNYX_API_KEY)".to_owned());
+        }
+        match self.supabase.url.as_deref() {
+            None => problems.push("supabase.url is not set (or SUPABASE_URL)".to_owned()),
+            Some(url) => check_provider_url("supabase.url", url, problems),
+        }
+        check_provider_url("telnyx.api_url", &self.telnyx.api_url, problems);
+        if self.supabase.service_role_key.is_none() {
+            problems.push(
+                "supabase.service_role_key is not set (or SUPABASE_SERVICE_ROLE_KEY)".to_owned(),
+            );
+        }
+        if self.supabase.bucket.is_empty() || self.supabase.bucket.contains('/') {
+            problems.push("supabase.bucket must be a bucket id (no '/')".to_owned());
+        }
+        let p = &self.pipeline;
+        if p.match_attempts < 1 {
+            problems.push("pipeline.match_attempts must be at least 1".to_owned());
+        }
+        if p.resumable_threshold_bytes == 0 {
+            problems.push("pipeline.resumable_threshold_bytes must be above 0".to_owned());
+        }
+        if let Some(url) = p.alert_webhook_url.as_deref() {
+            check_provider_url("pipeline.alert_webhook_url", url, problems);
+        }
         let r = &self.retry;
         if r.max_attempts < 1 {
             problems.push("retry.max_attempts must be at least 1".to_owned());
@@ -368,6 +477,32 @@ impl Config {
 
     pub fn database_url(&self) -> Option<&str> {
         self.database.url.as_ref().map(|s| s.expose_secret())
+    }
+}
+
+/// Provider URLs carry API keys: plain http is only allowed on loopback
+/// (tests, the demo, a local proxy).
+fn check_provider_url(name: &str, url: &str, problems: &mut Vec<String>) {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        problems.push(format!("{name} must be an http(s) URL"));
+        return;
+    };
+    let host = rest.split(['/', '?']).next().unwrap_or("");
+    let host = host.rsplit_once('@').map_or(host, |(_, h)| h);
+    let host = if host.starts_with('[') {
+        host.split(']').next().unwrap_or("").trim_start_matches('[')
+    } else {
+        host.split(':').next().unwrap_or("")
+    };
+    let loopback = host == "localhost"
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback());
+    match scheme {
+        "https" if !host.is_empty() => {}
+        "http" if loopback => {}
+        "http" => problems.push(format!("{name} must use https outside loopback")),
+        _ => problems.push(format!("{name} must be an http(s) URL")),
     }
 }
 
@@ -469,6 +604,44 @@ mod tests {
         let mut c = Config::default();
         c.telnyx.api_key = Some("KEYsecret123".to_owned().into());
         assert!(!format!("{c:?}").contains("KEYsecret123"));
+    }
+
+    #[test]
+    fn provider_urls_need_tls_outside_loopback() {
+        let check = |url: &str| {
+            let mut p = Vec::new();
+            check_provider_url("x", url, &mut p);
+            p.is_empty()
+        };
+        assert!(check("https://abc.supabase.co"));
+        assert!(check("http://127.0.0.1:5000/v2"));
+        assert!(check("http://localhost:9"));
+        assert!(check("http://[::1]:9/v2"));
+        assert!(!check("http://abc.supabase.co"));
+        assert!(!check("http://127.0.0.1.evil.com/"));
+        assert!(!check("ftp://x"));
+        assert!(!check("abc.supabase.co"));
+    }
+
+    #[test]
+    fn the_worker_needs_provider_credentials() {
+        let mut c = Config::default();
+        c.database.url = Some("postgres://localhost/x".to_owned().into());
+        let Err(ConfigError::Invalid(problems)) = c.validate(Role::Work) else {
+            panic!("expected invalid");
+        };
+        let all = problems.join("\n");
+        for needed in [
+            "telnyx.api_key",
+            "supabase.url",
+            "supabase.service_role_key",
+        ] {
+            assert!(all.contains(needed), "{all}");
+        }
+        assert!(
+            !all.contains("public_key"),
+            "the worker does not verify webhooks"
+        );
     }
 
     #[test]

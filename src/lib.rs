@@ -20,7 +20,9 @@ pub mod config;
 pub mod db;
 pub mod jobs;
 pub mod pipeline;
+pub mod storage;
 pub mod telemetry;
+pub mod telnyx;
 #[doc(hidden)]
 pub mod testing;
 pub mod webhook;

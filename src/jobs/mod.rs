@@ -17,7 +17,7 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
-pub use queue::{Enqueued, Queue, QueueError};
+pub use queue::{Enqueued, Queue, QueueError, Resolution};
 pub use worker::{Worker, WorkerOptions};
 
 /// Mirrors the `recording_job_state` Postgres enum.
@@ -31,13 +31,18 @@ pub enum JobState {
     Failed,
     Unmatched,
     Cancelled,
+    Duplicate,
 }
 
 impl JobState {
     pub fn is_final(self) -> bool {
         matches!(
             self,
-            JobState::Succeeded | JobState::Failed | JobState::Unmatched | JobState::Cancelled
+            JobState::Succeeded
+                | JobState::Failed
+                | JobState::Unmatched
+                | JobState::Cancelled
+                | JobState::Duplicate
         )
     }
 
@@ -49,6 +54,7 @@ impl JobState {
             JobState::Failed => "failed",
             JobState::Unmatched => "unmatched",
             JobState::Cancelled => "cancelled",
+            JobState::Duplicate => "duplicate",
         }
     }
 }
@@ -84,6 +90,18 @@ pub struct Job {
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
     pub finished_at: Option<DateTime<Utc>>,
+    pub resolved_at: Option<DateTime<Utc>>,
+    pub intake_id: Option<uuid::Uuid>,
+    pub match_method: Option<String>,
+    pub matched_at: Option<DateTime<Utc>>,
+    pub object_path: Option<String>,
+    pub tus_upload_url: Option<String>,
+    pub content_type: Option<String>,
+    pub object_sha256: Option<String>,
+    pub object_size: Option<i64>,
+    pub stored_at: Option<DateTime<Utc>>,
+    pub linked_at: Option<DateTime<Utc>>,
+    pub telnyx_deleted_at: Option<DateTime<Utc>>,
 }
 
 impl Job {
@@ -135,6 +153,10 @@ pub enum Outcome {
     /// Terminal, but not an error of the relay: the recording is safe in
     /// storage and an operator has to say which intake it belongs to.
     Unmatched {
+        reason: String,
+    },
+    /// Another job already relays this recording; nothing was stored.
+    Duplicate {
         reason: String,
     },
 }

@@ -6,7 +6,9 @@
 
 use std::time::Duration;
 
-use sqlx::PgPool;
+use sqlx::postgres::PgArguments;
+use sqlx::query::Query;
+use sqlx::{PgPool, Postgres};
 
 use super::{Job, JobError, JobState, Lease, NewJob};
 
@@ -17,6 +19,33 @@ pub const NOTIFY_CHANNEL: &str = "recording_jobs";
 pub enum QueueError {
     #[error("database error: {0}")]
     Database(#[from] sqlx::Error),
+    /// A live job already owns this recording (or its storage object).
+    #[error("recording {recording} is already relayed by job {job_id}")]
+    AlreadyOwned { recording: String, job_id: i64 },
+}
+
+impl From<QueueError> for super::JobError {
+    fn from(e: QueueError) -> Self {
+        super::JobError::retryable(e.to_string())
+    }
+}
+
+/// Recording details learned from the Recordings API. `None` keeps what the
+/// webhook already said.
+#[derive(Debug, Clone, Default)]
+pub struct Resolution {
+    pub recording_id: String,
+    pub from_number: Option<String>,
+    pub to_number: Option<String>,
+    pub duration_millis: Option<i64>,
+    pub recording_started_at: Option<chrono::DateTime<chrono::Utc>>,
+    pub recording_ended_at: Option<chrono::DateTime<chrono::Utc>>,
+    pub channels: Option<String>,
+}
+
+fn is_unique_violation(e: &sqlx::Error, constraint: &str) -> bool {
+    matches!(e, sqlx::Error::Database(db) if db.code().as_deref() == Some("23505")
+        && db.constraint() == Some(constraint))
 }
 
 /// Result of an enqueue: Telnyx redelivers, so a duplicate is normal.
@@ -29,6 +58,25 @@ pub enum Enqueued {
 #[derive(Clone, Debug)]
 pub struct Queue {
     pool: PgPool,
+}
+
+/// An UPDATE of one claimed job, fenced on its lease: `$1` id, `$2` worker,
+/// `$3` attempt. A worker that lost the lease matches no row.
+macro_rules! fenced_update {
+    ($set:literal) => {
+        concat!(
+            "UPDATE recording_jobs SET ",
+            $set,
+            ", updated_at = now() WHERE id = $1 AND locked_by = $2 AND attempts = $3 AND state = 'running'"
+        )
+    };
+}
+
+fn fenced<'a>(sql: &'static str, lease: &'a Lease) -> Query<'a, Postgres, PgArguments> {
+    sqlx::query(sql)
+        .bind(lease.job_id)
+        .bind(&lease.worker)
+        .bind(lease.attempt)
 }
 
 fn millis(d: Duration) -> i64 {
@@ -45,7 +93,9 @@ impl Queue {
     }
 
     /// Stores a verified event. Autocommit: when this returns, the row is
-    /// durable and the listener may answer 2xx.
+    /// durable and the listener may answer 2xx. A conflict on the event id
+    /// (a redelivery) or on the recording id (a live job relays it already)
+    /// inserts nothing.
     pub async fn enqueue(&self, job: &NewJob) -> Result<Enqueued, QueueError> {
         let id: Option<i64> = sqlx::query_scalar(
             "INSERT INTO recording_jobs (
@@ -54,7 +104,7 @@ impl Queue {
                  to_number, duration_millis, channels, recording_started_at,
                  recording_ended_at, max_attempts)
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17)
-             ON CONFLICT (event_id) DO NOTHING
+             ON CONFLICT DO NOTHING
              RETURNING id",
         )
         .bind(&job.event_id)
@@ -135,14 +185,10 @@ impl Queue {
     /// Extends the lease. `false` means the lease was lost (expired and
     /// rescued, or cancelled by an operator): the caller must stop.
     pub async fn heartbeat(&self, lease: &Lease, duration: Duration) -> Result<bool, QueueError> {
-        let done = sqlx::query(
-            "UPDATE recording_jobs
-             SET locked_until = now() + $4 * interval '1 millisecond', updated_at = now()
-             WHERE id = $1 AND locked_by = $2 AND attempts = $3 AND state = 'running'",
+        let done = fenced(
+            fenced_update!("locked_until = now() + $4 * interval '1 millisecond'"),
+            lease,
         )
-        .bind(lease.job_id)
-        .bind(&lease.worker)
-        .bind(lease.attempt)
         .bind(millis(duration))
         .execute(&self.pool)
         .await?;
@@ -151,15 +197,12 @@ impl Queue {
 
     /// Marks the job succeeded. `false`: the lease was lost first.
     pub async fn complete(&self, lease: &Lease) -> Result<bool, QueueError> {
-        let done = sqlx::query(
-            "UPDATE recording_jobs
-             SET state = 'succeeded', finished_at = now(), updated_at = now(),
-                 locked_by = NULL, locked_until = NULL
-             WHERE id = $1 AND locked_by = $2 AND attempts = $3 AND state = 'running'",
+        let done = fenced(
+            fenced_update!(
+                "state = 'succeeded', finished_at = now(), locked_by = NULL, locked_until = NULL"
+            ),
+            lease,
         )
-        .bind(lease.job_id)
-        .bind(&lease.worker)
-        .bind(lease.attempt)
         .execute(&self.pool)
         .await?;
         Ok(done.rows_affected() == 1)
@@ -211,19 +254,20 @@ impl Queue {
         kind: &str,
         reason: &str,
     ) -> Result<bool, QueueError> {
-        debug_assert!(matches!(state, JobState::Failed | JobState::Unmatched));
-        let done = sqlx::query(
-            "UPDATE recording_jobs
-             SET state = $4, last_error = $5, finished_at = now(), updated_at = now(),
+        debug_assert!(matches!(
+            state,
+            JobState::Failed | JobState::Unmatched | JobState::Duplicate
+        ));
+        let done = fenced(
+            fenced_update!(
+                "state = $4, last_error = $5, finished_at = now(),
                  errors = errors || jsonb_build_array(jsonb_build_object(
                      'attempt', attempts, 'at', now(), 'worker', locked_by,
                      'kind', $6::text, 'error', $5::text)),
-                 locked_by = NULL, locked_until = NULL
-             WHERE id = $1 AND locked_by = $2 AND attempts = $3 AND state = 'running'",
+                 locked_by = NULL, locked_until = NULL"
+            ),
+            lease,
         )
-        .bind(lease.job_id)
-        .bind(&lease.worker)
-        .bind(lease.attempt)
         .bind(state)
         .bind(reason)
         .bind(kind)
@@ -235,15 +279,13 @@ impl Queue {
     /// Gives a claimed job back without counting the attempt (shutdown): it
     /// is runnable at once and the trigger wakes another worker.
     pub async fn release(&self, lease: &Lease) -> Result<bool, QueueError> {
-        let done = sqlx::query(
-            "UPDATE recording_jobs
-             SET state = 'pending', attempts = attempts - 1, next_run_at = now(),
-                 locked_by = NULL, locked_until = NULL, updated_at = now()
-             WHERE id = $1 AND locked_by = $2 AND attempts = $3 AND state = 'running'",
+        let done = fenced(
+            fenced_update!(
+                "state = 'pending', attempts = attempts - 1, next_run_at = now(),
+                 locked_by = NULL, locked_until = NULL"
+            ),
+            lease,
         )
-        .bind(lease.job_id)
-        .bind(&lease.worker)
-        .bind(lease.attempt)
         .execute(&self.pool)
         .await?;
         Ok(done.rows_affected() == 1)
@@ -276,6 +318,164 @@ impl Queue {
         .execute(&self.pool)
         .await?;
         Ok(done.rows_affected())
+    }
+
+    /// Step 1 done: the recording id and details are known. Fails with
+    /// `AlreadyOwned` when another live job has the same recording.
+    pub async fn save_resolution(&self, lease: &Lease, r: &Resolution) -> Result<bool, QueueError> {
+        let done = fenced(
+            fenced_update!(
+                "recording_id = $4,
+                 from_number = coalesce($5, from_number),
+                 to_number = coalesce($6, to_number),
+                 duration_millis = coalesce($7, duration_millis),
+                 recording_started_at = coalesce($8, recording_started_at),
+                 recording_ended_at = coalesce($9, recording_ended_at),
+                 channels = coalesce($10, channels),
+                 resolved_at = now()"
+            ),
+            lease,
+        )
+        .bind(&r.recording_id)
+        .bind(&r.from_number)
+        .bind(&r.to_number)
+        .bind(r.duration_millis)
+        .bind(r.recording_started_at)
+        .bind(r.recording_ended_at)
+        .bind(&r.channels)
+        .execute(&self.pool)
+        .await;
+        match done {
+            Ok(done) => Ok(done.rows_affected() == 1),
+            Err(e) if is_unique_violation(&e, "recording_jobs_recording_id_key") => {
+                Err(self.owner_of(&r.recording_id, lease.job_id).await)
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    async fn owner_of(&self, recording: &str, not_job: i64) -> QueueError {
+        let owner: Result<Option<i64>, _> = sqlx::query_scalar(
+            "SELECT id FROM recording_jobs
+             WHERE recording_id = $1 AND state <> 'duplicate' AND id <> $2",
+        )
+        .bind(recording)
+        .bind(not_job)
+        .fetch_optional(&self.pool)
+        .await;
+        match owner {
+            Ok(Some(job_id)) => QueueError::AlreadyOwned {
+                recording: recording.to_owned(),
+                job_id,
+            },
+            Ok(None) => QueueError::Database(sqlx::Error::RowNotFound),
+            Err(e) => e.into(),
+        }
+    }
+
+    /// Step 2 done: the intake this recording belongs to.
+    pub async fn save_match(
+        &self,
+        lease: &Lease,
+        intake_id: uuid::Uuid,
+        method: &str,
+    ) -> Result<bool, QueueError> {
+        let done = fenced(
+            fenced_update!("intake_id = $4, match_method = $5, matched_at = now()"),
+            lease,
+        )
+        .bind(intake_id)
+        .bind(method)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    /// Claims the object path before the first byte is uploaded, so a retry
+    /// knows where an upload that finished unobserved would be.
+    pub async fn plan_object(
+        &self,
+        lease: &Lease,
+        path: &str,
+        content_type: &str,
+    ) -> Result<bool, QueueError> {
+        let done = fenced(
+            fenced_update!("object_path = $4, content_type = $5, tus_upload_url = NULL"),
+            lease,
+        )
+        .bind(path)
+        .bind(content_type)
+        .execute(&self.pool)
+        .await;
+        match done {
+            Ok(done) => Ok(done.rows_affected() == 1),
+            Err(e) if is_unique_violation(&e, "recording_jobs_object_path_key") => {
+                let owner: i64 =
+                    sqlx::query_scalar("SELECT id FROM recording_jobs WHERE object_path = $1")
+                        .bind(path)
+                        .fetch_one(&self.pool)
+                        .await?;
+                Err(QueueError::AlreadyOwned {
+                    recording: path.to_owned(),
+                    job_id: owner,
+                })
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Remembers (or forgets) the resumable upload in progress.
+    pub async fn save_tus_upload(
+        &self,
+        lease: &Lease,
+        url: Option<&str>,
+    ) -> Result<bool, QueueError> {
+        let done = fenced(fenced_update!("tus_upload_url = $4"), lease)
+            .bind(url)
+            .execute(&self.pool)
+            .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    /// Step 3 done: the object is in the bucket and its size verified.
+    pub async fn save_stored(
+        &self,
+        lease: &Lease,
+        sha256: &str,
+        size: i64,
+    ) -> Result<bool, QueueError> {
+        let done = fenced(
+            fenced_update!(
+                "object_sha256 = $4, object_size = $5, stored_at = now(), tus_upload_url = NULL"
+            ),
+            lease,
+        )
+        .bind(sha256)
+        .bind(size)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    /// Step 4 done, inside the transaction that updates the intake, so the
+    /// intake is linked exactly when the job says so.
+    pub async fn mark_linked(
+        &self,
+        tx: &mut sqlx::PgConnection,
+        lease: &Lease,
+    ) -> Result<bool, QueueError> {
+        let done = fenced(fenced_update!("linked_at = now()"), lease)
+            .execute(&mut *tx)
+            .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    /// Step 5 done: the recording was deleted at Telnyx.
+    pub async fn save_telnyx_deleted(&self, lease: &Lease) -> Result<bool, QueueError> {
+        let done = fenced(fenced_update!("telnyx_deleted_at = now()"), lease)
+            .execute(&self.pool)
+            .await?;
+        Ok(done.rows_affected() == 1)
     }
 
     pub async fn get(&self, id: i64) -> Result<Option<Job>, QueueError> {

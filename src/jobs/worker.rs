@@ -289,6 +289,9 @@ async fn record(queue: &Queue, opts: &WorkerOptions, lease: &Lease, end: RunEnd,
         RunEnd::Finished(Ok(Outcome::Unmatched { reason })) => {
             error!(took_ms, reason = %reason, "job unmatched: recording stored, no intake found");
         }
+        RunEnd::Finished(Ok(Outcome::Duplicate { reason })) => {
+            info!(took_ms, reason = %reason, "job is a duplicate; nothing stored");
+        }
         RunEnd::Finished(Err(e)) if state == JobState::Pending => {
             warn!(took_ms, error = %e, "job attempt failed; will retry");
         }
@@ -315,6 +318,12 @@ async fn write_result(
                 .finish_unsuccessfully(lease, JobState::Unmatched, "unmatched", reason)
                 .await?,
             JobState::Unmatched,
+        ),
+        RunEnd::Finished(Ok(Outcome::Duplicate { reason })) => if_written(
+            queue
+                .finish_unsuccessfully(lease, JobState::Duplicate, "duplicate", reason)
+                .await?,
+            JobState::Duplicate,
         ),
         RunEnd::Finished(Err(e @ JobError::Permanent { .. })) => if_written(
             queue

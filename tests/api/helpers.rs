@@ -4,9 +4,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use ed25519_dalek::SigningKey;
-use recording_relay::app::App;
+use recording_relay::app::{App, NoJobs};
 use recording_relay::config::{Config, Role};
-use recording_relay::jobs::{Job, JobContext, JobError, JobHandler, Outcome};
 use recording_relay::testing;
 use sqlx::PgPool;
 use tokio::net::{TcpListener, TcpStream};
@@ -52,7 +51,7 @@ pub async fn spawn_with(
     let shutdown = CancellationToken::new();
     let token = shutdown.clone();
     let handle = tokio::spawn(async move {
-        app.run(NeverCalled, token).await.expect("app runs");
+        app.run(NoJobs, token).await.expect("app runs");
     });
     TestApp {
         addr,
@@ -102,15 +101,6 @@ impl TestApp {
     pub async fn stop(self) {
         self.shutdown.cancel();
         self.handle.await.unwrap();
-    }
-}
-
-/// The listener-only app never runs jobs.
-struct NeverCalled;
-
-impl JobHandler for NeverCalled {
-    async fn handle(&self, _job: Job, _ctx: JobContext) -> Result<Outcome, JobError> {
-        unreachable!("a listener-only process runs no jobs")
     }
 }
 

@@ -1,0 +1,307 @@
+//! SQL against ZScribe's tables: find the intake a recording belongs to,
+//! and link the stored recording to it.
+
+use base64::Engine as _;
+use chrono::{DateTime, Utc};
+use sqlx::PgPool;
+use uuid::Uuid;
+
+use crate::jobs::{Lease, Queue, QueueError};
+
+/// How an intake was found; stored in `recording_jobs.match_method`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MatchMethod {
+    ClientState,
+    PhoneAndTime,
+}
+
+impl MatchMethod {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MatchMethod::ClientState => "client_state",
+            MatchMethod::PhoneAndTime => "phone_and_time",
+        }
+    }
+}
+
+/// What the matcher knows about a recording.
+pub struct MatchInput<'a> {
+    pub recording_id: &'a str,
+    pub client_state: Option<&'a str>,
+    pub numbers: [Option<&'a str>; 2],
+    pub around: DateTime<Utc>,
+    pub window: std::time::Duration,
+}
+
+/// `client_state` is set by whoever started the call: base64 of an intake
+/// id, of `{"intake_id": "..."}`, or (leniently) the bare id.
+pub fn intake_id_from_client_state(client_state: &str) -> Option<Uuid> {
+    let raw = client_state.trim();
+    let decoded = base64::engine::general_purpose::STANDARD
+        .decode(raw)
+        .ok()
+        .and_then(|b| String::from_utf8(b).ok());
+    [decoded.as_deref(), Some(raw)]
+        .into_iter()
+        .flatten()
+        .find_map(|text| {
+            let text = text.trim();
+            Uuid::parse_str(text).ok().or_else(|| {
+                serde_json::from_str::<serde_json::Value>(text)
+                    .ok()?
+                    .get("intake_id")?
+                    .as_str()
+                    .and_then(|s| Uuid::parse_str(s).ok())
+            })
+        })
+}
+
+/// Finds the intake: an explicit id in `client_state` wins; otherwise the
+/// patient's number (either party of the call) and the intake created
+/// nearest to the recording's start, within the window, that has no other
+/// recording yet.
+pub async fn find_intake(
+    pool: &PgPool,
+    m: &MatchInput<'_>,
+) -> Result<Option<(Uuid, MatchMethod)>, sqlx::Error> {
+    if let Some(id) = m.client_state.and_then(intake_id_from_client_state) {
+        let exists: Option<Uuid> = sqlx::query_scalar("SELECT id FROM intakes WHERE id = $1")
+            .bind(id)
+            .fetch_optional(pool)
+            .await?;
+        if let Some(id) = exists {
+            return Ok(Some((id, MatchMethod::ClientState)));
+        }
+    }
+    let [a, b] = m.numbers;
+    if a.is_none() && b.is_none() {
+        return Ok(None);
+    }
+    let window_ms = i64::try_from(m.window.as_millis()).unwrap_or(i64::MAX);
+    let found: Option<Uuid> = sqlx::query_scalar(
+        "SELECT i.id
+         FROM intakes i
+         JOIN patients p ON p.id = i.patient_id
+         WHERE recording_relay_phone_key(p.phone) IN (recording_relay_phone_key($1), recording_relay_phone_key($2))
+           AND i.created_at BETWEEN $3 - $4 * interval '1 millisecond'
+                                AND $3 + $4 * interval '1 millisecond'
+           AND (i.recording_id IS NULL OR i.recording_id = $5)
+         ORDER BY abs(extract(epoch FROM i.created_at - $3)), i.created_at DESC, i.id
+         LIMIT 1",
+    )
+    .bind(a)
+    .bind(b)
+    .bind(m.around)
+    .bind(window_ms)
+    .bind(m.recording_id)
+    .fetch_optional(pool)
+    .await?;
+    Ok(found.map(|id| (id, MatchMethod::PhoneAndTime)))
+}
+
+/// Why an intake could not take this recording.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Claim {
+    Claimed,
+    Gone,
+    TakenBy(String),
+}
+
+/// Saves `recording_id` and `recording_duration` on the intake (the UI's
+/// "processing" state), unless it already holds another recording.
+pub async fn claim_intake(
+    pool: &PgPool,
+    intake: Uuid,
+    recording_id: &str,
+    duration_secs: Option<i32>,
+) -> Result<Claim, sqlx::Error> {
+    // Concurrent claims serialise on the row lock; the loser re-checks the
+    // WHERE against the winner's value and updates nothing.
+    let updated = sqlx::query(
+        "UPDATE intakes
+         SET recording_id = $2, recording_duration = coalesce($3, recording_duration)
+         WHERE id = $1 AND (recording_id IS NULL OR recording_id = $2)",
+    )
+    .bind(intake)
+    .bind(recording_id)
+    .bind(duration_secs)
+    .execute(pool)
+    .await?;
+    if updated.rows_affected() == 1 {
+        return Ok(Claim::Claimed);
+    }
+    let other: Option<Option<String>> =
+        sqlx::query_scalar("SELECT recording_id FROM intakes WHERE id = $1")
+            .bind(intake)
+            .fetch_optional(pool)
+            .await?;
+    Ok(match other {
+        None => Claim::Gone,
+        Some(other) => Claim::TakenBy(other.unwrap_or_default()),
+    })
+}
+
+/// Points the intake at the stored object and marks the job linked, in one
+/// transaction. `Ok(false)`: the lease was lost, nothing changed.
+pub async fn link(
+    queue: &Queue,
+    lease: &Lease,
+    intake: Uuid,
+    recording_id: &str,
+    object_path: &str,
+    recording_url: &str,
+) -> Result<bool, QueueError> {
+    let mut tx = queue.pool().begin().await?;
+    let updated = sqlx::query(
+        "UPDATE intakes
+         SET recording_id = $2, recording_object_path = $3, recording_url = $4,
+             recording_migrated_at = now()
+         WHERE id = $1 AND (recording_id IS NULL OR recording_id = $2)",
+    )
+    .bind(intake)
+    .bind(recording_id)
+    .bind(object_path)
+    .bind(recording_url)
+    .execute(&mut *tx)
+    .await?;
+    if updated.rows_affected() != 1 || !queue.mark_linked(&mut tx, lease).await? {
+        tx.rollback().await?;
+        return Ok(false);
+    }
+    tx.commit().await?;
+    Ok(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::testing;
+
+    #[test]
+    fn client_state_forms() {
+        let id = Uuid::parse_str("7f1c2a4e-1d2b-4c3d-9e8f-001122334455").unwrap();
+        let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
+        assert_eq!(intake_id_from_client_state(&b64(&id.to_string())), Some(id));
+        assert_eq!(
+            intake_id_from_client_state(&b64(&format!(r#"{{"intake_id":"{id}"}}"#))),
+            Some(id)
+        );
+        assert_eq!(intake_id_from_client_state(&id.to_string()), Some(id));
+        assert_eq!(intake_id_from_client_state(&b64("hello")), None);
+    }
+
+    async fn patient(pool: &PgPool, phone: &str) -> Uuid {
+        sqlx::query_scalar("INSERT INTO patients (phone) VALUES ($1) RETURNING id")
+            .bind(phone)
+            .fetch_one(pool)
+            .await
+            .unwrap()
+    }
+
+    async fn intake(pool: &PgPool, patient: Uuid, minutes_from_now: i64) -> Uuid {
+        sqlx::query_scalar(
+            "INSERT INTO intakes (patient_id, created_at) VALUES ($1, now() + $2 * interval '1 minute') RETURNING id",
+        )
+        .bind(patient)
+        .bind(minutes_from_now)
+        .fetch_one(pool)
+        .await
+        .unwrap()
+    }
+
+    fn input<'a>(number: &'a str, rec: &'a str) -> MatchInput<'a> {
+        MatchInput {
+            recording_id: rec,
+            client_state: None,
+            numbers: [Some(number), None],
+            around: Utc::now(),
+            window: Duration::from_secs(600),
+        }
+    }
+
+    #[sqlx::test(migrations = false)]
+    async fn matches_free_format_numbers_nearest_in_time(pool: PgPool) {
+        let pool = testing::prepare(pool).await;
+        let p = patient(&pool, "(971) 265-6795").await;
+        let _far = intake(&pool, p, -9).await;
+        let near = intake(&pool, p, -2).await;
+        let _outside = intake(&pool, p, -30).await;
+        let found = find_intake(&pool, &input("+1 971 265 6795", "rec-1"))
+            .await
+            .unwrap();
+        assert_eq!(found, Some((near, MatchMethod::PhoneAndTime)));
+        assert_eq!(
+            find_intake(&pool, &input("+1 503 000 0000", "rec-1"))
+                .await
+                .unwrap(),
+            None
+        );
+    }
+
+    #[sqlx::test(migrations = false)]
+    async fn intakes_with_another_recording_are_skipped(pool: PgPool) {
+        let pool = testing::prepare(pool).await;
+        let p = patient(&pool, "9712656795").await;
+        let older = intake(&pool, p, -5).await;
+        let newer = intake(&pool, p, -1).await;
+        assert_eq!(
+            claim_intake(&pool, newer, "rec-A", Some(60)).await.unwrap(),
+            Claim::Claimed
+        );
+        let found = find_intake(&pool, &input("+19712656795", "rec-B"))
+            .await
+            .unwrap();
+        assert_eq!(found, Some((older, MatchMethod::PhoneAndTime)));
+        assert_eq!(
+            claim_intake(&pool, newer, "rec-B", None).await.unwrap(),
+            Claim::TakenBy("rec-A".into())
+        );
+        assert_eq!(
+            claim_intake(&pool, newer, "rec-A", None).await.unwrap(),
+            Claim::Claimed,
+            "idempotent"
+        );
+    }
+
+    #[sqlx::test(migrations = false)]
+    async fn client_state_wins_over_phone(pool: PgPool) {
+        let pool = testing::prepare(pool).await;
+        let p = patient(&pool, "9712656795").await;
+        let by_phone = intake(&pool, p, 0).await;
+        let other = intake(&pool, patient(&pool, "111").await, -400).await;
+        let state = base64::engine::general_purpose::STANDARD.encode(other.to_string());
+        let mut m = input("9712656795", "rec-1");
+        m.client_state = Some(&state);
+        assert_eq!(
+            find_intake(&pool, &m).await.unwrap(),
+            Some((other, MatchMethod::ClientState))
+        );
+        let _ = by_phone;
+    }
+
+    #[sqlx::test(migrations = false)]
+    async fn the_patient_lookup_uses_the_phone_key_index(pool: PgPool) {
+        let pool = testing::prepare(pool).await;
+        sqlx::query("INSERT INTO patients (phone) SELECT '555' || lpad(g::text, 7, '0') FROM generate_series(1, 20000) g")
+            .execute(&pool)
+            .await
+            .unwrap();
+        sqlx::query("ANALYZE patients")
+            .execute(&pool)
+            .await
+            .unwrap();
+        let plan: Vec<String> = sqlx::query_scalar(
+            "EXPLAIN SELECT id FROM patients WHERE recording_relay_phone_key(phone) = recording_relay_phone_key('+1 555 000 1234')",
+        )
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+        assert!(
+            plan.join("\n")
+                .contains("idx_patients_recording_relay_phone_key"),
+            "{plan:?}"
+        );
+    }
+}

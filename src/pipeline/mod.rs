@@ -1,0 +1,592 @@
+//! The steps of one job. Each step is idempotent and recorded on the job
+//! before the next starts, so a retry resumes where the last attempt
+//! stopped and never makes a second copy:
+//!
+//! 1. resolve: recording id, numbers, duration, times from the Recordings
+//!    API (the real webhook lacks them);
+//! 2. match: the intake, via `client_state` or phone number + time;
+//! 3. store: stream the file from Telnyx into the bucket, hash and count it
+//!    on the way, verify the stored size;
+//! 4. link: point the intake at the object;
+//! 5. delete at Telnyx (optional, only after 3 and 4).
+
+pub mod intakes;
+pub mod transfer;
+
+use std::time::{Duration, Instant};
+
+use tracing::{info, warn};
+use uuid::Uuid;
+
+use self::intakes::{Claim, MatchInput};
+use self::transfer::{Digest, Tally};
+use crate::config::{AudioFormat, Config, PipelineConfig};
+use crate::jobs::{
+    Job, JobContext, JobError, JobHandler, Lease, Outcome, Queue, QueueError, Resolution,
+};
+use crate::storage::{StorageClient, StorageError, TUS_CHUNK};
+use crate::telemetry::mask_phone;
+use crate::telnyx::{Recording, TelnyxClient, Timeouts};
+
+/// Download URLs fetched this recently are reused within one attempt
+/// (Telnyx's expire after 10 minutes).
+const FRESH_FOR: Duration = Duration::from_secs(60);
+
+#[derive(Debug, thiserror::Error)]
+pub enum PipelineError {
+    #[error("{0} is not configured")]
+    Missing(&'static str),
+    #[error("cannot build the Telnyx client: {0}")]
+    Telnyx(#[from] crate::telnyx::TelnyxError),
+    #[error("cannot build the storage client: {0}")]
+    Storage(#[from] StorageError),
+}
+
+pub struct Pipeline {
+    telnyx: TelnyxClient,
+    storage: StorageClient,
+    opts: PipelineConfig,
+}
+
+impl Pipeline {
+    pub fn new(telnyx: TelnyxClient, storage: StorageClient, opts: PipelineConfig) -> Self {
+        Self {
+            telnyx,
+            storage,
+            opts,
+        }
+    }
+
+    pub fn from_config(config: &Config) -> Result<Self, PipelineError> {
+        Ok(Self::new(
+            telnyx_client(config)?,
+            storage_client(config)?,
+            config.pipeline.clone(),
+        ))
+    }
+}
+
+pub fn telnyx_client(config: &Config) -> Result<TelnyxClient, PipelineError> {
+    let key = config
+        .telnyx
+        .api_key
+        .clone()
+        .ok_or(PipelineError::Missing("telnyx.api_key"))?;
+    let http = &config.http;
+    Ok(TelnyxClient::new(
+        &config.telnyx.api_url,
+        key,
+        Timeouts {
+            connect: http.connect_timeout,
+            request: http.request_timeout,
+            read_idle: http.read_idle_timeout,
+        },
+    )?)
+}
+
+pub fn storage_client(config: &Config) -> Result<StorageClient, PipelineError> {
+    let url = config
+        .supabase
+        .url
+        .as_deref()
+        .ok_or(PipelineError::Missing("supabase.url"))?;
+    let key = config
+        .supabase
+        .service_role_key
+        .clone()
+        .ok_or(PipelineError::Missing("supabase.service_role_key"))?;
+    let http = &config.http;
+    Ok(StorageClient::new(
+        url,
+        key,
+        &config.supabase.bucket,
+        http.connect_timeout,
+        http.request_timeout,
+        http.read_idle_timeout,
+    )?)
+}
+
+impl JobHandler for Pipeline {
+    async fn handle(&self, job: Job, ctx: JobContext) -> Result<Outcome, JobError> {
+        let mut run = Run {
+            p: self,
+            job,
+            queue: ctx.queue,
+            lease: ctx.lease,
+            fresh: None,
+        };
+        run.execute().await
+    }
+}
+
+/// One attempt at one job.
+struct Run<'a> {
+    p: &'a Pipeline,
+    job: Job,
+    queue: Queue,
+    lease: Lease,
+    /// The recording as last fetched in this attempt, with fresh URLs.
+    fresh: Option<(Instant, Recording)>,
+}
+
+/// What a fenced step write returning `false` means.
+fn lease_lost() -> JobError {
+    JobError::retryable("lease lost during the job; another worker owns it now")
+}
+
+fn written(ok: bool) -> Result<(), JobError> {
+    if ok { Ok(()) } else { Err(lease_lost()) }
+}
+
+/// Where a recording lives in the bucket. Unmatched recordings are kept
+/// apart so an operator can find and attach them.
+pub fn object_path(intake: Option<Uuid>, recording_id: &str, format: AudioFormat) -> String {
+    let file = format!("{}.{}", sanitize(recording_id), format.extension());
+    match intake {
+        Some(intake) => format!("intakes/{intake}/{file}"),
+        None => format!("unmatched/{file}"),
+    }
+}
+
+fn sanitize(id: &str) -> String {
+    id.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
+}
+
+impl Run<'_> {
+    async fn execute(&mut self) -> Result<Outcome, JobError> {
+        if self.job.resolved_at.is_none()
+            && let Some(outcome) = self.resolve().await?
+        {
+            return Ok(outcome);
+        }
+        let unmatched = match self.job.intake_id {
+            Some(_) => None,
+            None => Some(self.match_intake().await?).flatten(),
+        };
+        if self.job.stored_at.is_none()
+            && let Some(outcome) = self.store().await?
+        {
+            return Ok(outcome);
+        }
+        if let Some(reason) = unmatched {
+            return Ok(Outcome::Unmatched { reason });
+        }
+        if self.job.linked_at.is_none() {
+            self.link().await?;
+        }
+        if self.p.opts.delete_from_telnyx && self.job.telnyx_deleted_at.is_none() {
+            self.delete_at_telnyx().await?;
+        }
+        Ok(Outcome::Succeeded)
+    }
+
+    fn recording_id(&self) -> Result<&str, JobError> {
+        self.job
+            .recording_id
+            .as_deref()
+            .ok_or_else(|| JobError::permanent("job has no recording id after resolution"))
+    }
+
+    /// Step 1. `Some(outcome)` ends the job early (a duplicate).
+    async fn resolve(&mut self) -> Result<Option<Outcome>, JobError> {
+        let recording = match (&self.job.recording_id, &self.job.call_session_id) {
+            (Some(id), _) => self.p.telnyx.get_recording(id).await?,
+            (None, Some(session)) => {
+                let listed = self.p.telnyx.recordings_of_call(session).await?;
+                pick_recording(listed, &self.job).ok_or_else(|| {
+                    JobError::retryable(format!(
+                        "Telnyx lists no recording for call session {session} yet"
+                    ))
+                })?
+            }
+            (None, None) => {
+                return Err(JobError::permanent(
+                    "the event names neither a recording id nor a call session id",
+                ));
+            }
+        };
+        let resolution = Resolution {
+            recording_id: recording.id.clone(),
+            from_number: recording.from.clone(),
+            to_number: recording.to.clone(),
+            duration_millis: recording.duration_millis,
+            recording_started_at: recording.recording_started_at,
+            recording_ended_at: recording.recording_ended_at,
+            channels: recording.channels.clone(),
+        };
+        match self.queue.save_resolution(&self.lease, &resolution).await {
+            Ok(ok) => written(ok)?,
+            Err(QueueError::AlreadyOwned { recording, job_id }) => {
+                return Ok(Some(Outcome::Duplicate {
+                    reason: format!("recording {recording} is relayed by job {job_id}"),
+                }));
+            }
+            Err(e) => return Err(e.into()),
+        }
+        let j = &mut self.job;
+        j.recording_id = Some(resolution.recording_id);
+        j.from_number = resolution.from_number.or(j.from_number.take());
+        j.to_number = resolution.to_number.or(j.to_number.take());
+        j.duration_millis = resolution.duration_millis.or(j.duration_millis);
+        j.recording_started_at = resolution.recording_started_at.or(j.recording_started_at);
+        j.recording_ended_at = resolution.recording_ended_at.or(j.recording_ended_at);
+        info!(
+            recording.id = %recording.id,
+            to = %j.to_number.as_deref().map(mask_phone).unwrap_or_default(),
+            duration_ms = j.duration_millis,
+            "recording resolved"
+        );
+        self.fresh = Some((Instant::now(), recording));
+        Ok(None)
+    }
+
+    /// Step 2. `Ok(None)`: matched. `Ok(Some(reason))`: no intake after the
+    /// configured attempts; store as unmatched. Retryable error before that.
+    async fn match_intake(&mut self) -> Result<Option<String>, JobError> {
+        let recording_id = self.recording_id()?.to_owned();
+        let j = &self.job;
+        let around = j
+            .recording_started_at
+            .or(j.occurred_at)
+            .unwrap_or(j.created_at);
+        let input = MatchInput {
+            recording_id: &recording_id,
+            client_state: j.client_state.as_deref(),
+            numbers: [j.to_number.as_deref(), j.from_number.as_deref()],
+            around,
+            window: self.p.opts.match_window,
+        };
+        let pool = self.queue.pool();
+        let found = intakes::find_intake(pool, &input)
+            .await
+            .map_err(QueueError::from)?;
+        let Some((intake, method)) = found else {
+            let masked = [j.to_number.as_deref(), j.from_number.as_deref()]
+                .into_iter()
+                .flatten()
+                .map(mask_phone)
+                .collect::<Vec<_>>()
+                .join(", ");
+            let why = format!(
+                "no intake matches (numbers {masked}, created within {} of {around})",
+                humantime::format_duration(self.p.opts.match_window)
+            );
+            if j.attempts < self.p.opts.match_attempts {
+                return Err(JobError::retryable(format!(
+                    "{why}; the intake may not be saved yet"
+                )));
+            }
+            warn!(reason = %why, "storing the recording as unmatched");
+            return Ok(Some(why));
+        };
+        let duration_secs = j
+            .duration_millis
+            .map(|ms| i32::try_from((ms + 500) / 1000).unwrap_or(i32::MAX));
+        match intakes::claim_intake(pool, intake, &recording_id, duration_secs)
+            .await
+            .map_err(QueueError::from)?
+        {
+            Claim::Claimed => {}
+            Claim::TakenBy(other) => {
+                return Err(JobError::retryable(format!(
+                    "intake {intake} was just linked to recording {other}; matching again"
+                )));
+            }
+            Claim::Gone => {
+                return Err(JobError::retryable(format!(
+                    "intake {intake} vanished while matching"
+                )));
+            }
+        }
+        written(
+            self.queue
+                .save_match(&self.lease, intake, method.as_str())
+                .await?,
+        )?;
+        self.job.intake_id = Some(intake);
+        info!(intake.id = %intake, method = method.as_str(), "intake matched");
+        Ok(None)
+    }
+
+    /// Step 3. `Some(outcome)` when another job already owns the object.
+    async fn store(&mut self) -> Result<Option<Outcome>, JobError> {
+        let format = self.p.opts.format;
+        let path = object_path(self.job.intake_id, self.recording_id()?, format);
+        let content_type = format.content_type();
+        if self.job.object_path.as_deref() == Some(path.as_str()) {
+            // An earlier attempt got as far as uploading: its object may be
+            // complete even though the attempt did not see it finish.
+            if self.p.storage.object_info(&path).await?.is_some() {
+                let digest = self.adopt_existing(&path).await?;
+                return self.verify_and_save(&path, digest).await.map(|()| None);
+            }
+        } else {
+            match self
+                .queue
+                .plan_object(&self.lease, &path, content_type)
+                .await
+            {
+                Ok(ok) => written(ok)?,
+                Err(QueueError::AlreadyOwned { job_id, .. }) => {
+                    return Ok(Some(Outcome::Duplicate {
+                        reason: format!("object {path} belongs to job {job_id}"),
+                    }));
+                }
+                Err(e) => return Err(e.into()),
+            }
+            self.job.object_path = Some(path.clone());
+            self.job.tus_upload_url = None;
+        }
+
+        let digest = match self.job.tus_upload_url.clone() {
+            Some(upload) => self.resume_resumable(&path, content_type, &upload).await?,
+            None => self.upload_fresh(&path, content_type).await?,
+        };
+        self.verify_and_save(&path, digest).await.map(|()| None)
+    }
+
+    /// The recording with download URLs no older than [`FRESH_FOR`].
+    async fn fresh_recording(&mut self) -> Result<Recording, JobError> {
+        if let Some((at, rec)) = &self.fresh
+            && at.elapsed() < FRESH_FOR
+        {
+            return Ok(rec.clone());
+        }
+        let rec = self.p.telnyx.get_recording(self.recording_id()?).await?;
+        self.fresh = Some((Instant::now(), rec.clone()));
+        Ok(rec)
+    }
+
+    async fn download_url(&mut self) -> Result<String, JobError> {
+        let rec = self.fresh_recording().await?;
+        let urls = rec.download_urls;
+        let url = match self.p.opts.format {
+            AudioFormat::Wav => urls.wav,
+            AudioFormat::Mp3 => urls.mp3,
+        };
+        url.ok_or_else(|| {
+            JobError::retryable(format!(
+                "Telnyx has no {} download URL for recording {} yet",
+                self.p.opts.format.extension(),
+                rec.id
+            ))
+        })
+    }
+
+    async fn upload_fresh(&mut self, path: &str, content_type: &str) -> Result<Digest, JobError> {
+        let url = self.download_url().await?;
+        let download = self.p.telnyx.download(&url, 0).await?;
+        let length = download.content_length();
+        if let Some(total) = length.filter(|len| *len > self.p.opts.resumable_threshold_bytes) {
+            return self
+                .start_resumable(path, content_type, download, total)
+                .await;
+        }
+        let tally = Tally::default();
+        let body = reqwest::Body::wrap_stream(transfer::tallied(
+            transfer::body_stream(download),
+            tally.clone(),
+        ));
+        match self
+            .p
+            .storage
+            .upload(path, content_type, body, length)
+            .await
+        {
+            Ok(()) => Ok(tally.finish()),
+            // Ours from an attempt whose bookkeeping was lost (e.g. a job row
+            // recreated by an operator): adopt it rather than upload twice.
+            Err(StorageError::Duplicate) => self.adopt_existing(path).await,
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    async fn start_resumable(
+        &mut self,
+        path: &str,
+        content_type: &str,
+        download: reqwest::Response,
+        total: u64,
+    ) -> Result<Digest, JobError> {
+        let upload = match self.p.storage.tus_create(path, content_type, total).await {
+            Ok(url) => url,
+            Err(StorageError::Duplicate) => return self.adopt_existing(path).await,
+            Err(e) => return Err(e.into()),
+        };
+        written(
+            self.queue
+                .save_tus_upload(&self.lease, Some(&upload))
+                .await?,
+        )?;
+        self.job.tus_upload_url = Some(upload.clone());
+        let tally = Tally::default();
+        let stream = transfer::tallied(transfer::body_stream(download), tally.clone());
+        self.send_chunks(&upload, transfer::shared_reader(stream), 0, total)
+            .await?;
+        Ok(tally.finish())
+    }
+
+    /// Continues a resumable upload at the server's offset, downloading only
+    /// the missing bytes (Range).
+    async fn resume_resumable(
+        &mut self,
+        path: &str,
+        content_type: &str,
+        upload: &str,
+    ) -> Result<Digest, JobError> {
+        let Some(offset) = self.p.storage.tus_offset(upload).await? else {
+            warn!("resumable upload expired at the server; starting over");
+            written(self.queue.save_tus_upload(&self.lease, None).await?)?;
+            self.job.tus_upload_url = None;
+            return self.upload_fresh(path, content_type).await;
+        };
+        let url = self.download_url().await?;
+        let download = self.p.telnyx.download(&url, offset).await?;
+        let remaining = download.content_length().ok_or_else(|| {
+            JobError::retryable("the recording download has no length; cannot resume")
+        })?;
+        let total = offset + remaining;
+        info!(offset, total, "resuming the upload");
+        let reader = transfer::shared_reader(transfer::body_stream(download));
+        self.send_chunks(upload, reader, offset, total).await?;
+        // The bytes before `offset` went up in an earlier attempt: hash what
+        // the bucket holds rather than trust a partial hash.
+        self.adopt_existing(path).await
+    }
+
+    async fn send_chunks(
+        &self,
+        upload: &str,
+        reader: transfer::SharedReader,
+        mut offset: u64,
+        total: u64,
+    ) -> Result<(), JobError> {
+        while offset < total {
+            let len = TUS_CHUNK.min(total - offset);
+            let body = transfer::chunk_body(reader.clone(), len);
+            let acknowledged = self.p.storage.tus_patch(upload, offset, body, len).await?;
+            if acknowledged != offset + len {
+                return Err(JobError::retryable(format!(
+                    "storage acknowledged offset {acknowledged}, expected {}",
+                    offset + len
+                )));
+            }
+            offset = acknowledged;
+        }
+        Ok(())
+    }
+
+    /// The object is already in the bucket: hash it where it is.
+    async fn adopt_existing(&self, path: &str) -> Result<Digest, JobError> {
+        let stored = self.p.storage.download(path).await?;
+        let digest = transfer::digest_of(transfer::body_stream(stored))
+            .await
+            .map_err(|e| {
+                JobError::retryable(format!("reading back the stored object failed: {e}"))
+            })?;
+        info!(
+            bytes = digest.size,
+            "adopted the object an earlier attempt stored"
+        );
+        Ok(digest)
+    }
+
+    /// The bucket must hold exactly the bytes that went through; otherwise
+    /// the object is removed so the next attempt uploads it cleanly.
+    async fn verify_and_save(&mut self, path: &str, digest: Digest) -> Result<(), JobError> {
+        let info = self.p.storage.object_info(path).await?.ok_or_else(|| {
+            JobError::retryable(format!("object {path} is missing right after its upload"))
+        })?;
+        if info.size != digest.size {
+            if let Err(e) = self.p.storage.delete_object(path).await {
+                warn!(error = %e, "could not delete the mismatched object");
+            }
+            return Err(JobError::retryable(format!(
+                "stored object has {} bytes, {} were sent; deleted it to upload again",
+                info.size, digest.size
+            )));
+        }
+        let size =
+            i64::try_from(digest.size).map_err(|_| JobError::permanent("object size overflows"))?;
+        written(
+            self.queue
+                .save_stored(&self.lease, &digest.sha256, size)
+                .await?,
+        )?;
+        self.job.stored_at = Some(chrono::Utc::now());
+        info!(path, bytes = digest.size, sha256 = %digest.sha256, "recording stored and verified");
+        Ok(())
+    }
+
+    /// Step 4.
+    async fn link(&mut self) -> Result<(), JobError> {
+        let (Some(intake), Some(path)) = (self.job.intake_id, self.job.object_path.clone()) else {
+            return Err(JobError::permanent(
+                "cannot link: no intake or no stored object",
+            ));
+        };
+        let recording_id = self.recording_id()?.to_owned();
+        let url = self.p.storage.authenticated_url(&path);
+        if !intakes::link(&self.queue, &self.lease, intake, &recording_id, &path, &url).await? {
+            return Err(JobError::retryable(format!(
+                "intake {intake} could not be linked (lease lost, or it now holds another recording)"
+            )));
+        }
+        self.job.linked_at = Some(chrono::Utc::now());
+        info!(intake.id = %intake, "intake linked to the recording");
+        Ok(())
+    }
+
+    /// Step 5.
+    async fn delete_at_telnyx(&mut self) -> Result<(), JobError> {
+        let recording_id = self.recording_id()?.to_owned();
+        self.p.telnyx.delete_recording(&recording_id).await?;
+        written(self.queue.save_telnyx_deleted(&self.lease).await?)?;
+        info!("recording deleted at Telnyx");
+        Ok(())
+    }
+}
+
+/// Of a call's recordings, the one this event is about: same leg and start
+/// time when the call has several.
+fn pick_recording(mut listed: Vec<Recording>, job: &Job) -> Option<Recording> {
+    if listed.len() <= 1 {
+        return listed.pop();
+    }
+    let score = |r: &Recording| {
+        let same_leg = job.call_leg_id.is_some() && r.call_leg_id == job.call_leg_id;
+        let same_start = match (job.recording_started_at, r.recording_started_at) {
+            (Some(a), Some(b)) => (a - b).num_seconds().abs() <= 1,
+            _ => false,
+        };
+        u8::from(same_start) * 2 + u8::from(same_leg)
+    };
+    listed.sort_by_key(|r| std::cmp::Reverse(score(r)));
+    listed.into_iter().next()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn object_paths_are_stable_and_safe() {
+        let intake = Uuid::nil();
+        assert_eq!(
+            object_path(Some(intake), "d8991cb0-c531", AudioFormat::Wav),
+            "intakes/00000000-0000-0000-0000-000000000000/d8991cb0-c531.wav"
+        );
+        assert_eq!(
+            object_path(None, "../x", AudioFormat::Mp3),
+            "unmatched/___x.mp3"
+        );
+    }
+}
