@@ -10,6 +10,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
+use crate::alerts::Alerter;
 use crate::config::{Config, Role};
 use crate::db::{self, DbError};
 use crate::jobs::worker::default_worker_id;
@@ -93,7 +94,12 @@ impl App {
             ));
         }
         if matches!(self.role, Role::Work | Role::Serve) {
-            let opts = WorkerOptions::from_config(&self.config, default_worker_id());
+            let mut opts = WorkerOptions::from_config(&self.config, default_worker_id());
+            if let Some(url) = self.config.pipeline.alert_webhook_url.as_deref() {
+                let alerter = Alerter::new(url, self.config.http.request_timeout)
+                    .map_err(|e| AppError::Config(format!("pipeline.alert_webhook_url: {e}")))?;
+                opts.alerter = Some(alerter);
+            }
             parts.spawn(Worker::new(queue, handler, opts).run(shutdown.clone()));
         }
         while parts.join_next().await.is_some() {}

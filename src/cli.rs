@@ -10,6 +10,7 @@ use crate::app::{self, App, AppError, NoJobs};
 use crate::config::{Config, ConfigError, ProcessEnv, Role};
 use crate::db;
 use crate::pipeline::Pipeline;
+use crate::storage::Bucket;
 use crate::telemetry::LogFormat;
 
 #[derive(Debug, Parser)]
@@ -38,6 +39,20 @@ pub enum Command {
     Work,
     /// Apply database migrations and exit.
     Migrate,
+    /// Create the private recordings bucket (or check the existing one).
+    SetupBucket {
+        /// Largest object the bucket accepts, in bytes (Supabase's free plan
+        /// allows 50 MB in all).
+        #[arg(long, default_value_t = 50 * 1024 * 1024)]
+        file_size_limit: u64,
+    },
+    /// Run the whole flow locally against stand-ins for Telnyx and Supabase.
+    Demo {
+        /// PostgreSQL server to create the `recording_relay_demo` database on
+        /// (default postgres://postgres@127.0.0.1:5432/postgres).
+        #[arg(long, env = "DATABASE_URL")]
+        database_url: Option<String>,
+    },
 }
 
 /// Why the process ends unsuccessfully.
@@ -74,6 +89,8 @@ impl Command {
             Command::Listen => Role::Listen,
             Command::Work => Role::Work,
             Command::Migrate => Role::Migrate,
+            Command::SetupBucket { .. } => Role::Storage,
+            Command::Demo { .. } => Role::Demo,
         }
     }
 }
@@ -88,6 +105,10 @@ pub async fn run(cli: Cli, config: Config) -> Result<(), Failure> {
     let role = command.role();
     config.validate(role)?;
     match command {
+        Command::Demo { database_url } => crate::demo::run(database_url.as_deref()).await.map_err(Failure::Runtime),
+        Command::SetupBucket { file_size_limit } => {
+            ensure_bucket(&config, file_size_limit).await.map_err(Failure::Runtime)
+        }
         Command::Migrate => {
             let pool = db::pool(&config).map_err(anyhow::Error::from)?;
             db::migrate(&pool).await.map_err(anyhow::Error::from)?;
@@ -107,4 +128,42 @@ pub async fn run(cli: Cli, config: Config) -> Result<(), Failure> {
             Ok(())
         }
     }
+}
+
+/// The bucket the daemon needs: private, audio only, size-limited.
+pub async fn setup_bucket(config: &Config) -> anyhow::Result<()> {
+    ensure_bucket(config, 50 * 1024 * 1024).await
+}
+
+async fn ensure_bucket(config: &Config, file_size_limit: u64) -> anyhow::Result<()> {
+    let client = crate::pipeline::storage_client(config)?;
+    let id = client.bucket().to_owned();
+    match client.get_bucket(&id).await? {
+        Some(bucket) if bucket.public => anyhow::bail!(
+            "bucket {id} exists but is public: anyone with a URL could play patient recordings; \
+             make it private in the Supabase dashboard"
+        ),
+        Some(bucket) => {
+            println!(
+                "bucket {id} exists and is private (file size limit: {}, mime types: {})",
+                bucket.file_size_limit.map_or("project default".to_owned(), |l| l.to_string()),
+                bucket.allowed_mime_types.map_or("any".to_owned(), |m| m.join(", "))
+            );
+        }
+        None => {
+            client
+                .create_bucket(&Bucket {
+                    id: id.clone(),
+                    name: id.clone(),
+                    public: false,
+                    file_size_limit: Some(file_size_limit),
+                    allowed_mime_types: Some(
+                        ["audio/wav", "audio/x-wav", "audio/mpeg"].map(str::to_owned).to_vec(),
+                    ),
+                })
+                .await?;
+            println!("created private bucket {id} (file size limit {file_size_limit} bytes, audio only)");
+        }
+    }
+    Ok(())
 }

@@ -53,6 +53,10 @@ pub enum Role {
     Listen,
     Work,
     Serve,
+    /// Storage administration (`setup-bucket`): Supabase settings only.
+    Storage,
+    /// The demo builds its own configuration.
+    Demo,
 }
 
 impl Role {
@@ -377,6 +381,14 @@ impl Config {
     /// Checks everything `role` needs, reporting every problem at once.
     pub fn validate(&self, role: Role) -> Result<(), ConfigError> {
         let mut problems = Vec::new();
+        match role {
+            Role::Demo => return Ok(()),
+            Role::Storage => {
+                self.validate_storage(&mut problems);
+                return finish(problems);
+            }
+            _ => {}
+        }
         if self.database.url.is_none() {
             problems.push("database.url is not set (or DATABASE_URL)".to_owned());
         }
@@ -400,10 +412,21 @@ impl Config {
         if role.works() {
             self.validate_worker(&mut problems);
         }
-        if problems.is_empty() {
-            Ok(())
-        } else {
-            Err(ConfigError::Invalid(problems))
+        finish(problems)
+    }
+
+    fn validate_storage(&self, problems: &mut Vec<String>) {
+        match self.supabase.url.as_deref() {
+            None => problems.push("supabase.url is not set (or SUPABASE_URL)".to_owned()),
+            Some(url) => check_provider_url("supabase.url", url, problems),
+        }
+        if self.supabase.service_role_key.is_none() {
+            problems.push(
+                "supabase.service_role_key is not set (or SUPABASE_SERVICE_ROLE_KEY)".to_owned(),
+            );
+        }
+        if self.supabase.bucket.is_empty() || self.supabase.bucket.contains('/') {
+            problems.push("supabase.bucket must be a bucket id (no '/')".to_owned());
         }
     }
 
@@ -422,19 +445,8 @@ impl Config {
         if self.telnyx.api_key.is_none() {
             problems.push("telnyx.api_key is not set (or TELNYX_API_KEY)".to_owned());
         }
-        match self.supabase.url.as_deref() {
-            None => problems.push("supabase.url is not set (or SUPABASE_URL)".to_owned()),
-            Some(url) => check_provider_url("supabase.url", url, problems),
-        }
+        self.validate_storage(problems);
         check_provider_url("telnyx.api_url", &self.telnyx.api_url, problems);
-        if self.supabase.service_role_key.is_none() {
-            problems.push(
-                "supabase.service_role_key is not set (or SUPABASE_SERVICE_ROLE_KEY)".to_owned(),
-            );
-        }
-        if self.supabase.bucket.is_empty() || self.supabase.bucket.contains('/') {
-            problems.push("supabase.bucket must be a bucket id (no '/')".to_owned());
-        }
         let p = &self.pipeline;
         if p.match_attempts < 1 {
             problems.push("pipeline.match_attempts must be at least 1".to_owned());
@@ -477,6 +489,14 @@ impl Config {
 
     pub fn database_url(&self) -> Option<&str> {
         self.database.url.as_ref().map(|s| s.expose_secret())
+    }
+}
+
+fn finish(problems: Vec<String>) -> Result<(), ConfigError> {
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(ConfigError::Invalid(problems))
     }
 }
 

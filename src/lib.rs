@@ -8,18 +8,23 @@
 //! - [`jobs`]: the durable queue. All queue SQL ([`jobs::queue`]), the retry
 //!   schedule ([`jobs::backoff`]) and the worker loop ([`jobs::worker`]:
 //!   LISTEN/NOTIFY + poll, `SKIP LOCKED` claims, leases, heartbeats, drain).
-//! - [`pipeline`]: the steps of one job (resolve, match, store, link, delete).
+//! - [`pipeline`]: the steps of one job (resolve, match, store, link, delete),
+//!   using one client per upstream: [`telnyx`] and [`storage`].
+//! - [`alerts`]: a POST to an operator's webhook when a job ends badly.
 //! - [`config`]: defaults, TOML file, systemd credentials, environment.
 //! - [`db`]: pool, migrations, schema checks.
 //! - [`app`]: wires listener and worker into one process with one shutdown token.
 //! - [`cli`]: subcommands and exit codes. [`telemetry`]: logs and masking.
 
+pub mod alerts;
 pub mod app;
 pub mod cli;
 pub mod config;
 pub mod db;
+pub mod demo;
 pub mod jobs;
 pub mod pipeline;
+pub mod sim;
 pub mod storage;
 pub mod telemetry;
 pub mod telnyx;

@@ -17,6 +17,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, error, info, info_span, warn};
 
 use super::backoff::Backoff;
+use crate::alerts::Alerter;
 use super::queue::NOTIFY_CHANNEL;
 use super::{Job, JobContext, JobError, JobHandler, JobState, Lease, Outcome, Queue, QueueError};
 
@@ -29,6 +30,8 @@ pub struct WorkerOptions {
     pub lease: Duration,
     pub shutdown_timeout: Duration,
     pub backoff: Backoff,
+    /// Told about every job that ends failed or unmatched.
+    pub alerter: Option<Alerter>,
 }
 
 impl WorkerOptions {
@@ -43,6 +46,7 @@ impl WorkerOptions {
                 base: config.retry.base,
                 cap: config.retry.cap,
             },
+            alerter: None,
         }
     }
 }
@@ -284,6 +288,11 @@ async fn record(queue: &Queue, opts: &WorkerOptions, lease: &Lease, end: RunEnd,
             return;
         }
     };
+    if matches!(state, JobState::Failed | JobState::Unmatched)
+        && let Some(alerter) = &opts.alerter
+    {
+        alerter.job_ended(queue.clone(), lease.job_id);
+    }
     match end {
         RunEnd::Finished(Ok(Outcome::Succeeded)) => info!(took_ms, "job succeeded"),
         RunEnd::Finished(Ok(Outcome::Unmatched { reason })) => {

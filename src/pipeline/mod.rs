@@ -231,6 +231,7 @@ impl Run<'_> {
             }
             Err(e) => return Err(e.into()),
         }
+        tracing::Span::current().record("recording.id", recording.id.as_str());
         let j = &mut self.job;
         j.recording_id = Some(resolution.recording_id);
         j.from_number = resolution.from_number.or(j.from_number.take());

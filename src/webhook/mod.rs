@@ -146,7 +146,7 @@ async fn handle(
     let method = req.method().clone();
     let path = req.uri().path().to_owned();
     let reply = route(req, &state).await;
-    let latency_ms = started.elapsed().as_secs_f64() * 1000.0;
+    let latency_ms = (started.elapsed().as_secs_f64() * 100_000.0).round() / 100.0;
     let status = reply.status.as_u16();
     let event_id = reply.event_id.as_deref().unwrap_or("");
     if reply.status.is_server_error() {

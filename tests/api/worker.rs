@@ -51,6 +51,7 @@ fn options(id: &str) -> WorkerOptions {
             base: Duration::from_secs(10),
             cap: Duration::from_secs(60),
         },
+        alerter: None,
     }
 }
 
