@@ -105,10 +105,12 @@ pub async fn run(cli: Cli, config: Config) -> Result<(), Failure> {
     let role = command.role();
     config.validate(role)?;
     match command {
-        Command::Demo { database_url } => crate::demo::run(database_url.as_deref()).await.map_err(Failure::Runtime),
-        Command::SetupBucket { file_size_limit } => {
-            ensure_bucket(&config, file_size_limit).await.map_err(Failure::Runtime)
-        }
+        Command::Demo { database_url } => crate::demo::run(database_url.as_deref())
+            .await
+            .map_err(Failure::Runtime),
+        Command::SetupBucket { file_size_limit } => ensure_bucket(&config, file_size_limit)
+            .await
+            .map_err(Failure::Runtime),
         Command::Migrate => {
             let pool = db::pool(&config).map_err(anyhow::Error::from)?;
             db::migrate(&pool).await.map_err(anyhow::Error::from)?;
@@ -146,8 +148,12 @@ async fn ensure_bucket(config: &Config, file_size_limit: u64) -> anyhow::Result<
         Some(bucket) => {
             println!(
                 "bucket {id} exists and is private (file size limit: {}, mime types: {})",
-                bucket.file_size_limit.map_or("project default".to_owned(), |l| l.to_string()),
-                bucket.allowed_mime_types.map_or("any".to_owned(), |m| m.join(", "))
+                bucket
+                    .file_size_limit
+                    .map_or("project default".to_owned(), |l| l.to_string()),
+                bucket
+                    .allowed_mime_types
+                    .map_or("any".to_owned(), |m| m.join(", "))
             );
         }
         None => {
@@ -158,11 +164,15 @@ async fn ensure_bucket(config: &Config, file_size_limit: u64) -> anyhow::Result<
                     public: false,
                     file_size_limit: Some(file_size_limit),
                     allowed_mime_types: Some(
-                        ["audio/wav", "audio/x-wav", "audio/mpeg"].map(str::to_owned).to_vec(),
+                        ["audio/wav", "audio/x-wav", "audio/mpeg"]
+                            .map(str::to_owned)
+                            .to_vec(),
                     ),
                 })
                 .await?;
-            println!("created private bucket {id} (file size limit {file_size_limit} bytes, audio only)");
+            println!(
+                "created private bucket {id} (file size limit {file_size_limit} bytes, audio only)"
+            );
         }
     }
     Ok(())

@@ -17,9 +17,11 @@ use uuid::Uuid;
 use crate::app::App;
 use crate::config::{Config, Role};
 use crate::db;
-use crate::jobs::JobState;
+use crate::jobs::{Job, JobState};
 use crate::pipeline::Pipeline;
-use crate::sim::{SimAudio, SimRecording, StorageSim, StorageSimConfig, TelnyxSim, TelnyxSimConfig};
+use crate::sim::{
+    SimAudio, SimRecording, StorageSim, StorageSimConfig, TelnyxSim, TelnyxSimConfig,
+};
 use crate::telemetry::mask_phone;
 use crate::testing;
 
@@ -57,9 +59,14 @@ const CALLS: [Call; 3] = [
 
 pub async fn run(server_url: Option<&str>) -> anyhow::Result<()> {
     let server_url = server_url.unwrap_or(DEFAULT_SERVER);
-    say(&format!("database: recreating {DEMO_DATABASE} on the server of {}", redact_db_url(server_url)));
+    say(&format!(
+        "database: recreating {DEMO_DATABASE} on the server of {}",
+        redact_db_url(server_url)
+    ));
     let db_url = recreate_database(server_url).await?;
-    let setup_pool = PgPool::connect(&db_url).await.context("connecting to the demo database")?;
+    let setup_pool = PgPool::connect(&db_url)
+        .await
+        .context("connecting to the demo database")?;
     db::create_demo_host_schema(&setup_pool).await?;
     db::migrate(&setup_pool).await?;
 
@@ -76,7 +83,11 @@ pub async fn run(server_url: Option<&str>) -> anyhow::Result<()> {
         cancel: stop.child_token(),
         ..StorageSimConfig::default()
     })?;
-    say(&format!("Telnyx stand-in at {}, Supabase Storage stand-in at {}", telnyx.base_url(), storage.base_url()));
+    say(&format!(
+        "Telnyx stand-in at {}, Supabase Storage stand-in at {}",
+        telnyx.base_url(),
+        storage.base_url()
+    ));
 
     let key = testing::signing_key();
     let config = demo_config(&db_url, &key, &telnyx, &storage);
@@ -92,13 +103,17 @@ pub async fn run(server_url: Option<&str>) -> anyhow::Result<()> {
     let pipeline = Pipeline::from_config(&config)?;
     let shutdown = CancellationToken::new();
     let daemon = tokio::spawn(app.run(pipeline, shutdown.clone()));
-    say(&format!("daemon listening on http://{addr}/webhooks/telnyx"));
+    say(&format!(
+        "daemon listening on http://{addr}/webhooks/telnyx"
+    ));
 
     let http = reqwest::Client::new();
     for (n, (rec, _)) in expected.iter().enumerate() {
-        let event = testing::recording_saved_event(&format!("demo-event-{n}"), &rec.call_session_id);
+        let event =
+            testing::recording_saved_event(&format!("demo-event-{n}"), &rec.call_session_id);
         let mut event = event;
-        event["data"]["payload"]["recording_started_at"] = rec.recording_started_at.to_rfc3339().into();
+        event["data"]["payload"]["recording_started_at"] =
+            rec.recording_started_at.to_rfc3339().into();
         let body = event.to_string().into_bytes();
         let mut req = http.post(format!("http://{addr}/webhooks/telnyx"));
         for (name, value) in testing::signature_headers(&key, testing::unix_now(), &body) {
@@ -113,7 +128,8 @@ pub async fn run(server_url: Option<&str>) -> anyhow::Result<()> {
         ));
     }
 
-    let finished = wait_for_final_states(&setup_pool, CALLS.len(), Duration::from_secs(120)).await?;
+    let finished =
+        wait_for_final_states(&setup_pool, CALLS.len(), Duration::from_secs(120)).await?;
     shutdown.cancel();
     daemon.await??;
     let ok = report(&setup_pool, &storage, &telnyx, &config, &expected).await?;
@@ -140,17 +156,26 @@ async fn recreate_database(server_url: &str) -> anyhow::Result<String> {
     let mut conn = PgConnection::connect(server_url)
         .await
         .with_context(|| format!("connecting to PostgreSQL at {}", redact_db_url(server_url)))?;
-    sqlx::query(sqlx::AssertSqlSafe(format!("DROP DATABASE IF EXISTS {DEMO_DATABASE} WITH (FORCE)")))
-        .execute(&mut conn)
-        .await?;
-    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {DEMO_DATABASE}")))
-        .execute(&mut conn)
-        .await?;
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "DROP DATABASE IF EXISTS {DEMO_DATABASE} WITH (FORCE)"
+    )))
+    .execute(&mut conn)
+    .await?;
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "CREATE DATABASE {DEMO_DATABASE}"
+    )))
+    .execute(&mut conn)
+    .await?;
     let base = server_url.rsplit_once('/').map_or(server_url, |(b, _)| b);
     Ok(format!("{base}/{DEMO_DATABASE}"))
 }
 
-fn demo_config(db_url: &str, key: &ed25519_dalek::SigningKey, telnyx: &TelnyxSim, storage: &StorageSim) -> Config {
+fn demo_config(
+    db_url: &str,
+    key: &ed25519_dalek::SigningKey,
+    telnyx: &TelnyxSim,
+    storage: &StorageSim,
+) -> Config {
     let mut c = Config::default();
     c.database.url = Some(db_url.to_owned().into());
     c.listener.addr = "127.0.0.1:0".parse().expect("static address");
@@ -181,11 +206,13 @@ async fn prepare_call(
     rec.content = SimAudio::generated(44 + 16_000 * call.seconds, n as u64 + 1);
     let intake = match call.patient_phone {
         Some(phone) => {
-            let patient: Uuid = sqlx::query_scalar("INSERT INTO patients (name, phone) VALUES ($1, $2) RETURNING id")
-                .bind(format!("Demo patient {n}"))
-                .bind(phone)
-                .fetch_one(pool)
-                .await?;
+            let patient: Uuid = sqlx::query_scalar(
+                "INSERT INTO patients (name, phone) VALUES ($1, $2) RETURNING id",
+            )
+            .bind(format!("Demo patient {n}"))
+            .bind(phone)
+            .fetch_one(pool)
+            .await?;
             let intake: Uuid = sqlx::query_scalar(
                 "INSERT INTO intakes (patient_id, room_name, created_at)
                  VALUES ($1, $2, $3 - interval '20 seconds') RETURNING id",
@@ -209,7 +236,11 @@ async fn prepare_call(
     Ok((rec, intake))
 }
 
-async fn wait_for_final_states(pool: &PgPool, jobs: usize, limit: Duration) -> anyhow::Result<bool> {
+async fn wait_for_final_states(
+    pool: &PgPool,
+    jobs: usize,
+    limit: Duration,
+) -> anyhow::Result<bool> {
     let deadline = Instant::now() + limit;
     loop {
         let done: i64 = sqlx::query_scalar(
@@ -239,35 +270,53 @@ async fn report(
     let client = crate::pipeline::storage_client(config)?;
     let mut ok = true;
     for (rec, intake) in expected {
-        let row: Option<(JobState, Option<Uuid>, Option<String>, Option<String>, i32, Option<String>)> = sqlx::query_as(
-            "SELECT state, intake_id, object_path, object_sha256, attempts, last_error
-             FROM recording_jobs WHERE recording_id = $1",
-        )
-        .bind(&rec.id)
-        .fetch_optional(pool)
-        .await?;
-        let Some((state, job_intake, path, sha, attempts, last_error)) = row else {
+        let job: Option<Job> =
+            sqlx::query_as("SELECT * FROM recording_jobs WHERE recording_id = $1")
+                .bind(&rec.id)
+                .fetch_optional(pool)
+                .await?;
+        let Some(Job {
+            state,
+            intake_id: job_intake,
+            object_path: path,
+            object_sha256: sha,
+            attempts,
+            last_error,
+            ..
+        }) = job
+        else {
             say(&format!("recording {}: no job", rec.id));
             ok = false;
             continue;
         };
         let path = path.unwrap_or_default();
         let stored = storage.object(config.supabase.bucket.as_str(), &path);
-        let same_bytes = stored.as_ref().is_some_and(|o| o.sha256_hex == rec.content.sha256_hex())
+        let same_bytes = stored
+            .as_ref()
+            .is_some_and(|o| o.sha256_hex == rec.content.sha256_hex())
             && sha.as_deref() == Some(rec.content.sha256_hex().as_str());
         let uploads = stored.as_ref().map_or(0, |o| o.upload_count);
-        let wanted = if intake.is_some() { JobState::Succeeded } else { JobState::Unmatched };
-        let linked: Option<(Option<String>, Option<i32>)> =
-            sqlx::query_as("SELECT recording_url, recording_duration FROM intakes WHERE recording_id = $1")
-                .bind(&rec.id)
-                .fetch_optional(pool)
-                .await?;
+        let wanted = if intake.is_some() {
+            JobState::Succeeded
+        } else {
+            JobState::Unmatched
+        };
+        let linked: Option<(Option<String>, Option<i32>)> = sqlx::query_as(
+            "SELECT recording_url, recording_duration FROM intakes WHERE recording_id = $1",
+        )
+        .bind(&rec.id)
+        .fetch_optional(pool)
+        .await?;
         say(&format!(
             "job for {}: {} after {attempts} attempt(s); object {path} ({} bytes, sha256 {} source, uploaded {uploads}x); {}",
             rec.id,
             state.as_str(),
             stored.as_ref().map_or(0, |o| o.size),
-            if same_bytes { "matches" } else { "DOES NOT match" },
+            if same_bytes {
+                "matches"
+            } else {
+                "DOES NOT match"
+            },
             match (&linked, intake) {
                 (Some((Some(_), Some(secs))), Some(i)) => format!("intake {i} linked, {secs}s"),
                 _ => format!("kept for an operator: {}", last_error.unwrap_or_default()),
@@ -276,14 +325,20 @@ async fn report(
         ok &= state == wanted && same_bytes && uploads == 1 && job_intake == *intake;
     }
     let deleted = telnyx.deleted_ids().len();
-    say(&format!("recordings deleted at Telnyx after verification: {deleted} (unmatched ones are kept)"));
+    say(&format!(
+        "recordings deleted at Telnyx after verification: {deleted} (unmatched ones are kept)"
+    ));
     ok &= deleted == expected.iter().filter(|(_, i)| i.is_some()).count();
 
     // Playback: the private bucket needs a signed URL, which honours Range.
     if let Some((rec, Some(intake))) = expected.first() {
         let path = crate::pipeline::object_path(Some(*intake), &rec.id, config.pipeline.format);
         let url = client.signed_url(&path, Duration::from_secs(600)).await?;
-        let res = reqwest::Client::new().get(&url).header("range", "bytes=0-1023").send().await?;
+        let res = reqwest::Client::new()
+            .get(&url)
+            .header("range", "bytes=0-1023")
+            .send()
+            .await?;
         say(&format!(
             "signed playback URL answers {} to a Range request (what <audio> seeking needs)",
             res.status()

@@ -8,6 +8,9 @@
 
 use std::time::Duration;
 
+/// The longest a provider's retry-after hint can delay a job.
+pub const MAX_HINT: Duration = Duration::from_secs(3600);
+
 #[derive(Debug, Clone, Copy)]
 pub struct Backoff {
     pub base: Duration,
@@ -27,13 +30,13 @@ impl Backoff {
     }
 
     /// Delay before the next attempt. A provider's own hint (`retry_after`)
-    /// is a floor, still bounded by the cap so a bogus header cannot park a
-    /// job for a day.
+    /// is a floor, even above the cap (retrying earlier is refused anyway),
+    /// but never beyond [`MAX_HINT`], so a bogus header cannot park a job
+    /// for a day.
     pub fn delay(&self, attempt: i32, retry_after: Option<Duration>) -> Duration {
-        let ceiling = self.ceiling(attempt);
-        let jittered = ceiling.mul_f64(fastrand::f64());
+        let jittered = self.ceiling(attempt).mul_f64(fastrand::f64());
         match retry_after {
-            Some(hint) => jittered.max(hint).min(self.cap),
+            Some(hint) => jittered.max(hint.min(MAX_HINT)),
             None => jittered,
         }
     }
@@ -77,10 +80,15 @@ mod tests {
     }
 
     #[test]
-    fn retry_after_is_a_floor_bounded_by_the_cap() {
+    fn retry_after_is_a_floor_bounded_by_max_hint() {
+        let small = Backoff {
+            base: Duration::from_millis(100),
+            cap: Duration::from_millis(300),
+        };
         for _ in 0..100 {
             assert!(B.delay(1, Some(Duration::from_secs(30))) >= Duration::from_secs(30));
+            assert!(small.delay(3, Some(Duration::from_secs(2))) >= Duration::from_secs(2));
         }
-        assert_eq!(B.delay(1, Some(Duration::from_secs(86_400))), B.cap);
+        assert_eq!(B.delay(1, Some(Duration::from_secs(86_400))), MAX_HINT);
     }
 }

@@ -17,9 +17,9 @@ use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, error, info, info_span, warn};
 
 use super::backoff::Backoff;
-use crate::alerts::Alerter;
 use super::queue::NOTIFY_CHANNEL;
 use super::{Job, JobContext, JobError, JobHandler, JobState, Lease, Outcome, Queue, QueueError};
+use crate::alerts::Alerter;
 
 #[derive(Debug, Clone)]
 pub struct WorkerOptions {
@@ -150,12 +150,17 @@ impl<H: JobHandler> Worker<H> {
                 error!(job.id = job.id, "claimed job has no lease; skipping");
                 continue;
             };
+            // The recording id may only be learned by the pipeline, which
+            // records it on this span then.
             let span = info_span!(
                 "job",
                 job.id = job.id,
-                recording.id = job.recording_id.as_deref().unwrap_or(""),
+                recording.id = tracing::field::Empty,
                 attempt = job.attempts,
             );
+            if let Some(id) = job.recording_id.as_deref() {
+                span.record("recording.id", id);
+            }
             let run = run_job(
                 self.queue.clone(),
                 self.handler.clone(),

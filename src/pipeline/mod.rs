@@ -231,7 +231,9 @@ impl Run<'_> {
             }
             Err(e) => return Err(e.into()),
         }
-        tracing::Span::current().record("recording.id", recording.id.as_str());
+        if self.job.recording_id.is_none() {
+            tracing::Span::current().record("recording.id", recording.id.as_str());
+        }
         let j = &mut self.job;
         j.recording_id = Some(resolution.recording_id);
         j.from_number = resolution.from_number.or(j.from_number.take());

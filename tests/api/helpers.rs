@@ -6,11 +6,17 @@ use std::time::Duration;
 use ed25519_dalek::SigningKey;
 use recording_relay::app::{App, NoJobs};
 use recording_relay::config::{Config, Role};
+use recording_relay::jobs::{Job, Queue};
+use recording_relay::pipeline::Pipeline;
+use recording_relay::sim::{
+    SimRecording, StorageSim, StorageSimConfig, TelnyxSim, TelnyxSimConfig,
+};
 use recording_relay::testing;
 use sqlx::PgPool;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
 
 pub struct TestApp {
     pub addr: SocketAddr,
@@ -168,5 +174,183 @@ where
             return false;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The daemon (listener + worker + real pipeline) against the Telnyx and
+/// Storage simulators, with fast retries.
+pub struct PipelineApp {
+    pub app: TestApp,
+    pub telnyx: TelnyxSim,
+    pub storage: StorageSim,
+    pub bucket: String,
+}
+
+pub const TELNYX_KEY: &str = "KEY_test_telnyx";
+pub const STORAGE_KEY: &str = "test-service-role-key";
+
+pub async fn spawn_pipeline(pool: PgPool, tweak: impl FnOnce(&mut Config)) -> PipelineApp {
+    let pool = testing::prepare(pool).await;
+    let telnyx = TelnyxSim::start(TelnyxSimConfig {
+        api_key: TELNYX_KEY.to_owned(),
+        ..TelnyxSimConfig::default()
+    })
+    .unwrap();
+    let storage = StorageSim::start(StorageSimConfig {
+        service_key: STORAGE_KEY.to_owned(),
+        ..StorageSimConfig::default()
+    })
+    .unwrap();
+    let bucket = "call-recordings".to_owned();
+    storage.create_bucket(
+        &bucket,
+        false,
+        Some(50 * 1024 * 1024),
+        Some(vec![
+            "audio/wav".into(),
+            "audio/x-wav".into(),
+            "audio/mpeg".into(),
+        ]),
+    );
+    let key = testing::signing_key();
+    let mut config = test_config(testing::database_url_of(&pool, None), &key);
+    config.telnyx.api_key = Some(TELNYX_KEY.to_owned().into());
+    config.telnyx.api_url = telnyx.base_url();
+    config.supabase.url = Some(storage.base_url());
+    config.supabase.service_role_key = Some(STORAGE_KEY.to_owned().into());
+    config.supabase.bucket = bucket.clone();
+    config.worker.poll_interval = Duration::from_millis(200);
+    config.retry.base = Duration::from_millis(100);
+    config.retry.cap = Duration::from_millis(300);
+    config.pipeline.match_attempts = 2;
+    tweak(&mut config);
+
+    let pipeline = Pipeline::from_config(&config).unwrap();
+    let app = App::build(config, Role::Serve).await.expect("app builds");
+    let addr = app.local_addr().unwrap();
+    let shutdown = CancellationToken::new();
+    let token = shutdown.clone();
+    let handle = tokio::spawn(async move {
+        app.run(pipeline, token).await.expect("app runs");
+    });
+    PipelineApp {
+        app: TestApp {
+            addr,
+            pool,
+            key,
+            client: reqwest::Client::new(),
+            shutdown,
+            handle,
+        },
+        telnyx,
+        storage,
+        bucket,
+    }
+}
+
+/// A patient and an intake created just before `rec` started, as ZScribe
+/// does when an agent starts an intake call.
+pub async fn intake_for(pool: &PgPool, rec: &SimRecording, phone: &str) -> Uuid {
+    let patient: Uuid = sqlx::query_scalar("INSERT INTO patients (phone) VALUES ($1) RETURNING id")
+        .bind(phone)
+        .fetch_one(pool)
+        .await
+        .unwrap();
+    sqlx::query_scalar(
+        "INSERT INTO intakes (patient_id, room_name, created_at)
+         VALUES ($1, 'room', $2 - interval '30 seconds') RETURNING id",
+    )
+    .bind(patient)
+    .bind(rec.recording_started_at)
+    .fetch_one(pool)
+    .await
+    .unwrap()
+}
+
+/// The webhook Telnyx sends for `rec` (official shape: no recording id).
+pub fn webhook_for(event_id: &str, rec: &SimRecording) -> Vec<u8> {
+    let mut event = testing::recording_saved_event(event_id, &rec.call_session_id);
+    let p = &mut event["data"]["payload"];
+    p["call_leg_id"] = rec.call_leg_id.clone().into();
+    p["recording_started_at"] = rec.recording_started_at.to_rfc3339().into();
+    event.to_string().into_bytes()
+}
+
+impl PipelineApp {
+    pub async fn job(&self, event_id: &str) -> Option<Job> {
+        Queue::new(self.app.pool.clone())
+            .get_by_event_id(event_id)
+            .await
+            .unwrap()
+    }
+
+    /// Waits until the job for `event_id` reaches a final state.
+    pub async fn finished_job(&self, event_id: &str) -> Job {
+        let found = eventually(Duration::from_secs(30), || async {
+            self.job(event_id).await.is_some_and(|j| j.state.is_final())
+        })
+        .await;
+        let job = self.job(event_id).await;
+        assert!(found, "job {event_id} did not finish: {job:?}");
+        job.unwrap()
+    }
+}
+
+/// Receives alert webhooks.
+pub struct AlertSink {
+    addr: SocketAddr,
+    received: tokio::sync::Mutex<tokio::sync::mpsc::UnboundedReceiver<serde_json::Value>>,
+}
+
+impl AlertSink {
+    pub async fn start() -> Self {
+        use http_body_util::BodyExt;
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let tx = tx.clone();
+                let service = hyper::service::service_fn(
+                    move |req: hyper::Request<hyper::body::Incoming>| {
+                        let tx = tx.clone();
+                        async move {
+                            let body = req.into_body().collect().await?.to_bytes();
+                            if let Ok(v) = serde_json::from_slice(&body) {
+                                let _ = tx.send(v);
+                            }
+                            Ok::<_, hyper::Error>(hyper::Response::new(http_body_util::Full::new(
+                                bytes::Bytes::new(),
+                            )))
+                        }
+                    },
+                );
+                tokio::spawn(
+                    hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), service),
+                );
+            }
+        });
+        Self {
+            addr,
+            received: tokio::sync::Mutex::new(rx),
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}/alerts", self.addr)
+    }
+
+    pub async fn next(&self) -> serde_json::Value {
+        tokio::time::timeout(Duration::from_secs(10), self.received.lock().await.recv())
+            .await
+            .expect("an alert arrives")
+            .expect("sink open")
+    }
+}
+
+impl PipelineApp {
+    pub async fn stop(self) {
+        self.app.stop().await;
     }
 }

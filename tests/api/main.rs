@@ -2,5 +2,7 @@
 //! (one fresh database per test).
 
 mod helpers;
+mod pipeline;
+mod process;
 mod webhook;
 mod worker;

@@ -47,6 +47,7 @@ async fn the_briefs_path_is_accepted_too(pool: PgPool) {
     let res = req.body(body).send().await.unwrap();
     assert_eq!(res.status(), 200);
     assert_eq!(app.job_count().await, 1);
+    app.stop().await;
 }
 
 #[sqlx::test(migrations = false)]
@@ -119,6 +120,7 @@ async fn bad_signatures_are_refused_and_nothing_is_stored(pool: PgPool) {
             .status(),
         200
     );
+    app.stop().await;
 }
 
 fn body_for(id: &str) -> Vec<u8> {
@@ -143,6 +145,7 @@ async fn concurrent_redeliveries_store_exactly_one_row(pool: PgPool) {
         ["duplicate", "duplicate", "duplicate", "duplicate", "stored"]
     );
     assert_eq!(app.job_count().await, 1);
+    app.stop().await;
 }
 
 #[sqlx::test(migrations = false)]
@@ -169,6 +172,7 @@ async fn verified_garbage_is_quarantined_with_400(pool: PgPool) {
     }
     assert_eq!(app.quarantine_count().await, 3);
     assert_eq!(app.job_count().await, 0);
+    app.stop().await;
 }
 
 #[sqlx::test(migrations = false)]
@@ -181,6 +185,7 @@ async fn other_event_types_are_acknowledged_but_not_stored(pool: PgPool) {
     let v: Value = res.json().await.unwrap();
     assert_eq!(v["status"], "ignored");
     assert_eq!(app.job_count().await, 0);
+    app.stop().await;
 }
 
 #[sqlx::test(migrations = false)]
@@ -203,6 +208,7 @@ async fn oversized_bodies_get_413(pool: PgPool) {
         .unwrap();
     assert_eq!(res.status(), 413);
     assert_eq!(app.job_count().await, 0);
+    app.stop().await;
 }
 
 #[sqlx::test(migrations = false)]
@@ -222,6 +228,7 @@ async fn routing_methods_and_health(pool: PgPool) {
     assert_eq!(health.status(), 200);
     let ready = app.client.get(app.url("/readyz")).send().await.unwrap();
     assert_eq!(ready.status(), 200);
+    app.stop().await;
 }
 
 #[sqlx::test(migrations = false)]
@@ -268,4 +275,5 @@ async fn database_outage_answers_503_and_the_listener_recovers(pool: PgPool) {
         .await
         .unwrap();
     assert_eq!(ids, ["before", "during"]);
+    app.stop().await;
 }

@@ -1,0 +1,425 @@
+//! The real pipeline against the Telnyx and Storage simulators.
+
+use base64::Engine as _;
+use recording_relay::jobs::JobState;
+use recording_relay::sim::{Fault, SimAudio, SimRecording};
+use serde_json::Value;
+use sqlx::PgPool;
+use uuid::Uuid;
+
+use crate::helpers::{AlertSink, PipelineApp, intake_for, spawn_pipeline, webhook_for};
+
+const MIB: u64 = 1024 * 1024;
+
+struct IntakeRow {
+    recording_id: Option<String>,
+    recording_url: Option<String>,
+    recording_duration: Option<i32>,
+    migrated: bool,
+    object_path: Option<String>,
+}
+
+async fn intake_row(pool: &PgPool, id: Uuid) -> IntakeRow {
+    let (recording_id, recording_url, recording_duration, migrated, object_path): (
+        Option<String>,
+        Option<String>,
+        Option<i32>,
+        bool,
+        Option<String>,
+    ) = sqlx::query_as(
+        "SELECT recording_id, recording_url, recording_duration,
+                recording_migrated_at IS NOT NULL, recording_object_path
+         FROM intakes WHERE id = $1",
+    )
+    .bind(id)
+    .fetch_one(pool)
+    .await
+    .unwrap();
+    IntakeRow {
+        recording_id,
+        recording_url,
+        recording_duration,
+        migrated,
+        object_path,
+    }
+}
+
+async fn post(p: &PipelineApp, event_id: &str, rec: &SimRecording) {
+    let res = p.app.post_signed(&webhook_for(event_id, rec)).await;
+    assert_eq!(res.status(), 200);
+}
+
+#[sqlx::test(migrations = false)]
+async fn an_official_webhook_ends_as_one_verified_linked_object(pool: PgPool) {
+    let p = spawn_pipeline(pool, |_| {}).await;
+    let rec = SimRecording::sample("rec-happy");
+    p.telnyx.add_recording(rec.clone());
+    let intake = intake_for(&p.app.pool, &rec, "(555) 765-0002").await; // rec.to = +15557650002
+
+    post(&p, "ev-1", &rec).await;
+    let job = p.finished_job("ev-1").await;
+    assert_eq!(job.state, JobState::Succeeded, "{:?}", job.last_error);
+    assert_eq!(job.recording_id.as_deref(), Some("rec-happy"));
+    assert_eq!(job.intake_id, Some(intake));
+    assert_eq!(job.match_method.as_deref(), Some("phone_and_time"));
+    assert_eq!(
+        job.to_number.as_deref(),
+        Some("+15557650002"),
+        "resolved from the API"
+    );
+    let path = job.object_path.clone().unwrap();
+    assert_eq!(path, format!("intakes/{intake}/rec-happy.wav"));
+    assert_eq!(
+        job.object_sha256.as_deref(),
+        Some(rec.content.sha256_hex().as_str())
+    );
+    assert_eq!(job.object_size, Some(rec.content.len() as i64));
+
+    let stored = p.storage.object(&p.bucket, &path).unwrap();
+    assert_eq!(stored.sha256_hex, rec.content.sha256_hex());
+    assert_eq!(stored.content_type, "audio/wav");
+    assert_eq!(stored.upload_count, 1);
+
+    let row = intake_row(&p.app.pool, intake).await;
+    assert_eq!(row.recording_id.as_deref(), Some("rec-happy"));
+    assert_eq!(row.recording_duration, Some(60));
+    assert!(row.migrated);
+    assert_eq!(row.object_path.as_deref(), Some(path.as_str()));
+    let url = row.recording_url.unwrap();
+    assert_eq!(
+        url,
+        format!(
+            "{}/storage/v1/object/authenticated/{}/{path}",
+            p.storage.base_url(),
+            p.bucket
+        )
+    );
+    assert!(
+        p.telnyx.deleted_ids().is_empty(),
+        "deletion is off by default"
+    );
+    assert_eq!(p.telnyx.download_count("rec-happy"), 1);
+    p.stop().await;
+}
+
+#[sqlx::test(migrations = false)]
+async fn client_state_names_the_intake(pool: PgPool) {
+    let p = spawn_pipeline(pool, |_| {}).await;
+    let rec = SimRecording::sample("rec-cs");
+    p.telnyx.add_recording(rec.clone());
+    let by_phone = intake_for(&p.app.pool, &rec, "+15557650002").await;
+    let named = intake_for(&p.app.pool, &rec, "+15550000001").await;
+    let mut event: Value = serde_json::from_slice(&webhook_for("ev-cs", &rec)).unwrap();
+    event["data"]["payload"]["client_state"] = base64::engine::general_purpose::STANDARD
+        .encode(named.to_string())
+        .into();
+    assert_eq!(
+        p.app
+            .post_signed(event.to_string().as_bytes())
+            .await
+            .status(),
+        200
+    );
+
+    let job = p.finished_job("ev-cs").await;
+    assert_eq!(job.state, JobState::Succeeded);
+    assert_eq!(job.intake_id, Some(named));
+    assert_eq!(job.match_method.as_deref(), Some("client_state"));
+    assert!(
+        intake_row(&p.app.pool, by_phone)
+            .await
+            .recording_id
+            .is_none()
+    );
+    p.stop().await;
+}
+
+#[sqlx::test(migrations = false)]
+async fn a_large_recording_resumes_its_upload_after_a_dropped_download(pool: PgPool) {
+    let p = spawn_pipeline(pool, |_| {}).await;
+    let mut rec = SimRecording::sample("rec-big");
+    rec.content = SimAudio::generated(20 * MIB, 7);
+    p.telnyx.add_recording(rec.clone());
+    intake_for(&p.app.pool, &rec, "+15557650002").await;
+    // The download dies 8 MiB in: the first 6 MiB chunk is stored, the second is not.
+    p.telnyx.fail_next_downloads(
+        1,
+        Fault::ResetMidBody {
+            after_bytes: 8 * MIB,
+        },
+    );
+
+    post(&p, "ev-big", &rec).await;
+    let job = p.finished_job("ev-big").await;
+    assert_eq!(job.state, JobState::Succeeded, "{:?}", job.last_error);
+    assert_eq!(job.attempts, 2);
+    assert!(job.tus_upload_url.is_none(), "cleared once stored");
+    let stored = p
+        .storage
+        .object(&p.bucket, job.object_path.as_deref().unwrap())
+        .unwrap();
+    assert_eq!(stored.sha256_hex, rec.content.sha256_hex());
+    assert_eq!(
+        job.object_sha256.as_deref(),
+        Some(rec.content.sha256_hex().as_str())
+    );
+    assert_eq!(stored.upload_count, 1);
+    // 1 good + 1 cut chunk, then the 3 missing ones: the first chunk was not sent again.
+    assert_eq!(p.storage.tus_patch_count(), 5);
+    assert_eq!(p.telnyx.download_count("rec-big"), 2);
+    p.stop().await;
+}
+
+#[sqlx::test(migrations = false)]
+async fn an_upload_that_finished_unobserved_is_adopted_not_repeated(pool: PgPool) {
+    let p = spawn_pipeline(pool, |_| {}).await;
+    let rec = SimRecording::sample("rec-adopt");
+    p.telnyx.add_recording(rec.clone());
+    intake_for(&p.app.pool, &rec, "+15557650002").await;
+    // The upload succeeds, but the verification right after it fails.
+    p.storage.fail_next_other(1, Fault::Status(500));
+
+    post(&p, "ev-adopt", &rec).await;
+    let job = p.finished_job("ev-adopt").await;
+    assert_eq!(job.state, JobState::Succeeded, "{:?}", job.last_error);
+    assert_eq!(job.attempts, 2);
+    let stored = p
+        .storage
+        .object(&p.bucket, job.object_path.as_deref().unwrap())
+        .unwrap();
+    assert_eq!(stored.upload_count, 1, "never uploaded twice");
+    assert_eq!(
+        job.object_sha256.as_deref(),
+        Some(rec.content.sha256_hex().as_str())
+    );
+    assert_eq!(p.telnyx.download_count("rec-adopt"), 1);
+    p.stop().await;
+}
+
+#[sqlx::test(migrations = false)]
+async fn transient_provider_errors_retry_until_success(pool: PgPool) {
+    let p = spawn_pipeline(pool, |_| {}).await;
+    let rec = SimRecording::sample("rec-flaky");
+    p.telnyx.add_recording(rec.clone());
+    intake_for(&p.app.pool, &rec, "+15557650002").await;
+    p.telnyx.fail_next(1, Fault::Status(429)); // x-ratelimit-reset: 1
+    p.telnyx.fail_next_downloads(1, Fault::Status(403)); // an expired presigned URL
+    p.storage.fail_next(1, Fault::Status(500));
+
+    post(&p, "ev-flaky", &rec).await;
+    let job = p.finished_job("ev-flaky").await;
+    assert_eq!(job.state, JobState::Succeeded, "{:?}", job.last_error);
+    assert_eq!(job.attempts, 4);
+    let errors: Vec<String> = job
+        .errors
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["error"].as_str().unwrap().to_owned())
+        .collect();
+    assert!(errors[0].contains("rate limit"), "{errors:?}");
+    assert!(errors[1].contains("expired"), "{errors:?}");
+    assert!(errors[2].contains("storage answered 500"), "{errors:?}");
+    // The rate-limit reset (1 s) was honoured although the backoff is 100-300 ms.
+    let first_failure: chrono::DateTime<chrono::Utc> =
+        serde_json::from_value(job.errors[0]["at"].clone()).unwrap();
+    let second: chrono::DateTime<chrono::Utc> =
+        serde_json::from_value(job.errors[1]["at"].clone()).unwrap();
+    assert!(
+        second - first_failure >= chrono::Duration::milliseconds(900),
+        "{first_failure} {second}"
+    );
+    let stored = p
+        .storage
+        .object(&p.bucket, job.object_path.as_deref().unwrap())
+        .unwrap();
+    assert_eq!(stored.upload_count, 1);
+    p.stop().await;
+}
+
+#[sqlx::test(migrations = false)]
+async fn a_recording_gone_at_telnyx_fails_at_once_and_alerts(pool: PgPool) {
+    let sink = AlertSink::start().await;
+    let url = sink.url();
+    let p = spawn_pipeline(pool, move |c| c.pipeline.alert_webhook_url = Some(url)).await;
+    let mut event = recording_relay::testing::recording_saved_event("ev-gone", "sess-gone");
+    event["data"]["payload"]["recording_id"] = "rec-gone".into();
+    event["data"]["payload"]["to"] = "+15557650002".into();
+    assert_eq!(
+        p.app
+            .post_signed(event.to_string().as_bytes())
+            .await
+            .status(),
+        200
+    );
+
+    let job = p.finished_job("ev-gone").await;
+    assert_eq!(job.state, JobState::Failed);
+    assert_eq!(job.attempts, 1, "permanent: no retries");
+    assert!(
+        job.last_error
+            .as_deref()
+            .unwrap()
+            .contains("not found at Telnyx"),
+        "{:?}",
+        job.last_error
+    );
+
+    let alert = sink.next().await;
+    assert_eq!(alert["job_id"], job.id);
+    assert_eq!(alert["state"], "failed");
+    assert_eq!(alert["recording_id"], "rec-gone");
+    assert!(alert["last_error"].as_str().unwrap().contains("not found"));
+    assert!(
+        !alert.to_string().contains("7650002"),
+        "no phone numbers in alerts: {alert}"
+    );
+    p.stop().await;
+}
+
+#[sqlx::test(migrations = false)]
+async fn a_wrong_api_key_fails_with_a_message_naming_it(pool: PgPool) {
+    let p = spawn_pipeline(pool, |c| {
+        c.telnyx.api_key = Some("KEY_wrong".to_owned().into())
+    })
+    .await;
+    let rec = SimRecording::sample("rec-key");
+    p.telnyx.add_recording(rec.clone());
+    post(&p, "ev-key", &rec).await;
+    let job = p.finished_job("ev-key").await;
+    assert_eq!(job.state, JobState::Failed);
+    assert!(job.last_error.unwrap().contains("TELNYX_API_KEY"));
+    p.stop().await;
+}
+
+#[sqlx::test(migrations = false)]
+async fn no_intake_means_stored_under_unmatched_and_kept_at_telnyx(pool: PgPool) {
+    let sink = AlertSink::start().await;
+    let url = sink.url();
+    let p = spawn_pipeline(pool, move |c| {
+        c.pipeline.alert_webhook_url = Some(url);
+        c.pipeline.delete_from_telnyx = true;
+    })
+    .await;
+    let rec = SimRecording::sample("rec-orphan");
+    p.telnyx.add_recording(rec.clone());
+
+    post(&p, "ev-orphan", &rec).await;
+    let job = p.finished_job("ev-orphan").await;
+    assert_eq!(job.state, JobState::Unmatched);
+    assert_eq!(job.attempts, 2, "match_attempts = 2");
+    assert_eq!(job.object_path.as_deref(), Some("unmatched/rec-orphan.wav"));
+    let stored = p
+        .storage
+        .object(&p.bucket, "unmatched/rec-orphan.wav")
+        .unwrap();
+    assert_eq!(stored.sha256_hex, rec.content.sha256_hex());
+    assert!(
+        job.last_error
+            .as_deref()
+            .unwrap()
+            .contains("no intake matches")
+    );
+    assert!(
+        !job.last_error.unwrap().contains("7650002"),
+        "numbers are masked"
+    );
+    assert!(
+        p.telnyx.deleted_ids().is_empty(),
+        "unmatched recordings stay at Telnyx too"
+    );
+    assert_eq!(sink.next().await["state"], "unmatched");
+    p.stop().await;
+}
+
+#[sqlx::test(migrations = false)]
+async fn deletion_at_telnyx_happens_only_after_store_and_link(pool: PgPool) {
+    let p = spawn_pipeline(pool, |c| {
+        c.pipeline.delete_from_telnyx = true;
+        c.supabase.bucket = "no-such-bucket".to_owned();
+    })
+    .await;
+    let rec = SimRecording::sample("rec-keep");
+    p.telnyx.add_recording(rec.clone());
+    intake_for(&p.app.pool, &rec, "+15557650002").await;
+    post(&p, "ev-keep", &rec).await;
+    let job = p.finished_job("ev-keep").await;
+    assert_eq!(job.state, JobState::Failed);
+    assert!(job.last_error.unwrap().contains("not found in storage"));
+    assert!(p.telnyx.deleted_ids().is_empty());
+    p.stop().await;
+}
+
+#[sqlx::test(migrations = false)]
+async fn deletion_at_telnyx_after_success(pool: PgPool) {
+    let p = spawn_pipeline(pool, |c| c.pipeline.delete_from_telnyx = true).await;
+    let rec = SimRecording::sample("rec-del");
+    p.telnyx.add_recording(rec.clone());
+    intake_for(&p.app.pool, &rec, "+15557650002").await;
+    post(&p, "ev-del", &rec).await;
+    let job = p.finished_job("ev-del").await;
+    assert_eq!(job.state, JobState::Succeeded);
+    assert!(job.telnyx_deleted_at.is_some());
+    assert_eq!(p.telnyx.deleted_ids(), ["rec-del"]);
+    p.stop().await;
+}
+
+#[sqlx::test(migrations = false)]
+async fn two_events_for_one_recording_store_it_once(pool: PgPool) {
+    let p = spawn_pipeline(pool, |_| {}).await;
+    let rec = SimRecording::sample("rec-twice");
+    p.telnyx.add_recording(rec.clone());
+    intake_for(&p.app.pool, &rec, "+15557650002").await;
+    // Same call, two event ids (a replay through another path).
+    post(&p, "ev-a", &rec).await;
+    post(&p, "ev-b", &rec).await;
+    let a = p.finished_job("ev-a").await;
+    let b = p.finished_job("ev-b").await;
+    let mut states = [a.state, b.state];
+    states.sort_by_key(|s| s.as_str());
+    assert_eq!(states, [JobState::Duplicate, JobState::Succeeded]);
+    let dup = if a.state == JobState::Duplicate {
+        &a
+    } else {
+        &b
+    };
+    assert!(
+        dup.last_error
+            .as_deref()
+            .unwrap()
+            .contains("relayed by job")
+    );
+    let stored = p
+        .storage
+        .object(
+            &p.bucket,
+            &format!(
+                "intakes/{}/rec-twice.wav",
+                a.intake_id.or(b.intake_id).unwrap()
+            ),
+        )
+        .unwrap();
+    assert_eq!(stored.upload_count, 1);
+    p.stop().await;
+}
+
+#[sqlx::test(migrations = false)]
+async fn mp3_is_stored_as_audio_mpeg(pool: PgPool) {
+    let p = spawn_pipeline(pool, |c| {
+        c.pipeline.format = recording_relay::config::AudioFormat::Mp3
+    })
+    .await;
+    let rec = SimRecording::sample("rec-mp3");
+    p.telnyx.add_recording(rec.clone());
+    intake_for(&p.app.pool, &rec, "+15557650002").await;
+    post(&p, "ev-mp3", &rec).await;
+    let job = p.finished_job("ev-mp3").await;
+    assert_eq!(job.state, JobState::Succeeded);
+    let path = job.object_path.unwrap();
+    assert!(path.ends_with("rec-mp3.mp3"));
+    assert_eq!(
+        p.storage.object(&p.bucket, &path).unwrap().content_type,
+        "audio/mpeg"
+    );
+    p.stop().await;
+}

@@ -1,0 +1,154 @@
+//! The real binary as a process: signals and exit codes.
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use recording_relay::jobs::{JobState, NewJob, Queue};
+use recording_relay::sim::{
+    Fault, SimRecording, StorageSim, StorageSimConfig, TelnyxSim, TelnyxSimConfig,
+};
+use recording_relay::testing;
+use sqlx::PgPool;
+use tokio::process::Command;
+
+use crate::helpers::{STORAGE_KEY, TELNYX_KEY, eventually, intake_for};
+
+fn binary() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_recording-relay"));
+    cmd.env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .stdin(Stdio::null())
+        .kill_on_drop(true);
+    cmd
+}
+
+#[tokio::test]
+async fn bad_configuration_exits_2_listing_every_problem() {
+    let out = binary()
+        .args(["--config", "/nonexistent/recording-relay.toml", "serve"])
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot read config file"));
+
+    let out = binary()
+        .arg("serve")
+        .env("TELNYX_PUBLIC_KEY", "AAAA")
+        .env("SUPABASE_URL", "http://storage.example.com")
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    for expected in [
+        "database.url is not set",
+        "telnyx.public_key must decode to 32 bytes",
+        "telnyx.api_key is not set",
+        "supabase.url must use https outside loopback",
+    ] {
+        assert!(
+            stderr.contains(expected),
+            "missing {expected:?} in:\n{stderr}"
+        );
+    }
+
+    let out = binary().arg("frobnicate").output().await.unwrap();
+    assert_eq!(out.status.code(), Some(2), "usage errors exit 2");
+}
+
+#[sqlx::test(migrations = false)]
+async fn sigterm_releases_an_in_flight_job_and_exits_cleanly(pool: PgPool) {
+    let pool = testing::prepare(pool).await;
+    let telnyx = TelnyxSim::start(TelnyxSimConfig {
+        api_key: TELNYX_KEY.to_owned(),
+        ..TelnyxSimConfig::default()
+    })
+    .unwrap();
+    let storage = StorageSim::start(StorageSimConfig {
+        service_key: STORAGE_KEY.to_owned(),
+        ..StorageSimConfig::default()
+    })
+    .unwrap();
+    storage.create_bucket("call-recordings", false, None, None);
+    let rec = SimRecording::sample("rec-slow");
+    telnyx.add_recording(rec.clone());
+    intake_for(&pool, &rec, &rec.to).await;
+    // The download hangs: the job is mid-transfer when SIGTERM arrives.
+    telnyx.fail_next_downloads(1, Fault::Hang(Duration::from_secs(60)));
+
+    let queue = Queue::new(pool.clone());
+    queue
+        .enqueue(&NewJob {
+            event_id: "ev-slow".into(),
+            event_type: "call.recording.saved".into(),
+            event: serde_json::json!({}),
+            recording_id: Some(rec.id.clone()),
+            max_attempts: 5,
+            ..NewJob::default()
+        })
+        .await
+        .unwrap();
+
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("config.toml");
+    std::fs::write(
+        &config,
+        "[worker]\nshutdown_timeout = \"1s\"\npoll_interval = \"200ms\"\n",
+    )
+    .unwrap();
+    let child = binary()
+        .args(["--config", config.to_str().unwrap(), "work"])
+        .env("DATABASE_URL", testing::database_url_of(&pool, None))
+        .env("TELNYX_API_KEY", TELNYX_KEY)
+        .env("TELNYX_API_URL", telnyx.base_url())
+        .env("SUPABASE_URL", storage.base_url())
+        .env("SUPABASE_SERVICE_ROLE_KEY", STORAGE_KEY)
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+
+    let started = eventually(Duration::from_secs(15), || async {
+        telnyx.download_count("rec-slow") >= 1
+    })
+    .await;
+    if !started {
+        let _ = Command::new("kill")
+            .args(["-KILL", &child.id().unwrap().to_string()])
+            .status()
+            .await;
+        let out = child.wait_with_output().await.unwrap();
+        panic!(
+            "the download never started:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let job = queue.get_by_event_id("ev-slow").await.unwrap().unwrap();
+    assert_eq!(job.state, JobState::Running);
+
+    let pid = child.id().unwrap().to_string();
+    let status = Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .await
+        .unwrap();
+    assert!(status.success());
+    let out = tokio::time::timeout(Duration::from_secs(10), child.wait_with_output())
+        .await
+        .expect("exits within the grace period plus release")
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(stderr.contains("SIGTERM"), "{stderr}");
+
+    let job = queue.get_by_event_id("ev-slow").await.unwrap().unwrap();
+    assert_eq!(job.state, JobState::Pending, "released for another worker");
+    assert_eq!(job.attempts, 0, "{:?}", job.errors);
+    assert!(job.locked_by.is_none());
+    let running: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM recording_jobs WHERE state = 'running'")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(running, 0);
+}
