@@ -192,7 +192,8 @@ async fn an_upload_that_finished_unobserved_is_adopted_not_repeated(pool: PgPool
         job.object_sha256.as_deref(),
         Some(rec.content.sha256_hex().as_str())
     );
-    assert_eq!(p.telnyx.download_count("rec-adopt"), 1);
+    // One full download, then a one-byte Range probe for the source's size.
+    assert_eq!(p.telnyx.download_count("rec-adopt"), 2);
     p.stop().await;
 }
 
