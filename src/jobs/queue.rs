@@ -82,6 +82,27 @@ pub struct Queue {
     pool: PgPool,
 }
 
+/// The claim: the oldest runnable jobs, skipping rows other workers hold,
+/// leased and counted in one statement that commits at once. `$1` limit,
+/// `$2` worker, `$3` lease in milliseconds. Its plan is tested to use
+/// `recording_jobs_claim_idx`.
+pub const CLAIM_SQL: &str = "WITH picked AS (
+         SELECT id FROM recording_jobs
+         WHERE state = 'pending' AND next_run_at <= now()
+         ORDER BY next_run_at, id
+         LIMIT $1
+         FOR UPDATE SKIP LOCKED
+     )
+     UPDATE recording_jobs j
+     SET state = 'running',
+         attempts = j.attempts + 1,
+         locked_by = $2,
+         locked_until = now() + $3 * interval '1 millisecond',
+         updated_at = now()
+     FROM picked
+     WHERE j.id = picked.id
+     RETURNING j.*";
+
 /// An UPDATE of one claimed job, fenced on its lease: `$1` id, `$2` worker,
 /// `$3` attempt. A worker that lost the lease matches no row.
 macro_rules! fenced_update {
@@ -184,29 +205,12 @@ impl Queue {
         limit: usize,
         lease: Duration,
     ) -> Result<Vec<Job>, QueueError> {
-        let jobs = sqlx::query_as::<_, Job>(
-            "WITH picked AS (
-                 SELECT id FROM recording_jobs
-                 WHERE state = 'pending' AND next_run_at <= now()
-                 ORDER BY next_run_at, id
-                 LIMIT $1
-                 FOR UPDATE SKIP LOCKED
-             )
-             UPDATE recording_jobs j
-             SET state = 'running',
-                 attempts = j.attempts + 1,
-                 locked_by = $2,
-                 locked_until = now() + $3 * interval '1 millisecond',
-                 updated_at = now()
-             FROM picked
-             WHERE j.id = picked.id
-             RETURNING j.*",
-        )
-        .bind(i64::try_from(limit).unwrap_or(i64::MAX))
-        .bind(worker)
-        .bind(millis(lease))
-        .fetch_all(&self.pool)
-        .await?;
+        let jobs = sqlx::query_as::<_, Job>(CLAIM_SQL)
+            .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+            .bind(worker)
+            .bind(millis(lease))
+            .fetch_all(&self.pool)
+            .await?;
         Ok(jobs)
     }
 
@@ -985,14 +989,18 @@ mod tests {
             .execute(q.pool())
             .await
             .unwrap();
-        let plan: Vec<(String,)> = sqlx::query_as(
-            "EXPLAIN SELECT id FROM recording_jobs
-             WHERE state = 'pending' AND next_run_at <= now()
-             ORDER BY next_run_at, id LIMIT 10 FOR UPDATE SKIP LOCKED",
-        )
-        .fetch_all(q.pool())
+        let mut conn = q.pool().acquire().await.unwrap();
+        sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+            "PREPARE claim(bigint, text, bigint) AS {CLAIM_SQL}"
+        )))
+        .execute(&mut *conn)
         .await
         .unwrap();
+        // EXPLAIN without ANALYZE plans the UPDATE without running it.
+        let plan: Vec<(String,)> = sqlx::query_as("EXPLAIN EXECUTE claim(10, 'w', 1000)")
+            .fetch_all(&mut *conn)
+            .await
+            .unwrap();
         let plan = plan.into_iter().map(|r| r.0).collect::<Vec<_>>().join("\n");
         assert!(plan.contains("recording_jobs_claim_idx"), "{plan}");
         assert!(
