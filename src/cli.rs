@@ -150,7 +150,7 @@ impl Command {
             Command::Work => Role::Work,
             Command::Migrate | Command::Jobs(_) => Role::Admin,
             Command::Reconcile { .. } => Role::Reconcile,
-            Command::Check { .. } | Command::Demo { .. } => Role::Demo,
+            Command::Check { .. } | Command::Demo { .. } => Role::Own,
             Command::SetupBucket { .. } => Role::Storage,
         }
     }

@@ -59,8 +59,9 @@ pub enum Role {
     Serve,
     /// Storage administration (`setup-bucket`): Supabase settings only.
     Storage,
-    /// The demo builds its own configuration.
-    Demo,
+    /// Commands that judge the configuration themselves: `check` reports
+    /// every problem as a line of its own, `demo` builds its own.
+    Own,
 }
 
 impl Role {
@@ -448,7 +449,7 @@ impl Config {
     pub fn validate(&self, role: Role) -> Result<(), ConfigError> {
         let mut problems = Vec::new();
         match role {
-            Role::Demo => return Ok(()),
+            Role::Own => return Ok(()),
             Role::Storage => {
                 self.validate_storage(&mut problems);
                 return finish(problems);

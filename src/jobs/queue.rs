@@ -1140,11 +1140,16 @@ mod tests {
         assert_eq!(pending.jobs, 1);
         let age = pending.oldest_runnable_age_seconds.unwrap();
         assert!((89.0..120.0).contains(&age), "{age}");
-        let unmatched: i64 = sqlx::query_scalar("SELECT count(*) FROM recording_jobs_unmatched")
-            .fetch_one(q.pool())
+        q.enqueue(&new_job("orphan")).await.unwrap();
+        let lease = one_claimed(&q, "w").await.lease().unwrap();
+        q.finish_unsuccessfully(&lease, JobState::Unmatched, "unmatched", "no intake")
             .await
             .unwrap();
-        assert_eq!(unmatched, 0);
+        let unmatched: Vec<i64> = sqlx::query_scalar("SELECT id FROM recording_jobs_unmatched")
+            .fetch_all(q.pool())
+            .await
+            .unwrap();
+        assert_eq!(unmatched, [lease.job_id]);
     }
 
     #[sqlx::test(migrations = false)]
