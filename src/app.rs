@@ -1,5 +1,6 @@
-//! Wiring: one process runs the listener, the worker, or both, against one
-//! pool, until the shared cancellation token fires.
+//! Wiring: one process runs the listener, the worker, or both (and the
+//! playback server when configured), against one pool, until the shared
+//! cancellation token fires.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -15,6 +16,7 @@ use crate::config::{Config, Role};
 use crate::db::{self, DbError};
 use crate::jobs::worker::default_worker_id;
 use crate::jobs::{JobHandler, Queue, Worker, WorkerOptions};
+use crate::playback::{self, PlaybackState};
 use crate::webhook::{self, ConnectionLimits, WebhookState};
 
 /// How long start-up waits for PostgreSQL before giving up (systemd then
@@ -41,6 +43,7 @@ pub struct App {
     role: Role,
     pool: PgPool,
     listener: Option<TcpListener>,
+    playback: Option<TcpListener>,
 }
 
 impl App {
@@ -57,12 +60,26 @@ impl App {
         } else {
             None
         };
+        let playback = match config.playback.addr {
+            Some(addr) if matches!(role, Role::Listen | Role::Serve) => Some(
+                TcpListener::bind(addr)
+                    .await
+                    .map_err(|source| AppError::Bind { addr, source })?,
+            ),
+            _ => None,
+        };
         Ok(Self {
             config,
             role,
             pool,
             listener,
+            playback,
         })
+    }
+
+    /// Where the playback server listens, when it is on.
+    pub fn playback_addr(&self) -> Option<SocketAddr> {
+        self.playback.as_ref().and_then(|l| l.local_addr().ok())
     }
 
     pub fn local_addr(&self) -> Option<SocketAddr> {
@@ -92,6 +109,11 @@ impl App {
                 limits,
                 shutdown.clone(),
             ));
+        }
+        if let Some(listener) = self.playback {
+            let state = PlaybackState::from_config(&self.config, self.pool.clone())
+                .map_err(|e| AppError::Config(e.to_string()))?;
+            parts.spawn(playback::run(listener, Arc::new(state), shutdown.clone()));
         }
         if matches!(self.role, Role::Work | Role::Serve) {
             let mut opts = WorkerOptions::from_config(&self.config, default_worker_id());
