@@ -3,6 +3,7 @@
 
 mod helpers;
 mod pipeline;
+mod playback;
 mod process;
 mod webhook;
 mod worker;
