@@ -679,11 +679,11 @@ fn browser_dir() -> PathBuf {
 
 /// In CI a missing tool fails the test; on a developer machine it is
 /// skipped, loudly.
-fn missing_tool(what: &str) -> bool {
+fn missing_tool(what: &str, install: &str) -> bool {
     let ci = std::env::var("CI").is_ok_and(|v| v == "true" || v == "1");
     assert!(
         !ci,
-        "{what} is needed for the browser test (CI=true): apt-get install -y chromium nodejs npm"
+        "{what} is needed for the browser test (CI=true): {install}"
     );
     eprintln!(
         "\n!!!!! SKIPPING the browser test: {what} not found (it fails instead when CI=true) !!!!!\n"
@@ -713,7 +713,12 @@ async fn ensure_node_modules() {
 async fn the_player_page_plays_seeks_and_renews_in_chromium(pool: PgPool) {
     let chromium =
         std::env::var("CHROMIUM_PATH").unwrap_or_else(|_| "/usr/bin/chromium".to_owned());
-    if !Path::new(&chromium).exists() && missing_tool("chromium") {
+    if !Path::new(&chromium).exists()
+        && missing_tool(
+            "chromium",
+            "apt-get install -y chromium (or set CHROMIUM_PATH)",
+        )
+    {
         return;
     }
     let node_ok = std::process::Command::new("node")
@@ -721,7 +726,7 @@ async fn the_player_page_plays_seeks_and_renews_in_chromium(pool: PgPool) {
         .stdout(Stdio::null())
         .status()
         .is_ok_and(|s| s.success());
-    if !node_ok && missing_tool("node") {
+    if !node_ok && missing_tool("node", "install Node.js 20 or later with npm") {
         return;
     }
     ensure_node_modules().await;
