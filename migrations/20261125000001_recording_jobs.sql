@@ -108,12 +108,17 @@ CREATE INDEX recording_jobs_state_idx ON recording_jobs (state, updated_at);
 
 -- Verified deliveries that could not be read as a call.recording.saved
 -- envelope. Kept byte for byte so nothing Telnyx sent is lost.
+-- Telnyx redelivers what we answer 4xx to, so a body is kept once and its
+-- redeliveries counted.
 CREATE TABLE webhook_quarantine (
-    id            BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
-    received_at   TIMESTAMPTZ NOT NULL DEFAULT now(),
-    reason        TEXT NOT NULL,
-    signed_at     TIMESTAMPTZ,
-    raw_body      BYTEA NOT NULL
+    id                BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    received_at       TIMESTAMPTZ NOT NULL DEFAULT now(),
+    last_received_at  TIMESTAMPTZ NOT NULL DEFAULT now(),
+    deliveries        INTEGER NOT NULL DEFAULT 1,
+    reason            TEXT NOT NULL,
+    signed_at         TIMESTAMPTZ,
+    body_sha256       BYTEA NOT NULL UNIQUE,
+    raw_body          BYTEA NOT NULL
 );
 
 -- Workers LISTEN on this channel. The payload is empty on purpose: identical

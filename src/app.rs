@@ -43,7 +43,14 @@ pub struct App {
     role: Role,
     pool: PgPool,
     listener: Option<TcpListener>,
+    metrics_listener: Option<TcpListener>,
     playback: Option<TcpListener>,
+}
+
+async fn bind(addr: SocketAddr) -> Result<TcpListener, AppError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| AppError::Bind { addr, source })
 }
 
 impl App {
@@ -52,20 +59,16 @@ impl App {
         db::wait_until_reachable(&pool, DATABASE_PATIENCE).await?;
         db::ensure_migrated(&pool).await?;
         let listener = if matches!(role, Role::Listen | Role::Serve) {
-            let addr = config.listener.addr;
-            let listener = TcpListener::bind(addr)
-                .await
-                .map_err(|source| AppError::Bind { addr, source })?;
-            Some(listener)
+            Some(bind(config.listener.addr).await?)
         } else {
             None
         };
+        let metrics_listener = match config.metrics.addr {
+            Some(addr) => Some(bind(addr).await?),
+            None => None,
+        };
         let playback = match config.playback.addr {
-            Some(addr) if matches!(role, Role::Listen | Role::Serve) => Some(
-                TcpListener::bind(addr)
-                    .await
-                    .map_err(|source| AppError::Bind { addr, source })?,
-            ),
+            Some(addr) if matches!(role, Role::Listen | Role::Serve) => Some(bind(addr).await?),
             _ => None,
         };
         Ok(Self {
@@ -73,8 +76,15 @@ impl App {
             role,
             pool,
             listener,
+            metrics_listener,
             playback,
         })
+    }
+
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_listener
+            .as_ref()
+            .and_then(|l| l.local_addr().ok())
     }
 
     /// Where the playback server listens, when it is on.
@@ -122,12 +132,86 @@ impl App {
                     .map_err(|e| AppError::Config(format!("pipeline.alert_webhook_url: {e}")))?;
                 opts.alerter = Some(alerter);
             }
-            parts.spawn(Worker::new(queue, handler, opts).run(shutdown.clone()));
+            parts.spawn(Worker::new(queue.clone(), handler, opts).run(shutdown.clone()));
+            parts.spawn(prune_periodically(
+                queue.clone(),
+                self.config.retention.clone(),
+                shutdown.clone(),
+            ));
         }
+        if let Some(listener) = self.metrics_listener {
+            parts.spawn(crate::metrics::serve(listener, queue, shutdown.clone()));
+        }
+        systemd::ready();
+        let watchdog = systemd::spawn_watchdog(shutdown.clone());
+        shutdown.cancelled().await;
+        systemd::stopping();
         while parts.join_next().await.is_some() {}
+        watchdog.abort();
         self.pool.close().await;
         info!("stopped");
         Ok(())
+    }
+}
+
+/// Retention: deletes old finished jobs in small batches, so the table stays
+/// small and vacuum keeps up. Every worker does it; SKIP LOCKED keeps them
+/// out of each other's way.
+async fn prune_periodically(
+    queue: Queue,
+    retention: crate::config::RetentionConfig,
+    shutdown: CancellationToken,
+) {
+    let mut every = tokio::time::interval(retention.interval);
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            _ = every.tick() => {}
+        }
+        match queue
+            .prune_finished(retention.succeeded_for, retention.failed_for, 500)
+            .await
+        {
+            Ok(0) => {}
+            Ok(n) => info!(jobs = n, "pruned finished jobs past their retention"),
+            Err(e) => tracing::warn!(error = %e, "pruning finished jobs failed"),
+        }
+    }
+}
+
+/// systemd's notify protocol; every call is a no-op outside systemd.
+mod systemd {
+    use tokio_util::sync::CancellationToken;
+    use tracing::warn;
+
+    /// After the schema check and the binds: the unit is up.
+    pub fn ready() {
+        if let Err(e) = sd_notify::notify(&[sd_notify::NotifyState::Ready]) {
+            warn!(error = %e, "could not notify systemd");
+        }
+    }
+
+    pub fn stopping() {
+        let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
+    }
+
+    /// Pings the watchdog at half its interval while the runtime is alive; a
+    /// wedged runtime stops pinging and systemd restarts the unit.
+    pub fn spawn_watchdog(shutdown: CancellationToken) -> tokio::task::JoinHandle<()> {
+        tokio::spawn(async move {
+            let Some(interval) = sd_notify::watchdog_enabled() else {
+                return;
+            };
+            let mut every = tokio::time::interval(interval / 2);
+            loop {
+                tokio::select! {
+                    () = shutdown.cancelled() => return,
+                    _ = every.tick() => {
+                        let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]);
+                    }
+                }
+            }
+        })
     }
 }
 

@@ -30,6 +30,7 @@ const OVERRIDES: &[&str] = &[
     "SUPABASE_URL",
     "SUPABASE_SERVICE_ROLE_KEY",
     "STORAGE_BUCKET",
+    "METRICS_ADDR",
     "PLAYBACK_ADDR",
     "SUPABASE_JWT_SECRET",
 ];
@@ -51,14 +52,18 @@ pub enum ConfigError {
 /// settings (a listener-only host need not hold the Supabase key).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Role {
-    Migrate,
+    /// Database only: `migrate`, `jobs …`.
+    Admin,
+    /// Database and the Telnyx API: `reconcile`.
+    Reconcile,
     Listen,
     Work,
     Serve,
     /// Storage administration (`setup-bucket`): Supabase settings only.
     Storage,
-    /// The demo builds its own configuration.
-    Demo,
+    /// Commands that judge the configuration themselves: `check` reports
+    /// every problem as a line of its own, `demo` builds its own.
+    Own,
 }
 
 impl Role {
@@ -81,7 +86,42 @@ pub struct Config {
     pub retry: RetryConfig,
     pub pipeline: PipelineConfig,
     pub http: HttpConfig,
+    pub metrics: MetricsConfig,
+    pub retention: RetentionConfig,
     pub playback: PlaybackConfig,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// Serve `/metrics` here instead of on the webhook port (so the metrics
+    /// are not exposed wherever webhooks are).
+    pub addr: Option<SocketAddr>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetentionConfig {
+    /// Succeeded (and duplicate, cancelled) jobs are deleted this long after
+    /// they finished.
+    #[serde(with = "humantime_serde")]
+    pub succeeded_for: Duration,
+    /// Failed and unmatched jobs are kept longer, for investigation.
+    #[serde(with = "humantime_serde")]
+    pub failed_for: Duration,
+    /// How often a worker prunes.
+    #[serde(with = "humantime_serde")]
+    pub interval: Duration,
+}
+
+impl Default for RetentionConfig {
+    fn default() -> Self {
+        Self {
+            succeeded_for: Duration::from_secs(30 * 86_400),
+            failed_for: Duration::from_secs(90 * 86_400),
+            interval: Duration::from_secs(3600),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -157,6 +197,14 @@ pub struct RetryConfig {
     pub max_attempts: i32,
 }
 
+/// A party of a call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Party {
+    To,
+    From,
+}
+
 /// Audio format fetched from Telnyx and stored.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -192,6 +240,16 @@ pub struct PipelineConfig {
     /// Attempts to find the intake (it may not be committed yet) before the
     /// recording is stored under `unmatched/` for an operator to attach.
     pub match_attempts: i32,
+    /// At least this long between those attempts, so a late intake has time
+    /// to appear (the job backoff alone can retry within a second).
+    #[serde(with = "humantime_serde")]
+    pub match_retry_delay: Duration,
+    /// Which party of the call is the patient: "to" for calls ZScribe places
+    /// (the brief's flow), "from" for calls patients place.
+    pub patient_party: Party,
+    /// Telnyx connection id → organization id. When the call's connection is
+    /// listed, only that organization's intakes can match it.
+    pub connection_organizations: std::collections::HashMap<String, uuid::Uuid>,
     /// Delete the recording at Telnyx once it is stored, verified and linked.
     pub delete_from_telnyx: bool,
     /// Recordings larger than this use resumable (TUS) uploads.
@@ -259,6 +317,9 @@ impl Default for PipelineConfig {
             format: AudioFormat::Wav,
             match_window: Duration::from_secs(600),
             match_attempts: 3,
+            match_retry_delay: Duration::from_secs(30),
+            patient_party: Party::To,
+            connection_organizations: std::collections::HashMap::new(),
             delete_from_telnyx: false,
             resumable_threshold_bytes: 6 * 1024 * 1024,
             alert_webhook_url: None,
@@ -409,6 +470,12 @@ impl Config {
                 "SUPABASE_URL" => self.supabase.url = Some(value),
                 "SUPABASE_SERVICE_ROLE_KEY" => self.supabase.service_role_key = Some(value.into()),
                 "STORAGE_BUCKET" => self.supabase.bucket = value,
+                "METRICS_ADDR" => match value.parse() {
+                    Ok(addr) => self.metrics.addr = Some(addr),
+                    Err(_) => problems.push(format!(
+                        "METRICS_ADDR: {value:?} is not a socket address like 127.0.0.1:9090"
+                    )),
+                },
                 "PLAYBACK_ADDR" => match value.parse() {
                     Ok(addr) => self.playback.addr = Some(addr),
                     Err(_) => problems.push(format!(
@@ -430,7 +497,7 @@ impl Config {
     pub fn validate(&self, role: Role) -> Result<(), ConfigError> {
         let mut problems = Vec::new();
         match role {
-            Role::Demo => return Ok(()),
+            Role::Own => return Ok(()),
             Role::Storage => {
                 self.validate_storage(&mut problems);
                 return finish(problems);
@@ -447,6 +514,9 @@ impl Config {
             if let Err(e) = self.telnyx_public_key() {
                 problems.push(e);
             }
+            if self.retry.max_attempts < 1 {
+                problems.push("retry.max_attempts must be at least 1".to_owned());
+            }
             if self.listener.max_body_bytes == 0 {
                 problems.push("listener.max_body_bytes must be at least 1".to_owned());
             }
@@ -459,6 +529,12 @@ impl Config {
         }
         if role.works() {
             self.validate_worker(&mut problems);
+        }
+        if role == Role::Reconcile {
+            if self.telnyx.api_key.is_none() {
+                problems.push("telnyx.api_key is not set (or TELNYX_API_KEY)".to_owned());
+            }
+            check_provider_url("telnyx.api_url", &self.telnyx.api_url, &mut problems);
         }
         if role.listens() && self.playback.addr.is_some() {
             self.validate_playback(&mut problems);
@@ -538,8 +614,10 @@ impl Config {
         self.validate_storage(problems);
         check_provider_url("telnyx.api_url", &self.telnyx.api_url, problems);
         let p = &self.pipeline;
-        if p.match_attempts < 1 {
-            problems.push("pipeline.match_attempts must be at least 1".to_owned());
+        if p.match_attempts < 1 || p.match_attempts > self.retry.max_attempts {
+            problems.push(
+                "pipeline.match_attempts must be between 1 and retry.max_attempts".to_owned(),
+            );
         }
         if p.resumable_threshold_bytes == 0 {
             problems.push("pipeline.resumable_threshold_bytes must be above 0".to_owned());
@@ -741,7 +819,7 @@ mod tests {
     fn migrate_needs_only_the_database() {
         let mut c = Config::default();
         c.database.url = Some("postgres://localhost/x".to_owned().into());
-        assert!(c.validate(Role::Migrate).is_ok());
+        assert!(c.validate(Role::Admin).is_ok());
         assert!(c.validate(Role::Listen).is_err());
     }
 

@@ -24,6 +24,11 @@ pub enum DbError {
     Unreachable(sqlx::Error),
     #[error("migrations are not applied (missing: {0}); run `recording-relay migrate`")]
     NotMigrated(String),
+    #[error(
+        "index(es) {0} are INVALID (an interrupted CREATE INDEX CONCURRENTLY): \
+         DROP INDEX CONCURRENTLY each, then run `recording-relay migrate` again"
+    )]
+    InvalidIndexes(String),
     #[error("database error: {0}")]
     Query(#[from] sqlx::Error),
     #[error("migration failed: {0}")]
@@ -33,16 +38,31 @@ pub enum DbError {
 /// Builds the pool. Connections are opened on demand, so a listener starts
 /// (and answers 503) while the database is down rather than refusing to run.
 pub fn pool(config: &Config) -> Result<PgPool, DbError> {
-    let url = config.database_url().unwrap_or_default();
-    let options: PgConnectOptions = url.parse().map_err(DbError::BadUrl)?;
-    let options = options
-        .application_name("recording-relay")
-        // Statement logging would print phone numbers bound as parameters.
-        .disable_statement_logging();
+    // No statement of the daemon runs long; one stuck on a lock should fail
+    // (and be retried) rather than hold a worker or a webhook.
+    let options =
+        connect_options(config)?.options([("statement_timeout", "30s"), ("lock_timeout", "10s")]);
     Ok(PgPoolOptions::new()
         .max_connections(config.database.max_connections)
         .acquire_timeout(config.database.acquire_timeout)
         .connect_lazy_with(options))
+}
+
+/// For `migrate`: no statement timeout, since building an index on a large
+/// host table may take minutes (the migrations bound their own lock waits).
+pub fn migration_pool(config: &Config) -> Result<PgPool, DbError> {
+    Ok(PgPoolOptions::new()
+        .max_connections(1)
+        .connect_lazy_with(connect_options(config)?))
+}
+
+fn connect_options(config: &Config) -> Result<PgConnectOptions, DbError> {
+    let url = config.database_url().unwrap_or_default();
+    let options: PgConnectOptions = url.parse().map_err(DbError::BadUrl)?;
+    Ok(options
+        .application_name("recording-relay")
+        // Statement logging would print phone numbers bound as parameters.
+        .disable_statement_logging())
 }
 
 /// Waits (bounded) for the database at start-up, so a daemon started
@@ -87,10 +107,27 @@ pub async fn ensure_migrated(pool: &PgPool) -> Result<(), DbError> {
         .filter(|m| !applied.contains(&m.version))
         .map(|m| m.version.to_string())
         .collect();
-    if missing.is_empty() {
+    if !missing.is_empty() {
+        return Err(DbError::NotMigrated(missing.join(", ")));
+    }
+    ensure_indexes_valid(pool).await
+}
+
+/// An interrupted `CREATE INDEX CONCURRENTLY` leaves an INVALID index that a
+/// later `IF NOT EXISTS` skips; the unique ones would then enforce nothing.
+async fn ensure_indexes_valid(pool: &PgPool) -> Result<(), DbError> {
+    let invalid: Vec<String> = sqlx::query_scalar(
+        "SELECT c.relname::text FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid
+         WHERE NOT i.indisvalid
+           AND c.relname IN ('idx_intakes_recording_id', 'idx_intakes_recording_object_path',
+                             'idx_patients_recording_relay_phone_key')",
+    )
+    .fetch_all(pool)
+    .await?;
+    if invalid.is_empty() {
         Ok(())
     } else {
-        Err(DbError::NotMigrated(missing.join(", ")))
+        Err(DbError::InvalidIndexes(invalid.join(", ")))
     }
 }
 

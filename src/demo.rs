@@ -188,6 +188,7 @@ fn demo_config(
     c.retry.base = Duration::from_millis(500);
     c.retry.cap = Duration::from_secs(2);
     c.pipeline.match_attempts = 2;
+    c.pipeline.match_retry_delay = Duration::from_millis(500);
     c.pipeline.delete_from_telnyx = true;
     c
 }

@@ -20,13 +20,16 @@
 
 pub mod alerts;
 pub mod app;
+pub mod check;
 pub mod cli;
 pub mod config;
 pub mod db;
 pub mod demo;
 pub mod jobs;
+pub mod metrics;
 pub mod pipeline;
 pub mod playback;
+pub mod reconcile;
 pub mod sim;
 pub mod storage;
 pub mod telemetry;

@@ -55,8 +55,26 @@ impl StorageError {
     }
 }
 
+impl StorageError {
+    fn kind(&self) -> &'static str {
+        match self {
+            StorageError::Duplicate => "duplicate",
+            StorageError::NotFound(_) => "not_found",
+            StorageError::Unauthorized(_) => "unauthorized",
+            StorageError::TooLarge(_) => "too_large",
+            StorageError::MimeNotAllowed(_) => "mime_not_allowed",
+            StorageError::OffsetConflict(_) => "offset_conflict",
+            StorageError::Server { .. } => "server",
+            StorageError::Rejected { .. } => "rejected",
+            StorageError::Transport(_) => "transport",
+            StorageError::Decode(_) => "decode",
+        }
+    }
+}
+
 impl From<StorageError> for JobError {
     fn from(e: StorageError) -> Self {
+        crate::metrics::metrics().provider_error("storage", e.kind());
         if e.is_retryable() {
             JobError::retryable(e.to_string())
         } else {
@@ -335,9 +353,12 @@ impl StorageClient {
         Ok(self.absolute(location))
     }
 
-    /// The server's offset for an upload; `None` when the upload is gone
-    /// (expired or unknown) and must start over.
-    pub async fn tus_offset(&self, upload_url: &str) -> Result<Option<u64>, StorageError> {
+    /// The server's offset and the upload's total length; `None` when the
+    /// upload is gone (expired or unknown) and must start over.
+    pub async fn tus_offset(
+        &self,
+        upload_url: &str,
+    ) -> Result<Option<(u64, Option<u64>)>, StorageError> {
         let res = self
             .authed(self.http.head(upload_url))
             .timeout(self.request_timeout)
@@ -350,7 +371,8 @@ impl StorageClient {
             return Ok(None);
         }
         let res = check(res).await?;
-        upload_offset(res.headers()).map(Some)
+        let length = header_str(res.headers(), "upload-length").and_then(|v| v.trim().parse().ok());
+        Ok(Some((upload_offset(res.headers())?, length)))
     }
 
     /// Sends one chunk at `offset`; returns the new offset.

@@ -41,8 +41,24 @@ impl TelnyxError {
     }
 }
 
+impl TelnyxError {
+    fn kind(&self) -> &'static str {
+        match self {
+            TelnyxError::Unauthorized { .. } => "unauthorized",
+            TelnyxError::NotFound { .. } => "not_found",
+            TelnyxError::RateLimited { .. } => "rate_limited",
+            TelnyxError::Server { .. } => "server",
+            TelnyxError::Rejected { .. } => "rejected",
+            TelnyxError::DownloadDenied { .. } => "download_denied",
+            TelnyxError::Transport(_) => "transport",
+            TelnyxError::Decode(_) => "decode",
+        }
+    }
+}
+
 impl From<TelnyxError> for JobError {
     fn from(e: TelnyxError) -> Self {
+        crate::metrics::metrics().provider_error("telnyx", e.kind());
         match e {
             TelnyxError::RateLimited { retry_after } => JobError::Retryable {
                 message: e.to_string(),
@@ -66,7 +82,7 @@ fn transport(e: reqwest::Error) -> TelnyxError {
 }
 
 /// A recording as `GET /v2/recordings/{id}` describes it.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 pub struct Recording {
     pub id: String,
     pub call_session_id: Option<String>,
@@ -84,7 +100,7 @@ pub struct Recording {
     pub download_urls: DownloadUrls,
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
 pub struct DownloadUrls {
     pub mp3: Option<String>,
     pub wav: Option<String>,
@@ -261,6 +277,40 @@ impl TelnyxClient {
             });
         }
         check(res, || format!("recording file {}", redact_url(url))).await
+    }
+}
+
+impl TelnyxClient {
+    /// The size of the file behind a download URL, asked with a one-byte
+    /// Range request (no HEAD: presigned URLs are signed for GET).
+    pub async fn source_length(&self, url: &str) -> Result<Option<u64>, TelnyxError> {
+        let res = self
+            .http
+            .get(url)
+            .header("range", "bytes=0-0")
+            .send()
+            .await
+            .map_err(transport)?;
+        if matches!(
+            res.status(),
+            StatusCode::FORBIDDEN | StatusCode::UNAUTHORIZED
+        ) {
+            return Err(TelnyxError::DownloadDenied {
+                status: res.status().as_u16(),
+                url: redact_url(url).to_owned(),
+            });
+        }
+        let res = check(res, || format!("recording file {}", redact_url(url))).await?;
+        if res.status() == StatusCode::PARTIAL_CONTENT {
+            let total = res
+                .headers()
+                .get("content-range")
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.rsplit_once('/'))
+                .and_then(|(_, total)| total.parse().ok());
+            return Ok(total);
+        }
+        Ok(res.content_length())
     }
 }
 

@@ -35,6 +35,16 @@ pub enum JobState {
 }
 
 impl JobState {
+    pub const ALL: [JobState; 7] = [
+        JobState::Pending,
+        JobState::Running,
+        JobState::Succeeded,
+        JobState::Failed,
+        JobState::Unmatched,
+        JobState::Cancelled,
+        JobState::Duplicate,
+    ];
+
     pub fn is_final(self) -> bool {
         matches!(
             self,

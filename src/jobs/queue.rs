@@ -19,6 +19,10 @@ pub const NOTIFY_CHANNEL: &str = "recording_jobs";
 pub enum QueueError {
     #[error("database error: {0}")]
     Database(#[from] sqlx::Error),
+    /// An operator function refused (e.g. requeueing a running job); the
+    /// message is PostgreSQL's, written for the operator.
+    #[error("{0}")]
+    Refused(String),
     /// A live job already owns this recording (or its storage object).
     #[error("recording {recording} is already relayed by job {job_id}")]
     AlreadyOwned { recording: String, job_id: i64 },
@@ -43,6 +47,24 @@ pub struct Resolution {
     pub channels: Option<String>,
 }
 
+/// Operator functions RAISE with an explanation (SQLSTATE P0001).
+fn refused_or(e: sqlx::Error) -> QueueError {
+    match &e {
+        sqlx::Error::Database(db) if db.code().as_deref() == Some("P0001") => {
+            QueueError::Refused(db.message().to_owned())
+        }
+        _ => QueueError::Database(e),
+    }
+}
+
+/// One row of the `recording_jobs_queue` view.
+#[derive(Debug, Clone, sqlx::FromRow, serde::Serialize)]
+pub struct QueueDepth {
+    pub state: JobState,
+    pub jobs: i64,
+    pub oldest_runnable_age_seconds: Option<f64>,
+}
+
 fn is_unique_violation(e: &sqlx::Error, constraint: &str) -> bool {
     matches!(e, sqlx::Error::Database(db) if db.code().as_deref() == Some("23505")
         && db.constraint() == Some(constraint))
@@ -59,6 +81,27 @@ pub enum Enqueued {
 pub struct Queue {
     pool: PgPool,
 }
+
+/// The claim: the oldest runnable jobs, skipping rows other workers hold,
+/// leased and counted in one statement that commits at once. `$1` limit,
+/// `$2` worker, `$3` lease in milliseconds. Its plan is tested to use
+/// `recording_jobs_claim_idx`.
+pub const CLAIM_SQL: &str = "WITH picked AS (
+         SELECT id FROM recording_jobs
+         WHERE state = 'pending' AND next_run_at <= now()
+         ORDER BY next_run_at, id
+         LIMIT $1
+         FOR UPDATE SKIP LOCKED
+     )
+     UPDATE recording_jobs j
+     SET state = 'running',
+         attempts = j.attempts + 1,
+         locked_by = $2,
+         locked_until = now() + $3 * interval '1 millisecond',
+         updated_at = now()
+     FROM picked
+     WHERE j.id = picked.id
+     RETURNING j.*";
 
 /// An UPDATE of one claimed job, fenced on its lease: `$1` id, `$2` worker,
 /// `$3` attempt. A worker that lost the lease matches no row.
@@ -129,19 +172,25 @@ impl Queue {
         Ok(id.map_or(Enqueued::Duplicate, Enqueued::Inserted))
     }
 
-    /// Keeps a verified delivery that could not be parsed, byte for byte.
+    /// Keeps a verified delivery that could not be parsed, byte for byte;
+    /// a redelivery of the same body only counts up.
     pub async fn quarantine(
         &self,
         reason: &str,
         signed_at: Option<chrono::DateTime<chrono::Utc>>,
         raw_body: &[u8],
     ) -> Result<i64, QueueError> {
+        use sha2::Digest as _;
         let id = sqlx::query_scalar(
-            "INSERT INTO webhook_quarantine (reason, signed_at, raw_body)
-             VALUES ($1, $2, $3) RETURNING id",
+            "INSERT INTO webhook_quarantine (reason, signed_at, body_sha256, raw_body)
+             VALUES ($1, $2, $3, $4)
+             ON CONFLICT (body_sha256) DO UPDATE
+             SET deliveries = webhook_quarantine.deliveries + 1, last_received_at = now()
+             RETURNING id",
         )
         .bind(reason)
         .bind(signed_at)
+        .bind(sha2::Sha256::digest(raw_body).to_vec())
         .bind(raw_body)
         .fetch_one(&self.pool)
         .await?;
@@ -156,29 +205,12 @@ impl Queue {
         limit: usize,
         lease: Duration,
     ) -> Result<Vec<Job>, QueueError> {
-        let jobs = sqlx::query_as::<_, Job>(
-            "WITH picked AS (
-                 SELECT id FROM recording_jobs
-                 WHERE state = 'pending' AND next_run_at <= now()
-                 ORDER BY next_run_at, id
-                 LIMIT $1
-                 FOR UPDATE SKIP LOCKED
-             )
-             UPDATE recording_jobs j
-             SET state = 'running',
-                 attempts = j.attempts + 1,
-                 locked_by = $2,
-                 locked_until = now() + $3 * interval '1 millisecond',
-                 updated_at = now()
-             FROM picked
-             WHERE j.id = picked.id
-             RETURNING j.*",
-        )
-        .bind(i64::try_from(limit).unwrap_or(i64::MAX))
-        .bind(worker)
-        .bind(millis(lease))
-        .fetch_all(&self.pool)
-        .await?;
+        let jobs = sqlx::query_as::<_, Job>(CLAIM_SQL)
+            .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+            .bind(worker)
+            .bind(millis(lease))
+            .fetch_all(&self.pool)
+            .await?;
         Ok(jobs)
     }
 
@@ -373,9 +405,11 @@ impl Queue {
         }
     }
 
-    /// Step 2 done: the intake this recording belongs to.
+    /// Step 2 done: the intake this recording belongs to. Runs inside the
+    /// transaction that claims the intake (see `pipeline::intakes`).
     pub async fn save_match(
         &self,
+        tx: &mut sqlx::PgConnection,
         lease: &Lease,
         intake_id: uuid::Uuid,
         method: &str,
@@ -386,7 +420,7 @@ impl Queue {
         )
         .bind(intake_id)
         .bind(method)
-        .execute(&self.pool)
+        .execute(&mut *tx)
         .await?;
         Ok(done.rows_affected() == 1)
     }
@@ -492,6 +526,125 @@ impl Queue {
             .fetch_optional(&self.pool)
             .await?;
         Ok(job)
+    }
+
+    /// Makes a failed, cancelled, unmatched or waiting job runnable now with
+    /// fresh attempts (the `recording_jobs_requeue` SQL function).
+    pub async fn requeue(&self, id: i64) -> Result<(), QueueError> {
+        sqlx::query("SELECT recording_jobs_requeue($1)")
+            .bind(id)
+            .execute(&self.pool)
+            .await
+            .map_err(refused_or)?;
+        Ok(())
+    }
+
+    /// Requeues every failed job; returns how many.
+    pub async fn requeue_failed(&self) -> Result<i32, QueueError> {
+        let n = sqlx::query_scalar("SELECT recording_jobs_requeue_failed()")
+            .fetch_one(&self.pool)
+            .await
+            .map_err(refused_or)?;
+        Ok(n)
+    }
+
+    pub async fn cancel(&self, id: i64) -> Result<(), QueueError> {
+        sqlx::query("SELECT recording_jobs_cancel($1)")
+            .bind(id)
+            .execute(&self.pool)
+            .await
+            .map_err(refused_or)?;
+        Ok(())
+    }
+
+    /// Attaches an unmatched recording to an intake and requeues it for linking.
+    pub async fn attach(&self, id: i64, intake: uuid::Uuid) -> Result<(), QueueError> {
+        sqlx::query("SELECT recording_jobs_attach($1, $2)")
+            .bind(id)
+            .bind(intake)
+            .execute(&self.pool)
+            .await
+            .map_err(refused_or)?;
+        Ok(())
+    }
+
+    /// Newest first, optionally of one state.
+    pub async fn list(&self, state: Option<JobState>, limit: i64) -> Result<Vec<Job>, QueueError> {
+        let jobs = sqlx::query_as::<_, Job>(
+            "SELECT * FROM recording_jobs
+             WHERE $1::recording_job_state IS NULL OR state = $1
+             ORDER BY id DESC LIMIT $2",
+        )
+        .bind(state)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(jobs)
+    }
+
+    pub async fn queue_depth(&self) -> Result<Vec<QueueDepth>, QueueError> {
+        let rows = sqlx::query_as::<_, QueueDepth>(
+            "SELECT state, jobs, oldest_runnable_age_seconds::float8 AS oldest_runnable_age_seconds
+             FROM recording_jobs_queue",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows)
+    }
+
+    /// Retention: deletes finished jobs older than their state's period, in
+    /// batches of `batch` so each transaction stays short and vacuum keeps
+    /// up. Failures (failed, unmatched) have their own, longer period.
+    /// Returns how many rows were deleted.
+    pub async fn prune_finished(
+        &self,
+        succeeded_for: Duration,
+        failed_for: Duration,
+        batch: i64,
+    ) -> Result<u64, QueueError> {
+        let mut total = 0;
+        loop {
+            let done = sqlx::query(
+                "DELETE FROM recording_jobs
+                 WHERE id IN (
+                     SELECT id FROM recording_jobs
+                     WHERE (state IN ('succeeded', 'duplicate', 'cancelled')
+                            AND finished_at < now() - $1 * interval '1 millisecond')
+                        OR (state IN ('failed', 'unmatched')
+                            AND finished_at < now() - $2 * interval '1 millisecond')
+                     LIMIT $3
+                     FOR UPDATE SKIP LOCKED)",
+            )
+            .bind(millis(succeeded_for))
+            .bind(millis(failed_for))
+            .bind(batch)
+            .execute(&self.pool)
+            .await?;
+            total += done.rows_affected();
+            if done.rows_affected() < u64::try_from(batch).unwrap_or(0) {
+                return Ok(total);
+            }
+        }
+    }
+
+    /// Whether a job covers this recording: by id, or an unresolved job of
+    /// the same call (it will find this recording when it resolves).
+    pub async fn has_job_for_recording(
+        &self,
+        recording_id: &str,
+        call_session_id: Option<&str>,
+    ) -> Result<bool, QueueError> {
+        let known = sqlx::query_scalar(
+            "SELECT EXISTS (
+                 SELECT 1 FROM recording_jobs
+                 WHERE recording_id = $1
+                    OR (recording_id IS NULL AND call_session_id = $2))",
+        )
+        .bind(recording_id)
+        .bind(call_session_id)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(known)
     }
 
     /// Jobs per state, for readiness output and tests.
@@ -836,20 +989,206 @@ mod tests {
             .execute(q.pool())
             .await
             .unwrap();
-        let plan: Vec<(String,)> = sqlx::query_as(
-            "EXPLAIN SELECT id FROM recording_jobs
-             WHERE state = 'pending' AND next_run_at <= now()
-             ORDER BY next_run_at, id LIMIT 10 FOR UPDATE SKIP LOCKED",
-        )
-        .fetch_all(q.pool())
+        let mut conn = q.pool().acquire().await.unwrap();
+        sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+            "PREPARE claim(bigint, text, bigint) AS {CLAIM_SQL}"
+        )))
+        .execute(&mut *conn)
         .await
         .unwrap();
+        // EXPLAIN without ANALYZE plans the UPDATE without running it.
+        let plan: Vec<(String,)> = sqlx::query_as("EXPLAIN EXECUTE claim(10, 'w', 1000)")
+            .fetch_all(&mut *conn)
+            .await
+            .unwrap();
         let plan = plan.into_iter().map(|r| r.0).collect::<Vec<_>>().join("\n");
         assert!(plan.contains("recording_jobs_claim_idx"), "{plan}");
         assert!(
             !plan.contains("Sort"),
             "the index order must serve ORDER BY:\n{plan}"
         );
+    }
+
+    async fn failed_job(q: &Queue, event_id: &str) -> i64 {
+        q.enqueue(&new_job(event_id)).await.unwrap();
+        let lease = one_claimed(q, "w").await.lease().unwrap();
+        q.finish_unsuccessfully(&lease, JobState::Failed, "permanent", "boom")
+            .await
+            .unwrap();
+        lease.job_id
+    }
+
+    #[sqlx::test(migrations = false)]
+    async fn requeue_gives_a_failed_job_fresh_attempts(pool: PgPool) {
+        let q = queue(pool).await;
+        let id = failed_job(&q, "ev-1").await;
+        q.requeue(id).await.unwrap();
+        let job = q.get(id).await.unwrap().unwrap();
+        assert_eq!(job.state, JobState::Pending);
+        assert_eq!(job.attempts, 0);
+        assert!(job.finished_at.is_none());
+        assert_eq!(
+            job.errors.as_array().unwrap().last().unwrap()["kind"],
+            "requeued"
+        );
+        assert_eq!(one_claimed(&q, "w").await.id, id);
+        // Running now: refused with an explanation.
+        let err = q.requeue(id).await.unwrap_err();
+        assert!(
+            matches!(err, QueueError::Refused(ref m) if m.contains("nothing to requeue")),
+            "{err}"
+        );
+        assert!(matches!(q.requeue(999).await, Err(QueueError::Refused(_))));
+    }
+
+    #[sqlx::test(migrations = false)]
+    async fn requeue_failed_takes_every_failed_job(pool: PgPool) {
+        let q = queue(pool).await;
+        failed_job(&q, "a").await;
+        failed_job(&q, "b").await;
+        q.enqueue(&new_job("c")).await.unwrap();
+        assert_eq!(q.requeue_failed().await.unwrap(), 2);
+        assert_eq!(
+            q.count_by_state().await.unwrap(),
+            vec![(JobState::Pending, 3)]
+        );
+    }
+
+    #[sqlx::test(migrations = false)]
+    async fn cancel_fences_out_the_running_worker(pool: PgPool) {
+        let q = queue(pool).await;
+        q.enqueue(&new_job("ev-1")).await.unwrap();
+        let lease = one_claimed(&q, "w").await.lease().unwrap();
+        q.cancel(lease.job_id).await.unwrap();
+        assert!(!q.heartbeat(&lease, LEASE).await.unwrap());
+        assert!(!q.complete(&lease).await.unwrap());
+        let job = q.get(lease.job_id).await.unwrap().unwrap();
+        assert_eq!(job.state, JobState::Cancelled);
+        assert!(job.last_error.unwrap().starts_with("cancelled by"));
+        assert!(matches!(
+            q.cancel(lease.job_id).await,
+            Err(QueueError::Refused(_))
+        ));
+    }
+
+    #[sqlx::test(migrations = false)]
+    async fn attach_links_an_unmatched_recording_to_an_intake(pool: PgPool) {
+        let q = queue(pool).await;
+        q.enqueue(&new_job("ev-1")).await.unwrap();
+        let lease = one_claimed(&q, "w").await.lease().unwrap();
+        q.finish_unsuccessfully(&lease, JobState::Unmatched, "unmatched", "no intake")
+            .await
+            .unwrap();
+        sqlx::query("UPDATE recording_jobs SET recording_id = 'rec-1'")
+            .execute(q.pool())
+            .await
+            .unwrap();
+        let intakes: Vec<uuid::Uuid> = sqlx::query_scalar(
+            "INSERT INTO intakes (recording_id) VALUES (NULL), ('rec-other') RETURNING id",
+        )
+        .fetch_all(q.pool())
+        .await
+        .unwrap();
+        let err = q.attach(lease.job_id, intakes[1]).await.unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("already holds recording rec-other"),
+            "{err}"
+        );
+        q.attach(lease.job_id, intakes[0]).await.unwrap();
+        let job = q.get(lease.job_id).await.unwrap().unwrap();
+        assert_eq!(job.state, JobState::Pending);
+        assert_eq!(job.intake_id, Some(intakes[0]));
+        assert_eq!(job.match_method.as_deref(), Some("manual"));
+        assert!(matches!(
+            q.attach(lease.job_id, intakes[0]).await,
+            Err(QueueError::Refused(_))
+        ));
+    }
+
+    #[sqlx::test(migrations = false)]
+    async fn dba_views_show_failed_unmatched_stuck_and_depth(pool: PgPool) {
+        let q = queue(pool).await;
+        failed_job(&q, "failed").await;
+        q.enqueue(&new_job("stuck")).await.unwrap();
+        let stuck = one_claimed(&q, "gone-worker").await;
+        sqlx::query(
+            "UPDATE recording_jobs SET locked_until = now() - interval '1 hour' WHERE id = $1",
+        )
+        .bind(stuck.id)
+        .execute(q.pool())
+        .await
+        .unwrap();
+        q.enqueue(&new_job("waiting")).await.unwrap();
+        sqlx::query("UPDATE recording_jobs SET next_run_at = now() - interval '90 seconds' WHERE event_id = 'waiting'")
+            .execute(q.pool())
+            .await
+            .unwrap();
+
+        let failed: Vec<String> = sqlx::query_scalar("SELECT event_id FROM recording_jobs_failed")
+            .fetch_all(q.pool())
+            .await
+            .unwrap();
+        assert_eq!(failed, ["failed"]);
+        let stuck_ids: Vec<i64> = sqlx::query_scalar("SELECT id FROM recording_jobs_stuck")
+            .fetch_all(q.pool())
+            .await
+            .unwrap();
+        assert_eq!(stuck_ids, [stuck.id]);
+        let depth = q.queue_depth().await.unwrap();
+        let pending = depth.iter().find(|d| d.state == JobState::Pending).unwrap();
+        assert_eq!(pending.jobs, 1);
+        let age = pending.oldest_runnable_age_seconds.unwrap();
+        assert!((89.0..120.0).contains(&age), "{age}");
+        q.enqueue(&new_job("orphan")).await.unwrap();
+        let lease = one_claimed(&q, "w").await.lease().unwrap();
+        q.finish_unsuccessfully(&lease, JobState::Unmatched, "unmatched", "no intake")
+            .await
+            .unwrap();
+        let unmatched: Vec<i64> = sqlx::query_scalar("SELECT id FROM recording_jobs_unmatched")
+            .fetch_all(q.pool())
+            .await
+            .unwrap();
+        assert_eq!(unmatched, [lease.job_id]);
+    }
+
+    #[sqlx::test(migrations = false)]
+    async fn retention_deletes_only_what_it_should(pool: PgPool) {
+        let q = queue(pool).await;
+        // state, finished how many days ago
+        for (i, (state, days)) in [
+            ("succeeded", 40),
+            ("succeeded", 10),
+            ("duplicate", 40),
+            ("failed", 40),
+            ("failed", 100),
+            ("unmatched", 100),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            sqlx::query(
+                "INSERT INTO recording_jobs (event_id, event_type, event, state, finished_at, last_error)
+                 VALUES ($1, 'call.recording.saved', '{}', $2::recording_job_state,
+                         now() - $3 * interval '1 day', 'x')",
+            )
+            .bind(format!("{state}-{days}-{i}"))
+            .bind(state)
+            .bind(f64::from(days))
+            .execute(q.pool())
+            .await
+            .unwrap();
+        }
+        q.enqueue(&new_job("pending")).await.unwrap();
+        let day = Duration::from_secs(86_400);
+        let deleted = q.prune_finished(30 * day, 90 * day, 1).await.unwrap();
+        assert_eq!(deleted, 4, "batches of one until done");
+        let mut left: Vec<String> = sqlx::query_scalar("SELECT event_id FROM recording_jobs")
+            .fetch_all(q.pool())
+            .await
+            .unwrap();
+        left.sort();
+        assert_eq!(left, ["failed-40-3", "pending", "succeeded-10-1"]);
     }
 
     #[sqlx::test(migrations = false)]

@@ -109,7 +109,12 @@ impl<H: JobHandler> Worker<H> {
         );
 
         loop {
-            self.claim_into(&mut in_flight, &hard_stop).await;
+            // A claim stuck on a lock must not hold up shutdown.
+            tokio::select! {
+                biased;
+                () = shutdown.cancelled() => break,
+                () = self.claim_into(&mut in_flight, &hard_stop) => {}
+            }
             tokio::select! {
                 biased;
                 () = shutdown.cancelled() => break,
@@ -243,18 +248,26 @@ async fn run_job<H: JobHandler>(
     record(&queue, &opts, &lease, end, started.elapsed()).await;
 }
 
-/// Heartbeats every third of the lease; returns only when the lease is lost.
+/// Heartbeats every third of the lease; returns only when the lease is lost:
+/// refused by the database, or not renewed for so long (the database is
+/// unreachable) that another worker may be rescuing the job by now.
 async fn keep_lease_alive(queue: &Queue, lease: &Lease, duration: Duration) {
     let mut every = tokio::time::interval(duration / 3);
     every.set_missed_tick_behavior(MissedTickBehavior::Delay);
     every.tick().await; // the first tick is immediate; the claim just set the lease
+    let mut renewed = tokio::time::Instant::now();
+    // Stop before the lease can expire, with a margin for clock skew and
+    // the rescuer's poll.
+    let give_up_after = duration - duration / 6;
     loop {
         every.tick().await;
         match queue.heartbeat(lease, duration).await {
-            Ok(true) => {}
+            Ok(true) => renewed = tokio::time::Instant::now(),
             Ok(false) => return,
-            // Keep working: if the outage outlasts the lease, the next
-            // heartbeat that gets through reports the loss.
+            Err(e) if renewed.elapsed() >= give_up_after => {
+                warn!(error = %e, "heartbeats failing for most of the lease; giving the job up");
+                return;
+            }
             Err(e) => warn!(error = %e, "heartbeat failed"),
         }
     }
@@ -293,6 +306,7 @@ async fn record(queue: &Queue, opts: &WorkerOptions, lease: &Lease, end: RunEnd,
             return;
         }
     };
+    crate::metrics::metrics().job_finished(outcome_label(&end, state), took);
     if matches!(state, JobState::Failed | JobState::Unmatched)
         && let Some(alerter) = &opts.alerter
     {
@@ -312,6 +326,14 @@ async fn record(queue: &Queue, opts: &WorkerOptions, lease: &Lease, end: RunEnd,
         RunEnd::Finished(Err(e)) => error!(took_ms, error = %e, kind = e.kind(), "job failed"),
         RunEnd::Interrupted => info!(took_ms, "job released at shutdown"),
         RunEnd::LeaseLost => {}
+    }
+}
+
+fn outcome_label(end: &RunEnd, state: JobState) -> &'static str {
+    match (end, state) {
+        (RunEnd::Interrupted, _) => "released",
+        (RunEnd::Finished(Err(_)), JobState::Pending) => "retry",
+        (_, state) => state.as_str(),
     }
 }
 

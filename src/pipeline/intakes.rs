@@ -28,10 +28,36 @@ impl MatchMethod {
 pub struct MatchInput<'a> {
     pub recording_id: &'a str,
     pub client_state: Option<&'a str>,
-    pub numbers: [Option<&'a str>; 2],
+    /// The patient's number: the remote party of the call.
+    pub number: Option<&'a str>,
+    /// When set, only intakes of this organization match (the Telnyx
+    /// connection the call came through identifies the tenant).
+    pub organization: Option<Uuid>,
     pub around: DateTime<Utc>,
     pub window: std::time::Duration,
 }
+
+/// What the matcher found.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Found {
+    Intake(Uuid, MatchMethod),
+    Nothing,
+    /// Several patients share the number within the window: guessing could
+    /// put one patient's call in another's chart.
+    Ambiguous(String),
+}
+
+/// The phone-and-time lookup; the `EXPLAIN` test checks its plan.
+pub const MATCH_BY_PHONE_SQL: &str = "SELECT i.id, i.patient_id
+     FROM intakes i
+     JOIN patients p ON p.id = i.patient_id
+     WHERE recording_relay_phone_key(p.phone) = recording_relay_phone_key($1)
+       AND i.created_at BETWEEN $2 - $3 * interval '1 millisecond'
+                            AND $2 + $3 * interval '1 millisecond'
+       AND (i.recording_id IS NULL OR i.recording_id = $4)
+       AND ($5::uuid IS NULL OR i.organization_id = $5)
+     ORDER BY abs(extract(epoch FROM i.created_at - $2)), i.created_at DESC, i.id
+     LIMIT 20";
 
 /// `client_state` is set by whoever started the call: base64 of an intake
 /// id, of `{"intake_id": "..."}`, or (leniently) the bare id.
@@ -57,64 +83,70 @@ pub fn intake_id_from_client_state(client_state: &str) -> Option<Uuid> {
 }
 
 /// Finds the intake: an explicit id in `client_state` wins; otherwise the
-/// patient's number (either party of the call) and the intake created
-/// nearest to the recording's start, within the window, that has no other
-/// recording yet.
-pub async fn find_intake(
-    pool: &PgPool,
-    m: &MatchInput<'_>,
-) -> Result<Option<(Uuid, MatchMethod)>, sqlx::Error> {
+/// patient with this number and their intake created nearest to the
+/// recording's start, within the window, that has no other recording yet.
+pub async fn find_intake(pool: &PgPool, m: &MatchInput<'_>) -> Result<Found, sqlx::Error> {
     if let Some(id) = m.client_state.and_then(intake_id_from_client_state) {
-        let exists: Option<Uuid> = sqlx::query_scalar("SELECT id FROM intakes WHERE id = $1")
-            .bind(id)
-            .fetch_optional(pool)
-            .await?;
+        let exists: Option<Uuid> = sqlx::query_scalar(
+            "SELECT id FROM intakes WHERE id = $1 AND ($2::uuid IS NULL OR organization_id = $2)",
+        )
+        .bind(id)
+        .bind(m.organization)
+        .fetch_optional(pool)
+        .await?;
         if let Some(id) = exists {
-            return Ok(Some((id, MatchMethod::ClientState)));
+            return Ok(Found::Intake(id, MatchMethod::ClientState));
         }
     }
-    let [a, b] = m.numbers;
-    if a.is_none() && b.is_none() {
-        return Ok(None);
-    }
+    let Some(number) = m.number else {
+        return Ok(Found::Nothing);
+    };
     let window_ms = i64::try_from(m.window.as_millis()).unwrap_or(i64::MAX);
-    let found: Option<Uuid> = sqlx::query_scalar(
-        "SELECT i.id
-         FROM intakes i
-         JOIN patients p ON p.id = i.patient_id
-         WHERE recording_relay_phone_key(p.phone) IN (recording_relay_phone_key($1), recording_relay_phone_key($2))
-           AND i.created_at BETWEEN $3 - $4 * interval '1 millisecond'
-                                AND $3 + $4 * interval '1 millisecond'
-           AND (i.recording_id IS NULL OR i.recording_id = $5)
-         ORDER BY abs(extract(epoch FROM i.created_at - $3)), i.created_at DESC, i.id
-         LIMIT 1",
-    )
-    .bind(a)
-    .bind(b)
-    .bind(m.around)
-    .bind(window_ms)
-    .bind(m.recording_id)
-    .fetch_optional(pool)
-    .await?;
-    Ok(found.map(|id| (id, MatchMethod::PhoneAndTime)))
+    let candidates: Vec<(Uuid, Option<Uuid>)> = sqlx::query_as(MATCH_BY_PHONE_SQL)
+        .bind(number)
+        .bind(m.around)
+        .bind(window_ms)
+        .bind(m.recording_id)
+        .bind(m.organization)
+        .fetch_all(pool)
+        .await?;
+    let Some(&(nearest, _)) = candidates.first() else {
+        return Ok(Found::Nothing);
+    };
+    let patients = candidates
+        .iter()
+        .map(|(_, p)| *p)
+        .collect::<std::collections::HashSet<_>>();
+    if patients.len() > 1 {
+        return Ok(Found::Ambiguous(format!(
+            "{} patients with this number have intakes in the window",
+            patients.len()
+        )));
+    }
+    Ok(Found::Intake(nearest, MatchMethod::PhoneAndTime))
 }
 
-/// Why an intake could not take this recording.
+/// Whether an intake took this recording.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Claim {
     Claimed,
     Gone,
     TakenBy(String),
+    LeaseLost,
 }
 
 /// Saves `recording_id` and `recording_duration` on the intake (the UI's
-/// "processing" state), unless it already holds another recording.
+/// "processing" state) and records the match on the job, in one transaction
+/// fenced on the lease: a worker that lost its lease claims nothing.
 pub async fn claim_intake(
-    pool: &PgPool,
+    queue: &Queue,
+    lease: &Lease,
     intake: Uuid,
+    method: MatchMethod,
     recording_id: &str,
     duration_secs: Option<i32>,
-) -> Result<Claim, sqlx::Error> {
+) -> Result<Claim, QueueError> {
+    let mut tx = queue.pool().begin().await?;
     // Concurrent claims serialise on the row lock; the loser re-checks the
     // WHERE against the winner's value and updates nothing.
     let updated = sqlx::query(
@@ -125,16 +157,25 @@ pub async fn claim_intake(
     .bind(intake)
     .bind(recording_id)
     .bind(duration_secs)
-    .execute(pool)
+    .execute(&mut *tx)
     .await?;
     if updated.rows_affected() == 1 {
+        if !queue
+            .save_match(&mut tx, lease, intake, method.as_str())
+            .await?
+        {
+            tx.rollback().await?;
+            return Ok(Claim::LeaseLost);
+        }
+        tx.commit().await?;
         return Ok(Claim::Claimed);
     }
     let other: Option<Option<String>> =
         sqlx::query_scalar("SELECT recording_id FROM intakes WHERE id = $1")
             .bind(intake)
-            .fetch_optional(pool)
+            .fetch_optional(&mut *tx)
             .await?;
+    tx.rollback().await?;
     Ok(match other {
         None => Claim::Gone,
         Some(other) => Claim::TakenBy(other.unwrap_or_default()),
@@ -148,6 +189,7 @@ pub async fn link(
     lease: &Lease,
     intake: Uuid,
     recording_id: &str,
+    duration_secs: Option<i32>,
     object_path: &str,
     recording_url: &str,
 ) -> Result<bool, QueueError> {
@@ -155,6 +197,7 @@ pub async fn link(
     let updated = sqlx::query(
         "UPDATE intakes
          SET recording_id = $2, recording_object_path = $3, recording_url = $4,
+             recording_duration = coalesce($5, recording_duration),
              recording_migrated_at = now()
          WHERE id = $1 AND (recording_id IS NULL OR recording_id = $2)",
     )
@@ -162,6 +205,7 @@ pub async fn link(
     .bind(recording_id)
     .bind(object_path)
     .bind(recording_url)
+    .bind(duration_secs)
     .execute(&mut *tx)
     .await?;
     if updated.rows_affected() != 1 || !queue.mark_linked(&mut tx, lease).await? {
@@ -215,10 +259,31 @@ mod tests {
         MatchInput {
             recording_id: rec,
             client_state: None,
-            numbers: [Some(number), None],
+            number: Some(number),
+            organization: None,
             around: Utc::now(),
             window: Duration::from_secs(600),
         }
+    }
+
+    /// A job claimed by a worker, to fence intake claims on.
+    async fn claimed(queue: &Queue, event: &str) -> Lease {
+        queue
+            .enqueue(&crate::jobs::NewJob {
+                event_id: event.into(),
+                event_type: "call.recording.saved".into(),
+                event: serde_json::json!({}),
+                max_attempts: 3,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        let job = queue
+            .claim("w", 1, Duration::from_secs(30))
+            .await
+            .unwrap()
+            .remove(0);
+        job.lease().unwrap()
     }
 
     #[sqlx::test(migrations = false)]
@@ -231,38 +296,98 @@ mod tests {
         let found = find_intake(&pool, &input("+1 971 265 6795", "rec-1"))
             .await
             .unwrap();
-        assert_eq!(found, Some((near, MatchMethod::PhoneAndTime)));
+        assert_eq!(found, Found::Intake(near, MatchMethod::PhoneAndTime));
         assert_eq!(
             find_intake(&pool, &input("+1 503 000 0000", "rec-1"))
                 .await
                 .unwrap(),
-            None
+            Found::Nothing
         );
     }
 
     #[sqlx::test(migrations = false)]
     async fn intakes_with_another_recording_are_skipped(pool: PgPool) {
         let pool = testing::prepare(pool).await;
+        let queue = Queue::new(pool.clone());
         let p = patient(&pool, "9712656795").await;
         let older = intake(&pool, p, -5).await;
         let newer = intake(&pool, p, -1).await;
-        assert_eq!(
-            claim_intake(&pool, newer, "rec-A", Some(60)).await.unwrap(),
-            Claim::Claimed
-        );
+        let a = claimed(&queue, "a").await;
+        let claim = claim_intake(
+            &queue,
+            &a,
+            newer,
+            MatchMethod::PhoneAndTime,
+            "rec-A",
+            Some(60),
+        )
+        .await;
+        assert_eq!(claim.unwrap(), Claim::Claimed);
         let found = find_intake(&pool, &input("+19712656795", "rec-B"))
             .await
             .unwrap();
-        assert_eq!(found, Some((older, MatchMethod::PhoneAndTime)));
-        assert_eq!(
-            claim_intake(&pool, newer, "rec-B", None).await.unwrap(),
-            Claim::TakenBy("rec-A".into())
-        );
-        assert_eq!(
-            claim_intake(&pool, newer, "rec-A", None).await.unwrap(),
-            Claim::Claimed,
-            "idempotent"
-        );
+        assert_eq!(found, Found::Intake(older, MatchMethod::PhoneAndTime));
+        let b = claimed(&queue, "b").await;
+        let claim = claim_intake(&queue, &b, newer, MatchMethod::PhoneAndTime, "rec-B", None).await;
+        assert_eq!(claim.unwrap(), Claim::TakenBy("rec-A".into()));
+        let again = claim_intake(&queue, &a, newer, MatchMethod::PhoneAndTime, "rec-A", None).await;
+        assert_eq!(again.unwrap(), Claim::Claimed, "idempotent");
+    }
+
+    #[sqlx::test(migrations = false)]
+    async fn a_worker_without_its_lease_claims_nothing(pool: PgPool) {
+        let pool = testing::prepare(pool).await;
+        let queue = Queue::new(pool.clone());
+        let intake = intake(&pool, patient(&pool, "9712656795").await, 0).await;
+        let mut stale = claimed(&queue, "a").await;
+        stale.worker = "someone-else".into();
+        let claim = claim_intake(
+            &queue,
+            &stale,
+            intake,
+            MatchMethod::PhoneAndTime,
+            "rec-A",
+            None,
+        )
+        .await;
+        assert_eq!(claim.unwrap(), Claim::LeaseLost);
+        let held: Option<String> =
+            sqlx::query_scalar("SELECT recording_id FROM intakes WHERE id = $1")
+                .bind(intake)
+                .fetch_one(&pool)
+                .await
+                .unwrap();
+        assert_eq!(held, None, "rolled back");
+    }
+
+    #[sqlx::test(migrations = false)]
+    async fn two_patients_sharing_a_number_are_not_guessed_between(pool: PgPool) {
+        let pool = testing::prepare(pool).await;
+        let parent = patient(&pool, "971-265-6795").await;
+        let child = patient(&pool, "(971) 265 6795").await;
+        intake(&pool, parent, -2).await;
+        intake(&pool, child, -3).await;
+        let found = find_intake(&pool, &input("+19712656795", "rec-1"))
+            .await
+            .unwrap();
+        assert!(matches!(found, Found::Ambiguous(_)), "{found:?}");
+    }
+
+    #[sqlx::test(migrations = false)]
+    async fn the_organization_scopes_the_match(pool: PgPool) {
+        let pool = testing::prepare(pool).await;
+        let p = patient(&pool, "9712656795").await;
+        let theirs = intake(&pool, p, -1).await;
+        let org = Uuid::new_v4();
+        sqlx::query("UPDATE intakes SET organization_id = $1 WHERE id = $2")
+            .bind(Uuid::new_v4())
+            .bind(theirs)
+            .execute(&pool)
+            .await
+            .unwrap();
+        let mut m = input("+19712656795", "rec-1");
+        m.organization = Some(org);
+        assert_eq!(find_intake(&pool, &m).await.unwrap(), Found::Nothing);
     }
 
     #[sqlx::test(migrations = false)]
@@ -276,7 +401,7 @@ mod tests {
         m.client_state = Some(&state);
         assert_eq!(
             find_intake(&pool, &m).await.unwrap(),
-            Some((other, MatchMethod::ClientState))
+            Found::Intake(other, MatchMethod::ClientState)
         );
         let _ = by_phone;
     }
@@ -292,10 +417,17 @@ mod tests {
             .execute(&pool)
             .await
             .unwrap();
+        let mut conn = pool.acquire().await.unwrap();
+        sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+            "PREPARE match_by_phone(text, timestamptz, bigint, text, uuid) AS {MATCH_BY_PHONE_SQL}"
+        )))
+        .execute(&mut *conn)
+        .await
+        .unwrap();
         let plan: Vec<String> = sqlx::query_scalar(
-            "EXPLAIN SELECT id FROM patients WHERE recording_relay_phone_key(phone) = recording_relay_phone_key('+1 555 000 1234')",
+            "EXPLAIN EXECUTE match_by_phone('+1 555 000 1234', now(), 600000, 'rec', NULL)",
         )
-        .fetch_all(&pool)
+        .fetch_all(&mut *conn)
         .await
         .unwrap();
         assert!(

@@ -18,9 +18,9 @@ use std::time::{Duration, Instant};
 use tracing::{info, warn};
 use uuid::Uuid;
 
-use self::intakes::{Claim, MatchInput};
+use self::intakes::{Claim, Found, MatchInput};
 use self::transfer::{Digest, Tally};
-use crate::config::{AudioFormat, Config, PipelineConfig};
+use crate::config::{AudioFormat, Config, Party, PipelineConfig};
 use crate::jobs::{
     Job, JobContext, JobError, JobHandler, Lease, Outcome, Queue, QueueError, Resolution,
 };
@@ -167,9 +167,17 @@ impl Run<'_> {
         {
             return Ok(outcome);
         }
-        let unmatched = match self.job.intake_id {
-            Some(_) => None,
-            None => Some(self.match_intake().await?).flatten(),
+        let unmatched = match (self.job.intake_id, &self.job.object_path) {
+            (Some(_), _) => None,
+            // Planned as unmatched by an earlier attempt: keep that path
+            // rather than match late and leave an orphan copy behind.
+            (None, Some(_)) => Some(
+                self.job
+                    .last_error
+                    .clone()
+                    .unwrap_or_else(|| "stored as unmatched by an earlier attempt".to_owned()),
+            ),
+            (None, None) => self.match_intake().await?,
         };
         if self.job.stored_at.is_none()
             && let Some(outcome) = self.store().await?
@@ -201,11 +209,21 @@ impl Run<'_> {
             (Some(id), _) => self.p.telnyx.get_recording(id).await?,
             (None, Some(session)) => {
                 let listed = self.p.telnyx.recordings_of_call(session).await?;
-                pick_recording(listed, &self.job).ok_or_else(|| {
-                    JobError::retryable(format!(
-                        "Telnyx lists no recording for call session {session} yet"
-                    ))
-                })?
+                match pick_recording(listed, &self.job) {
+                    Pick::Found(recording) => *recording,
+                    Pick::NotYet => {
+                        return Err(JobError::retryable(format!(
+                            "Telnyx lists no recording of call session {session} \
+                             with this event's leg and start time yet"
+                        )));
+                    }
+                    Pick::Ambiguous(n) => {
+                        return Err(JobError::permanent(format!(
+                            "{n} recordings of call session {session} fit this event; \
+                             enqueue the right one by recording id (reconcile)"
+                        )));
+                    }
+                }
             }
             (None, None) => {
                 return Err(JobError::permanent(
@@ -251,72 +269,84 @@ impl Run<'_> {
         Ok(None)
     }
 
-    /// Step 2. `Ok(None)`: matched. `Ok(Some(reason))`: no intake after the
-    /// configured attempts; store as unmatched. Retryable error before that.
+    /// Step 2. `Ok(None)`: matched. `Ok(Some(reason))`: store as unmatched
+    /// (no intake after the configured attempts, or an ambiguous one).
+    /// Retryable error before that.
     async fn match_intake(&mut self) -> Result<Option<String>, JobError> {
         let recording_id = self.recording_id()?.to_owned();
+        let opts = &self.p.opts;
         let j = &self.job;
         let around = j
             .recording_started_at
             .or(j.occurred_at)
             .unwrap_or(j.created_at);
+        let number = match opts.patient_party {
+            Party::To => j.to_number.as_deref(),
+            Party::From => j.from_number.as_deref(),
+        };
         let input = MatchInput {
             recording_id: &recording_id,
             client_state: j.client_state.as_deref(),
-            numbers: [j.to_number.as_deref(), j.from_number.as_deref()],
+            number,
+            organization: j
+                .connection_id
+                .as_ref()
+                .and_then(|c| opts.connection_organizations.get(c).copied()),
             around,
-            window: self.p.opts.match_window,
+            window: opts.match_window,
         };
-        let pool = self.queue.pool();
-        let found = intakes::find_intake(pool, &input)
+        let found = intakes::find_intake(self.queue.pool(), &input)
             .await
             .map_err(QueueError::from)?;
-        let Some((intake, method)) = found else {
-            let masked = [j.to_number.as_deref(), j.from_number.as_deref()]
-                .into_iter()
-                .flatten()
-                .map(mask_phone)
-                .collect::<Vec<_>>()
-                .join(", ");
-            let why = format!(
-                "no intake matches (numbers {masked}, created within {} of {around})",
-                humantime::format_duration(self.p.opts.match_window)
-            );
-            if j.attempts < self.p.opts.match_attempts {
-                return Err(JobError::retryable(format!(
-                    "{why}; the intake may not be saved yet"
-                )));
+        let (intake, method) = match found {
+            Found::Intake(intake, method) => (intake, method),
+            Found::Ambiguous(why) => return Ok(Some(why)),
+            Found::Nothing => {
+                return self.unmatched_or_retry(format!(
+                    "no intake matches (patient number {}, created within {} of {around})",
+                    number
+                        .map(mask_phone)
+                        .unwrap_or_else(|| "unknown".to_owned()),
+                    humantime::format_duration(opts.match_window)
+                ));
             }
-            warn!(reason = %why, "storing the recording as unmatched");
-            return Ok(Some(why));
         };
-        let duration_secs = j
-            .duration_millis
-            .map(|ms| i32::try_from((ms + 500) / 1000).unwrap_or(i32::MAX));
-        match intakes::claim_intake(pool, intake, &recording_id, duration_secs)
-            .await
-            .map_err(QueueError::from)?
+        let duration = duration_secs(j);
+        match intakes::claim_intake(
+            &self.queue,
+            &self.lease,
+            intake,
+            method,
+            &recording_id,
+            duration,
+        )
+        .await?
         {
             Claim::Claimed => {}
+            Claim::LeaseLost => return Err(lease_lost()),
             Claim::TakenBy(other) => {
-                return Err(JobError::retryable(format!(
-                    "intake {intake} was just linked to recording {other}; matching again"
-                )));
+                return self.unmatched_or_retry(format!(
+                    "intake {intake} already holds recording {other}"
+                ));
             }
-            Claim::Gone => {
-                return Err(JobError::retryable(format!(
-                    "intake {intake} vanished while matching"
-                )));
-            }
+            Claim::Gone => return self.unmatched_or_retry(format!("intake {intake} was deleted")),
         }
-        written(
-            self.queue
-                .save_match(&self.lease, intake, method.as_str())
-                .await?,
-        )?;
         self.job.intake_id = Some(intake);
         info!(intake.id = %intake, method = method.as_str(), "intake matched");
         Ok(None)
+    }
+
+    /// Retries matching a few times (the intake may not be saved yet), then
+    /// gives up so the recording is stored as unmatched.
+    fn unmatched_or_retry(&self, why: String) -> Result<Option<String>, JobError> {
+        if self.job.attempts < self.p.opts.match_attempts {
+            return Err(JobError::Retryable {
+                message: format!("{why}; trying again"),
+                retry_after: Some(self.p.opts.match_retry_delay),
+            });
+        }
+        warn!(reason = %why, "storing the recording as unmatched");
+        Ok(Some(why))
     }
 
     /// Step 3. `Some(outcome)` when another job already owns the object.
@@ -328,8 +358,13 @@ impl Run<'_> {
             // An earlier attempt got as far as uploading: its object may be
             // complete even though the attempt did not see it finish.
             if self.p.storage.object_info(&path).await?.is_some() {
+                let url = self.download_url().await?;
+                let expected = self.p.telnyx.source_length(&url).await?;
                 let digest = self.adopt_existing(&path).await?;
-                return self.verify_and_save(&path, digest).await.map(|()| None);
+                return self
+                    .verify_and_save(&path, digest, expected)
+                    .await
+                    .map(|()| None);
             }
         } else {
             match self
@@ -349,11 +384,13 @@ impl Run<'_> {
             self.job.tus_upload_url = None;
         }
 
-        let digest = match self.job.tus_upload_url.clone() {
+        let (digest, expected) = match self.job.tus_upload_url.clone() {
             Some(upload) => self.resume_resumable(&path, content_type, &upload).await?,
             None => self.upload_fresh(&path, content_type).await?,
         };
-        self.verify_and_save(&path, digest).await.map(|()| None)
+        self.verify_and_save(&path, digest, expected)
+            .await
+            .map(|()| None)
     }
 
     /// The recording with download URLs no older than [`FRESH_FOR`].
@@ -384,14 +421,20 @@ impl Run<'_> {
         })
     }
 
-    async fn upload_fresh(&mut self, path: &str, content_type: &str) -> Result<Digest, JobError> {
+    /// Uploads from the start. Returns what went up and the source's size.
+    async fn upload_fresh(
+        &mut self,
+        path: &str,
+        content_type: &str,
+    ) -> Result<(Digest, Option<u64>), JobError> {
         let url = self.download_url().await?;
         let download = self.p.telnyx.download(&url, 0).await?;
         let length = download.content_length();
         if let Some(total) = length.filter(|len| *len > self.p.opts.resumable_threshold_bytes) {
-            return self
+            let digest = self
                 .start_resumable(path, content_type, download, total)
-                .await;
+                .await?;
+            return Ok((digest, Some(total)));
         }
         let tally = Tally::default();
         let body = reqwest::Body::wrap_stream(transfer::tallied(
@@ -404,10 +447,10 @@ impl Run<'_> {
             .upload(path, content_type, body, length)
             .await
         {
-            Ok(()) => Ok(tally.finish()),
+            Ok(()) => Ok((tally.finish(), length)),
             // Ours from an attempt whose bookkeeping was lost (e.g. a job row
             // recreated by an operator): adopt it rather than upload twice.
-            Err(StorageError::Duplicate) => self.adopt_existing(path).await,
+            Err(StorageError::Duplicate) => Ok((self.adopt_existing(path).await?, length)),
             Err(e) => Err(e.into()),
         }
     }
@@ -444,25 +487,45 @@ impl Run<'_> {
         path: &str,
         content_type: &str,
         upload: &str,
-    ) -> Result<Digest, JobError> {
-        let Some(offset) = self.p.storage.tus_offset(upload).await? else {
+    ) -> Result<(Digest, Option<u64>), JobError> {
+        let Some((offset, length)) = self.p.storage.tus_offset(upload).await? else {
             warn!("resumable upload expired at the server; starting over");
-            written(self.queue.save_tus_upload(&self.lease, None).await?)?;
-            self.job.tus_upload_url = None;
-            return self.upload_fresh(path, content_type).await;
+            return self.restart_upload(path, content_type).await;
         };
+        if length == Some(offset) {
+            // Every byte arrived; the last PATCH's answer was lost. The server
+            // commits the object with that PATCH, or discards the upload.
+            if self.p.storage.object_info(path).await?.is_some() {
+                return Ok((self.adopt_existing(path).await?, length));
+            }
+            return self.restart_upload(path, content_type).await;
+        }
         let url = self.download_url().await?;
         let download = self.p.telnyx.download(&url, offset).await?;
         let remaining = download.content_length().ok_or_else(|| {
             JobError::retryable("the recording download has no length; cannot resume")
         })?;
         let total = offset + remaining;
+        if length.is_some_and(|l| l != total) {
+            warn!("the upload was opened for another length; starting over");
+            return self.restart_upload(path, content_type).await;
+        }
         info!(offset, total, "resuming the upload");
         let reader = transfer::shared_reader(transfer::body_stream(download));
         self.send_chunks(upload, reader, offset, total).await?;
         // The bytes before `offset` went up in an earlier attempt: hash what
         // the bucket holds rather than trust a partial hash.
-        self.adopt_existing(path).await
+        Ok((self.adopt_existing(path).await?, Some(total)))
+    }
+
+    async fn restart_upload(
+        &mut self,
+        path: &str,
+        content_type: &str,
+    ) -> Result<(Digest, Option<u64>), JobError> {
+        written(self.queue.save_tus_upload(&self.lease, None).await?)?;
+        self.job.tus_upload_url = None;
+        self.upload_fresh(path, content_type).await
     }
 
     async fn send_chunks(
@@ -502,18 +565,26 @@ impl Run<'_> {
         Ok(digest)
     }
 
-    /// The bucket must hold exactly the bytes that went through; otherwise
-    /// the object is removed so the next attempt uploads it cleanly.
-    async fn verify_and_save(&mut self, path: &str, digest: Digest) -> Result<(), JobError> {
+    /// The bucket must hold exactly the bytes that went through, and as many
+    /// as the source has; otherwise the object is removed so the next attempt
+    /// uploads it cleanly.
+    async fn verify_and_save(
+        &mut self,
+        path: &str,
+        digest: Digest,
+        source_size: Option<u64>,
+    ) -> Result<(), JobError> {
         let info = self.p.storage.object_info(path).await?.ok_or_else(|| {
             JobError::retryable(format!("object {path} is missing right after its upload"))
         })?;
-        if info.size != digest.size {
+        let expected = source_size.unwrap_or(digest.size);
+        if info.size != digest.size || info.size != expected {
             if let Err(e) = self.p.storage.delete_object(path).await {
                 warn!(error = %e, "could not delete the mismatched object");
             }
             return Err(JobError::retryable(format!(
-                "stored object has {} bytes, {} were sent; deleted it to upload again",
+                "stored object has {} bytes, {} went through, the source has {expected}; \
+                 deleted it to upload again",
                 info.size, digest.size
             )));
         }
@@ -525,6 +596,7 @@ impl Run<'_> {
                 .await?,
         )?;
         self.job.stored_at = Some(chrono::Utc::now());
+        crate::metrics::metrics().bytes_relayed.inc_by(digest.size);
         info!(path, bytes = digest.size, sha256 = %digest.sha256, "recording stored and verified");
         Ok(())
     }
@@ -538,7 +610,18 @@ impl Run<'_> {
         };
         let recording_id = self.recording_id()?.to_owned();
         let url = self.p.storage.authenticated_url(&path);
-        if !intakes::link(&self.queue, &self.lease, intake, &recording_id, &path, &url).await? {
+        let duration = duration_secs(&self.job);
+        if !intakes::link(
+            &self.queue,
+            &self.lease,
+            intake,
+            &recording_id,
+            duration,
+            &path,
+            &url,
+        )
+        .await?
+        {
             return Err(JobError::retryable(format!(
                 "intake {intake} could not be linked (lease lost, or it now holds another recording)"
             )));
@@ -558,27 +641,126 @@ impl Run<'_> {
     }
 }
 
-/// Of a call's recordings, the one this event is about: same leg and start
-/// time when the call has several.
-fn pick_recording(mut listed: Vec<Recording>, job: &Job) -> Option<Recording> {
-    if listed.len() <= 1 {
-        return listed.pop();
-    }
-    let score = |r: &Recording| {
-        let same_leg = job.call_leg_id.is_some() && r.call_leg_id == job.call_leg_id;
-        let same_start = match (job.recording_started_at, r.recording_started_at) {
-            (Some(a), Some(b)) => (a - b).num_seconds().abs() <= 1,
-            _ => false,
+/// `intakes.recording_duration` is whole seconds.
+fn duration_secs(job: &Job) -> Option<i32> {
+    job.duration_millis
+        .map(|ms| i32::try_from((ms + 500) / 1000).unwrap_or(i32::MAX))
+}
+
+/// Why the listed recordings do not identify this event's recording.
+#[derive(Debug, PartialEq, Eq)]
+enum Pick {
+    Found(Box<Recording>),
+    /// Nothing listed fits yet (the list can lag the webhook).
+    NotYet,
+    /// Several fit and nothing in the event tells them apart.
+    Ambiguous(usize),
+}
+
+/// Of a call's recordings, the one this event is about. A call can have
+/// several (pause/resume, transfers), so what the event says (leg, start
+/// time) must match; taking "the only one listed" could take a sibling
+/// recording and drop this one as a duplicate of it.
+fn pick_recording(listed: Vec<Recording>, job: &Job) -> Pick {
+    let fits = |r: &Recording| {
+        let same_leg = match (&job.call_leg_id, &r.call_leg_id) {
+            (Some(a), Some(b)) => a == b,
+            _ => true,
         };
-        u8::from(same_start) * 2 + u8::from(same_leg)
+        let same_start = match (job.recording_started_at, r.recording_started_at) {
+            (Some(a), Some(b)) => (a - b).num_milliseconds().abs() <= 1000,
+            _ => true,
+        };
+        same_leg && same_start
     };
-    listed.sort_by_key(|r| std::cmp::Reverse(score(r)));
-    listed.into_iter().next()
+    let mut fitting: Vec<Recording> = listed.into_iter().filter(fits).collect();
+    match fitting.len() {
+        0 => Pick::NotYet,
+        1 => Pick::Found(Box::new(fitting.remove(0))),
+        n => Pick::Ambiguous(n),
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn recording(id: &str, leg: &str, start_secs: i64) -> Recording {
+        serde_json::from_value(serde_json::json!({
+            "id": id,
+            "call_leg_id": leg,
+            "recording_started_at": chrono::DateTime::from_timestamp(1_700_000_000 + start_secs, 0),
+        }))
+        .unwrap()
+    }
+
+    fn job_with(leg: Option<&str>, start_secs: Option<i64>) -> Job {
+        let now = chrono::Utc::now();
+        Job {
+            id: 1,
+            event_id: "e".into(),
+            event_type: "call.recording.saved".into(),
+            occurred_at: None,
+            event: serde_json::json!({}),
+            recording_id: None,
+            call_session_id: Some("s".into()),
+            call_control_id: None,
+            call_leg_id: leg.map(str::to_owned),
+            connection_id: None,
+            client_state: None,
+            from_number: None,
+            to_number: None,
+            duration_millis: None,
+            channels: None,
+            recording_started_at: start_secs
+                .and_then(|s| chrono::DateTime::from_timestamp(1_700_000_000 + s, 0)),
+            recording_ended_at: None,
+            state: crate::jobs::JobState::Running,
+            attempts: 1,
+            max_attempts: 12,
+            last_error: None,
+            errors: serde_json::json!([]),
+            next_run_at: now,
+            locked_by: Some("w".into()),
+            locked_until: Some(now),
+            created_at: now,
+            updated_at: now,
+            finished_at: None,
+            resolved_at: None,
+            intake_id: None,
+            match_method: None,
+            matched_at: None,
+            object_path: None,
+            tus_upload_url: None,
+            content_type: None,
+            object_sha256: None,
+            object_size: None,
+            stored_at: None,
+            linked_at: None,
+            telnyx_deleted_at: None,
+        }
+    }
+
+    #[test]
+    fn a_sibling_recording_is_never_taken_for_this_one() {
+        let first = recording("rec-1", "leg-a", 0);
+        let second = recording("rec-2", "leg-a", 300);
+        // The webhook for the second arrives while only the first is listed.
+        let job = job_with(Some("leg-a"), Some(300));
+        assert_eq!(pick_recording(vec![first.clone()], &job), Pick::NotYet);
+        let Pick::Found(found) = pick_recording(vec![first.clone(), second.clone()], &job) else {
+            panic!("the second fits");
+        };
+        assert_eq!(found.id, "rec-2");
+        // Another leg at the same time is not it either.
+        let other_leg = recording("rec-3", "leg-b", 300);
+        assert_eq!(pick_recording(vec![other_leg], &job), Pick::NotYet);
+        // Nothing in the event to tell two apart.
+        assert_eq!(
+            pick_recording(vec![first, second], &job_with(None, None)),
+            Pick::Ambiguous(2)
+        );
+    }
 
     #[test]
     fn object_paths_are_stable_and_safe() {

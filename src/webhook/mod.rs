@@ -44,6 +44,8 @@ pub struct WebhookState {
     /// Budget for reading the body and storing the event.
     pub request_timeout: Duration,
     pub max_attempts: i32,
+    /// `/metrics` here too, unless it has an address of its own.
+    pub serve_metrics: bool,
 }
 
 /// Per-connection limits.
@@ -64,6 +66,7 @@ impl WebhookState {
             max_body_bytes: config.listener.max_body_bytes,
             request_timeout: config.listener.request_timeout,
             max_attempts: config.retry.max_attempts,
+            serve_metrics: config.metrics.addr.is_none(),
         })
     }
 }
@@ -147,13 +150,16 @@ async fn handle(
     let path = req.uri().path().to_owned();
     let reply = route(req, &state).await;
     let latency_ms = (started.elapsed().as_secs_f64() * 100_000.0).round() / 100.0;
+    if WEBHOOK_PATHS.contains(&path.as_str()) {
+        crate::metrics::metrics().webhook(reply.outcome);
+    }
     let status = reply.status.as_u16();
     let event_id = reply.event_id.as_deref().unwrap_or("");
     if reply.status.is_server_error() {
         error!(%method, %path, %peer, status, outcome = reply.outcome, event.id = event_id, latency_ms, detail = %reply.detail, "webhook request");
     } else if reply.status.is_client_error() {
         warn!(%method, %path, %peer, status, outcome = reply.outcome, event.id = event_id, latency_ms, detail = %reply.detail, "webhook request");
-    } else if path != "/healthz" && path != "/readyz" {
+    } else if !matches!(path.as_str(), "/healthz" | "/readyz" | "/metrics") {
         info!(%method, %path, status, outcome = reply.outcome, event.id = event_id, job.id = reply.job_id, latency_ms, "webhook request");
     }
     Ok(reply.into_response())
@@ -167,6 +173,8 @@ struct Reply {
     event_id: Option<String>,
     job_id: Option<i64>,
     allow: Option<&'static str>,
+    /// A non-JSON body (the metrics page).
+    text: Option<String>,
 }
 
 impl Reply {
@@ -178,6 +186,7 @@ impl Reply {
             event_id: None,
             job_id: None,
             allow: None,
+            text: None,
         }
     }
 
@@ -187,6 +196,14 @@ impl Reply {
     }
 
     fn into_response(self) -> Response<Full<Bytes>> {
+        if let Some(text) = self.text {
+            let mut response = Response::new(Full::new(Bytes::from(text)));
+            response.headers_mut().insert(
+                CONTENT_TYPE,
+                HeaderValue::from_static(crate::metrics::CONTENT_TYPE),
+            );
+            return response;
+        }
         let mut body = json!({ "status": self.outcome });
         // Server-side details (database errors) go to the log, not to the caller.
         if !self.detail.is_empty() && !self.status.is_server_error() {
@@ -213,6 +230,10 @@ async fn route(req: Request<Incoming>, state: &WebhookState) -> Reply {
         (&Method::POST, _) if is_webhook => receive(req, state).await,
         (&Method::GET | &Method::HEAD, "/healthz") => Reply::new(StatusCode::OK, "ok", ""),
         (&Method::GET | &Method::HEAD, "/readyz") => readiness(state).await,
+        (&Method::GET, "/metrics") if state.serve_metrics => Reply {
+            text: Some(crate::metrics::metrics().render(&state.queue).await),
+            ..Reply::new(StatusCode::OK, "metrics", "")
+        },
         (_, "/healthz" | "/readyz") => Reply {
             allow: Some("GET, HEAD"),
             ..Reply::new(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "")

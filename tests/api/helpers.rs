@@ -227,6 +227,7 @@ pub async fn spawn_pipeline(pool: PgPool, tweak: impl FnOnce(&mut Config)) -> Pi
     config.retry.base = Duration::from_millis(100);
     config.retry.cap = Duration::from_millis(300);
     config.pipeline.match_attempts = 2;
+    config.pipeline.match_retry_delay = Duration::from_millis(100);
     tweak(&mut config);
 
     let pipeline = Pipeline::from_config(&config).unwrap();

@@ -2,6 +2,7 @@
 //! (one fresh database per test).
 
 mod helpers;
+mod ops;
 mod pipeline;
 mod playback;
 mod process;

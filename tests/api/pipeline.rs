@@ -192,7 +192,8 @@ async fn an_upload_that_finished_unobserved_is_adopted_not_repeated(pool: PgPool
         job.object_sha256.as_deref(),
         Some(rec.content.sha256_hex().as_str())
     );
-    assert_eq!(p.telnyx.download_count("rec-adopt"), 1);
+    // One full download, then a one-byte Range probe for the source's size.
+    assert_eq!(p.telnyx.download_count("rec-adopt"), 2);
     p.stop().await;
 }
 
@@ -421,5 +422,45 @@ async fn mp3_is_stored_as_audio_mpeg(pool: PgPool) {
         p.storage.object(&p.bucket, &path).unwrap().content_type,
         "audio/mpeg"
     );
+    p.stop().await;
+}
+
+#[sqlx::test(migrations = false)]
+async fn an_intake_that_already_holds_a_recording_leaves_this_one_unmatched_not_lost(pool: PgPool) {
+    let p = spawn_pipeline(pool, |_| {}).await;
+    let rec = SimRecording::sample("rec-second");
+    p.telnyx.add_recording(rec.clone());
+    let intake = intake_for(&p.app.pool, &rec, "+15550000009").await;
+    sqlx::query("UPDATE intakes SET recording_id = 'rec-first' WHERE id = $1")
+        .bind(intake)
+        .execute(&p.app.pool)
+        .await
+        .unwrap();
+    let mut event: Value = serde_json::from_slice(&webhook_for("ev-second", &rec)).unwrap();
+    event["data"]["payload"]["client_state"] = base64::engine::general_purpose::STANDARD
+        .encode(intake.to_string())
+        .into();
+    assert_eq!(
+        p.app
+            .post_signed(event.to_string().as_bytes())
+            .await
+            .status(),
+        200
+    );
+
+    let job = p.finished_job("ev-second").await;
+    assert_eq!(job.state, JobState::Unmatched, "{:?}", job.last_error);
+    assert!(
+        job.last_error
+            .unwrap()
+            .contains("already holds recording rec-first")
+    );
+    let stored = p
+        .storage
+        .object(&p.bucket, "unmatched/rec-second.wav")
+        .unwrap();
+    assert_eq!(stored.sha256_hex, rec.content.sha256_hex());
+    let row = intake_row(&p.app.pool, intake).await;
+    assert_eq!(row.recording_id.as_deref(), Some("rec-first"), "untouched");
     p.stop().await;
 }

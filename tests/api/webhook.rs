@@ -86,13 +86,13 @@ async fn bad_signatures_are_refused_and_nothing_is_stored(pool: PgPool) {
             body.clone(),
         ),
         (
-            "301 s old",
-            testing::signature_headers(&app.key, now - 301, &body).to_vec(),
+            "302 s old",
+            testing::signature_headers(&app.key, now - 302, &body).to_vec(),
             body.clone(),
         ),
         (
-            "301 s ahead",
-            testing::signature_headers(&app.key, now + 301, &body).to_vec(),
+            "302 s ahead",
+            testing::signature_headers(&app.key, now + 302, &body).to_vec(),
             body.clone(),
         ),
     ];
@@ -107,15 +107,17 @@ async fn bad_signatures_are_refused_and_nothing_is_stored(pool: PgPool) {
     assert_eq!(app.job_count().await, 0);
     assert_eq!(app.quarantine_count().await, 0);
 
-    // Within the tolerance on both sides is accepted.
+    // Within the tolerance on both sides is accepted. (The exact ±300/301 s
+    // boundary is tested with a fixed clock in webhook::verify; over HTTP the
+    // second can tick between signing and checking, hence the margins.)
     assert_eq!(
-        app.post_signed_at(&body_for("ev-a"), now - 299)
+        app.post_signed_at(&body_for("ev-a"), now - 290)
             .await
             .status(),
         200
     );
     assert_eq!(
-        app.post_signed_at(&body_for("ev-b"), now + 299)
+        app.post_signed_at(&body_for("ev-b"), now + 290)
             .await
             .status(),
         200

@@ -1,0 +1,214 @@
+//! Prometheus metrics (`GET /metrics`, text format).
+//!
+//! Counters and histograms are process-local and live in one global
+//! registry; queue gauges (jobs by state, queue lag) are read from the
+//! database at scrape time, so every daemon reports the same shared queue.
+
+use std::sync::LazyLock;
+use std::time::Duration;
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+use std::sync::atomic::AtomicU64;
+
+use crate::jobs::{JobState, Queue};
+
+type Labels = Vec<(&'static str, String)>;
+
+pub struct Metrics {
+    registry: Registry,
+    webhooks: Family<Labels, Counter>,
+    job_duration: Family<Labels, Histogram, fn() -> Histogram>,
+    pub bytes_relayed: Counter,
+    provider_errors: Family<Labels, Counter>,
+    jobs: Family<Labels, Gauge>,
+    queue_lag: Gauge<f64, AtomicU64>,
+    database_up: Gauge,
+}
+
+fn duration_histogram() -> Histogram {
+    // 50 ms .. ~30 min: webhook-sized jobs to long recordings.
+    Histogram::new(exponential_buckets(0.05, 2.0, 16))
+}
+
+impl Metrics {
+    fn new() -> Self {
+        let mut registry = Registry::with_prefix("recording_relay");
+        let webhooks = Family::<Labels, Counter>::default();
+        registry.register("webhooks", "Webhook requests by outcome", webhooks.clone());
+        let job_duration = Family::<Labels, Histogram, fn() -> Histogram>::new_with_constructor(
+            duration_histogram as fn() -> Histogram,
+        );
+        registry.register(
+            "job_duration_seconds",
+            "Duration of job attempts by outcome",
+            job_duration.clone(),
+        );
+        let bytes_relayed = Counter::default();
+        registry.register(
+            "relayed_bytes",
+            "Recording bytes stored and verified",
+            bytes_relayed.clone(),
+        );
+        let provider_errors = Family::<Labels, Counter>::default();
+        registry.register(
+            "provider_errors",
+            "Errors from Telnyx and Supabase Storage by kind",
+            provider_errors.clone(),
+        );
+        let jobs = Family::<Labels, Gauge>::default();
+        registry.register("jobs", "Jobs in the queue by state", jobs.clone());
+        let queue_lag = Gauge::<f64, AtomicU64>::default();
+        registry.register(
+            "queue_lag_seconds",
+            "How long the oldest runnable job has waited",
+            queue_lag.clone(),
+        );
+        let database_up = Gauge::default();
+        registry.register(
+            "database_up",
+            "Whether the last scrape could read the queue",
+            database_up.clone(),
+        );
+        Self {
+            registry,
+            webhooks,
+            job_duration,
+            bytes_relayed,
+            provider_errors,
+            jobs,
+            queue_lag,
+            database_up,
+        }
+    }
+
+    pub fn webhook(&self, outcome: &'static str) {
+        self.webhooks
+            .get_or_create(&vec![("outcome", outcome.to_owned())])
+            .inc();
+    }
+
+    pub fn job_finished(&self, outcome: &'static str, took: Duration) {
+        self.job_duration
+            .get_or_create(&vec![("outcome", outcome.to_owned())])
+            .observe(took.as_secs_f64());
+    }
+
+    pub fn provider_error(&self, provider: &'static str, kind: &'static str) {
+        self.provider_errors
+            .get_or_create(&vec![
+                ("provider", provider.to_owned()),
+                ("kind", kind.to_owned()),
+            ])
+            .inc();
+    }
+
+    /// Refreshes the queue gauges from the database, then renders everything.
+    pub async fn render(&self, queue: &Queue) -> String {
+        let read = tokio::time::timeout(Duration::from_secs(2), async {
+            Ok::<_, crate::jobs::QueueError>((
+                queue.count_by_state().await?,
+                queue.queue_depth().await?,
+            ))
+        })
+        .await;
+        match read {
+            Ok(Ok((counts, depth))) => {
+                for state in JobState::ALL {
+                    let n = counts
+                        .iter()
+                        .find(|(s, _)| *s == state)
+                        .map_or(0, |(_, n)| *n);
+                    self.jobs
+                        .get_or_create(&vec![("state", state.as_str().to_owned())])
+                        .set(n);
+                }
+                let lag = depth
+                    .iter()
+                    .filter_map(|d| d.oldest_runnable_age_seconds)
+                    .fold(0.0, f64::max);
+                self.queue_lag.set(lag);
+                self.database_up.set(1);
+            }
+            _ => {
+                self.database_up.set(0);
+            }
+        }
+        let mut out = String::new();
+        if encode(&mut out, &self.registry).is_err() {
+            out.clear();
+        }
+        out
+    }
+}
+
+static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::new);
+
+pub fn metrics() -> &'static Metrics {
+    &METRICS
+}
+
+/// Serves `GET /metrics` alone on its own address, so the metrics need not
+/// be exposed wherever the webhook port is.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    queue: Queue,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
+    use http_body_util::Full;
+    use hyper::server::conn::http1;
+    use hyper::service::service_fn;
+    use hyper_util::rt::{TokioIo, TokioTimer};
+
+    if let Ok(addr) = listener.local_addr() {
+        tracing::info!(%addr, "metrics listener started");
+    }
+    loop {
+        let stream = tokio::select! {
+            () = shutdown.cancelled() => return,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(_) => {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let queue = queue.clone();
+        let service = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+            let queue = queue.clone();
+            async move {
+                let response =
+                    if req.method() == hyper::Method::GET && req.uri().path() == "/metrics" {
+                        let mut r = hyper::Response::new(Full::new(bytes::Bytes::from(
+                            metrics().render(&queue).await,
+                        )));
+                        r.headers_mut().insert(
+                            hyper::header::CONTENT_TYPE,
+                            hyper::header::HeaderValue::from_static(CONTENT_TYPE),
+                        );
+                        r
+                    } else {
+                        let mut r = hyper::Response::new(Full::new(bytes::Bytes::new()));
+                        *r.status_mut() = hyper::StatusCode::NOT_FOUND;
+                        r
+                    };
+                Ok::<_, std::convert::Infallible>(response)
+            }
+        });
+        let mut http = http1::Builder::new();
+        http.timer(TokioTimer::new())
+            .header_read_timeout(Duration::from_secs(5));
+        let conn = http.serve_connection(TokioIo::new(stream), service);
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+    }
+}
+
+/// The Prometheus text exposition format.
+pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";

@@ -1,0 +1,317 @@
+//! Operator tooling: `check`, `reconcile`, `/metrics`, requeue wake-ups.
+
+use std::time::{Duration, Instant};
+
+use recording_relay::jobs::{JobState, NewJob, Queue};
+use recording_relay::sim::{
+    SimRecording, StorageSim, StorageSimConfig, TelnyxSim, TelnyxSimConfig,
+};
+use recording_relay::testing;
+use sqlx::PgPool;
+use tokio::process::Command;
+
+use crate::helpers::{STORAGE_KEY, TELNYX_KEY, intake_for, spawn_pipeline, webhook_for};
+
+struct Providers {
+    telnyx: TelnyxSim,
+    storage: StorageSim,
+}
+
+fn providers(with_bucket: bool) -> Providers {
+    let telnyx = TelnyxSim::start(TelnyxSimConfig {
+        api_key: TELNYX_KEY.to_owned(),
+        ..TelnyxSimConfig::default()
+    })
+    .unwrap();
+    let storage = StorageSim::start(StorageSimConfig {
+        service_key: STORAGE_KEY.to_owned(),
+        ..StorageSimConfig::default()
+    })
+    .unwrap();
+    if with_bucket {
+        storage.create_bucket("call-recordings", false, None, None);
+    }
+    Providers { telnyx, storage }
+}
+
+/// The binary with a complete environment pointing at `p` and `db`.
+fn relay(p: &Providers, db: &str, telnyx_key: &str) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_recording-relay"));
+    cmd.env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("DATABASE_URL", db)
+        .env(
+            "TELNYX_PUBLIC_KEY",
+            testing::public_key_base64(&testing::signing_key()),
+        )
+        .env("TELNYX_API_KEY", telnyx_key)
+        .env("TELNYX_API_URL", p.telnyx.base_url())
+        .env("SUPABASE_URL", p.storage.base_url())
+        .env("SUPABASE_SERVICE_ROLE_KEY", STORAGE_KEY)
+        .kill_on_drop(true);
+    cmd
+}
+
+async fn check(cmd: &mut Command) -> (Option<i32>, String) {
+    let out = cmd.arg("check").output().await.unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
+}
+
+fn line<'a>(output: &'a str, name: &str) -> &'a str {
+    output
+        .lines()
+        .find(|l| l.split_whitespace().nth(1) == Some(name))
+        .unwrap_or_else(|| panic!("no {name} line in:\n{output}"))
+}
+
+#[sqlx::test(migrations = false)]
+async fn check_reports_each_broken_dependency_on_its_own_line(pool: PgPool) {
+    let pool = testing::prepare(pool).await;
+    let db = testing::database_url_of(&pool, None);
+
+    let good = providers(true);
+    let (code, out) = check(&mut relay(&good, &db, TELNYX_KEY)).await;
+    assert_eq!(code, Some(0), "{out}");
+    for name in ["config", "database", "migrations", "telnyx", "storage"] {
+        assert!(line(&out, name).starts_with("ok"), "{out}");
+    }
+
+    let (code, out) = check(&mut relay(&good, &db, "KEY_wrong")).await;
+    assert_eq!(code, Some(1));
+    let telnyx = line(&out, "telnyx");
+    assert!(
+        telnyx.starts_with("FAIL") && telnyx.contains("TELNYX_API_KEY"),
+        "{out}"
+    );
+    assert!(
+        !out.contains("KEY_wrong"),
+        "the key itself is never printed"
+    );
+
+    let no_bucket = providers(false);
+    let (code, out) = check(&mut relay(&no_bucket, &db, TELNYX_KEY)).await;
+    assert_eq!(code, Some(1));
+    let storage = line(&out, "storage");
+    assert!(
+        storage.starts_with("FAIL") && storage.contains("setup-bucket"),
+        "{out}"
+    );
+}
+
+#[sqlx::test(migrations = false)]
+async fn check_reports_unapplied_migrations(pool: PgPool) {
+    recording_relay::db::create_demo_host_schema(&pool)
+        .await
+        .unwrap();
+    let db = testing::database_url_of(&pool, None);
+    let p = providers(true);
+    let (code, out) = check(&mut relay(&p, &db, TELNYX_KEY)).await;
+    assert_eq!(code, Some(1));
+    assert!(line(&out, "database").starts_with("ok"), "{out}");
+    let migrations = line(&out, "migrations");
+    assert!(
+        migrations.starts_with("FAIL") && migrations.contains("recording-relay migrate"),
+        "{out}"
+    );
+}
+
+#[sqlx::test(migrations = false)]
+async fn reconcile_enqueues_exactly_the_missing_recordings_once(pool: PgPool) {
+    let pool = testing::prepare(pool).await;
+    let db = testing::database_url_of(&pool, None);
+    let p = providers(true);
+    let queue = Queue::new(pool.clone());
+    let known = SimRecording::sample("rec-known");
+    let unresolved = SimRecording::sample("rec-unresolved");
+    let missed = SimRecording::sample("rec-missed");
+    for r in [&known, &unresolved, &missed] {
+        p.telnyx.add_recording(r.clone());
+    }
+    let job = |event: &str, recording: Option<&str>, session: &str| NewJob {
+        event_id: event.into(),
+        event_type: "call.recording.saved".into(),
+        event: serde_json::json!({}),
+        recording_id: recording.map(str::to_owned),
+        call_session_id: Some(session.to_owned()),
+        max_attempts: 5,
+        ..NewJob::default()
+    };
+    queue
+        .enqueue(&job("ev-known", Some("rec-known"), &known.call_session_id))
+        .await
+        .unwrap();
+    // A webhook job that has not resolved its recording id yet.
+    queue
+        .enqueue(&job("ev-unresolved", None, &unresolved.call_session_id))
+        .await
+        .unwrap();
+
+    for expected in [vec!["rec-missed"], vec![]] {
+        let out = relay(&p, &db, TELNYX_KEY)
+            .args(["reconcile", "--since", "1h", "--json"])
+            .output()
+            .await
+            .unwrap();
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(report["listed"], 3);
+        assert_eq!(report["enqueued"], serde_json::json!(expected), "{report}");
+    }
+    let job = queue
+        .get_by_event_id("reconcile:rec-missed")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(job.recording_id.as_deref(), Some("rec-missed"));
+    assert_eq!(job.state, JobState::Pending);
+    let total: i64 = sqlx::query_scalar("SELECT count(*) FROM recording_jobs")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(total, 3);
+}
+
+/// Every line of the text format: a comment, or `name{labels} value`.
+fn assert_prometheus_text(text: &str) {
+    assert!(text.trim_end().ends_with("# EOF"), "OpenMetrics end marker");
+    for line in text
+        .lines()
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+    {
+        let (series, value) = line
+            .rsplit_once(' ')
+            .unwrap_or_else(|| panic!("bad line {line:?}"));
+        assert!(
+            value.parse::<f64>().is_ok() || value == "+Inf",
+            "bad value in {line:?}"
+        );
+        let name_end = series.find('{').unwrap_or(series.len());
+        let name = &series[..name_end];
+        assert!(
+            !name.is_empty()
+                && name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':'),
+            "bad name in {line:?}"
+        );
+        if name_end < series.len() {
+            assert!(series.ends_with('}'), "bad labels in {line:?}");
+        }
+    }
+}
+
+fn sample(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|l| {
+            l.strip_prefix(series)
+                .and_then(|rest| rest.strip_prefix(' '))
+        })
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
+#[sqlx::test(migrations = false)]
+async fn metrics_parse_and_move_with_traffic(pool: PgPool) {
+    let p = spawn_pipeline(pool, |_| {}).await;
+    let scrape = || async {
+        let res = p
+            .app
+            .client
+            .get(p.app.url("/metrics"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 200);
+        res.text().await.unwrap()
+    };
+    let before = scrape().await;
+    assert_prometheus_text(&before);
+
+    let rec = SimRecording::sample("rec-metrics");
+    p.telnyx.add_recording(rec.clone());
+    intake_for(&p.app.pool, &rec, "+15557650002").await;
+    assert_eq!(
+        p.app.post_signed(&webhook_for("ev-m", &rec)).await.status(),
+        200
+    );
+    let _ = p
+        .app
+        .client
+        .post(p.app.url("/webhooks/telnyx"))
+        .body("x")
+        .send()
+        .await
+        .unwrap();
+    p.finished_job("ev-m").await;
+
+    let after = scrape().await;
+    assert_prometheus_text(&after);
+    // Counters are process-wide (other tests run alongside): they only grow.
+    let stored = "recording_relay_webhooks_total{outcome=\"stored\"}";
+    assert!(
+        sample(&after, stored) >= sample(&before, stored) + 1.0,
+        "{after}"
+    );
+    let refused = "recording_relay_webhooks_total{outcome=\"unauthorized\"}";
+    assert!(sample(&after, refused) >= sample(&before, refused) + 1.0);
+    let bytes = "recording_relay_relayed_bytes_total";
+    assert!(sample(&after, bytes) >= sample(&before, bytes) + rec.content.len() as f64);
+    // Queue gauges are this database's.
+    assert_eq!(
+        sample(&after, "recording_relay_jobs{state=\"succeeded\"}"),
+        1.0,
+        "{after}"
+    );
+    assert_eq!(
+        sample(&after, "recording_relay_jobs{state=\"pending\"}"),
+        0.0
+    );
+    assert_eq!(sample(&after, "recording_relay_database_up"), 1.0);
+    assert!(
+        after.contains("recording_relay_job_duration_seconds_bucket{"),
+        "{after}"
+    );
+    p.stop().await;
+}
+
+#[sqlx::test(migrations = false)]
+async fn requeue_wakes_a_listening_worker_at_once(pool: PgPool) {
+    // The worker polls only every hour: a pickup in well under that proves
+    // the requeue's NOTIFY woke it.
+    let p = spawn_pipeline(pool, |c| c.worker.poll_interval = Duration::from_secs(3600)).await;
+    let rec = SimRecording::sample("rec-requeue");
+    intake_for(&p.app.pool, &rec, "+15557650002").await;
+    // Not at Telnyx yet: the first run fails for good.
+    let mut event: serde_json::Value = serde_json::from_slice(&webhook_for("ev-rq", &rec)).unwrap();
+    event["data"]["payload"]["recording_id"] = rec.id.clone().into();
+    assert_eq!(
+        p.app
+            .post_signed(event.to_string().as_bytes())
+            .await
+            .status(),
+        200
+    );
+    let job = p.finished_job("ev-rq").await;
+    assert_eq!(job.state, JobState::Failed);
+
+    p.telnyx.add_recording(rec.clone());
+    let started = Instant::now();
+    Queue::new(p.app.pool.clone())
+        .requeue(job.id)
+        .await
+        .unwrap();
+    let job = p.finished_job("ev-rq").await;
+    let took = started.elapsed();
+    assert_eq!(job.state, JobState::Succeeded, "{:?}", job.last_error);
+    assert!(took < Duration::from_secs(10), "{took:?}");
+    eprintln!("requeue to succeeded (pickup + whole pipeline): {took:?}");
+    p.stop().await;
+}
