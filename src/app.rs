@@ -1,5 +1,6 @@
-//! Wiring: one process runs the listener, the worker, or both, against one
-//! pool, until the shared cancellation token fires.
+//! Wiring: one process runs the listener, the worker, or both (and the
+//! playback server when configured), against one pool, until the shared
+//! cancellation token fires.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -15,6 +16,7 @@ use crate::config::{Config, Role};
 use crate::db::{self, DbError};
 use crate::jobs::worker::default_worker_id;
 use crate::jobs::{JobHandler, Queue, Worker, WorkerOptions};
+use crate::playback::{self, PlaybackState};
 use crate::webhook::{self, ConnectionLimits, WebhookState};
 
 /// How long start-up waits for PostgreSQL before giving up (systemd then
@@ -42,6 +44,7 @@ pub struct App {
     pool: PgPool,
     listener: Option<TcpListener>,
     metrics_listener: Option<TcpListener>,
+    playback: Option<TcpListener>,
 }
 
 async fn bind(addr: SocketAddr) -> Result<TcpListener, AppError> {
@@ -64,12 +67,17 @@ impl App {
             Some(addr) => Some(bind(addr).await?),
             None => None,
         };
+        let playback = match config.playback.addr {
+            Some(addr) if matches!(role, Role::Listen | Role::Serve) => Some(bind(addr).await?),
+            _ => None,
+        };
         Ok(Self {
             config,
             role,
             pool,
             listener,
             metrics_listener,
+            playback,
         })
     }
 
@@ -77,6 +85,11 @@ impl App {
         self.metrics_listener
             .as_ref()
             .and_then(|l| l.local_addr().ok())
+    }
+
+    /// Where the playback server listens, when it is on.
+    pub fn playback_addr(&self) -> Option<SocketAddr> {
+        self.playback.as_ref().and_then(|l| l.local_addr().ok())
     }
 
     pub fn local_addr(&self) -> Option<SocketAddr> {
@@ -106,6 +119,11 @@ impl App {
                 limits,
                 shutdown.clone(),
             ));
+        }
+        if let Some(listener) = self.playback {
+            let state = PlaybackState::from_config(&self.config, self.pool.clone())
+                .map_err(|e| AppError::Config(e.to_string()))?;
+            parts.spawn(playback::run(listener, Arc::new(state), shutdown.clone()));
         }
         if matches!(self.role, Role::Work | Role::Serve) {
             let mut opts = WorkerOptions::from_config(&self.config, default_worker_id());

@@ -31,6 +31,8 @@ const OVERRIDES: &[&str] = &[
     "SUPABASE_SERVICE_ROLE_KEY",
     "STORAGE_BUCKET",
     "METRICS_ADDR",
+    "PLAYBACK_ADDR",
+    "SUPABASE_JWT_SECRET",
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -86,6 +88,7 @@ pub struct Config {
     pub http: HttpConfig,
     pub metrics: MetricsConfig,
     pub retention: RetentionConfig,
+    pub playback: PlaybackConfig,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -270,6 +273,44 @@ pub struct HttpConfig {
     pub read_idle_timeout: Duration,
 }
 
+/// The playback API and player page (off unless `addr` is set).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PlaybackConfig {
+    /// Its own address, apart from the webhook port: the webhook faces
+    /// Telnyx, this faces the ZScribe UI's users.
+    pub addr: Option<SocketAddr>,
+    /// Lifetime of the signed URLs handed out; the player fetches a fresh
+    /// one before it runs out, so short is fine.
+    #[serde(with = "humantime_serde")]
+    pub signed_url_ttl: Duration,
+    /// The project's JWT secret (HS256), which signs Supabase user tokens.
+    pub jwt_secret: Option<SecretString>,
+    /// The project's JWKS (`{SUPABASE_URL}/auth/v1/.well-known/jwks.json`),
+    /// for projects whose user tokens are signed with asymmetric keys.
+    pub jwks_url: Option<String>,
+    /// Required `aud` of user tokens.
+    pub audience: String,
+    /// Dotted path of the organization id inside the token's claims.
+    pub organization_claim: String,
+    /// Browser origins (`https://app.example.com`) allowed to call the API.
+    pub allowed_origins: Vec<String>,
+}
+
+impl Default for PlaybackConfig {
+    fn default() -> Self {
+        Self {
+            addr: None,
+            signed_url_ttl: Duration::from_secs(600),
+            jwt_secret: None,
+            jwks_url: None,
+            audience: "authenticated".to_owned(),
+            organization_claim: "app_metadata.organization_id".to_owned(),
+            allowed_origins: Vec::new(),
+        }
+    }
+}
+
 impl Default for PipelineConfig {
     fn default() -> Self {
         Self {
@@ -435,6 +476,13 @@ impl Config {
                         "METRICS_ADDR: {value:?} is not a socket address like 127.0.0.1:9090"
                     )),
                 },
+                "PLAYBACK_ADDR" => match value.parse() {
+                    Ok(addr) => self.playback.addr = Some(addr),
+                    Err(_) => problems.push(format!(
+                        "PLAYBACK_ADDR: {value:?} is not a socket address like 127.0.0.1:8081"
+                    )),
+                },
+                "SUPABASE_JWT_SECRET" => self.playback.jwt_secret = Some(value.into()),
                 _ => unreachable!("every override name is handled"),
             }
         }
@@ -488,7 +536,49 @@ impl Config {
             }
             check_provider_url("telnyx.api_url", &self.telnyx.api_url, &mut problems);
         }
+        if role.listens() && self.playback.addr.is_some() {
+            self.validate_playback(&mut problems);
+        }
         finish(problems)
+    }
+
+    fn validate_playback(&self, problems: &mut Vec<String>) {
+        let p = &self.playback;
+        match (&p.jwt_secret, &p.jwks_url) {
+            (None, None) => problems.push(
+                "playback.jwt_secret (or SUPABASE_JWT_SECRET) or playback.jwks_url is needed \
+                 to verify users' tokens"
+                    .to_owned(),
+            ),
+            // An HMAC secret this short can be brute-forced from one token.
+            (Some(secret), _) if secret.expose_secret().len() < 32 => problems.push(
+                "playback.jwt_secret must be at least 32 characters (the project's JWT secret)"
+                    .to_owned(),
+            ),
+            _ => {}
+        }
+        if let Some(url) = p.jwks_url.as_deref() {
+            check_provider_url("playback.jwks_url", url, problems);
+        }
+        if p.signed_url_ttl < Duration::from_secs(1) || p.signed_url_ttl > Duration::from_secs(3600)
+        {
+            problems.push("playback.signed_url_ttl must be between 1s and 1h".to_owned());
+        }
+        if p.audience.is_empty() {
+            problems.push("playback.audience must not be empty".to_owned());
+        }
+        if let Err(e) = check_claim_path(&p.organization_claim) {
+            problems.push(format!("playback.organization_claim: {e}"));
+        }
+        for origin in &p.allowed_origins {
+            if !is_origin(origin) {
+                problems.push(format!(
+                    "playback.allowed_origins: {origin:?} is not an origin like https://app.example.com"
+                ));
+            }
+        }
+        // Signing URLs needs the service key, even on a listener-only host.
+        self.validate_storage(problems);
     }
 
     fn validate_storage(&self, problems: &mut Vec<String>) {
@@ -604,6 +694,33 @@ fn check_provider_url(name: &str, url: &str, problems: &mut Vec<String>) {
     }
 }
 
+/// A dotted claim path must not read `user_metadata`: users can write it
+/// themselves (`supabase.auth.updateUser`), so it would let anyone pick an
+/// organization.
+fn check_claim_path(path: &str) -> Result<(), String> {
+    if path.split('.').any(str::is_empty) {
+        return Err(format!(
+            "{path:?} is not a dotted claim path like app_metadata.organization_id"
+        ));
+    }
+    if path.split('.').any(|segment| segment == "user_metadata") {
+        return Err(
+            "must not point into user_metadata, which users can edit; use app_metadata".to_owned(),
+        );
+    }
+    Ok(())
+}
+
+/// `scheme://host[:port]`, exactly what a browser sends in `Origin`.
+fn is_origin(origin: &str) -> bool {
+    let Some((scheme, host)) = origin.split_once("://") else {
+        return false;
+    };
+    matches!(scheme, "http" | "https")
+        && !host.is_empty()
+        && !host.contains(['/', '?', '#', '@', '*', ' '])
+}
+
 fn read_credential(dir: &Path, name: &str) -> Option<String> {
     let text = std::fs::read_to_string(dir.join(name)).ok()?;
     let value = text.trim_end_matches(['\n', '\r']).to_owned();
@@ -638,6 +755,15 @@ mod tests {
         assert_eq!(parsed.worker.lease, defaults.worker.lease);
         assert_eq!(parsed.retry.cap, defaults.retry.cap);
         assert_eq!(parsed.listener.addr, defaults.listener.addr);
+        assert_eq!(parsed.playback.addr, defaults.playback.addr);
+        assert_eq!(
+            parsed.playback.signed_url_ttl,
+            defaults.playback.signed_url_ttl
+        );
+        assert_eq!(
+            parsed.playback.organization_claim,
+            defaults.playback.organization_claim
+        );
     }
 
     #[test]
@@ -740,6 +866,89 @@ mod tests {
             !all.contains("public_key"),
             "the worker does not verify webhooks"
         );
+    }
+
+    fn playback_problems(tweak: impl FnOnce(&mut Config)) -> String {
+        let mut c = Config::default();
+        c.database.url = Some("postgres://localhost/x".to_owned().into());
+        c.telnyx.public_key = Some(KEY.to_owned());
+        c.supabase.url = Some("https://abc.supabase.co".to_owned());
+        c.supabase.service_role_key = Some("service".to_owned().into());
+        c.playback.addr = Some("127.0.0.1:8081".parse().unwrap());
+        c.playback.jwt_secret = Some("s".repeat(40).into());
+        tweak(&mut c);
+        match c.validate(Role::Listen) {
+            Ok(()) => String::new(),
+            Err(ConfigError::Invalid(problems)) => problems.join("\n"),
+            Err(e) => panic!("{e}"),
+        }
+    }
+
+    #[test]
+    fn playback_is_off_by_default_and_checked_when_on() {
+        assert!(Config::default().playback.addr.is_none());
+        assert_eq!(playback_problems(|_| {}), "");
+        let all = playback_problems(|c| {
+            c.playback.jwt_secret = None;
+            c.supabase.service_role_key = None;
+        });
+        assert!(all.contains("SUPABASE_JWT_SECRET"), "{all}");
+        assert!(all.contains("service_role_key"), "{all}");
+        let all = playback_problems(|c| c.playback.jwt_secret = Some("short".to_owned().into()));
+        assert!(all.contains("at least 32"), "{all}");
+        assert!(
+            !all.contains("short"),
+            "the secret must not be echoed: {all}"
+        );
+        let all = playback_problems(|c| c.playback.signed_url_ttl = Duration::ZERO);
+        assert!(all.contains("signed_url_ttl"), "{all}");
+    }
+
+    #[test]
+    fn the_organization_claim_cannot_come_from_user_metadata() {
+        for bad in ["user_metadata.organization_id", "app_metadata..org", ""] {
+            let all = playback_problems(|c| c.playback.organization_claim = bad.to_owned());
+            assert!(all.contains("organization_claim"), "{bad}: {all}");
+        }
+        let all = playback_problems(|c| c.playback.organization_claim = "org_id".to_owned());
+        assert_eq!(all, "");
+    }
+
+    #[test]
+    fn allowed_origins_are_bare_origins() {
+        assert_eq!(
+            playback_problems(|c| c.playback.allowed_origins = vec![
+                "https://app.example.com".into(),
+                "http://localhost:5173".into()
+            ]),
+            ""
+        );
+        for bad in [
+            "*",
+            "https://app.example.com/",
+            "app.example.com",
+            "https://*.x.com",
+        ] {
+            let all = playback_problems(|c| c.playback.allowed_origins = vec![bad.to_owned()]);
+            assert!(all.contains("allowed_origins"), "{bad}: {all}");
+        }
+    }
+
+    #[test]
+    fn playback_settings_come_from_the_environment() {
+        let mut c = Config::default();
+        c.apply_overrides(&env(&[
+            ("PLAYBACK_ADDR", "127.0.0.1:9001"),
+            ("SUPABASE_JWT_SECRET", "jwt-secret-from-env"),
+        ]))
+        .unwrap();
+        assert_eq!(c.playback.addr.map(|a| a.port()), Some(9001));
+        assert!(c.playback.jwt_secret.is_some());
+        assert!(!format!("{c:?}").contains("jwt-secret-from-env"));
+        let err = Config::default()
+            .apply_overrides(&env(&[("PLAYBACK_ADDR", "on")]))
+            .unwrap_err();
+        assert!(err.to_string().contains("PLAYBACK_ADDR"), "{err}");
     }
 
     #[test]

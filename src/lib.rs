@@ -14,6 +14,8 @@
 //! - [`config`]: defaults, TOML file, systemd credentials, environment.
 //! - [`db`]: pool, migrations, schema checks.
 //! - [`app`]: wires listener and worker into one process with one shutdown token.
+//! - [`playback`]: signed URLs and a player page for the UI's users (JWT auth,
+//!   organization-scoped), on an address of its own; off unless configured.
 //! - [`cli`]: subcommands and exit codes. [`telemetry`]: logs and masking.
 
 pub mod alerts;
@@ -26,6 +28,7 @@ pub mod demo;
 pub mod jobs;
 pub mod metrics;
 pub mod pipeline;
+pub mod playback;
 pub mod reconcile;
 pub mod sim;
 pub mod storage;

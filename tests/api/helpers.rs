@@ -20,6 +20,8 @@ use uuid::Uuid;
 
 pub struct TestApp {
     pub addr: SocketAddr,
+    /// The playback server, when the test's config turned it on.
+    pub playback_addr: Option<SocketAddr>,
     pub pool: PgPool,
     pub key: SigningKey,
     pub client: reqwest::Client,
@@ -54,6 +56,7 @@ pub async fn spawn_with(
     tweak(&mut config);
     let app = App::build(config, Role::Listen).await.expect("app builds");
     let addr = app.local_addr().expect("listener bound");
+    let playback_addr = app.playback_addr();
     let shutdown = CancellationToken::new();
     let token = shutdown.clone();
     let handle = tokio::spawn(async move {
@@ -61,6 +64,7 @@ pub async fn spawn_with(
     });
     TestApp {
         addr,
+        playback_addr,
         pool,
         key,
         client: reqwest::Client::new(),
@@ -229,6 +233,7 @@ pub async fn spawn_pipeline(pool: PgPool, tweak: impl FnOnce(&mut Config)) -> Pi
     let pipeline = Pipeline::from_config(&config).unwrap();
     let app = App::build(config, Role::Serve).await.expect("app builds");
     let addr = app.local_addr().unwrap();
+    let playback_addr = app.playback_addr();
     let shutdown = CancellationToken::new();
     let token = shutdown.clone();
     let handle = tokio::spawn(async move {
@@ -237,6 +242,7 @@ pub async fn spawn_pipeline(pool: PgPool, tweak: impl FnOnce(&mut Config)) -> Pi
     PipelineApp {
         app: TestApp {
             addr,
+            playback_addr,
             pool,
             key,
             client: reqwest::Client::new(),

@@ -4,6 +4,7 @@
 mod helpers;
 mod ops;
 mod pipeline;
+mod playback;
 mod process;
 mod webhook;
 mod worker;

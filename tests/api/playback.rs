@@ -1,0 +1,784 @@
+//! The playback API and player page on the real daemon (pipeline, Telnyx and
+//! Storage simulators), the storage RLS migration on a stand-in of
+//! Supabase's schema, and the page in headless Chromium.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use recording_relay::config::Config;
+use recording_relay::jobs::JobState;
+use recording_relay::sim::{SimAudio, SimRecording};
+use recording_relay::testing;
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+use sqlx::PgPool;
+use uuid::Uuid;
+
+use crate::helpers::{PipelineApp, intake_for, spawn_pipeline, webhook_for};
+
+const SECRET: &str = "test-jwt-secret-with-at-least-32-characters";
+/// 75.5 s of the simulator's 8 kHz 16-bit mono WAV: (len - 44) / 16000.
+const AUDIO_LEN: u64 = 44 + 16_000 * 75 + 8_000;
+/// The browser test's recording: 10 min 0.5 s (9.6 MB), too long for
+/// Chromium to buffer whole, so late seeks fetch with the current URL.
+const LONG_AUDIO_LEN: u64 = 44 + 16_000 * 600 + 8_000;
+
+fn seconds_of(len: u64) -> f64 {
+    (len - 44) as f64 / 16_000.0
+}
+
+fn playback_on(config: &mut Config) {
+    config.playback.addr = Some("127.0.0.1:0".parse().unwrap());
+    config.playback.jwt_secret = Some(SECRET.to_owned().into());
+}
+
+fn sign(claims: &Value, secret: &str) -> String {
+    jsonwebtoken::encode(
+        &Header::new(Algorithm::HS256),
+        claims,
+        &EncodingKey::from_secret(secret.as_bytes()),
+    )
+    .unwrap()
+}
+
+/// Claims shaped like a Supabase access token.
+fn user_claims(org: &str, expires_in: i64) -> Value {
+    let now = chrono::Utc::now().timestamp();
+    json!({
+        "iss": "http://127.0.0.1/auth/v1", "sub": Uuid::new_v4(), "aud": "authenticated",
+        "role": "authenticated", "iat": now, "exp": now + expires_in,
+        "app_metadata": {"provider": "email", "organization_id": org},
+        "user_metadata": {},
+    })
+}
+
+fn token(org: Uuid) -> String {
+    sign(&user_claims(&org.to_string(), 3600), SECRET)
+}
+
+struct Playback {
+    p: PipelineApp,
+    addr: SocketAddr,
+    client: reqwest::Client,
+}
+
+impl Playback {
+    async fn start(pool: PgPool, tweak: impl FnOnce(&mut Config)) -> Self {
+        let p = spawn_pipeline(pool, |c| {
+            playback_on(c);
+            tweak(c);
+        })
+        .await;
+        let addr = p.app.playback_addr.expect("playback server bound");
+        Self {
+            p,
+            addr,
+            client: reqwest::Client::new(),
+        }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    async fn recording(&self, id: &str, token: Option<&str>) -> (StatusCode, Value) {
+        let mut req = self
+            .client
+            .get(self.url(&format!("/v1/intakes/{id}/recording")));
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        let res = req.send().await.unwrap();
+        let status = res.status();
+        (status, res.json().await.unwrap_or(Value::Null))
+    }
+
+    async fn stop(self) {
+        self.p.stop().await;
+    }
+}
+
+/// One intake per state the player shows, all in `org`.
+struct States {
+    available: Uuid,
+    processing: Uuid,
+    claimed: Uuid,
+    failed: Uuid,
+    none: Uuid,
+}
+
+async fn plain_intake(pool: &PgPool, org: Uuid) -> Uuid {
+    sqlx::query_scalar(
+        "INSERT INTO intakes (organization_id, room_name) VALUES ($1, 'room') RETURNING id",
+    )
+    .bind(org)
+    .fetch_one(pool)
+    .await
+    .unwrap()
+}
+
+/// A job row for `intake` in `state` that no worker will pick up.
+async fn job_for(pool: &PgPool, intake: Uuid, state: &str) {
+    sqlx::query(
+        "INSERT INTO recording_jobs (event_id, event_type, event, state, attempts, last_error,
+             finished_at, next_run_at, intake_id, matched_at, match_method)
+         VALUES ($1, 'call.recording.saved', '{}', $2::recording_job_state,
+             CASE WHEN $2 = 'pending' THEN 0 ELSE 1 END,
+             CASE WHEN $2 = 'failed' THEN 'recording not found at Telnyx (404)' END,
+             CASE WHEN $2 = 'failed' THEN now() END,
+             now() + interval '1 day', $3, now(), 'client_state')",
+    )
+    .bind(format!("ev-{intake}"))
+    .bind(state)
+    .bind(intake)
+    .execute(pool)
+    .await
+    .unwrap();
+}
+
+/// `audio_len` bytes of WAV for the available one.
+async fn prepare_states(p: &PipelineApp, org: Uuid, audio_len: u64) -> States {
+    let pool = &p.app.pool;
+    // Available: relayed by the real pipeline, as in production.
+    let mut rec = SimRecording::sample("rec-playback");
+    rec.content = SimAudio::generated(audio_len, 7);
+    rec.duration_millis = (audio_len - 44) / 16;
+    p.telnyx.add_recording(rec.clone());
+    let available = intake_for(pool, &rec, "+1 555 765 0002").await;
+    sqlx::query("UPDATE intakes SET organization_id = $2 WHERE id = $1")
+        .bind(available)
+        .bind(org)
+        .execute(pool)
+        .await
+        .unwrap();
+    let res = p.app.post_signed(&webhook_for("ev-playback", &rec)).await;
+    assert_eq!(res.status(), 200);
+    let job = p.finished_job("ev-playback").await;
+    assert_eq!(job.state, JobState::Succeeded, "{:?}", job.last_error);
+
+    let processing = plain_intake(pool, org).await;
+    job_for(pool, processing, "pending").await;
+    // Matched (the pipeline claims the intake) but not stored yet.
+    let claimed = plain_intake(pool, org).await;
+    sqlx::query("UPDATE intakes SET recording_id = 'rec-on-its-way' WHERE id = $1")
+        .bind(claimed)
+        .execute(pool)
+        .await
+        .unwrap();
+    let failed = plain_intake(pool, org).await;
+    job_for(pool, failed, "failed").await;
+    let none = plain_intake(pool, org).await;
+    States {
+        available,
+        processing,
+        claimed,
+        failed,
+        none,
+    }
+}
+
+#[sqlx::test(migrations = false)]
+async fn playback_is_off_unless_configured(pool: PgPool) {
+    let p = spawn_pipeline(pool, |_| {}).await;
+    assert_eq!(p.app.playback_addr, None);
+    p.stop().await;
+}
+
+#[sqlx::test(migrations = false)]
+async fn the_api_reports_each_state_and_signs_playable_urls(pool: PgPool) {
+    let s = Playback::start(pool, |_| {}).await;
+    let org = Uuid::new_v4();
+    let states = prepare_states(&s.p, org, AUDIO_LEN).await;
+    let t = token(org);
+
+    let before = chrono::Utc::now();
+    let (status, body) = s.recording(&states.available.to_string(), Some(&t)).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["status"], "available");
+    assert_eq!(
+        body["duration_seconds"], 76,
+        "75.5 s, rounded by the pipeline"
+    );
+    let expires_at: chrono::DateTime<chrono::Utc> =
+        body["expires_at"].as_str().unwrap().parse().unwrap();
+    let ttl = expires_at - before;
+    assert!(
+        (590..=601).contains(&ttl.num_seconds()),
+        "default ttl is 10 min: {ttl}"
+    );
+    let url = body["url"].as_str().unwrap();
+    assert!(
+        url.starts_with(&s.p.storage.base_url()) && url.contains("/object/sign/"),
+        "a signed URL, not the authenticated one"
+    );
+    // What <audio> does to seek: a range request, answered 206.
+    let res = s
+        .client
+        .get(url)
+        .header("range", "bytes=1000-1999")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 206);
+    assert_eq!(
+        res.headers()["content-range"],
+        format!("bytes 1000-1999/{AUDIO_LEN}").as_str()
+    );
+
+    for (id, expected) in [
+        (states.processing, "processing"),
+        (states.claimed, "processing"),
+        (states.failed, "failed"),
+        (states.none, "none"),
+    ] {
+        let (status, body) = s.recording(&id.to_string(), Some(&t)).await;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body["status"], expected, "{id}: {body}");
+        assert_eq!(body["url"], Value::Null);
+        assert_eq!(body["expires_at"], Value::Null);
+    }
+    s.stop().await;
+}
+
+#[sqlx::test(migrations = false)]
+async fn tokens_and_organizations_are_enforced(pool: PgPool) {
+    let s = Playback::start(pool, |_| {}).await;
+    let org = Uuid::new_v4();
+    let other_org = Uuid::new_v4();
+    let intake = plain_intake(&s.p.app.pool, org).await;
+    let id = intake.to_string();
+
+    // No token, or not a bearer token.
+    let res = s
+        .client
+        .get(s.url(&format!("/v1/intakes/{id}/recording")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 401);
+    assert_eq!(res.headers()["www-authenticate"], "Bearer");
+    let res = s
+        .client
+        .get(s.url(&format!("/v1/intakes/{id}/recording")))
+        .header("authorization", format!("Basic {}", token(org)))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 401);
+
+    // Signed with another secret.
+    let forged = sign(
+        &user_claims(&org.to_string(), 3600),
+        "not-the-project-secret-but-just-as-long",
+    );
+    assert_eq!(s.recording(&id, Some(&forged)).await.0, 401);
+    // Expired an hour ago.
+    let expired = sign(&user_claims(&org.to_string(), -3600), SECRET);
+    let (status, body) = s.recording(&id, Some(&expired)).await;
+    assert_eq!(status, 401);
+    assert_eq!(body["message"], "the token has expired");
+    // The anon key is signed with the same secret, but is no user.
+    let mut anon = user_claims(&org.to_string(), 3600);
+    anon["aud"] = json!("anon");
+    assert_eq!(s.recording(&id, Some(&sign(&anon, SECRET))).await.0, 401);
+    // An organization the user chose for themselves does not count.
+    let mut self_made = user_claims(&org.to_string(), 3600);
+    self_made["app_metadata"] = json!({});
+    self_made["user_metadata"] = json!({"organization_id": org});
+    assert_eq!(
+        s.recording(&id, Some(&sign(&self_made, SECRET))).await.0,
+        403
+    );
+
+    // Another organization's intake looks exactly like a missing one.
+    let (status, other) = s.recording(&id, Some(&token(other_org))).await;
+    assert_eq!(status, 404);
+    let (status, missing) = s
+        .recording(&Uuid::new_v4().to_string(), Some(&token(org)))
+        .await;
+    assert_eq!(status, 404);
+    assert_eq!(other, missing);
+    // Malformed ids: 404 with a token, 401 without (nothing before auth).
+    assert_eq!(s.recording("not-a-uuid", Some(&token(org))).await.0, 404);
+    assert_eq!(s.recording("not-a-uuid", None).await.0, 401);
+    // The owner gets through.
+    assert_eq!(s.recording(&id, Some(&token(org))).await.0, 200);
+    s.stop().await;
+}
+
+#[sqlx::test(migrations = false)]
+async fn signed_urls_expire_after_the_configured_ttl(pool: PgPool) {
+    let s = Playback::start(pool, |c| {
+        c.playback.signed_url_ttl = Duration::from_secs(1);
+    })
+    .await;
+    let org = Uuid::new_v4();
+    let intake = prepare_states(&s.p, org, AUDIO_LEN).await.available;
+    let (status, body) = s.recording(&intake.to_string(), Some(&token(org))).await;
+    assert_eq!(status, 200, "{body}");
+    let url = body["url"].as_str().unwrap().to_owned();
+    let minted = Instant::now();
+    // The storage server's token has whole-second timestamps, so it dies
+    // within 0-1 s after minting; poll until it does.
+    let deadline = minted + Duration::from_secs(5);
+    let (status, body) = loop {
+        let res = s.client.get(&url).send().await.unwrap();
+        let status = res.status();
+        if status != 200 {
+            break (status, res.json::<Value>().await.unwrap());
+        }
+        assert!(Instant::now() < deadline, "signed URL never expired");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(status, 400);
+    assert_eq!(body["error"], "InvalidJWT", "{body}");
+    assert_eq!(body["message"], "jwt expired", "{body}");
+    assert!(minted.elapsed() < Duration::from_millis(2500));
+    s.stop().await;
+}
+
+#[sqlx::test(migrations = false)]
+async fn cors_is_granted_to_configured_origins_only(pool: PgPool) {
+    let s = Playback::start(pool, |c| {
+        c.playback.allowed_origins = vec!["https://app.zscribe.example".to_owned()];
+    })
+    .await;
+    let org = Uuid::new_v4();
+    let intake = plain_intake(&s.p.app.pool, org).await;
+    let path = format!("/v1/intakes/{intake}/recording");
+
+    let preflight = s
+        .client
+        .request(reqwest::Method::OPTIONS, s.url(&path))
+        .header("origin", "https://app.zscribe.example")
+        .header("access-control-request-method", "GET")
+        .header("access-control-request-headers", "authorization")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(preflight.status(), 204);
+    let h = preflight.headers();
+    assert_eq!(
+        h["access-control-allow-origin"],
+        "https://app.zscribe.example"
+    );
+    assert_eq!(h["access-control-allow-headers"], "authorization");
+
+    let res = s
+        .client
+        .get(s.url(&path))
+        .bearer_auth(token(org))
+        .header("origin", "https://app.zscribe.example")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    assert_eq!(
+        res.headers()["access-control-allow-origin"],
+        "https://app.zscribe.example"
+    );
+    assert_eq!(res.headers()["cache-control"], "no-store");
+
+    let res = s
+        .client
+        .get(s.url(&path))
+        .bearer_auth(token(org))
+        .header("origin", "https://evil.example")
+        .send()
+        .await
+        .unwrap();
+    assert!(res.headers().get("access-control-allow-origin").is_none());
+    s.stop().await;
+}
+
+#[sqlx::test(migrations = false)]
+async fn the_player_page_is_served_with_a_strict_policy(pool: PgPool) {
+    let s = Playback::start(pool, |_| {}).await;
+    let res = s
+        .client
+        .get(s.url(&format!("/play/{}", Uuid::new_v4())))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    let csp = res.headers()["content-security-policy"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    assert!(csp.contains("default-src 'none'"), "{csp}");
+    assert!(
+        csp.contains(&format!("media-src {}", s.p.storage.base_url())),
+        "{csp}"
+    );
+    let html = res.text().await.unwrap();
+    assert!(html.contains("../assets/player.js"));
+    let js = s
+        .client
+        .get(s.url("/assets/player.js"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(js.status(), 200);
+    assert!(
+        js.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/javascript")
+    );
+    assert_eq!(
+        s.client.get(s.url("/nope")).send().await.unwrap().status(),
+        404
+    );
+    s.stop().await;
+}
+
+// ------------------------------------------------------------------ JWKS
+
+/// A P-256 key for tests only (PKCS#8, base64).
+const TEST_EC_KEY: &str = "MIGHAgEAMBMGByqGSM49AgEGCCqGSM49AwEHBG0wawIBAQQggvfONAkmGzp075fj1HcHOSiFaRbW/puB5lODa5rIecahRANCAAR7aiJs3kWaZjz9z0wEaEi8tlWPuIMJtMHPbBYJ31T29cjWVPdFUsXekhqksFVqWh3IvNeMe6jbA61rEA9TUsNt";
+
+/// Serves `body` at any path, counting requests.
+async fn serve_json(body: Value) -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let hits = Arc::new(AtomicUsize::new(0));
+    let counter = hits.clone();
+    let body = bytes::Bytes::from(body.to_string());
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let (body, counter) = (body.clone(), counter.clone());
+            let service = hyper::service::service_fn(move |_req| {
+                counter.fetch_add(1, Ordering::SeqCst);
+                let body = body.clone();
+                async move {
+                    Ok::<_, std::convert::Infallible>(hyper::Response::new(
+                        http_body_util::Full::new(body),
+                    ))
+                }
+            });
+            tokio::spawn(
+                hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service),
+            );
+        }
+    });
+    (format!("http://{addr}/auth/v1/.well-known/jwks.json"), hits)
+}
+
+#[sqlx::test(migrations = false)]
+async fn asymmetric_tokens_are_checked_against_the_jwks(pool: PgPool) {
+    use base64::Engine as _;
+    let der = base64::engine::general_purpose::STANDARD
+        .decode(TEST_EC_KEY)
+        .unwrap();
+    let key = EncodingKey::from_ec_der(&der);
+    let mut jwk = jsonwebtoken::jwk::Jwk::from_encoding_key(&key, Algorithm::ES256).unwrap();
+    jwk.common.key_id = Some("key-1".to_owned());
+    let (jwks_url, hits) = serve_json(json!({ "keys": [jwk] })).await;
+    let s = Playback::start(pool, |c| c.playback.jwks_url = Some(jwks_url)).await;
+    let org = Uuid::new_v4();
+    let id = plain_intake(&s.p.app.pool, org).await.to_string();
+
+    let es256 = |kid: &str, claims: &Value| {
+        let mut header = Header::new(Algorithm::ES256);
+        header.kid = Some(kid.to_owned());
+        jsonwebtoken::encode(&header, claims, &key).unwrap()
+    };
+    let claims = user_claims(&org.to_string(), 3600);
+    let (status, body) = s.recording(&id, Some(&es256("key-1", &claims))).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["status"], "none");
+    // HS256 with the secret keeps working next to it.
+    assert_eq!(s.recording(&id, Some(&token(org))).await.0, 200);
+    // Unknown kid: one refetch, then refused; a second unknown kid within
+    // the cooldown does not fetch again.
+    assert_eq!(
+        s.recording(&id, Some(&es256("rotated-away", &claims)))
+            .await
+            .0,
+        401
+    );
+    assert_eq!(
+        s.recording(&id, Some(&es256("another", &claims))).await.0,
+        401
+    );
+    assert_eq!(hits.load(std::sync::atomic::Ordering::SeqCst), 1);
+    let mut expired = claims.clone();
+    expired["exp"] = json!(chrono::Utc::now().timestamp() - 3600);
+    assert_eq!(
+        s.recording(&id, Some(&es256("key-1", &expired))).await.0,
+        401
+    );
+    s.stop().await;
+}
+
+// --------------------------------------------------------- storage RLS
+
+/// The parts of a Supabase database the storage policy relies on, as
+/// Supabase defines them: roles, `storage.objects` with RLS on, and
+/// `auth.jwt()` reading the claims PostgREST/storage put in a GUC.
+const FAKE_SUPABASE: &str = r#"
+DO $$
+BEGIN
+    CREATE ROLE authenticated NOLOGIN;
+EXCEPTION WHEN duplicate_object OR unique_violation THEN NULL;
+END
+$$;
+CREATE SCHEMA storage;
+CREATE TABLE storage.objects (
+    id uuid PRIMARY KEY DEFAULT gen_random_uuid(),
+    bucket_id text NOT NULL,
+    name text NOT NULL,
+    owner uuid,
+    created_at timestamptz NOT NULL DEFAULT now(),
+    UNIQUE (bucket_id, name)
+);
+ALTER TABLE storage.objects ENABLE ROW LEVEL SECURITY;
+CREATE SCHEMA auth;
+CREATE FUNCTION auth.jwt() RETURNS jsonb LANGUAGE sql STABLE AS $f$
+    SELECT coalesce(
+        nullif(current_setting('request.jwt.claim', true), ''),
+        nullif(current_setting('request.jwt.claims', true), '')
+    )::jsonb
+$f$;
+GRANT USAGE ON SCHEMA storage, auth TO authenticated;
+GRANT SELECT ON storage.objects TO authenticated;
+"#;
+
+/// What `authenticated` sees of `storage.objects` with these JWT claims.
+async fn visible_objects(pool: &PgPool, claims: Option<Value>) -> Vec<(String, String)> {
+    let mut tx = pool.begin().await.unwrap();
+    if let Some(claims) = claims {
+        sqlx::query("SELECT set_config('request.jwt.claims', $1, true)")
+            .bind(claims.to_string())
+            .execute(&mut *tx)
+            .await
+            .unwrap();
+    }
+    sqlx::query("SET LOCAL ROLE authenticated")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    let rows = sqlx::query_as("SELECT bucket_id, name FROM storage.objects ORDER BY 1, 2")
+        .fetch_all(&mut *tx)
+        .await
+        .unwrap();
+    tx.rollback().await.unwrap();
+    rows
+}
+
+#[sqlx::test(migrations = false)]
+async fn the_storage_policy_shows_users_only_their_organizations_recordings(pool: PgPool) {
+    sqlx::raw_sql(FAKE_SUPABASE).execute(&pool).await.unwrap();
+    let pool = testing::prepare(pool).await;
+    let policies: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM pg_policies
+         WHERE schemaname = 'storage' AND tablename = 'objects'
+           AND policyname = 'recording_relay_read_own_organization' AND cmd = 'SELECT'
+           AND roles = '{authenticated}'",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(policies, 1);
+    sqlx::query("GRANT SELECT ON intakes TO authenticated")
+        .execute(&pool)
+        .await
+        .unwrap();
+
+    let (org_a, org_b) = (Uuid::new_v4(), Uuid::new_v4());
+    let (path_a, path_b) = ("intakes/a/rec-a.wav", "intakes/b/rec-b.wav");
+    for (org, path) in [(org_a, path_a), (org_b, path_b)] {
+        sqlx::query("INSERT INTO intakes (organization_id, recording_object_path) VALUES ($1, $2)")
+            .bind(org)
+            .bind(path)
+            .execute(&pool)
+            .await
+            .unwrap();
+    }
+    // Objects a LIKE-based policy would leak: a prefix of every path, and
+    // the same name in another bucket.
+    for (bucket, name) in [
+        ("call-recordings", path_a),
+        ("call-recordings", path_b),
+        ("call-recordings", "intakes/"),
+        ("call-recordings", "unmatched/rec-x.wav"),
+        ("avatars", path_a),
+    ] {
+        sqlx::query("INSERT INTO storage.objects (bucket_id, name) VALUES ($1, $2)")
+            .bind(bucket)
+            .bind(name)
+            .execute(&pool)
+            .await
+            .unwrap();
+    }
+    let user = |org: Value| {
+        json!({"role": "authenticated", "aud": "authenticated",
+               "app_metadata": {"organization_id": org}, "user_metadata": {}})
+    };
+    let own = |name: &str| vec![("call-recordings".to_owned(), name.to_owned())];
+
+    assert_eq!(
+        visible_objects(&pool, Some(user(json!(org_a)))).await,
+        own(path_a)
+    );
+    assert_eq!(
+        visible_objects(&pool, Some(user(json!(org_b)))).await,
+        own(path_b)
+    );
+    assert_eq!(
+        visible_objects(&pool, Some(user(json!(Uuid::new_v4())))).await,
+        vec![]
+    );
+    // user_metadata is the user's to edit: it grants nothing.
+    let mut self_made = user(Value::Null);
+    self_made["app_metadata"] = json!({});
+    self_made["user_metadata"] = json!({"organization_id": org_a});
+    assert_eq!(visible_objects(&pool, Some(self_made)).await, vec![]);
+    assert_eq!(visible_objects(&pool, None).await, vec![]);
+
+    // Another bucket name is one function away.
+    sqlx::query(
+        "CREATE OR REPLACE FUNCTION recording_relay_recordings_bucket()
+         RETURNS text LANGUAGE sql STABLE RETURN 'avatars'",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        visible_objects(&pool, Some(user(json!(org_a)))).await,
+        vec![("avatars".to_owned(), path_a.to_owned())]
+    );
+}
+
+#[sqlx::test(migrations = false)]
+async fn without_supabase_the_storage_migration_changes_nothing(pool: PgPool) {
+    let pool = testing::prepare(pool).await;
+    let storage: Option<String> = sqlx::query_scalar("SELECT to_regclass('storage.objects')::text")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(storage, None);
+    let bucket: String = sqlx::query_scalar("SELECT recording_relay_recordings_bucket()")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(bucket, "call-recordings");
+}
+
+// ------------------------------------------------------------- browser
+
+fn browser_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/browser")
+}
+
+/// In CI a missing tool fails the test; on a developer machine it is
+/// skipped, loudly.
+fn missing_tool(what: &str, install: &str) -> bool {
+    let ci = std::env::var("CI").is_ok_and(|v| v == "true" || v == "1");
+    assert!(
+        !ci,
+        "{what} is needed for the browser test (CI=true): {install}"
+    );
+    eprintln!(
+        "\n!!!!! SKIPPING the browser test: {what} not found (it fails instead when CI=true) !!!!!\n"
+    );
+    true
+}
+
+async fn ensure_node_modules() {
+    let dir = browser_dir();
+    if dir.join("node_modules/playwright-core").is_dir() {
+        return;
+    }
+    let out = tokio::process::Command::new("npm")
+        .args(["ci", "--no-audit", "--no-fund"])
+        .current_dir(&dir)
+        .output()
+        .await
+        .expect("npm runs");
+    assert!(
+        out.status.success(),
+        "npm ci in tests/browser failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[sqlx::test(migrations = false)]
+async fn the_player_page_plays_seeks_and_renews_in_chromium(pool: PgPool) {
+    let chromium =
+        std::env::var("CHROMIUM_PATH").unwrap_or_else(|_| "/usr/bin/chromium".to_owned());
+    if !Path::new(&chromium).exists()
+        && missing_tool(
+            "chromium",
+            "apt-get install -y chromium (or set CHROMIUM_PATH)",
+        )
+    {
+        return;
+    }
+    let node_ok = std::process::Command::new("node")
+        .arg("--version")
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !node_ok && missing_tool("node", "install Node.js 20 or later with npm") {
+        return;
+    }
+    ensure_node_modules().await;
+
+    // A short ttl makes the page renew its URL while the test watches.
+    let ttl = 6;
+    let s = Playback::start(pool, |c| {
+        c.playback.signed_url_ttl = Duration::from_secs(ttl);
+    })
+    .await;
+    let org = Uuid::new_v4();
+    let states = prepare_states(&s.p, org, LONG_AUDIO_LEN).await;
+    let artifacts = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/artifacts");
+    std::fs::create_dir_all(&artifacts).unwrap();
+    let spec = json!({
+        "token": token(org),
+        "chromium": chromium,
+        "artifacts": artifacts,
+        "ttlSeconds": ttl,
+        "expectedDuration": seconds_of(LONG_AUDIO_LEN),
+        "expectedLabel": "10:00",
+        "intakes": {
+            "available": states.available,
+            "processing": states.processing,
+            "failed": states.failed,
+            "none": states.none,
+        },
+    });
+
+    let started = Instant::now();
+    let out = tokio::time::timeout(
+        Duration::from_secs(180),
+        tokio::process::Command::new("node")
+            .arg(browser_dir().join("player.mjs"))
+            .arg(format!("http://{}", s.addr))
+            .arg(spec.to_string())
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .expect("the browser test finishes within 3 minutes")
+    .expect("node runs");
+    println!(
+        "browser test took {:.1}s\n--- stdout\n{}\n--- stderr\n{}",
+        started.elapsed().as_secs_f64(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success(),
+        "player.mjs failed ({}); output above",
+        out.status
+    );
+    s.stop().await;
+}
