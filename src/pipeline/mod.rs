@@ -292,7 +292,11 @@ impl Run<'_> {
         };
         let duration_secs = j
             .duration_millis
-            .map(|ms| i32::try_from((ms + 500) / 1000).unwrap_or(i32::MAX));
+            // The duration comes from Telnyx's API: a negative one is not
+            // written, and an absurd one saturates instead of overflowing (a
+            // panic in debug builds, a negative number in release).
+            .filter(|ms| *ms >= 0)
+            .map(|ms| i32::try_from(ms.saturating_add(500) / 1000).unwrap_or(i32::MAX));
         match intakes::claim_intake(pool, intake, &recording_id, duration_secs)
             .await
             .map_err(QueueError::from)?
@@ -456,7 +460,11 @@ impl Run<'_> {
         let remaining = download.content_length().ok_or_else(|| {
             JobError::retryable("the recording download has no length; cannot resume")
         })?;
-        let total = offset + remaining;
+        // Both numbers come from upstream headers: an overflow is a bad
+        // answer to retry, not a panic.
+        let total = offset.checked_add(remaining).ok_or_else(|| {
+            JobError::retryable("resumable upload offset plus download length overflows")
+        })?;
         info!(offset, total, "resuming the upload");
         let reader = transfer::shared_reader(transfer::body_stream(download));
         self.send_chunks(upload, reader, offset, total).await?;
