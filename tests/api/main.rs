@@ -2,6 +2,8 @@
 //! (one fresh database per test).
 
 mod helpers;
+mod hostile;
+mod logs;
 mod pipeline;
 mod process;
 mod webhook;
