@@ -436,10 +436,14 @@ impl Config {
             path: path.to_owned(),
             source,
         })?;
-        Self::from_toml(&text).map_err(|message| ConfigError::Parse {
+        let config = Self::from_toml(&text).map_err(|message| ConfigError::Parse {
             path: path.to_owned(),
             message,
-        })
+        })?;
+        if let Some(warning) = permission_warning(path, &config) {
+            tracing::warn!("{warning}");
+        }
+        Ok(config)
     }
 
     pub fn from_toml(text: &str) -> Result<Self, String> {
@@ -721,6 +725,71 @@ fn is_origin(origin: &str) -> bool {
         && !host.contains(['/', '?', '#', '@', '*', ' '])
 }
 
+/// The secret settings a config holds, by name (never their values): what a
+/// reader of the file would learn.
+pub fn secret_settings(config: &Config) -> Vec<&'static str> {
+    let mut found = Vec::new();
+    if config.database_url().is_some_and(database_url_has_password) {
+        found.push("database.url (with a password)");
+    }
+    if config.telnyx.api_key.is_some() {
+        found.push("telnyx.api_key");
+    }
+    if config.supabase.service_role_key.is_some() {
+        found.push("supabase.service_role_key");
+    }
+    found
+}
+
+/// `postgres://user:password@host/db`, or a `password=` parameter.
+fn database_url_has_password(url: &str) -> bool {
+    let rest = url.split_once("://").map_or(url, |(_, rest)| rest);
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
+    let userinfo_has_password = authority
+        .rsplit_once('@')
+        .is_some_and(|(userinfo, _)| userinfo.contains(':'));
+    userinfo_has_password || url.to_ascii_lowercase().contains("password=")
+}
+
+/// A warning when the config file at `path` holds secrets (as parsed into
+/// `file_config`, before the environment) and group or others may read it.
+/// Logged once at start-up rather than refused: an operator may have good
+/// reasons (a dedicated group), but should know. The fix is `chmod 600`, or
+/// moving the secrets to the environment or systemd credentials.
+pub fn permission_warning(path: &Path, file_config: &Config) -> Option<String> {
+    let secrets = secret_settings(file_config);
+    if secrets.is_empty() {
+        return None;
+    }
+    let mode = file_mode(path)?;
+    if mode & 0o044 == 0 {
+        return None;
+    }
+    Some(format!(
+        "config file {} holds secrets ({}) but is readable by {} (mode {:03o}): \
+         chmod 600 it, or move the secrets to the environment or systemd credentials",
+        path.display(),
+        secrets.join(", "),
+        match (mode & 0o040 != 0, mode & 0o004 != 0) {
+            (true, true) => "group and others",
+            (true, false) => "its group",
+            _ => "others",
+        },
+        mode & 0o777,
+    ))
+}
+
+#[cfg(unix)]
+fn file_mode(path: &Path) -> Option<u32> {
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::metadata(path).ok().map(|m| m.permissions().mode())
+}
+
+#[cfg(not(unix))]
+fn file_mode(_path: &Path) -> Option<u32> {
+    None
+}
+
 fn read_credential(dir: &Path, name: &str) -> Option<String> {
     let text = std::fs::read_to_string(dir.join(name)).ok()?;
     let value = text.trim_end_matches(['\n', '\r']).to_owned();
@@ -960,5 +1029,54 @@ mod tests {
             Some("KEYabc")
         );
         assert_eq!(read_credential(dir.path(), "MISSING"), None);
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn a_readable_config_file_with_secrets_is_warned_about() {
+        use std::os::unix::fs::PermissionsExt as _;
+
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.toml");
+        let chmod =
+            |mode| std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+        let warning = |text: &str, mode| {
+            std::fs::write(&path, text).unwrap();
+            chmod(mode);
+            let config = Config::from_toml(text).unwrap();
+            permission_warning(&path, &config)
+        };
+        let with_key = "[telnyx]\napi_key = \"KEYsecret123\"\n";
+        for mode in [0o644, 0o640, 0o604, 0o666] {
+            let w = warning(with_key, mode).expect("warned");
+            assert!(w.contains("telnyx.api_key"), "{w}");
+            assert!(w.contains(&format!("{:03o}", mode)), "{w}");
+            assert!(!w.contains("KEYsecret123"), "never the secret itself: {w}");
+        }
+        assert!(
+            warning(with_key, 0o640)
+                .unwrap()
+                .contains("readable by its group")
+        );
+        assert_eq!(warning(with_key, 0o600), None);
+        assert_eq!(warning(with_key, 0o400), None);
+
+        // A database URL counts only with a password in it.
+        let db = |url: &str| format!("[database]\nurl = \"{url}\"\n");
+        assert!(warning(&db("postgres://relay:pw@db/zscribe"), 0o644).is_some());
+        assert!(warning(&db("postgres://relay@db/zscribe?password=pw"), 0o644).is_some());
+        assert_eq!(warning(&db("postgres://relay@db/zscribe"), 0o644), None);
+        assert_eq!(warning(&db("postgres://db:5432/zscribe"), 0o644), None);
+        // No secrets: nothing to say, whatever the mode.
+        assert_eq!(warning("[worker]\nconcurrency = 2\n", 0o666), None);
+        let w = warning(
+            "[supabase]\nservice_role_key = \"sk\"\n[database]\nurl = \"postgres://u:p@h/d\"\n",
+            0o644,
+        )
+        .unwrap();
+        assert!(
+            w.contains("supabase.service_role_key") && w.contains("database.url"),
+            "{w}"
+        );
     }
 }

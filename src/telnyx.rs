@@ -189,10 +189,7 @@ impl TelnyxClient {
             .await
             .map_err(transport)?;
         let res = check(res, || format!("recording {id}")).await?;
-        let one: One = res
-            .json()
-            .await
-            .map_err(|e| TelnyxError::Decode(e.without_url().to_string()))?;
+        let one: One = decode(res).await?;
         Ok(one.data)
     }
 
@@ -216,9 +213,7 @@ impl TelnyxClient {
             .await
             .map_err(transport)?;
         let res = check(res, || "recordings list".to_owned()).await?;
-        res.json()
-            .await
-            .map_err(|e| TelnyxError::Decode(e.without_url().to_string()))
+        decode(res).await
     }
 
     /// Recordings of one call; the webhook has the session id even when it
@@ -314,6 +309,57 @@ impl TelnyxClient {
     }
 }
 
+/// Reads a JSON answer. serde's messages quote the offending value
+/// ("invalid type: integer `15557650002`, expected a string"), and these
+/// answers hold phone numbers, while the message ends up in `last_error`,
+/// alerts and logs: keep what was expected and where, never the value.
+async fn decode<T: serde::de::DeserializeOwned>(res: reqwest::Response) -> Result<T, TelnyxError> {
+    let body = read_limited(res, MAX_API_BODY).await?;
+    serde_json::from_slice(&body).map_err(|e| TelnyxError::Decode(describe_json_error(&e)))
+}
+
+/// The largest API answer read (a full page of 250 recordings is ~250 KB):
+/// a broken or hostile upstream must not fill our memory.
+const MAX_API_BODY: usize = 16 * 1024 * 1024;
+
+async fn read_limited(mut res: reqwest::Response, limit: usize) -> Result<Vec<u8>, TelnyxError> {
+    let mut body = Vec::new();
+    while let Some(chunk) = res.chunk().await.map_err(transport)? {
+        if body.len().saturating_add(chunk.len()) > limit {
+            return Err(TelnyxError::Decode(format!(
+                "answer larger than {} MiB",
+                limit / (1024 * 1024)
+            )));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
+}
+
+fn describe_json_error(e: &serde_json::Error) -> String {
+    let what = match e.classify() {
+        serde_json::error::Category::Data => {
+            let message = e.to_string();
+            match message.split_once(", expected ") {
+                Some((_, expected)) => {
+                    let expected = expected.split(" at line ").next().unwrap_or(expected);
+                    format!("a field has the wrong type or value (expected {expected})")
+                }
+                // "missing field `id`" and the like name no value.
+                None => message
+                    .split(" at line ")
+                    .next()
+                    .unwrap_or("unexpected data")
+                    .to_owned(),
+            }
+        }
+        serde_json::error::Category::Syntax => "not valid JSON".to_owned(),
+        serde_json::error::Category::Eof => "truncated JSON".to_owned(),
+        serde_json::error::Category::Io => "unreadable body".to_owned(),
+    };
+    format!("{what} at line {} column {}", e.line(), e.column())
+}
+
 /// Maps a non-2xx answer to its error class.
 async fn check(
     res: reqwest::Response,
@@ -365,7 +411,9 @@ fn rate_limit_reset(res: &reqwest::Response) -> Option<Duration> {
 }
 
 async fn error_detail(res: reqwest::Response) -> String {
-    let text = res.text().await.unwrap_or_default();
+    // Only the start of an error body is ever shown.
+    let bytes = read_limited(res, 64 * 1024).await.unwrap_or_default();
+    let text = String::from_utf8_lossy(&bytes);
     match serde_json::from_str::<ErrorBody>(&text) {
         Ok(body) if !body.errors.is_empty() => body
             .errors
@@ -403,5 +451,25 @@ mod tests {
         assert!(matches!(gone, JobError::Permanent { .. }));
         let key: JobError = TelnyxError::Unauthorized { status: 401 }.into();
         assert!(key.to_string().contains("TELNYX_API_KEY"));
+    }
+
+    #[test]
+    fn decode_errors_never_quote_the_value() {
+        for body in [
+            r#"{"data":{"id":"r","to":15557650002}}"#,
+            r#"{"data":{"id":"r","from":["+15551230001"]}}"#,
+            r#"{"data":{"id":"r","duration_millis":"+15557650002"}}"#,
+            r#"{"data":{"id":"r","recording_started_at":"+15557650002"}}"#,
+        ] {
+            let e = serde_json::from_str::<One>(body).unwrap_err();
+            let described = describe_json_error(&e);
+            assert!(
+                !described.contains("555"),
+                "{body}: {described} (serde said: {e})"
+            );
+            assert!(described.contains("line 1 column"), "{described}");
+        }
+        let e = serde_json::from_str::<One>(r#"{"data":{}}"#).unwrap_err();
+        assert!(describe_json_error(&e).contains("missing field `id`"));
     }
 }

@@ -505,7 +505,11 @@ impl Run<'_> {
         let remaining = download.content_length().ok_or_else(|| {
             JobError::retryable("the recording download has no length; cannot resume")
         })?;
-        let total = offset + remaining;
+        // Both numbers come from upstream headers: an overflow is a bad
+        // answer to retry, not a panic.
+        let total = offset.checked_add(remaining).ok_or_else(|| {
+            JobError::retryable("resumable upload offset plus download length overflows")
+        })?;
         if length.is_some_and(|l| l != total) {
             warn!("the upload was opened for another length; starting over");
             return self.restart_upload(path, content_type).await;
@@ -644,7 +648,11 @@ impl Run<'_> {
 /// `intakes.recording_duration` is whole seconds.
 fn duration_secs(job: &Job) -> Option<i32> {
     job.duration_millis
-        .map(|ms| i32::try_from((ms + 500) / 1000).unwrap_or(i32::MAX))
+        // The duration comes from Telnyx's API: a negative one is not
+        // written, and an absurd one saturates instead of overflowing (a
+        // panic in debug builds, a negative number in release).
+        .filter(|ms| *ms >= 0)
+        .map(|ms| i32::try_from(ms.saturating_add(500) / 1000).unwrap_or(i32::MAX))
 }
 
 /// Why the listed recordings do not identify this event's recording.

@@ -5,8 +5,19 @@
 //! numbers and `duration_millis` (some deliveries carry them, under either
 //! `from`/`to` or `from_number`/`to_number`), and a field of an unexpected
 //! type must not cost us the event. The whole event is kept as jsonb anyway.
+//!
+//! Duplicate keys are the one thing not read leniently. JSON parsers disagree
+//! on them (serde_json's `Value` and PostgreSQL's jsonb keep the last, others
+//! the first), so a body with two `data.id`s could be deduplicated under one
+//! id here and read under the other by anything downstream. A duplicate at
+//! the levels we read (the envelope, `data`, `data.payload`) makes the body
+//! unreadable: it is quarantined, byte for byte, like any other.
+
+use std::collections::HashSet;
+use std::fmt;
 
 use chrono::{DateTime, Utc};
+use serde::de::{self, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde_json::Value;
 
 use crate::jobs::NewJob;
@@ -19,6 +30,8 @@ pub enum EventError {
     NotJson(String),
     #[error("not a Telnyx event envelope: {0}")]
     NotAnEnvelope(&'static str),
+    #[error("ambiguous envelope: {0}")]
+    DuplicateKey(String),
 }
 
 /// A parsed envelope: the two fields every event has, plus the whole value.
@@ -33,6 +46,11 @@ impl Envelope {
     pub fn parse(body: &[u8]) -> Result<Self, EventError> {
         let value: Value =
             serde_json::from_slice(body).map_err(|e| EventError::NotJson(e.to_string()))?;
+        // A second pass over valid JSON; cheap next to the signature check.
+        let mut check = serde_json::Deserializer::from_slice(body);
+        UniqueKeys { path: READ_PATH }
+            .deserialize(&mut check)
+            .map_err(|e| EventError::DuplicateKey(e.to_string()))?;
         let data = value
             .get("data")
             .filter(|d| d.is_object())
@@ -78,6 +96,92 @@ impl Envelope {
             event_id: self.id,
             event_type: self.event_type,
             event: self.value,
+        }
+    }
+}
+
+/// The objects whose keys the relay reads: the envelope, `data` and
+/// `data.payload`. Deeper objects (`recording_urls`, `meta`) are kept as
+/// jsonb but never read, so their duplicates are harmless.
+const READ_PATH: &[&str] = &["data", "payload"];
+
+/// Walks a JSON value without building it, failing on a repeated key in
+/// the object at each level of `path` (the first entry names the child to
+/// descend into). Everything else is skipped.
+struct UniqueKeys {
+    path: &'static [&'static str],
+}
+
+impl<'de> DeserializeSeed<'de> for UniqueKeys {
+    type Value = ();
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<(), D::Error> {
+        deserializer.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for UniqueKeys {
+    type Value = ();
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("any JSON value")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        let mut seen = HashSet::new();
+        while let Some(key) = map.next_key::<String>()? {
+            match self.path.split_first() {
+                Some((child, rest)) if key == *child => {
+                    map.next_value_seed(UniqueKeys { path: rest })?;
+                }
+                _ => {
+                    map.next_value::<IgnoredAny>()?;
+                }
+            }
+            if seen.contains(&key) {
+                let shown: String = key.chars().take(40).collect();
+                return Err(de::Error::custom(format!(
+                    "key {shown:?} appears twice in {}",
+                    self.level()
+                )));
+            }
+            seen.insert(key);
+        }
+        Ok(())
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        while seq.next_element::<IgnoredAny>()?.is_some() {}
+        Ok(())
+    }
+
+    fn visit_bool<E>(self, _: bool) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_i64<E>(self, _: i64) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_u64<E>(self, _: u64) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_f64<E>(self, _: f64) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_str<E>(self, _: &str) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_unit<E>(self) -> Result<(), E> {
+        Ok(())
+    }
+}
+
+impl UniqueKeys {
+    /// Where this level sits, for the quarantine reason.
+    fn level(&self) -> &'static str {
+        match READ_PATH.len().saturating_sub(self.path.len()) {
+            0 => "the envelope",
+            1 => "data",
+            _ => "data.payload",
         }
     }
 }
@@ -212,5 +316,30 @@ mod tests {
         v["data"]["event_type"] = json!("call.hangup");
         let env = parse(&v).unwrap();
         assert!(!env.is_recording_saved());
+    }
+
+    #[test]
+    fn duplicate_keys_where_we_read_make_the_body_ambiguous() {
+        for body in [
+            // Two data.id: we would dedupe on one, another parser read the other.
+            r#"{"data":{"id":"a","event_type":"call.recording.saved","id":"b","payload":{}}}"#,
+            // The same key spelt with an escape is still the same key.
+            r#"{"data":{"id":"a","\u0069d":"b","event_type":"call.hangup"}}"#,
+            r#"{"data":{"id":"a","event_type":"call.hangup"},"data":{"id":"b","event_type":"x"}}"#,
+            r#"{"data":{"id":"a","event_type":"call.recording.saved","payload":{"to":"1","to":"2"}}}"#,
+        ] {
+            let got = Envelope::parse(body.as_bytes());
+            assert!(
+                matches!(got, Err(EventError::DuplicateKey(_))),
+                "{body}: {got:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn duplicate_keys_we_never_read_are_tolerated() {
+        let body = r#"{"data":{"id":"a","event_type":"call.recording.saved","payload":{"recording_urls":{"mp3":"x","mp3":"y"}}},"meta":{"attempt":1,"attempt":2}}"#;
+        let env = Envelope::parse(body.as_bytes()).unwrap();
+        assert_eq!(env.id, "a");
     }
 }

@@ -1,7 +1,10 @@
 //! End-to-end tests over real HTTP on loopback against a real PostgreSQL
 //! (one fresh database per test).
 
+mod fuzz;
 mod helpers;
+mod hostile;
+mod logs;
 mod ops;
 mod pipeline;
 mod playback;
