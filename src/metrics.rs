@@ -159,55 +159,36 @@ pub async fn serve(
     queue: Queue,
     shutdown: tokio_util::sync::CancellationToken,
 ) {
-    use http_body_util::Full;
-    use hyper::server::conn::http1;
-    use hyper::service::service_fn;
-    use hyper_util::rt::{TokioIo, TokioTimer};
-
-    if let Ok(addr) = listener.local_addr() {
-        tracing::info!(%addr, "metrics listener started");
-    }
-    loop {
-        let stream = tokio::select! {
-            () = shutdown.cancelled() => return,
-            accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => stream,
-                Err(_) => {
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-        };
+    let limits = crate::server::Limits {
+        header_read_timeout: Duration::from_secs(5),
+        max_connections: 16,
+    };
+    crate::server::serve("metrics listener", listener, limits, shutdown, move |_peer| {
         let queue = queue.clone();
-        let service = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+        hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
             let queue = queue.clone();
-            async move {
-                let response =
-                    if req.method() == hyper::Method::GET && req.uri().path() == "/metrics" {
-                        let mut r = hyper::Response::new(Full::new(bytes::Bytes::from(
-                            metrics().render(&queue).await,
-                        )));
-                        r.headers_mut().insert(
-                            hyper::header::CONTENT_TYPE,
-                            hyper::header::HeaderValue::from_static(CONTENT_TYPE),
-                        );
-                        r
-                    } else {
-                        let mut r = hyper::Response::new(Full::new(bytes::Bytes::new()));
-                        *r.status_mut() = hyper::StatusCode::NOT_FOUND;
-                        r
-                    };
-                Ok::<_, std::convert::Infallible>(response)
-            }
-        });
-        let mut http = http1::Builder::new();
-        http.timer(TokioTimer::new())
-            .header_read_timeout(Duration::from_secs(5));
-        let conn = http.serve_connection(TokioIo::new(stream), service);
-        tokio::spawn(async move {
-            let _ = conn.await;
-        });
+            async move { Ok::<_, std::convert::Infallible>(metrics_response(&req, &queue).await) }
+        })
+    })
+    .await;
+}
+
+async fn metrics_response(
+    req: &hyper::Request<hyper::body::Incoming>,
+    queue: &Queue,
+) -> hyper::Response<http_body_util::Full<bytes::Bytes>> {
+    use http_body_util::Full;
+    if req.method() != hyper::Method::GET || req.uri().path() != "/metrics" {
+        let mut r = hyper::Response::new(Full::new(bytes::Bytes::new()));
+        *r.status_mut() = hyper::StatusCode::NOT_FOUND;
+        return r;
     }
+    let mut r = hyper::Response::new(Full::new(bytes::Bytes::from(metrics().render(queue).await)));
+    r.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static(CONTENT_TYPE),
+    );
+    r
 }
 
 /// The Prometheus text exposition format.

@@ -31,15 +31,11 @@ use hyper::header::{
     CONTENT_SECURITY_POLICY, CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue, ORIGIN, VARY,
     WWW_AUTHENTICATE,
 };
-use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::{TokioIo, TokioTimer};
-use hyper_util::server::graceful::GracefulShutdown;
 use serde::Serialize;
 use sqlx::PgPool;
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 use uuid::Uuid;
@@ -125,52 +121,15 @@ impl PlaybackState {
 /// Serves until `shutdown` is cancelled, then lets open requests finish
 /// (bounded) and returns.
 pub async fn run(listener: TcpListener, state: Arc<PlaybackState>, shutdown: CancellationToken) {
-    let connections = Arc::new(Semaphore::new(MAX_CONNECTIONS));
-    let graceful = GracefulShutdown::new();
-    let mut http = http1::Builder::new();
-    http.timer(TokioTimer::new())
-        .header_read_timeout(state.header_read_timeout)
-        .keep_alive(true);
-    if let Ok(addr) = listener.local_addr() {
-        info!(%addr, "playback server started");
-    }
-    loop {
-        let permit = tokio::select! {
-            () = shutdown.cancelled() => break,
-            permit = connections.clone().acquire_owned() => match permit {
-                Ok(p) => p,
-                Err(_) => break,
-            },
-        };
-        let (stream, peer) = tokio::select! {
-            () = shutdown.cancelled() => break,
-            accepted = listener.accept() => match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-        };
+    let limits = crate::server::Limits {
+        header_read_timeout: state.header_read_timeout,
+        max_connections: MAX_CONNECTIONS,
+    };
+    crate::server::serve("playback server", listener, limits, shutdown, move |peer| {
         let state = state.clone();
-        let service = service_fn(move |req| handle(req, state.clone(), peer));
-        let conn = graceful.watch(http.serve_connection(TokioIo::new(stream), service));
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(%peer, error = %e, "connection ended with an error");
-            }
-            drop(permit);
-        });
-    }
-    drop(listener);
-    if tokio::time::timeout(Duration::from_secs(5), graceful.shutdown())
-        .await
-        .is_err()
-    {
-        warn!("open playback connections did not close within 5s");
-    }
-    info!("playback server stopped");
+        service_fn(move |req| handle(req, state.clone(), peer))
+    })
+    .await;
 }
 
 async fn handle(

@@ -19,14 +19,10 @@ use hyper::body::Incoming;
 use hyper::header::{
     ACCEPT_ENCODING, ALLOW, CONTENT_ENCODING, CONTENT_LENGTH, CONTENT_TYPE, HeaderMap, HeaderValue,
 };
-use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::{TokioIo, TokioTimer};
-use hyper_util::server::graceful::GracefulShutdown;
 use serde_json::json;
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
@@ -90,56 +86,21 @@ pub async fn run(
     limits: ConnectionLimits,
     shutdown: CancellationToken,
 ) {
-    let connections = Arc::new(Semaphore::new(limits.max_connections));
-    let graceful = GracefulShutdown::new();
-    let mut http = http1::Builder::new();
-    http.timer(TokioTimer::new())
-        .header_read_timeout(limits.header_read_timeout)
-        .keep_alive(true);
-    if let Ok(addr) = listener.local_addr() {
-        info!(%addr, "webhook listener started");
-    }
-
-    loop {
-        let permit = tokio::select! {
-            () = shutdown.cancelled() => break,
-            permit = connections.clone().acquire_owned() => match permit {
-                Ok(p) => p,
-                Err(_) => break,
-            },
-        };
-        let (stream, peer) = tokio::select! {
-            () = shutdown.cancelled() => break,
-            accepted = listener.accept() => match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    // EMFILE and friends: back off instead of spinning.
-                    warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-        };
-        let state = state.clone();
-        let service = service_fn(move |req| handle(req, state.clone(), peer));
-        let conn = graceful.watch(http.serve_connection(TokioIo::new(stream), service));
-        tokio::spawn(async move {
-            // Errors here are client-side (reset, header timeout): not ours to log loudly.
-            if let Err(e) = conn.await {
-                tracing::debug!(%peer, error = %e, "connection ended with an error");
-            }
-            drop(permit);
-        });
-    }
-
-    drop(listener);
-    if tokio::time::timeout(Duration::from_secs(5), graceful.shutdown())
-        .await
-        .is_err()
-    {
-        warn!("open webhook connections did not close within 5s");
-    }
-    info!("webhook listener stopped");
+    let limits = crate::server::Limits {
+        header_read_timeout: limits.header_read_timeout,
+        max_connections: limits.max_connections,
+    };
+    crate::server::serve(
+        "webhook listener",
+        listener,
+        limits,
+        shutdown,
+        move |peer| {
+            let state = state.clone();
+            service_fn(move |req| handle(req, state.clone(), peer))
+        },
+    )
+    .await;
 }
 
 async fn handle(

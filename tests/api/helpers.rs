@@ -193,8 +193,15 @@ pub struct PipelineApp {
 pub const TELNYX_KEY: &str = "KEY_test_telnyx";
 pub const STORAGE_KEY: &str = "test-service-role-key";
 
-pub async fn spawn_pipeline(pool: PgPool, tweak: impl FnOnce(&mut Config)) -> PipelineApp {
-    let pool = testing::prepare(pool).await;
+/// The Telnyx and Storage simulators with the test keys.
+pub struct Providers {
+    pub telnyx: TelnyxSim,
+    pub storage: StorageSim,
+}
+
+/// Starts both simulators; with `with_bucket`, a private `call-recordings`
+/// bucket that accepts anything.
+pub fn providers(with_bucket: bool) -> Providers {
     let telnyx = TelnyxSim::start(TelnyxSimConfig {
         api_key: TELNYX_KEY.to_owned(),
         ..TelnyxSimConfig::default()
@@ -205,6 +212,15 @@ pub async fn spawn_pipeline(pool: PgPool, tweak: impl FnOnce(&mut Config)) -> Pi
         ..StorageSimConfig::default()
     })
     .unwrap();
+    if with_bucket {
+        storage.create_bucket("call-recordings", false, None, None);
+    }
+    Providers { telnyx, storage }
+}
+
+pub async fn spawn_pipeline(pool: PgPool, tweak: impl FnOnce(&mut Config)) -> PipelineApp {
+    let pool = testing::prepare(pool).await;
+    let Providers { telnyx, storage } = providers(false);
     let bucket = "call-recordings".to_owned();
     storage.create_bucket(
         &bucket,

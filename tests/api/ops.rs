@@ -3,36 +3,14 @@
 use std::time::{Duration, Instant};
 
 use recording_relay::jobs::{JobState, NewJob, Queue};
-use recording_relay::sim::{
-    SimRecording, StorageSim, StorageSimConfig, TelnyxSim, TelnyxSimConfig,
-};
+use recording_relay::sim::SimRecording;
 use recording_relay::testing;
 use sqlx::PgPool;
 use tokio::process::Command;
 
-use crate::helpers::{STORAGE_KEY, TELNYX_KEY, intake_for, spawn_pipeline, webhook_for};
-
-struct Providers {
-    telnyx: TelnyxSim,
-    storage: StorageSim,
-}
-
-fn providers(with_bucket: bool) -> Providers {
-    let telnyx = TelnyxSim::start(TelnyxSimConfig {
-        api_key: TELNYX_KEY.to_owned(),
-        ..TelnyxSimConfig::default()
-    })
-    .unwrap();
-    let storage = StorageSim::start(StorageSimConfig {
-        service_key: STORAGE_KEY.to_owned(),
-        ..StorageSimConfig::default()
-    })
-    .unwrap();
-    if with_bucket {
-        storage.create_bucket("call-recordings", false, None, None);
-    }
-    Providers { telnyx, storage }
-}
+use crate::helpers::{
+    Providers, STORAGE_KEY, TELNYX_KEY, intake_for, providers, spawn_pipeline, webhook_for,
+};
 
 /// The binary with a complete environment pointing at `p` and `db`.
 fn relay(p: &Providers, db: &str, telnyx_key: &str) -> Command {

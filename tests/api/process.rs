@@ -4,14 +4,12 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use recording_relay::jobs::{JobState, NewJob, Queue};
-use recording_relay::sim::{
-    Fault, SimRecording, StorageSim, StorageSimConfig, TelnyxSim, TelnyxSimConfig,
-};
+use recording_relay::sim::{Fault, SimRecording};
 use recording_relay::testing;
 use sqlx::PgPool;
 use tokio::process::Command;
 
-use crate::helpers::{STORAGE_KEY, TELNYX_KEY, eventually, intake_for};
+use crate::helpers::{Providers, STORAGE_KEY, TELNYX_KEY, eventually, intake_for, providers};
 
 fn binary() -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_recording-relay"));
@@ -60,17 +58,7 @@ async fn bad_configuration_exits_2_listing_every_problem() {
 #[sqlx::test(migrations = false)]
 async fn sigterm_releases_an_in_flight_job_and_exits_cleanly(pool: PgPool) {
     let pool = testing::prepare(pool).await;
-    let telnyx = TelnyxSim::start(TelnyxSimConfig {
-        api_key: TELNYX_KEY.to_owned(),
-        ..TelnyxSimConfig::default()
-    })
-    .unwrap();
-    let storage = StorageSim::start(StorageSimConfig {
-        service_key: STORAGE_KEY.to_owned(),
-        ..StorageSimConfig::default()
-    })
-    .unwrap();
-    storage.create_bucket("call-recordings", false, None, None);
+    let Providers { telnyx, storage } = providers(true);
     let rec = SimRecording::sample("rec-slow");
     telnyx.add_recording(rec.clone());
     intake_for(&pool, &rec, &rec.to).await;
