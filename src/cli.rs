@@ -71,6 +71,9 @@ pub enum Command {
         /// (default postgres://postgres@127.0.0.1:5432/postgres).
         #[arg(long, env = "DATABASE_URL")]
         database_url: Option<String>,
+        /// The database the demo (re)creates on that server.
+        #[arg(long, default_value = crate::demo::DEMO_DATABASE)]
+        database_name: String,
     },
 }
 
@@ -166,7 +169,10 @@ pub async fn run(cli: Cli, config: Config) -> Result<(), Failure> {
     let role = command.role();
     config.validate(role)?;
     match command {
-        Command::Demo { database_url } => crate::demo::run(database_url.as_deref())
+        Command::Demo {
+            database_url,
+            database_name,
+        } => crate::demo::run(database_url.as_deref(), &database_name)
             .await
             .map_err(Failure::Runtime),
         Command::SetupBucket { file_size_limit } => ensure_bucket(&config, file_size_limit)

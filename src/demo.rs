@@ -57,13 +57,20 @@ const CALLS: [Call; 3] = [
     },
 ];
 
-pub async fn run(server_url: Option<&str>) -> anyhow::Result<()> {
+pub async fn run(server_url: Option<&str>, database: &str) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        !database.is_empty()
+            && database
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_'),
+        "--database-name takes letters, digits and underscores"
+    );
     let server_url = server_url.unwrap_or(DEFAULT_SERVER);
     say(&format!(
-        "database: recreating {DEMO_DATABASE} on the server of {}",
+        "database: recreating {database} on the server of {}",
         redact_db_url(server_url)
     ));
-    let db_url = recreate_database(server_url).await?;
+    let db_url = recreate_database(server_url, database).await?;
     let setup_pool = PgPool::connect(&db_url)
         .await
         .context("connecting to the demo database")?;
@@ -114,6 +121,7 @@ pub async fn run(server_url: Option<&str>) -> anyhow::Result<()> {
         let mut event = event;
         event["data"]["payload"]["recording_started_at"] =
             rec.recording_started_at.to_rfc3339().into();
+        event["data"]["payload"]["call_leg_id"] = rec.call_leg_id.clone().into();
         let body = event.to_string().into_bytes();
         let mut req = http.post(format!("http://{addr}/webhooks/telnyx"));
         for (name, value) in testing::signature_headers(&key, testing::unix_now(), &body) {
@@ -152,22 +160,20 @@ fn redact_db_url(url: &str) -> String {
     }
 }
 
-async fn recreate_database(server_url: &str) -> anyhow::Result<String> {
+async fn recreate_database(server_url: &str, database: &str) -> anyhow::Result<String> {
     let mut conn = PgConnection::connect(server_url)
         .await
         .with_context(|| format!("connecting to PostgreSQL at {}", redact_db_url(server_url)))?;
     sqlx::query(sqlx::AssertSqlSafe(format!(
-        "DROP DATABASE IF EXISTS {DEMO_DATABASE} WITH (FORCE)"
+        "DROP DATABASE IF EXISTS {database} WITH (FORCE)"
     )))
     .execute(&mut conn)
     .await?;
-    sqlx::query(sqlx::AssertSqlSafe(format!(
-        "CREATE DATABASE {DEMO_DATABASE}"
-    )))
-    .execute(&mut conn)
-    .await?;
+    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {database}")))
+        .execute(&mut conn)
+        .await?;
     let base = server_url.rsplit_once('/').map_or(server_url, |(b, _)| b);
-    Ok(format!("{base}/{DEMO_DATABASE}"))
+    Ok(format!("{base}/{database}"))
 }
 
 fn demo_config(

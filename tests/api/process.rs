@@ -140,3 +140,36 @@ async fn sigterm_releases_an_in_flight_job_and_exits_cleanly(pool: PgPool) {
             .unwrap();
     assert_eq!(running, 0);
 }
+
+#[tokio::test]
+async fn the_demo_runs_end_to_end() {
+    // Its own database name, so a developer's demo database is left alone.
+    let name = format!("recording_relay_demo_test_{}", std::process::id());
+    let server = std::env::var("DATABASE_URL").expect("DATABASE_URL");
+    let out = binary()
+        .args(["demo", "--database-url", &server, "--database-name", &name])
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let mut admin = <sqlx::PgConnection as sqlx::Connection>::connect(&server)
+        .await
+        .unwrap();
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
+    )))
+    .execute(&mut admin)
+    .await
+    .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("sha256 matches source, uploaded 1x"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("206 Partial Content"), "{stdout}");
+}
