@@ -150,7 +150,8 @@ fn failure_explained(
     let last = job.last_error.as_deref().unwrap_or("");
     if !(last.starts_with("gave up after") || last.starts_with("lease expired")) {
         return Err(format!(
-            "ended failed without exhausting its attempts: {last}"
+            "ended failed without exhausting its attempts: {}",
+            brief(last)
         ));
     }
     for e in history(job) {
@@ -166,7 +167,7 @@ fn failure_explained(
         if !(injected(label) || during_restart || planned) {
             return Err(format!(
                 "attempt failed of something not injected ({label}): {}",
-                e.error
+                brief(&e.error)
             ));
         }
     }
@@ -179,6 +180,15 @@ fn pct(sorted: &[f64], q: f64) -> f64 {
     }
     let i = ((q * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len()) - 1;
     sorted[i]
+}
+
+/// One line of at most 160 characters (errors quote XML bodies).
+fn brief(text: &str) -> String {
+    let line = text.split_whitespace().collect::<Vec<_>>().join(" ");
+    match line.char_indices().nth(160) {
+        Some((i, _)) => format!("{}…", &line[..i]),
+        None => line,
+    }
 }
 
 /// Keeps a failing check's output readable: the first few problems and a count.
@@ -357,7 +367,7 @@ pub fn verify(ev: &Evidence<'_>) -> Outcome {
             if job.state == expected || !job.state.is_final() {
                 // The visible reason must be the real one: an operator
                 // reading `recording_jobs_unmatched` or an alert acts on it.
-                let reason = job.last_error.as_deref().unwrap_or("");
+                let reason = brief(job.last_error.as_deref().unwrap_or(""));
                 if job.state == JobState::Unmatched && !reason.contains("no intake matches") {
                     problems.push(format!(
                         "job {} ({}) ended unmatched, as expected, but gives as its reason: {reason}",
@@ -372,7 +382,7 @@ pub fn verify(ev: &Evidence<'_>) -> Outcome {
                     job.id,
                     call.event_id,
                     job.attempts,
-                    job.last_error.as_deref().unwrap_or("")
+                    brief(job.last_error.as_deref().unwrap_or(""))
                 );
                 f.failed_jobs.push(line.clone());
                 match failure_explained(job, call.expect, ev.restart, ev.lease) {
@@ -387,7 +397,7 @@ pub fn verify(ev: &Evidence<'_>) -> Outcome {
                 call.expect,
                 job.state.as_str(),
                 expected.as_str(),
-                job.last_error.as_deref().unwrap_or("")
+                brief(job.last_error.as_deref().unwrap_or(""))
             ));
         }
     }
@@ -773,6 +783,13 @@ mod tests {
         ] {
             assert!(!injected(classify(kind, error)), "{error}");
         }
+    }
+
+    #[test]
+    fn briefs_are_one_short_line() {
+        assert_eq!(brief("a\n  b"), "a b");
+        let long = "x".repeat(500);
+        assert_eq!(brief(&long).chars().count(), 161);
     }
 
     #[test]
