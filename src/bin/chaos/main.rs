@@ -79,8 +79,10 @@ struct Args {
         default_value = "postgres://postgres@127.0.0.1:5432/postgres"
     )]
     database_url: String,
-    /// Cluster restarted mid-run, VERSION/NAME (default: newest version's main).
-    #[arg(long)]
+    /// Cluster restarted mid-run, VERSION/NAME (default: newest version's
+    /// main). On a machine shared with other users of PostgreSQL, point
+    /// this and --database-url at a cluster of the run's own.
+    #[arg(long, env = "CHAOS_PG_CLUSTER")]
     pg_cluster: Option<String>,
     #[arg(long)]
     no_pg_restart: bool,
@@ -130,12 +132,14 @@ struct Args {
     /// The daemon binary (default: `recording-relay` next to this binary).
     #[arg(long)]
     relay_bin: Option<PathBuf>,
-    /// Daemon logs and config (default: target/chaos/<database>).
+    /// Daemon logs and config (default: target/chaos/<database>, removed
+    /// when every check passed).
     #[arg(long)]
     work_dir: Option<PathBuf>,
-    /// Keep the database even when every check passed.
+    /// Keep the database and the daemon logs even when every check passed
+    /// (a failed run always keeps them).
     #[arg(long)]
-    keep_db: bool,
+    keep: bool,
     /// Also write the report as JSON here.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -655,11 +659,16 @@ async fn run(args: Args) -> anyhow::Result<bool> {
             .with_context(|| format!("writing {}", path.display()))?;
     }
     pool.close().await;
-    if passed && !args.keep_db {
+    drop((storage, telnyx));
+    drop(storage_dir);
+    if passed && !args.keep {
         postgres::drop_database(&args.database_url, &db_name).await?;
+        if args.work_dir.is_none() {
+            std::fs::remove_dir_all(&work_dir)
+                .with_context(|| format!("removing {}", work_dir.display()))?;
+        }
         say(&format!(
-            "PASSED; database {db_name} dropped; daemon logs in {}",
-            work_dir.display()
+            "PASSED; database {db_name} dropped, daemon logs removed"
         ));
     } else if passed {
         say(&format!(
