@@ -86,6 +86,10 @@ struct Args {
     pg_cluster: Option<String>,
     #[arg(long)]
     no_pg_restart: bool,
+    /// Keep PostgreSQL down this long (stop, wait, start) instead of a plain
+    /// restart: long enough, live daemons lose their leases too.
+    #[arg(long, default_value = "0s", value_parser = duration)]
+    pg_down_for: Duration,
     /// When to restart PostgreSQL, from the first webhook (default: half-way
     /// through sending).
     #[arg(long, value_parser = duration)]
@@ -484,11 +488,11 @@ async fn run(args: Args) -> anyhow::Result<bool> {
         crashes.clone(),
     ));
     let restarting = pg_restart_at.map(|at| {
-        let (cluster, url) = (pg_cluster.clone(), db_url.clone());
+        let (cluster, url, down_for) = (pg_cluster.clone(), db_url.clone(), args.pg_down_for);
         tokio::spawn(async move {
             tokio::time::sleep_until(start + at).await;
             say(&format!("restarting PostgreSQL {cluster}"));
-            let r = postgres::restart(&cluster, &url).await;
+            let r = postgres::restart(&cluster, &url, down_for).await;
             match &r {
                 Ok(r) => say(&format!(
                     "PostgreSQL back: pg_ctlcluster {:.2} s, unavailable {:.2} s",

@@ -75,27 +75,39 @@ pub struct Restart {
     pub ended: DateTime<Utc>,
 }
 
-/// `pg_ctlcluster --skip-systemctl-redirect VERSION NAME restart`, then waits
-/// until a new connection to `db_url` works.
-pub async fn restart(cluster: &str, db_url: &str) -> anyhow::Result<Restart> {
+async fn pg_ctlcluster(cluster: &str, action: &str) -> anyhow::Result<()> {
     let Some((version, name)) = cluster.split_once('/') else {
         bail!("--pg-cluster must be VERSION/NAME, e.g. 15/main");
     };
-    let started = Utc::now();
-    let t0 = Instant::now();
     let out = tokio::process::Command::new("pg_ctlcluster")
-        .args(["--skip-systemctl-redirect", version, name, "restart"])
+        .args(["--skip-systemctl-redirect", version, name, action])
         .output()
         .await
         .context("running pg_ctlcluster")?;
-    let command = t0.elapsed();
     if !out.status.success() {
         bail!(
-            "pg_ctlcluster {cluster} restart failed ({}): {}",
+            "pg_ctlcluster {cluster} {action} failed ({}): {}",
             out.status,
             String::from_utf8_lossy(&out.stderr).trim()
         );
     }
+    Ok(())
+}
+
+/// `pg_ctlcluster --skip-systemctl-redirect VERSION NAME restart` (or, with
+/// `down_for`, stop, wait, start), then waits until a new connection to
+/// `db_url` works.
+pub async fn restart(cluster: &str, db_url: &str, down_for: Duration) -> anyhow::Result<Restart> {
+    let started = Utc::now();
+    let t0 = Instant::now();
+    if down_for.is_zero() {
+        pg_ctlcluster(cluster, "restart").await?;
+    } else {
+        pg_ctlcluster(cluster, "stop").await?;
+        tokio::time::sleep(down_for).await;
+        pg_ctlcluster(cluster, "start").await?;
+    }
+    let command = t0.elapsed();
     let deadline = t0 + Duration::from_secs(60);
     loop {
         if let Ok(mut c) = PgConnection::connect(db_url).await

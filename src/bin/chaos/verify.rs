@@ -658,7 +658,9 @@ fn rescue_check(ev: &Evidence<'_>, f: &mut Figures) -> Check {
             let (Some(at), Some(pid)) = (e.at, e.worker.as_deref().and_then(pid_of_worker)) else {
                 continue;
             };
-            let Some(kill) = kill_of.get(&pid) else {
+            // A lease this process lost before it was killed (the database
+            // was down for most of a lease) is no rescue after a kill.
+            let Some(kill) = kill_of.get(&pid).filter(|k| at >= k.at) else {
                 live_losses += 1;
                 continue;
             };
