@@ -265,13 +265,16 @@ impl TelnyxClient {
                 url: redact_url(url).to_owned(),
             });
         }
-        if from_byte > 0 && status != StatusCode::PARTIAL_CONTENT {
+        // Error answers first, like any other request's: a 429 keeps its
+        // retry hint and a 404 (the recording is gone) is permanent.
+        let res = check(res, || format!("recording file {}", redact_url(url))).await?;
+        if from_byte > 0 && res.status() != StatusCode::PARTIAL_CONTENT {
             return Err(TelnyxError::Server {
-                status: status.as_u16(),
+                status: res.status().as_u16(),
                 detail: "the download host ignored the Range request".to_owned(),
             });
         }
-        check(res, || format!("recording file {}", redact_url(url))).await
+        Ok(res)
     }
 }
 
@@ -451,6 +454,49 @@ mod tests {
         assert!(matches!(gone, JobError::Permanent { .. }));
         let key: JobError = TelnyxError::Unauthorized { status: 401 }.into();
         assert!(key.to_string().contains("TELNYX_API_KEY"));
+    }
+
+    /// Found by the chaos test: a resumed (ranged) download that got an
+    /// error answer was reported as "ignored the Range request", as a
+    /// retryable server error whatever the status: a 429 lost its
+    /// `x-ratelimit-reset` hint, and a 404 (recording gone) was retried
+    /// twelve times instead of failing at once.
+    #[tokio::test]
+    async fn a_ranged_download_classifies_error_answers_like_any_other() {
+        use crate::sim::{Fault, SimRecording, TelnyxSim, TelnyxSimConfig};
+        let sim = TelnyxSim::start(TelnyxSimConfig::default()).unwrap();
+        sim.add_recording(SimRecording::sample("rec-ranged"));
+        let client = TelnyxClient::new(
+            &sim.base_url(),
+            SecretString::from("unused for downloads"),
+            Timeouts {
+                connect: Duration::from_secs(2),
+                request: Duration::from_secs(5),
+                read_idle: Duration::from_secs(5),
+            },
+        )
+        .unwrap();
+        let url = sim.download_url("rec-ranged", "wav");
+
+        sim.fail_next_downloads(1, Fault::Status(429));
+        let err = client.download(&url, 1000).await.unwrap_err();
+        assert!(matches!(err, TelnyxError::RateLimited { .. }), "{err}");
+
+        sim.fail_next_downloads(1, Fault::Status(404));
+        let err = client.download(&url, 1000).await.unwrap_err();
+        assert!(err.is_not_found(), "{err}");
+        assert!(matches!(JobError::from(err), JobError::Permanent { .. }));
+
+        sim.fail_next_downloads(1, Fault::Status(500));
+        let err = client.download(&url, 1000).await.unwrap_err();
+        assert!(
+            matches!(err, TelnyxError::Server { status: 500, .. }),
+            "{err}"
+        );
+        assert!(!err.to_string().contains("Range"), "{err}");
+
+        let resumed = client.download(&url, 1000).await.unwrap();
+        assert_eq!(resumed.status(), StatusCode::PARTIAL_CONTENT);
     }
 
     #[test]

@@ -112,6 +112,8 @@ pub struct Job {
     pub stored_at: Option<DateTime<Utc>>,
     pub linked_at: Option<DateTime<Utc>>,
     pub telnyx_deleted_at: Option<DateTime<Utc>>,
+    /// Why the recording goes under `unmatched/`, saved with that path.
+    pub unmatched_reason: Option<String>,
 }
 
 impl Job {

@@ -426,19 +426,25 @@ impl Queue {
     }
 
     /// Claims the object path before the first byte is uploaded, so a retry
-    /// knows where an upload that finished unobserved would be.
+    /// knows where an upload that finished unobserved would be. An
+    /// `unmatched/` path is saved with the reason no intake matched, which
+    /// the attempt that finishes the job reports.
     pub async fn plan_object(
         &self,
         lease: &Lease,
         path: &str,
         content_type: &str,
+        unmatched_reason: Option<&str>,
     ) -> Result<bool, QueueError> {
         let done = fenced(
-            fenced_update!("object_path = $4, content_type = $5, tus_upload_url = NULL"),
+            fenced_update!(
+                "object_path = $4, content_type = $5, tus_upload_url = NULL, unmatched_reason = $6"
+            ),
             lease,
         )
         .bind(path)
         .bind(content_type)
+        .bind(unmatched_reason)
         .execute(&self.pool)
         .await;
         match done {

@@ -170,17 +170,19 @@ impl Run<'_> {
         let unmatched = match (self.job.intake_id, &self.job.object_path) {
             (Some(_), _) => None,
             // Planned as unmatched by an earlier attempt: keep that path
-            // rather than match late and leave an orphan copy behind.
+            // rather than match late and leave an orphan copy behind, and
+            // give the reason saved with it. Not `last_error`: that is
+            // whatever interrupted the earlier attempt (a timeout, a crash).
             (None, Some(_)) => Some(
                 self.job
-                    .last_error
+                    .unmatched_reason
                     .clone()
-                    .unwrap_or_else(|| "stored as unmatched by an earlier attempt".to_owned()),
+                    .unwrap_or_else(|| "no intake matched in an earlier attempt".to_owned()),
             ),
             (None, None) => self.match_intake().await?,
         };
         if self.job.stored_at.is_none()
-            && let Some(outcome) = self.store().await?
+            && let Some(outcome) = self.store(unmatched.as_deref()).await?
         {
             return Ok(outcome);
         }
@@ -350,7 +352,9 @@ impl Run<'_> {
     }
 
     /// Step 3. `Some(outcome)` when another job already owns the object.
-    async fn store(&mut self) -> Result<Option<Outcome>, JobError> {
+    /// `unmatched`: why no intake matched (the object goes under
+    /// `unmatched/`), saved with the planned path.
+    async fn store(&mut self, unmatched: Option<&str>) -> Result<Option<Outcome>, JobError> {
         let format = self.p.opts.format;
         let path = object_path(self.job.intake_id, self.recording_id()?, format);
         let content_type = format.content_type();
@@ -369,7 +373,7 @@ impl Run<'_> {
         } else {
             match self
                 .queue
-                .plan_object(&self.lease, &path, content_type)
+                .plan_object(&self.lease, &path, content_type, unmatched)
                 .await
             {
                 Ok(ok) => written(ok)?,
@@ -746,6 +750,7 @@ mod tests {
             stored_at: None,
             linked_at: None,
             telnyx_deleted_at: None,
+            unmatched_reason: None,
         }
     }
 

@@ -333,6 +333,60 @@ async fn no_intake_means_stored_under_unmatched_and_kept_at_telnyx(pool: PgPool)
     p.stop().await;
 }
 
+/// Found by the chaos test: the attempt that decided "unmatched" was cut off
+/// by a provider fault before its upload finished, and the attempt that
+/// finished the upload gave that fault ("storage answered 500") as the
+/// reason the recording is unmatched, in `last_error`, the unmatched view
+/// and the alert.
+#[sqlx::test(migrations = false)]
+async fn an_unmatched_recording_keeps_its_reason_across_a_failed_upload(pool: PgPool) {
+    let sink = AlertSink::start().await;
+    let url = sink.url();
+    let p = spawn_pipeline(pool, move |c| {
+        c.pipeline.alert_webhook_url = Some(url);
+        c.pipeline.match_attempts = 1;
+    })
+    .await;
+    let rec = SimRecording::sample("rec-orphan-retried");
+    p.telnyx.add_recording(rec.clone());
+    // The attempt that gives up matching plans unmatched/…; its upload fails.
+    p.storage.fail_next(1, Fault::Status(500));
+
+    post(&p, "ev-orphan-retried", &rec).await;
+    let job = p.finished_job("ev-orphan-retried").await;
+    assert_eq!(job.state, JobState::Unmatched);
+    assert_eq!(job.attempts, 2, "{:?}", job.errors);
+    assert!(
+        job.errors[0]["error"]
+            .as_str()
+            .unwrap()
+            .contains("storage answered 500"),
+        "{:?}",
+        job.errors
+    );
+    let reason = job.last_error.unwrap();
+    assert!(reason.contains("no intake matches"), "{reason}");
+    assert!(
+        job.errors[1]["error"]
+            .as_str()
+            .unwrap()
+            .contains("no intake matches"),
+        "{:?}",
+        job.errors
+    );
+    let alert = sink.next().await;
+    assert_eq!(alert["state"], "unmatched");
+    assert!(alert.to_string().contains("no intake matches"), "{alert}");
+    let view: Option<String> =
+        sqlx::query_scalar("SELECT last_error FROM recording_jobs_unmatched WHERE id = $1")
+            .bind(job.id)
+            .fetch_one(&p.app.pool)
+            .await
+            .unwrap();
+    assert!(view.unwrap().contains("no intake matches"));
+    p.stop().await;
+}
+
 #[sqlx::test(migrations = false)]
 async fn deletion_at_telnyx_happens_only_after_store_and_link(pool: PgPool) {
     let p = spawn_pipeline(pool, |c| {

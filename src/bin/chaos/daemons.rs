@@ -1,0 +1,245 @@
+//! The daemons under test: real `recording-relay serve` processes, each on a
+//! port of its own that survives its restarts, killed with SIGKILL and
+//! started again while the run goes on.
+
+use std::fs::{File, OpenOptions};
+use std::io::Write as _;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use chrono::{DateTime, Utc};
+use tokio::process::{Child, Command};
+
+/// Everything a daemon needs besides its port.
+#[derive(Clone)]
+pub struct DaemonEnv {
+    pub binary: PathBuf,
+    pub config: PathBuf,
+    pub database_url: String,
+    pub public_key: String,
+    pub telnyx_api_key: String,
+    pub telnyx_url: String,
+    pub storage_url: String,
+    pub storage_key: String,
+    pub log_dir: PathBuf,
+}
+
+/// One SIGKILL, as logged when it was sent.
+#[derive(Debug, Clone)]
+pub struct Kill {
+    pub slot: usize,
+    pub pid: u32,
+    pub at: DateTime<Utc>,
+}
+
+/// A process that exited without being told to.
+#[derive(Debug, Clone)]
+pub struct Crash {
+    pub slot: usize,
+    pub pid: u32,
+    pub status: String,
+}
+
+pub struct Daemon {
+    pub slot: usize,
+    pub addr: SocketAddr,
+    child: Option<Child>,
+    pid: u32,
+    generation: u32,
+    log: PathBuf,
+}
+
+impl Daemon {
+    pub fn log_path(&self) -> &Path {
+        &self.log
+    }
+}
+
+/// A free loopback port, chosen once per slot so restarts reuse it (and the
+/// sender's list of listeners stays valid).
+pub fn free_port() -> anyhow::Result<SocketAddr> {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").context("finding a free port")?;
+    Ok(l.local_addr()?)
+}
+
+fn log_file(path: &Path, banner: &str) -> anyhow::Result<(File, File)> {
+    let mut f = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    writeln!(f, "\n===== {banner} =====")?;
+    Ok((f.try_clone()?, f))
+}
+
+impl DaemonEnv {
+    pub fn spawn(&self, slot: usize, addr: SocketAddr) -> anyhow::Result<Daemon> {
+        let mut d = Daemon {
+            slot,
+            addr,
+            child: None,
+            pid: 0,
+            generation: 0,
+            log: self.log_dir.join(format!("daemon-{slot}.log")),
+        };
+        self.start(&mut d)?;
+        Ok(d)
+    }
+
+    fn start(&self, d: &mut Daemon) -> anyhow::Result<()> {
+        d.generation += 1;
+        let (out, err) = log_file(
+            &d.log,
+            &format!("generation {} started {}", d.generation, Utc::now()),
+        )?;
+        let child = Command::new(&self.binary)
+            .args(["--config", path_str(&self.config)?, "serve"])
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("DATABASE_URL", &self.database_url)
+            .env("LISTEN_ADDR", d.addr.to_string())
+            .env("TELNYX_PUBLIC_KEY", &self.public_key)
+            .env("TELNYX_API_KEY", &self.telnyx_api_key)
+            .env("TELNYX_API_URL", &self.telnyx_url)
+            .env("SUPABASE_URL", &self.storage_url)
+            .env("SUPABASE_SERVICE_ROLE_KEY", &self.storage_key)
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(out))
+            .stderr(Stdio::from(err))
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("starting {}", self.binary.display()))?;
+        d.pid = child.id().unwrap_or(0);
+        d.child = Some(child);
+        Ok(())
+    }
+
+    /// SIGKILL, reap, start again. Returns the kill as logged.
+    pub async fn kill_and_restart(&self, d: &mut Daemon) -> anyhow::Result<Kill> {
+        let Some(mut child) = d.child.take() else {
+            bail!("daemon {} is not running", d.slot);
+        };
+        let kill = Kill {
+            slot: d.slot,
+            pid: d.pid,
+            at: Utc::now(),
+        };
+        child.start_kill().context("sending SIGKILL")?;
+        child.wait().await.context("reaping a killed daemon")?;
+        self.start(d)?;
+        Ok(kill)
+    }
+
+    /// Restarts a daemon that exited on its own, reporting how it ended.
+    pub fn check_alive(&self, d: &mut Daemon) -> anyhow::Result<Option<Crash>> {
+        let Some(child) = d.child.as_mut() else {
+            return Ok(None);
+        };
+        let Some(status) = child.try_wait()? else {
+            return Ok(None);
+        };
+        let crash = Crash {
+            slot: d.slot,
+            pid: d.pid,
+            status: status.to_string(),
+        };
+        d.child = None;
+        self.start(d)?;
+        Ok(Some(crash))
+    }
+}
+
+/// SIGTERM every daemon and wait for each (bounded). Returns the exit
+/// status of each, `None` when it had to be killed.
+pub async fn stop_all(daemons: &mut [Daemon], patience: Duration) -> Vec<(usize, Option<i32>)> {
+    for d in daemons.iter() {
+        if d.child.is_some() {
+            let _ = Command::new("kill")
+                .args(["-TERM", &d.pid.to_string()])
+                .status()
+                .await;
+        }
+    }
+    let mut out = Vec::new();
+    for d in daemons.iter_mut() {
+        let Some(mut child) = d.child.take() else {
+            continue;
+        };
+        match tokio::time::timeout(patience, child.wait()).await {
+            Ok(Ok(status)) => out.push((d.slot, status.code())),
+            _ => {
+                let _ = child.start_kill();
+                let _ = child.wait().await;
+                out.push((d.slot, None));
+            }
+        }
+    }
+    out
+}
+
+fn path_str(p: &Path) -> anyhow::Result<&str> {
+    p.to_str()
+        .with_context(|| format!("{} is not UTF-8", p.display()))
+}
+
+/// The daemons' settings: short leases and fast retries so a run takes
+/// minutes, provider timeouts low so an injected hang costs seconds.
+pub struct Tuning {
+    pub lease: Duration,
+    pub poll: Duration,
+    pub concurrency: usize,
+    pub http_timeout: Duration,
+}
+
+pub fn config_toml(t: &Tuning) -> String {
+    let d = |d: Duration| format!("\"{}ms\"", d.as_millis());
+    format!(
+        "# Written by the chaos test.\n\
+         [database]\nmax_connections = 8\n\n\
+         [worker]\nconcurrency = {concurrency}\npoll_interval = {poll}\nlease = {lease}\nshutdown_timeout = \"5s\"\n\n\
+         [retry]\nbase = \"200ms\"\ncap = \"2s\"\nmax_attempts = 12\n\n\
+         [pipeline]\nmatch_attempts = 2\nmatch_retry_delay = \"300ms\"\ndelete_from_telnyx = true\n\n\
+         [http]\nconnect_timeout = \"1s\"\nrequest_timeout = {http}\nread_idle_timeout = {http}\n",
+        concurrency = t.concurrency,
+        poll = d(t.poll),
+        lease = d(t.lease),
+        http = d(t.http_timeout),
+    )
+}
+
+/// The worker id is `host:pid:random` (see `default_worker_id`): the pid
+/// ties a lease to the process that held it.
+pub fn pid_of_worker(worker: &str) -> Option<u32> {
+    let mut parts = worker.rsplitn(3, ':');
+    let _random = parts.next()?;
+    parts.next()?.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn worker_ids_name_their_pid() {
+        assert_eq!(pid_of_worker("host:4242:0a1b2c"), Some(4242));
+        assert_eq!(pid_of_worker("a:b:4242:0a1b2c"), Some(4242));
+        assert_eq!(pid_of_worker("nonsense"), None);
+    }
+
+    #[test]
+    fn the_config_is_valid_for_serve() {
+        let text = config_toml(&Tuning {
+            lease: Duration::from_secs(6),
+            poll: Duration::from_secs(1),
+            concurrency: 4,
+            http_timeout: Duration::from_secs(2),
+        });
+        let config = recording_relay::config::Config::from_toml(&text).unwrap();
+        assert_eq!(config.worker.lease, Duration::from_secs(6));
+        assert!(config.pipeline.delete_from_telnyx);
+        assert_eq!(config.http.read_idle_timeout, Duration::from_secs(2));
+    }
+}

@@ -1,0 +1,689 @@
+//! Chaos test of recording-relay (issue #7).
+//!
+//! The promise under test: every webhook that got a 2xx ends as exactly one
+//! verified object linked to its intake (or a visible terminal state),
+//! whatever crashes in between.
+//!
+//! One run:
+//! 1. creates a fresh database `chaos_<random>` with the stand-in host
+//!    schema and the migrations, a patient and an intake for most calls
+//!    (a few have none and must end `unmatched`), and the recordings at an
+//!    in-process Telnyx simulator (small WAVs, a few above 6 MiB for TUS);
+//! 2. starts N real `recording-relay serve` processes against it, and the
+//!    Telnyx and Storage simulators in this process (so they outlive the
+//!    daemons), with random faults: timeouts, 5xx, 429, resets;
+//! 3. sends the signed webhooks over the daemons' listeners, with
+//!    redeliveries of the same `data.id` (some concurrent) in random order,
+//!    retrying non-2xx answers and connection errors like Telnyx;
+//! 4. meanwhile SIGKILLs a random daemon every few seconds and starts it
+//!    again, and restarts PostgreSQL once;
+//! 5. waits until every job is final, verifies the promise (`verify.rs`)
+//!    and prints the figures. Exit 0: every check passed; 1: a check
+//!    failed; 3: the run itself could not be carried out.
+//!
+//! `cargo run --release --bin chaos -- --events 2000 --daemons 3`
+//! (`--help` for the knobs). The daemons are the `recording-relay` binary
+//! next to this one; under `cargo run` it is built first.
+
+mod daemons;
+mod plan;
+mod postgres;
+mod sender;
+mod verify;
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::Parser;
+use recording_relay::jobs::Job;
+use recording_relay::sim::{Fault, StorageSim, StorageSimConfig, TelnyxSim, TelnyxSimConfig};
+use recording_relay::{db, testing};
+use sqlx::PgPool;
+use sqlx::postgres::PgPoolOptions;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::daemons::{Crash, Daemon, DaemonEnv, Kill, Tuning};
+use crate::sender::{SendStats, Sender};
+
+const TELNYX_KEY: &str = "KEY_chaos_telnyx";
+const STORAGE_KEY: &str = "chaos-service-role-key";
+const BUCKET: &str = "call-recordings";
+
+fn duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s).map_err(|e| e.to_string())
+}
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "chaos",
+    about = "Chaos test of recording-relay: kills, a PostgreSQL restart and provider faults, then checks the promise"
+)]
+struct Args {
+    /// Distinct webhook events (calls) to send.
+    #[arg(long, default_value_t = 2000)]
+    events: usize,
+    /// `recording-relay serve` processes.
+    #[arg(long, default_value_t = 3)]
+    daemons: usize,
+    /// Seed of the plan and the simulators' faults (default: random, printed).
+    #[arg(long)]
+    seed: Option<u64>,
+    /// The PostgreSQL server (its database part is replaced by the run's).
+    #[arg(
+        long,
+        env = "DATABASE_URL",
+        default_value = "postgres://postgres@127.0.0.1:5432/postgres"
+    )]
+    database_url: String,
+    /// Cluster restarted mid-run, VERSION/NAME (default: newest version's
+    /// main). On a machine shared with other users of PostgreSQL, point
+    /// this and --database-url at a cluster of the run's own.
+    #[arg(long, env = "CHAOS_PG_CLUSTER")]
+    pg_cluster: Option<String>,
+    #[arg(long)]
+    no_pg_restart: bool,
+    /// Keep PostgreSQL down this long (stop, wait, start) instead of a plain
+    /// restart: long enough, live daemons lose their leases too.
+    #[arg(long, default_value = "0s", value_parser = duration)]
+    pg_down_for: Duration,
+    /// When to restart PostgreSQL, from the first webhook (default: half-way
+    /// through sending).
+    #[arg(long, value_parser = duration)]
+    pg_restart_at: Option<Duration>,
+    /// Mean time between SIGKILLs (0s: none).
+    #[arg(long, default_value = "4s", value_parser = duration)]
+    kill_every: Duration,
+    /// Webhook events sent per second.
+    #[arg(long, default_value_t = 15.0)]
+    rate: f64,
+    /// Fraction of events delivered twice (half of them concurrently).
+    #[arg(long, default_value_t = 0.10)]
+    duplicates: f64,
+    /// Fraction of calls with no intake (expected `unmatched`).
+    #[arg(long, default_value_t = 0.02)]
+    unmatched: f64,
+    /// Fraction of recordings above 6 MiB (resumable uploads).
+    #[arg(long, default_value_t = 0.02)]
+    large: f64,
+    /// Fraction of calls naming their intake in `client_state`.
+    #[arg(long, default_value_t = 0.20)]
+    client_state: f64,
+    /// Probability that a Telnyx request (API or download) fails.
+    #[arg(long, default_value_t = 0.20)]
+    telnyx_faults: f64,
+    /// Probability that a Storage upload request fails.
+    #[arg(long, default_value_t = 0.10)]
+    storage_faults: f64,
+    /// The daemons' worker.lease.
+    #[arg(long, default_value = "6s", value_parser = duration)]
+    lease: Duration,
+    /// The daemons' worker.poll_interval.
+    #[arg(long, default_value = "1s", value_parser = duration)]
+    poll: Duration,
+    /// The daemons' http.request_timeout and read_idle_timeout.
+    #[arg(long, default_value = "2s", value_parser = duration)]
+    http_timeout: Duration,
+    /// The daemons' worker.concurrency.
+    #[arg(long, default_value_t = 4)]
+    concurrency: usize,
+    /// How long to wait, after the last webhook, for every job to be final.
+    #[arg(long, default_value = "10m", value_parser = duration)]
+    settle_timeout: Duration,
+    /// The daemon binary (default: `recording-relay` next to this binary).
+    #[arg(long)]
+    relay_bin: Option<PathBuf>,
+    /// Daemon logs and config (default: target/chaos/<database>, removed
+    /// when every check passed).
+    #[arg(long)]
+    work_dir: Option<PathBuf>,
+    /// Keep the database and the daemon logs even when every check passed
+    /// (a failed run always keeps them).
+    #[arg(long)]
+    keep: bool,
+    /// Also write the report as JSON here.
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("chaos: cannot start the runtime: {e}");
+            return ExitCode::from(3);
+        }
+    };
+    match runtime.block_on(run(args)) {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::from(1),
+        Err(e) => {
+            eprintln!("chaos: the run could not be carried out: {e:#}");
+            ExitCode::from(3)
+        }
+    }
+}
+
+fn say(msg: &str) {
+    println!(
+        "[chaos {}] {msg}",
+        chrono::Utc::now().format("%H:%M:%S%.3f")
+    );
+}
+
+/// The daemon binary. Under `cargo run` it is built first (same profile as
+/// this binary), since `cargo run --bin chaos` builds only this one.
+fn relay_binary(explicit: Option<PathBuf>) -> anyhow::Result<PathBuf> {
+    if let Some(p) = explicit {
+        return Ok(p);
+    }
+    let exe = std::env::current_exe().context("locating the chaos binary")?;
+    let dir = exe.parent().context("the chaos binary has no directory")?;
+    let bin = dir.join("recording-relay");
+    if let Some(cargo) = std::env::var_os("CARGO") {
+        let mut cmd = std::process::Command::new(cargo);
+        cmd.args(["build", "--bin", "recording-relay"]);
+        if !cfg!(debug_assertions) {
+            cmd.arg("--release");
+        }
+        if let Some(dir) = std::env::var_os("CARGO_MANIFEST_DIR") {
+            cmd.current_dir(dir);
+        }
+        let status = cmd.status().context("running cargo build")?;
+        if !status.success() {
+            bail!("cargo build --bin recording-relay failed");
+        }
+    }
+    if !bin.exists() {
+        bail!(
+            "{} not found: build it first (`cargo build --release --bins`) or pass --relay-bin",
+            bin.display()
+        );
+    }
+    if cfg!(debug_assertions) {
+        say("warning: debug build; the daemons are debug builds too (use --release for figures)");
+    }
+    Ok(bin)
+}
+
+async fn job_counts(pool: &PgPool) -> Option<(i64, i64, Vec<(String, i64)>)> {
+    let rows: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT state::text, count(*) FROM recording_jobs GROUP BY state ORDER BY state",
+    )
+    .fetch_all(pool)
+    .await
+    .ok()?;
+    let total = rows.iter().map(|r| r.1).sum();
+    let open = rows
+        .iter()
+        .filter(|r| r.0 == "pending" || r.0 == "running")
+        .map(|r| r.1)
+        .sum();
+    Some((total, open, rows))
+}
+
+/// Kills a random daemon every `every` (jittered) and restarts it, and
+/// restarts any daemon that died on its own, until `stop`.
+async fn chaos_loop(
+    env: DaemonEnv,
+    mut daemons: Vec<Daemon>,
+    every: Duration,
+    stop: CancellationToken,
+    kills: Arc<Mutex<Vec<Kill>>>,
+    crashes: Arc<Mutex<Vec<Crash>>>,
+) -> Vec<Daemon> {
+    let jitter = |d: Duration| d.mul_f64(0.5 + fastrand::f64());
+    let mut next_kill = Instant::now() + jitter(every);
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => break,
+            () = tokio::time::sleep(Duration::from_millis(100)) => {}
+        }
+        for d in &mut daemons {
+            match env.check_alive(d) {
+                Ok(Some(crash)) => {
+                    say(&format!(
+                        "daemon {} (pid {}) exited on its own: {}; restarted (log {})",
+                        crash.slot,
+                        crash.pid,
+                        crash.status,
+                        d.log_path().display()
+                    ));
+                    crashes
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .push(crash);
+                }
+                Ok(None) => {}
+                Err(e) => say(&format!("daemon {}: {e:#}", d.slot)),
+            }
+        }
+        if every.is_zero() || daemons.is_empty() || Instant::now() < next_kill {
+            continue;
+        }
+        let slot = fastrand::usize(..daemons.len());
+        match env.kill_and_restart(&mut daemons[slot]).await {
+            Ok(kill) => kills
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .push(kill),
+            Err(e) => say(&format!("killing daemon {slot} failed: {e:#}")),
+        }
+        next_kill = Instant::now() + jitter(every);
+    }
+    daemons
+}
+
+async fn wait_healthy(addrs: &[std::net::SocketAddr], patience: Duration) -> anyhow::Result<()> {
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(1))
+        .build()?;
+    let deadline = Instant::now() + patience;
+    for addr in addrs {
+        loop {
+            let ok = client
+                .get(format!("http://{addr}/readyz"))
+                .send()
+                .await
+                .is_ok_and(|r| r.status().is_success());
+            if ok {
+                break;
+            }
+            if Instant::now() > deadline {
+                bail!("daemon on {addr} did not become ready");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    Ok(())
+}
+
+async fn run(args: Args) -> anyhow::Result<bool> {
+    if args.events == 0 || args.daemons == 0 {
+        bail!("--events and --daemons must be at least 1");
+    }
+    let began = chrono::Utc::now();
+    let seed = args.seed.unwrap_or_else(|| fastrand::u64(..));
+    let binary = relay_binary(args.relay_bin.clone())?;
+    let send_over = Duration::from_secs_f64(args.events as f64 / args.rate.max(0.01));
+
+    // The database.
+    let (db_name, db_url) = postgres::create_database(&args.database_url).await?;
+    let pool = PgPoolOptions::new()
+        .max_connections(4)
+        .acquire_timeout(Duration::from_secs(5))
+        .connect(&db_url)
+        .await
+        .context("connecting to the run's database")?;
+    db::create_demo_host_schema(&pool).await?;
+    db::migrate(&pool).await?;
+    let work_dir = match &args.work_dir {
+        Some(d) => d.clone(),
+        None => binary
+            .parent()
+            .and_then(Path::parent)
+            .unwrap_or(Path::new("."))
+            .join("chaos")
+            .join(&db_name),
+    };
+    std::fs::create_dir_all(&work_dir)
+        .with_context(|| format!("creating {}", work_dir.display()))?;
+
+    // The plan and the host's rows.
+    let mut plan = plan::generate(&plan::PlanOptions {
+        events: args.events,
+        seed,
+        send_over,
+        duplicates: args.duplicates,
+        unmatched: args.unmatched,
+        large: args.large,
+        client_state: args.client_state,
+    });
+    plan::insert_host_rows(&pool, &mut plan.calls).await?;
+    let calls = Arc::new(std::mem::take(&mut plan.calls));
+    let count = |e: plan::Expect| calls.iter().filter(|c| c.expect == e).count();
+    let pg_cluster = args
+        .pg_cluster
+        .clone()
+        .unwrap_or_else(postgres::default_cluster);
+    let pg_restart_at = (!args.no_pg_restart).then(|| args.pg_restart_at.unwrap_or(send_over / 2));
+    say(&format!(
+        "seed {seed}; database {db_name}; {} events over {:.0} s to {} daemons ({}); \
+         {} matched by phone and time, {} by client_state, {} without intake; {} above 6 MiB; \
+         {} redeliveries ({} concurrent); a SIGKILL every ~{:?}; PostgreSQL {pg_cluster} restart at {}; \
+         faults: Telnyx {:.0}%, Storage uploads {:.0}%; lease {:?}, poll {:?}, HTTP timeouts {:?}; logs in {}",
+        calls.len(),
+        send_over.as_secs_f64(),
+        args.daemons,
+        binary.display(),
+        count(plan::Expect::PhoneAndTime),
+        count(plan::Expect::ClientState),
+        count(plan::Expect::NoIntake),
+        calls.iter().filter(|c| c.large).count(),
+        plan.deliveries.iter().filter(|d| d.redelivery).count(),
+        plan.concurrent_duplicates,
+        args.kill_every,
+        pg_restart_at.map_or("never".to_owned(), |t| format!("+{:.0} s", t.as_secs_f64())),
+        args.telnyx_faults * 100.0,
+        args.storage_faults * 100.0,
+        args.lease,
+        args.poll,
+        args.http_timeout,
+        work_dir.display(),
+    ));
+
+    // The simulators, in this process so they survive the daemons.
+    let telnyx = TelnyxSim::start(TelnyxSimConfig {
+        api_key: TELNYX_KEY.to_owned(),
+        fault_seed: seed,
+        ..TelnyxSimConfig::default()
+    })?;
+    let storage_dir = tempfile::tempdir_in(&work_dir)?;
+    let storage = StorageSim::start(StorageSimConfig {
+        service_key: STORAGE_KEY.to_owned(),
+        data_dir: Some(storage_dir.path().to_owned()),
+        fault_seed: seed.wrapping_add(1),
+        ..StorageSimConfig::default()
+    })?;
+    storage.create_bucket(
+        BUCKET,
+        false,
+        Some(50 * 1024 * 1024),
+        Some(vec![
+            "audio/wav".into(),
+            "audio/x-wav".into(),
+            "audio/mpeg".into(),
+        ]),
+    );
+    for call in calls.iter() {
+        telnyx.add_recording(call.recording.clone());
+    }
+    let sources = {
+        let calls = calls.clone();
+        tokio::task::spawn_blocking(move || {
+            calls
+                .iter()
+                .map(|c| c.recording.content.sha256_hex())
+                .collect::<Vec<_>>()
+        })
+    };
+
+    // The daemons.
+    let key = testing::signing_key();
+    let config = work_dir.join("config.toml");
+    let tuning = Tuning {
+        lease: args.lease,
+        poll: args.poll,
+        concurrency: args.concurrency,
+        http_timeout: args.http_timeout,
+    };
+    std::fs::write(&config, daemons::config_toml(&tuning))?;
+    let env = DaemonEnv {
+        binary,
+        config,
+        database_url: db_url.clone(),
+        public_key: testing::public_key_base64(&key),
+        telnyx_api_key: TELNYX_KEY.to_owned(),
+        telnyx_url: telnyx.base_url(),
+        storage_url: storage.base_url(),
+        storage_key: STORAGE_KEY.to_owned(),
+        log_dir: work_dir.clone(),
+    };
+    let mut daemons = Vec::new();
+    for slot in 0..args.daemons {
+        daemons.push(env.spawn(slot, daemons::free_port()?)?);
+    }
+    let listeners: Vec<_> = daemons.iter().map(|d| d.addr).collect();
+    wait_healthy(&listeners, Duration::from_secs(60)).await?;
+    say(&format!("{} daemons ready on {listeners:?}", daemons.len()));
+
+    // Faults on, then the storm.
+    let hang = args.http_timeout * 2;
+    telnyx.set_random_faults(
+        args.telnyx_faults,
+        vec![
+            Fault::Status(500),
+            Fault::Status(429),
+            Fault::Hang(hang),
+            Fault::Reset,
+            Fault::ResetMidBody { after_bytes: 512 },
+        ],
+    );
+    storage.set_random_faults(
+        args.storage_faults,
+        vec![
+            Fault::Status(500),
+            Fault::Hang(args.http_timeout / 2),
+            Fault::Hang(hang),
+            Fault::ResetMidBody {
+                after_bytes: 64 * 1024,
+            },
+        ],
+    );
+    let start = Instant::now();
+    let stats = Arc::new(Mutex::new(SendStats::default()));
+    let sending = tokio::spawn(
+        Sender {
+            key,
+            listeners,
+            timeout: Duration::from_secs(2),
+            tries: 10,
+            in_flight: 64,
+        }
+        .run(calls.clone(), plan.deliveries.clone(), start, stats.clone()),
+    );
+    let stop = CancellationToken::new();
+    let kills = Arc::new(Mutex::new(Vec::new()));
+    let crashes = Arc::new(Mutex::new(Vec::new()));
+    let chaos = tokio::spawn(chaos_loop(
+        env,
+        daemons,
+        args.kill_every,
+        stop.clone(),
+        kills.clone(),
+        crashes.clone(),
+    ));
+    let restarting = pg_restart_at.map(|at| {
+        let (cluster, url, down_for) = (pg_cluster.clone(), db_url.clone(), args.pg_down_for);
+        tokio::spawn(async move {
+            tokio::time::sleep_until(start + at).await;
+            say(&format!("restarting PostgreSQL {cluster}"));
+            let r = postgres::restart(&cluster, &url, down_for).await;
+            match &r {
+                Ok(r) => say(&format!(
+                    "PostgreSQL back: pg_ctlcluster {:.2} s, unavailable {:.2} s",
+                    r.command.as_secs_f64(),
+                    r.unavailable.as_secs_f64()
+                )),
+                Err(e) => say(&format!("PostgreSQL restart failed: {e:#}")),
+            }
+            r
+        })
+    });
+
+    // Wait until everything sent is final.
+    let mut sent_at = None;
+    let mut last_progress = Instant::now();
+    let settled = loop {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let sent = sending.is_finished();
+        if sent && sent_at.is_none() {
+            sent_at = Some(Instant::now());
+            say(&format!(
+                "all deliveries done after {:.1} s",
+                start.elapsed().as_secs_f64()
+            ));
+        }
+        let restarted = restarting
+            .as_ref()
+            .is_none_or(tokio::task::JoinHandle::is_finished);
+        let counts = job_counts(&pool).await;
+        if last_progress.elapsed() >= Duration::from_secs(10) {
+            last_progress = Instant::now();
+            let (acked, reqs) = {
+                let s = stats.lock().unwrap_or_else(PoisonError::into_inner);
+                (s.acked.len(), s.requests)
+            };
+            let n_kills = kills.lock().unwrap_or_else(PoisonError::into_inner).len();
+            say(&format!(
+                "+{:.0} s: {reqs} requests, {acked} events acknowledged; kills {n_kills}; jobs {:?}",
+                start.elapsed().as_secs_f64(),
+                counts.as_ref().map(|c| &c.2)
+            ));
+        }
+        if let (true, true, Some((total, 0, _))) = (sent, restarted, &counts)
+            && *total > 0
+        {
+            break true;
+        }
+        if sent_at.is_some_and(|t| t.elapsed() > args.settle_timeout) {
+            break false;
+        }
+    };
+    let chaos_for = start.elapsed();
+    stop.cancel();
+    let mut daemons = chaos.await.context("the kill loop panicked")?;
+    let restart = match restarting {
+        Some(task) => Some(task.await.context("the restart task panicked")?),
+        None => None,
+    };
+    // Let injected hangs that outlived their clients land (a stalled upload
+    // may still write after its client gave up), then look again.
+    tokio::time::sleep(hang + Duration::from_secs(1)).await;
+    let deadline = Instant::now() + args.lease * 3 + Duration::from_secs(10);
+    while settled && Instant::now() < deadline {
+        if matches!(job_counts(&pool).await, Some((_, 0, _))) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    say(&format!(
+        "{} after {:.1} s; verifying",
+        if settled {
+            "every job is final"
+        } else {
+            "settle timeout"
+        },
+        chaos_for.as_secs_f64()
+    ));
+
+    // Evidence.
+    let jobs: Vec<Job> = sqlx::query_as("SELECT * FROM recording_jobs ORDER BY id")
+        .fetch_all(&pool)
+        .await
+        .context("reading the jobs")?;
+    let intakes: Vec<(uuid::Uuid, Option<String>, Option<String>)> =
+        sqlx::query_as("SELECT id, recording_id, recording_object_path FROM intakes")
+            .fetch_all(&pool)
+            .await
+            .context("reading the intakes")?;
+    let sources = sources.await.context("hashing the sources")?;
+    let stats = std::mem::take(&mut *stats.lock().unwrap_or_else(PoisonError::into_inner));
+    let kills = kills.lock().unwrap_or_else(PoisonError::into_inner).clone();
+    let crashes = crashes
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .clone();
+    let restart_ok = restart.as_ref().and_then(|r| r.as_ref().ok()).cloned();
+    let mut outcome = verify::verify(&verify::Evidence {
+        calls: &calls,
+        sources: &sources,
+        stats: &stats,
+        kills: &kills,
+        crashes: &crashes,
+        restart: restart_ok.as_ref(),
+        jobs: &jobs,
+        intakes: &intakes,
+        storage: &storage,
+        bucket: BUCKET,
+        telnyx: &telnyx,
+        lease: args.lease,
+        poll: args.poll,
+    });
+    if let Some(Err(e)) = &restart {
+        outcome.checks.push(verify::Check {
+            name: "PostgreSQL was restarted mid-run",
+            passed: false,
+            details: vec![format!("{e:#}")],
+        });
+    }
+    outcome.checks.push(verify::Check {
+        name: "every job final within the settle timeout",
+        passed: settled,
+        details: if settled {
+            Vec::new()
+        } else {
+            vec![format!("still open after {:?}", args.settle_timeout)]
+        },
+    });
+    let stopped = daemons::stop_all(&mut daemons, Duration::from_secs(20)).await;
+    let unclean: Vec<String> = stopped
+        .iter()
+        .filter(|(_, code)| *code != Some(0))
+        .map(|(slot, code)| format!("daemon {slot} exit code {code:?} after SIGTERM"))
+        .collect();
+    outcome.checks.push(verify::Check {
+        name: "every daemon stopped cleanly on SIGTERM (exit 0)",
+        passed: unclean.is_empty(),
+        details: unclean,
+    });
+
+    let total = start.elapsed();
+    let extra = vec![
+        format!(
+            "run started {began}, seed {seed}; chaos phase {:.1} s, whole run {:.1} s",
+            chaos_for.as_secs_f64(),
+            total.as_secs_f64()
+        ),
+        format!(
+            "redeliveries: {} ({} concurrent with the first delivery, the rest later)",
+            plan.deliveries.iter().filter(|d| d.redelivery).count(),
+            plan.concurrent_duplicates
+        ),
+    ];
+    print!("{}", verify::render(&outcome, &extra));
+    let passed = outcome.checks.iter().all(|c| c.passed);
+    if let Some(path) = &args.json {
+        let report = serde_json::json!({
+            "started": began,
+            "seed": seed,
+            "events": args.events,
+            "daemons": args.daemons,
+            "chaos_phase_s": chaos_for.as_secs_f64(),
+            "total_s": total.as_secs_f64(),
+            "passed": passed,
+            "figures": outcome.figures,
+            "checks": outcome.checks,
+        });
+        std::fs::write(path, serde_json::to_vec_pretty(&report)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    pool.close().await;
+    drop((storage, telnyx));
+    drop(storage_dir);
+    if passed && !args.keep {
+        postgres::drop_database(&args.database_url, &db_name).await?;
+        if args.work_dir.is_none() {
+            std::fs::remove_dir_all(&work_dir)
+                .with_context(|| format!("removing {}", work_dir.display()))?;
+        }
+        say(&format!(
+            "PASSED; database {db_name} dropped, daemon logs removed"
+        ));
+    } else if passed {
+        say(&format!(
+            "PASSED; database {db_name} kept; daemon logs in {}",
+            work_dir.display()
+        ));
+    } else {
+        say(&format!(
+            "FAILED (seed {seed}); database {db_name} kept for inspection; daemon logs in {}",
+            work_dir.display()
+        ));
+    }
+    Ok(passed)
+}
