@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Queue throughput, side by side in one run: recording-relay's worker, then
 # graphile-worker 0.17.3 (batched and unbatched) and pg-boss 12, each on a
-# fresh database with VACUUM ANALYZE before it starts. Prints each figure and
-# the TABLE| rows with the ratios.
+# fresh database with VACUUM ANALYZE before it starts, then PostgreSQL's
+# floor for our table. Prints each figure and the TABLE| rows with ratios.
 #
 # bench/queue.sh [JOBS]      (default 200000)
 set -euo pipefail
@@ -27,6 +27,8 @@ run "$BENCH" queue --jobs "$JOBS" --processes 2 --concurrency 250
 run "$NODE22" $PEERS/graphile.mjs "$SERVER" "$JOBS" 4 24 batched
 run "$NODE22" $PEERS/graphile.mjs "$SERVER" "$JOBS" 4 24 unbatched
 run "$NODE22" $PEERS/pgboss.mjs "$SERVER" "$JOBS" 4 24
+# PostgreSQL's floor for our table: the same row changes, set-wise.
+run "$BENCH" queue --jobs "$JOBS" --floor
 
 awk '
   /^RESULT queue / { rate[$3] = $4 }
@@ -42,4 +44,6 @@ awk '
       p = peers[i]; if (!(p in rate)) continue
       printf "TABLE|queue|jobs/s, ours 4x24 vs %s 4x24|%d|%d|%.2f|-\n", p, shape, rate[p], shape / rate[p]
     }
+    if ("sql-floor" in rate)
+      printf "TABLE|queue|jobs/s, ours 2x250 vs SQL floor (same row changes as 2 set-wise UPDATEs)|%d|%d|%.2f|-\n", ours, rate["sql-floor"], ours / rate["sql-floor"]
   }' "$results"

@@ -106,6 +106,10 @@ struct QueueArgs {
     /// Pool size per process (`database.max_connections`).
     #[arg(long, default_value_t = 10)]
     pool: u32,
+    /// Measure PostgreSQL's floor instead: the same row changes as two
+    /// set-wise UPDATEs, no worker.
+    #[arg(long)]
+    floor: bool,
 }
 
 #[derive(clap::Args, Clone)]
@@ -136,7 +140,7 @@ fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,sqlx=error")),
         )
         .with_writer(std::io::stderr)
         .init();
@@ -323,6 +327,11 @@ async fn queue_worker(url: &str, concurrency: usize, pool_size: u32) -> anyhow::
 }
 
 async fn queue(server: &str, a: &QueueArgs) -> anyhow::Result<()> {
+    if a.floor {
+        let rate = queue_floor(server, a.jobs).await?;
+        println!("RESULT queue sql-floor {rate:.0}");
+        return Ok(());
+    }
     let jobs_per_s = queue_run(server, a).await?;
     println!(
         "RESULT queue recording-relay {jobs_per_s:.0} ({} processes x concurrency {}, pool {})",
@@ -386,6 +395,19 @@ async fn queue_run(server: &str, a: &QueueArgs) -> anyhow::Result<f64> {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let took = t0.elapsed();
+    let worker_cpu: f64 = workers
+        .iter()
+        .filter_map(|w| w.id().and_then(cpu_seconds))
+        .sum();
+    let backends: Vec<i32> = sqlx::query_scalar(
+        "SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()",
+    )
+    .fetch_all(&pool)
+    .await?;
+    let postgres_cpu: f64 = backends
+        .iter()
+        .filter_map(|&pid| cpu_seconds(u32::try_from(pid).ok()?))
+        .sum();
     for w in &mut workers {
         drop(w.stdin.take());
     }
@@ -410,13 +432,54 @@ async fn queue_run(server: &str, a: &QueueArgs) -> anyhow::Result<f64> {
     let jobs_per_s = a.jobs as f64 / took.as_secs_f64();
     say(format!(
         "queue: {} jobs done by {} processes x concurrency {} in {} ms: {jobs_per_s:.0} jobs/s \
-         (every job succeeded exactly once)",
+         (every job succeeded exactly once); CPU: workers {worker_cpu:.1} s, their PostgreSQL \
+         backends {postgres_cpu:.1} s",
         a.jobs,
         a.processes,
         a.concurrency,
         ms(took)
     ));
     Ok(jobs_per_s)
+}
+
+/// The least work PostgreSQL can do for N jobs in this table: the claim's
+/// and the completion's row changes as two set-wise UPDATEs, one statement
+/// and one commit each, no round trips, no worker. Returns jobs per second.
+async fn queue_floor(server: &str, jobs: u64) -> anyhow::Result<f64> {
+    let url = fresh_database(server, "bench_queue_floor").await?;
+    let mut conn = PgConnection::connect(&url).await?;
+    sqlx::query(
+        "INSERT INTO recording_jobs (event_id, event_type, event)
+         SELECT 'bench-' || g, 'call.recording.saved', '{}'::jsonb
+         FROM generate_series(1, $1) g",
+    )
+    .bind(i64::try_from(jobs)?)
+    .execute(&mut conn)
+    .await?;
+    sqlx::raw_sql("VACUUM ANALYZE").execute(&mut conn).await?;
+    let t0 = Instant::now();
+    sqlx::raw_sql(
+        "UPDATE recording_jobs SET state = 'running', attempts = attempts + 1, locked_by = 'floor',
+             locked_until = now() + interval '60 seconds', updated_at = now()
+         WHERE state = 'pending' AND next_run_at <= now()",
+    )
+    .execute(&mut conn)
+    .await?;
+    sqlx::raw_sql(
+        "UPDATE recording_jobs SET state = 'succeeded', finished_at = now(), locked_by = NULL,
+             locked_until = NULL, updated_at = now()
+         WHERE state = 'running' AND locked_by = 'floor'",
+    )
+    .execute(&mut conn)
+    .await?;
+    let took = t0.elapsed();
+    let rate = jobs as f64 / took.as_secs_f64();
+    say(format!(
+        "queue floor: {jobs} jobs claimed and completed by two set-wise UPDATEs in {} ms: \
+         {rate:.0} jobs/s",
+        ms(took)
+    ));
+    Ok(rate)
 }
 
 // ----------------------------------------------------------------- latency
@@ -1151,6 +1214,7 @@ async fn smoke(server: &str) -> anyhow::Result<()> {
             processes: 2,
             concurrency: 24,
             pool: 10,
+            floor: false,
         },
     )
     .await?;
