@@ -833,7 +833,18 @@ async fn ingest(server: &str, a: &IngestArgs) -> anyhow::Result<()> {
     let listener = start_listener(&url, &key).await?;
     // A short warm-up: connections, prepared statements.
     let _ = closed_loop(&listener.addr, &key, a.clients, 1).await?;
+    let listener_pid = listener.child.id().context("listener pid")?;
+    let cpu_before = (cpu_seconds(listener_pid), cpu_seconds(std::process::id()));
     let (rate, mut o) = closed_loop(&listener.addr, &key, a.clients, a.closed_secs).await?;
+    let cpu_after = (cpu_seconds(listener_pid), cpu_seconds(std::process::id()));
+    let per_request = |before: Option<f64>, after: Option<f64>| {
+        let served = o.latencies.len().max(1) as f64;
+        after
+            .zip(before)
+            .map_or(0.0, |(a, b)| (a - b) / served * 1e6)
+    };
+    let listener_us = per_request(cpu_before.0, cpu_after.0);
+    let generator_us = per_request(cpu_before.1, cpu_after.1);
     let after = pgbench(&url, a.clients, a.closed_secs).await?;
     let (p50, p99, max) = summarize(&mut o);
     let pg = before.zip(after).map(|(b, a)| (b + a) / 2.0);
@@ -845,7 +856,8 @@ async fn ingest(server: &str, a: &IngestArgs) -> anyhow::Result<()> {
         _ => say("ingest: pgbench is not installed; no ceiling to compare with"),
     }
     say(format!(
-        "ingest: closed loop, {} connections, {} s: {rate:.0} req/s, p50 {} ms, p99 {} ms, max {} ms, {} errors",
+        "ingest: closed loop, {} connections, {} s: {rate:.0} req/s, p50 {} ms, p99 {} ms, max {} ms, \
+         {} errors; CPU per request: listener {listener_us:.0} us, load generator {generator_us:.0} us",
         a.clients,
         a.closed_secs,
         ms(p50),
