@@ -215,10 +215,34 @@ fn config_for(url: &str) -> Config {
     c
 }
 
-/// The release daemon beside this binary (`cargo build --release --bins`).
+/// The daemon beside this binary. Under `cargo run --bin bench` (which
+/// builds only this binary) it is built first, with the same profile, so a
+/// stale daemon is never measured.
 fn daemon_binary() -> anyhow::Result<PathBuf> {
+    static BUILT: std::sync::OnceLock<Result<(), String>> = std::sync::OnceLock::new();
     let me = std::env::current_exe()?;
     let daemon = me.with_file_name("recording-relay");
+    if let Ok(cargo) = std::env::var("CARGO") {
+        let release = me
+            .parent()
+            .and_then(Path::file_name)
+            .is_some_and(|d| d == "release");
+        BUILT
+            .get_or_init(|| {
+                let mut build = std::process::Command::new(cargo);
+                build.args(["build", "--quiet", "--bin", "recording-relay"]);
+                if release {
+                    build.arg("--release");
+                }
+                match build.current_dir(env!("CARGO_MANIFEST_DIR")).status() {
+                    Ok(s) if s.success() => Ok(()),
+                    Ok(s) => Err(format!("building recording-relay failed: {s}")),
+                    Err(e) => Err(format!("running cargo: {e}")),
+                }
+            })
+            .clone()
+            .map_err(anyhow::Error::msg)?;
+    }
     ensure!(
         daemon.exists(),
         "{} is missing: run `cargo build --release --bins` first",
