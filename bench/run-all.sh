@@ -6,6 +6,7 @@
 #
 # bench/run-all.sh              everything (see BENCHMARKS.md)
 # BENCH_SERVER_URL=postgres://user@host:5432 bench/run-all.sh
+# BENCH_KEEP_DATABASES=1 bench/run-all.sh   keeps the bench_* databases
 set -euo pipefail
 cd "$(dirname "$0")/.."
 log=bench/last-run.log
@@ -32,6 +33,14 @@ step target/release/bench latency
 step target/release/bench ingest
 step target/release/bench relay
 echo "load average after: $(cut -d' ' -f1-3 /proc/loadavg)" | tee -a "$log"
+
+# The scenarios' databases, unless asked to keep them for a look.
+if [ -z "${BENCH_KEEP_DATABASES:-}" ]; then
+    server=${BENCH_SERVER_URL:-postgres://postgres@127.0.0.1:5432}
+    for db in $(psql "$server/postgres" -Atc "SELECT datname FROM pg_database WHERE datname LIKE 'bench\_%'"); do
+        psql "$server/postgres" -qc "DROP DATABASE IF EXISTS $db WITH (FORCE)"
+    done
+fi
 
 echo
 echo "| scenario | measure | recording-relay | reference | ratio | target |"
