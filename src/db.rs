@@ -35,8 +35,18 @@ pub enum DbError {
     Migrate(#[from] sqlx::migrate::MigrateError),
 }
 
+/// A pooled connection idle for less than this is handed out without a
+/// ping first (see [`pool`]).
+pub const PING_IF_IDLE_FOR: Duration = Duration::from_secs(1);
+
 /// Builds the pool. Connections are opened on demand, so a listener starts
 /// (and answers 503) while the database is down rather than refusing to run.
+///
+/// sqlx pings every connection before handing it out by default: a round
+/// trip in front of every statement, a third of a webhook's. Here only a
+/// connection that sat idle for [`PING_IF_IDLE_FOR`] is pinged (it may have
+/// died unnoticed); a busier one answered a moment ago, and sqlx pings it
+/// on release anyway, closing it if that fails.
 pub fn pool(config: &Config) -> Result<PgPool, DbError> {
     // No statement of the daemon runs long; one stuck on a lock should fail
     // (and be retried) rather than hold a worker or a webhook.
@@ -45,6 +55,15 @@ pub fn pool(config: &Config) -> Result<PgPool, DbError> {
     Ok(PgPoolOptions::new()
         .max_connections(config.database.max_connections)
         .acquire_timeout(config.database.acquire_timeout)
+        .test_before_acquire(false)
+        .before_acquire(|conn, meta| {
+            Box::pin(async move {
+                if meta.idle_for >= PING_IF_IDLE_FOR {
+                    sqlx::Connection::ping(conn).await?;
+                }
+                Ok(true)
+            })
+        })
         .connect_lazy_with(options))
 }
 
@@ -134,4 +153,59 @@ async fn ensure_indexes_valid(pool: &PgPool) -> Result<(), DbError> {
 pub async fn create_demo_host_schema(pool: &PgPool) -> Result<(), DbError> {
     sqlx::raw_sql(DEMO_HOST_SCHEMA).execute(pool).await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn backend_pid(pool: &PgPool) -> i32 {
+        sqlx::query_scalar("SELECT pg_backend_pid()")
+            .fetch_one(pool)
+            .await
+            .unwrap()
+    }
+
+    async fn terminate(admin: &PgPool, pid: i32) {
+        sqlx::query("SELECT pg_terminate_backend($1)")
+            .bind(pid)
+            .execute(admin)
+            .await
+            .unwrap();
+    }
+
+    fn one_connection_pool(admin: &PgPool) -> PgPool {
+        let mut config = Config::default();
+        config.database.url = Some(crate::testing::database_url_of(admin, None).into());
+        config.database.max_connections = 1;
+        pool(&config).unwrap()
+    }
+
+    #[sqlx::test(migrations = false)]
+    async fn a_connection_that_died_while_idle_is_replaced_before_use(admin: PgPool) {
+        let pool = one_connection_pool(&admin);
+        let first = backend_pid(&pool).await;
+        terminate(&admin, first).await;
+        tokio::time::sleep(PING_IF_IDLE_FOR + Duration::from_millis(200)).await;
+        // Pinged, found dead, replaced: the statement itself succeeds.
+        let second = backend_pid(&pool).await;
+        assert_ne!(first, second);
+    }
+
+    #[sqlx::test(migrations = false)]
+    async fn a_busy_connection_is_not_pinged_and_a_dead_one_fails_only_once(admin: PgPool) {
+        let pool = one_connection_pool(&admin);
+        let first = backend_pid(&pool).await;
+        // Reused at once: the same backend, no ping in between (a ping
+        // would show up as a second round trip; what shows is that the
+        // dead connection below is not caught before use).
+        assert_eq!(backend_pid(&pool).await, first);
+        terminate(&admin, first).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        // The trade-off: one statement fails (a webhook answers 503, a
+        // claim or a result write is retried) and the connection is
+        // closed, so the next statement gets a new one.
+        assert!(sqlx::query("SELECT 1").execute(&pool).await.is_err());
+        assert_ne!(backend_pid(&pool).await, first);
+    }
 }

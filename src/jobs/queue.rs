@@ -103,6 +103,18 @@ pub const CLAIM_SQL: &str = "WITH picked AS (
      WHERE j.id = picked.id
      RETURNING j.*";
 
+/// Completion of many claimed jobs, each fenced on its own lease: `$1` ids,
+/// `$2` workers, `$3` attempts (parallel arrays, sorted by id so concurrent
+/// batches lock rows in the same order). Returns `(id, attempt)` of each row
+/// that matched; a lease that was lost matches nothing.
+pub const COMPLETE_BATCH_SQL: &str = "UPDATE recording_jobs j
+     SET state = 'succeeded', finished_at = now(), locked_by = NULL, locked_until = NULL,
+         updated_at = now()
+     FROM unnest($1::bigint[], $2::text[], $3::int[]) AS c(id, worker, attempt)
+     WHERE j.id = c.id AND j.locked_by = c.worker AND j.attempts = c.attempt
+       AND j.state = 'running'
+     RETURNING j.id, j.attempts";
+
 /// An UPDATE of one claimed job, fenced on its lease: `$1` id, `$2` worker,
 /// `$3` attempt. A worker that lost the lease matches no row.
 macro_rules! fenced_update {
@@ -238,6 +250,33 @@ impl Queue {
         .execute(&self.pool)
         .await?;
         Ok(done.rows_affected() == 1)
+    }
+
+    /// Marks many jobs succeeded in one statement, each fenced on its own
+    /// lease exactly like [`Queue::complete`]. Returns, for each lease in
+    /// order, whether its row matched (`false`: that lease was lost first).
+    /// The worker batches its completions through this (see
+    /// `worker::Completions`): one round trip and one commit for many jobs.
+    pub async fn complete_batch(&self, leases: &[Lease]) -> Result<Vec<bool>, QueueError> {
+        if leases.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut sorted: Vec<&Lease> = leases.iter().collect();
+        sorted.sort_by_key(|l| l.job_id);
+        let ids: Vec<i64> = sorted.iter().map(|l| l.job_id).collect();
+        let workers: Vec<&str> = sorted.iter().map(|l| l.worker.as_str()).collect();
+        let attempts: Vec<i32> = sorted.iter().map(|l| l.attempt).collect();
+        let done: Vec<(i64, i32)> = sqlx::query_as(COMPLETE_BATCH_SQL)
+            .bind(&ids)
+            .bind(&workers)
+            .bind(&attempts)
+            .fetch_all(&self.pool)
+            .await?;
+        let done: std::collections::HashSet<(i64, i32)> = done.into_iter().collect();
+        Ok(leases
+            .iter()
+            .map(|l| done.contains(&(l.job_id, l.attempt)))
+            .collect())
     }
 
     /// Records a failed attempt. With attempts left the job goes back to
@@ -834,6 +873,83 @@ mod tests {
             q.get(stale.job_id).await.unwrap().unwrap().state,
             JobState::Succeeded
         );
+    }
+
+    #[sqlx::test(migrations = false)]
+    async fn a_batched_completion_is_fenced_per_lease(pool: PgPool) {
+        let q = queue(pool).await;
+        for i in 0..5 {
+            q.enqueue(&new_job(&format!("ev-{i}"))).await.unwrap();
+        }
+        let leases: Vec<Lease> = q
+            .claim("w1", 5, LEASE)
+            .await
+            .unwrap()
+            .iter()
+            .map(|j| j.lease().unwrap())
+            .collect();
+        assert_eq!(leases.len(), 5);
+        // Job 1: the lease expired and another worker owns the job now.
+        expire_lease(&q, leases[1].job_id).await;
+        q.rescue_expired_leases().await.unwrap();
+        let fresh = one_claimed(&q, "w2").await.lease().unwrap();
+        assert_eq!(fresh.job_id, leases[1].job_id);
+        // Job 3: cancelled by an operator.
+        q.cancel(leases[3].job_id).await.unwrap();
+
+        // Out of id order on purpose: the answer follows the input order.
+        let batch = vec![
+            leases[4].clone(),
+            leases[1].clone(),
+            leases[0].clone(),
+            leases[3].clone(),
+            leases[2].clone(),
+        ];
+        let done = q.complete_batch(&batch).await.unwrap();
+        assert_eq!(done, [true, false, true, false, true]);
+
+        let state = |id| {
+            let q = q.clone();
+            async move { q.get(id).await.unwrap().unwrap() }
+        };
+        for i in [0, 2, 4] {
+            let job = state(leases[i].job_id).await;
+            assert_eq!(job.state, JobState::Succeeded);
+            assert!(job.finished_at.is_some() && job.locked_by.is_none());
+            assert_eq!(job.attempts, 1);
+        }
+        let stolen = state(leases[1].job_id).await;
+        assert_eq!(
+            stolen.state,
+            JobState::Running,
+            "the stale lease wrote nothing"
+        );
+        assert_eq!(stolen.locked_by.as_deref(), Some("w2"));
+        assert_eq!(state(leases[3].job_id).await.state, JobState::Cancelled);
+
+        // The same lease again: already finished, so nothing matches.
+        assert_eq!(q.complete_batch(&leases[..1]).await.unwrap(), [false]);
+        assert!(q.complete_batch(&[]).await.unwrap().is_empty());
+        // The new owner completes normally.
+        assert_eq!(q.complete_batch(&[fresh]).await.unwrap(), [true]);
+    }
+
+    #[sqlx::test(migrations = false)]
+    async fn a_batched_completion_tells_attempts_of_one_job_apart(pool: PgPool) {
+        let q = queue(pool).await;
+        q.enqueue(&new_job("ev-1")).await.unwrap();
+        // The same worker id claims the job twice (its first lease expired):
+        // only the current attempt may complete it.
+        let first = one_claimed(&q, "w1").await.lease().unwrap();
+        expire_lease(&q, first.job_id).await;
+        q.rescue_expired_leases().await.unwrap();
+        let second = one_claimed(&q, "w1").await.lease().unwrap();
+        assert_eq!(second.attempt, 2);
+        let done = q
+            .complete_batch(&[first.clone(), second.clone()])
+            .await
+            .unwrap();
+        assert_eq!(done, [false, true]);
     }
 
     #[sqlx::test(migrations = false)]

@@ -10,7 +10,7 @@ use backon::{BackoffBuilder, ExponentialBuilder, Retryable};
 use futures_util::FutureExt;
 use sqlx::PgPool;
 use sqlx::postgres::PgListener;
-use tokio::sync::Notify;
+use tokio::sync::{Notify, mpsc, oneshot};
 use tokio::task::JoinSet;
 use tokio::time::MissedTickBehavior;
 use tokio_util::sync::CancellationToken;
@@ -98,6 +98,8 @@ impl<H: JobHandler> Worker<H> {
             wake.clone(),
             listener_stop.clone(),
         ));
+        let (completions, completer) =
+            Completions::start(self.queue.clone(), self.opts.concurrency);
         let hard_stop = CancellationToken::new();
         let mut in_flight = JoinSet::new();
         let mut poll = tokio::time::interval(self.opts.poll_interval);
@@ -113,14 +115,17 @@ impl<H: JobHandler> Worker<H> {
             tokio::select! {
                 biased;
                 () = shutdown.cancelled() => break,
-                () = self.claim_into(&mut in_flight, &hard_stop) => {}
+                () = self.claim_into(&mut in_flight, &completions, &hard_stop) => {}
             }
             tokio::select! {
                 biased;
                 () = shutdown.cancelled() => break,
                 Some(joined) = in_flight.join_next(), if !in_flight.is_empty() => {
-                    if let Err(e) = joined {
-                        error!(error = %e, "job task failed unexpectedly");
+                    log_join_error(joined);
+                    // Free every slot that is already free, so the next claim
+                    // takes as many jobs as it can in one statement.
+                    while let Some(joined) = in_flight.try_join_next() {
+                        log_join_error(joined);
                     }
                 }
                 () = wake.notified() => {}
@@ -129,12 +134,21 @@ impl<H: JobHandler> Worker<H> {
         }
 
         self.drain(in_flight, hard_stop).await;
+        // Every job task has ended, so every completion has been answered;
+        // the completer stops once its last sender is gone.
+        drop(completions);
+        let _ = completer.await;
         listener_stop.cancel();
         let _ = listener.await;
         info!(worker.id = %self.opts.worker_id, "worker stopped");
     }
 
-    async fn claim_into(&self, in_flight: &mut JoinSet<()>, hard_stop: &CancellationToken) {
+    async fn claim_into(
+        &self,
+        in_flight: &mut JoinSet<()>,
+        completions: &Completions,
+        hard_stop: &CancellationToken,
+    ) {
         let free = self.opts.concurrency.saturating_sub(in_flight.len());
         if free == 0 {
             return;
@@ -168,6 +182,7 @@ impl<H: JobHandler> Worker<H> {
             }
             let run = run_job(
                 self.queue.clone(),
+                completions.clone(),
                 self.handler.clone(),
                 self.opts.clone(),
                 job,
@@ -222,8 +237,81 @@ impl<H: JobHandler> Worker<H> {
     }
 }
 
+fn log_join_error(joined: Result<(), tokio::task::JoinError>) {
+    if let Err(e) = joined {
+        error!(error = %e, "job task failed unexpectedly");
+    }
+}
+
+/// Batches the fenced completions of one worker: job tasks hand their lease
+/// over and wait for the answer, and one task writes whatever has queued up
+/// in a single statement ([`Queue::complete_batch`]), while the next batch
+/// queues behind it. Under load that is one round trip and one commit for
+/// many jobs; an idle worker's single completion goes out at once. A job
+/// keeps its slot until its completion is committed, exactly as before.
+#[derive(Clone)]
+struct Completions {
+    tx: mpsc::Sender<Completion>,
+}
+
+struct Completion {
+    lease: Lease,
+    /// `Some(matched)`, or `None` when the batch statement failed.
+    reply: oneshot::Sender<Option<bool>>,
+}
+
+/// Upper bound of one completion statement.
+const MAX_COMPLETION_BATCH: usize = 1000;
+
+impl Completions {
+    fn start(queue: Queue, concurrency: usize) -> (Self, tokio::task::JoinHandle<()>) {
+        let (tx, mut rx) = mpsc::channel::<Completion>(concurrency.max(1));
+        let task = tokio::spawn(async move {
+            let mut batch = Vec::new();
+            while rx.recv_many(&mut batch, MAX_COMPLETION_BATCH).await > 0 {
+                let leases: Vec<Lease> = batch.iter().map(|c| c.lease.clone()).collect();
+                match queue.complete_batch(&leases).await {
+                    Ok(matched) => {
+                        for (c, ok) in batch.drain(..).zip(matched) {
+                            let _ = c.reply.send(Some(ok));
+                        }
+                    }
+                    Err(e) => {
+                        warn!(error = %e, jobs = batch.len(), "batched completion failed; completing one by one");
+                        for c in batch.drain(..) {
+                            let _ = c.reply.send(None);
+                        }
+                    }
+                }
+            }
+        });
+        (Self { tx }, task)
+    }
+
+    /// The fenced completion of one job: `false` when the lease was lost.
+    /// Falls back to a statement of its own when the batch could not be
+    /// written, so the caller sees that statement's real error.
+    async fn complete(&self, queue: &Queue, lease: &Lease) -> Result<bool, QueueError> {
+        let (reply, answer) = oneshot::channel();
+        let sent = self
+            .tx
+            .send(Completion {
+                lease: lease.clone(),
+                reply,
+            })
+            .await;
+        if sent.is_ok()
+            && let Ok(Some(matched)) = answer.await
+        {
+            return Ok(matched);
+        }
+        queue.complete(lease).await
+    }
+}
+
 async fn run_job<H: JobHandler>(
     queue: Queue,
+    completions: Completions,
     handler: Arc<H>,
     opts: Arc<WorkerOptions>,
     job: Job,
@@ -245,7 +333,7 @@ async fn run_job<H: JobHandler>(
         () = cancel.cancelled() => RunEnd::Interrupted,
         () = keep_lease_alive(&queue, &lease, opts.lease) => RunEnd::LeaseLost,
     };
-    record(&queue, &opts, &lease, end, started.elapsed()).await;
+    record(&queue, &completions, &opts, &lease, end, started.elapsed()).await;
 }
 
 /// Heartbeats every third of the lease; returns only when the lease is lost:
@@ -275,7 +363,14 @@ async fn keep_lease_alive(queue: &Queue, lease: &Lease, duration: Duration) {
 
 /// Writes the result back, retrying briefly over a database blip. If it
 /// still fails, the lease expires and the rescuer returns the job.
-async fn record(queue: &Queue, opts: &WorkerOptions, lease: &Lease, end: RunEnd, took: Duration) {
+async fn record(
+    queue: &Queue,
+    completions: &Completions,
+    opts: &WorkerOptions,
+    lease: &Lease,
+    end: RunEnd,
+    took: Duration,
+) {
     let took_ms = u64::try_from(took.as_millis()).unwrap_or(u64::MAX);
     if matches!(end, RunEnd::LeaseLost) {
         warn!(
@@ -284,7 +379,7 @@ async fn record(queue: &Queue, opts: &WorkerOptions, lease: &Lease, end: RunEnd,
         );
         return;
     }
-    let write = || write_result(queue, opts, lease, &end);
+    let write = || write_result(queue, completions, opts, lease, &end);
     let written = write
         .retry(
             ExponentialBuilder::default()
@@ -340,15 +435,17 @@ fn outcome_label(end: &RunEnd, state: JobState) -> &'static str {
 /// The fenced update for one result; `None` when the lease was lost first.
 async fn write_result(
     queue: &Queue,
+    completions: &Completions,
     opts: &WorkerOptions,
     lease: &Lease,
     end: &RunEnd,
 ) -> Result<Option<JobState>, QueueError> {
     let if_written = |ok: bool, state: JobState| ok.then_some(state);
     Ok(match end {
-        RunEnd::Finished(Ok(Outcome::Succeeded)) => {
-            if_written(queue.complete(lease).await?, JobState::Succeeded)
-        }
+        RunEnd::Finished(Ok(Outcome::Succeeded)) => if_written(
+            completions.complete(queue, lease).await?,
+            JobState::Succeeded,
+        ),
         RunEnd::Finished(Ok(Outcome::Unmatched { reason })) => if_written(
             queue
                 .finish_unsuccessfully(lease, JobState::Unmatched, "unmatched", reason)

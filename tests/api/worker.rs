@@ -319,3 +319,86 @@ async fn is_listening(queue: &Queue) -> bool {
     .unwrap();
     n > 0
 }
+
+#[sqlx::test(migrations = false)]
+async fn many_quick_jobs_complete_in_batches_each_exactly_once(pool: PgPool) {
+    let queue = Queue::new(testing::prepare(pool).await);
+    sqlx::query(
+        "INSERT INTO recording_jobs (event_id, event_type, event)
+         SELECT 'bulk-' || g, 'call.recording.saved', '{}' FROM generate_series(1, 300) g",
+    )
+    .execute(queue.pool())
+    .await
+    .unwrap();
+    let runs = Arc::new(AtomicUsize::new(0));
+    let r = runs.clone();
+    let mut opts = options("w1");
+    opts.concurrency = 16;
+    let w = start(
+        &queue,
+        handler(move |_, _| {
+            r.fetch_add(1, Ordering::SeqCst);
+            async { Ok(Outcome::Succeeded) }
+        }),
+        opts,
+    );
+    assert!(
+        eventually(Duration::from_secs(20), || async {
+            queue.count_by_state().await.unwrap() == vec![(JobState::Succeeded, 300)]
+        })
+        .await,
+        "{:?}",
+        queue.count_by_state().await.unwrap()
+    );
+    w.stop().await;
+    assert_eq!(runs.load(Ordering::SeqCst), 300);
+    let max_attempts: i32 = sqlx::query_scalar("SELECT max(attempts) FROM recording_jobs")
+        .fetch_one(queue.pool())
+        .await
+        .unwrap();
+    assert_eq!(max_attempts, 1);
+}
+
+#[sqlx::test(migrations = false)]
+async fn a_success_reported_after_the_lease_was_lost_writes_nothing(pool: PgPool) {
+    let queue = Queue::new(testing::prepare(pool).await);
+    let q = queue.clone();
+    let w = start(
+        &queue,
+        handler(move |job, _| {
+            let q = q.clone();
+            async move {
+                // Another worker takes the job over while this one works.
+                sqlx::query("UPDATE recording_jobs SET locked_by = 'w2' WHERE id = $1")
+                    .bind(job.id)
+                    .execute(q.pool())
+                    .await
+                    .unwrap();
+                Ok(Outcome::Succeeded)
+            }
+        }),
+        options("w1"),
+    );
+    queue.enqueue(&job("ev-1")).await.unwrap();
+    // The handler ran and its completion went through the batch.
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            queue
+                .get_by_event_id("ev-1")
+                .await
+                .unwrap()
+                .is_some_and(|j| j.locked_by.as_deref() == Some("w2"))
+        })
+        .await
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    w.stop().await;
+    let j = queue.get_by_event_id("ev-1").await.unwrap().unwrap();
+    assert_eq!(
+        j.state,
+        JobState::Running,
+        "the stale completion matched nothing"
+    );
+    assert_eq!(j.locked_by.as_deref(), Some("w2"));
+    assert!(j.finished_at.is_none());
+}
