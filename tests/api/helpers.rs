@@ -373,6 +373,21 @@ impl AlertSink {
 }
 
 impl PipelineApp {
+    /// A recording at Telnyx and the intake of its call (the patient is the
+    /// sample's `to`, +15557650002).
+    pub async fn recorded_call(&self, id: &str) -> (SimRecording, Uuid) {
+        let rec = SimRecording::sample(id);
+        self.telnyx.add_recording(rec.clone());
+        let intake = intake_for(&self.app.pool, &rec, "+15557650002").await;
+        (rec, intake)
+    }
+
+    /// POSTs `event`, signed, and expects it stored.
+    pub async fn post_event(&self, event: &serde_json::Value) {
+        let res = self.app.post_signed(event.to_string().as_bytes()).await;
+        assert_eq!(res.status(), 200);
+    }
+
     pub async fn stop(self) {
         self.app.stop().await;
     }

@@ -213,9 +213,7 @@ async fn metrics_parse_and_move_with_traffic(pool: PgPool) {
     let before = scrape().await;
     assert_prometheus_text(&before);
 
-    let rec = SimRecording::sample("rec-metrics");
-    p.telnyx.add_recording(rec.clone());
-    intake_for(&p.app.pool, &rec, "+15557650002").await;
+    let (rec, _) = p.recorded_call("rec-metrics").await;
     assert_eq!(
         p.app.post_signed(&webhook_for("ev-m", &rec)).await.status(),
         200
@@ -270,13 +268,7 @@ async fn requeue_wakes_a_listening_worker_at_once(pool: PgPool) {
     // Not at Telnyx yet: the first run fails for good.
     let mut event: serde_json::Value = serde_json::from_slice(&webhook_for("ev-rq", &rec)).unwrap();
     event["data"]["payload"]["recording_id"] = rec.id.clone().into();
-    assert_eq!(
-        p.app
-            .post_signed(event.to_string().as_bytes())
-            .await
-            .status(),
-        200
-    );
+    p.post_event(&event).await;
     let job = p.finished_job("ev-rq").await;
     assert_eq!(job.state, JobState::Failed);
 

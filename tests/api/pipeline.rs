@@ -105,21 +105,13 @@ async fn an_official_webhook_ends_as_one_verified_linked_object(pool: PgPool) {
 #[sqlx::test(migrations = false)]
 async fn client_state_names_the_intake(pool: PgPool) {
     let p = spawn_pipeline(pool, |_| {}).await;
-    let rec = SimRecording::sample("rec-cs");
-    p.telnyx.add_recording(rec.clone());
-    let by_phone = intake_for(&p.app.pool, &rec, "+15557650002").await;
+    let (rec, by_phone) = p.recorded_call("rec-cs").await;
     let named = intake_for(&p.app.pool, &rec, "+15550000001").await;
     let mut event: Value = serde_json::from_slice(&webhook_for("ev-cs", &rec)).unwrap();
     event["data"]["payload"]["client_state"] = base64::engine::general_purpose::STANDARD
         .encode(named.to_string())
         .into();
-    assert_eq!(
-        p.app
-            .post_signed(event.to_string().as_bytes())
-            .await
-            .status(),
-        200
-    );
+    p.post_event(&event).await;
 
     let job = p.finished_job("ev-cs").await;
     assert_eq!(job.state, JobState::Succeeded);
@@ -173,9 +165,7 @@ async fn a_large_recording_resumes_its_upload_after_a_dropped_download(pool: PgP
 #[sqlx::test(migrations = false)]
 async fn an_upload_that_finished_unobserved_is_adopted_not_repeated(pool: PgPool) {
     let p = spawn_pipeline(pool, |_| {}).await;
-    let rec = SimRecording::sample("rec-adopt");
-    p.telnyx.add_recording(rec.clone());
-    intake_for(&p.app.pool, &rec, "+15557650002").await;
+    let (rec, _) = p.recorded_call("rec-adopt").await;
     // The upload succeeds, but the verification right after it fails.
     p.storage.fail_next_other(1, Fault::Status(500));
 
@@ -200,9 +190,7 @@ async fn an_upload_that_finished_unobserved_is_adopted_not_repeated(pool: PgPool
 #[sqlx::test(migrations = false)]
 async fn transient_provider_errors_retry_until_success(pool: PgPool) {
     let p = spawn_pipeline(pool, |_| {}).await;
-    let rec = SimRecording::sample("rec-flaky");
-    p.telnyx.add_recording(rec.clone());
-    intake_for(&p.app.pool, &rec, "+15557650002").await;
+    let (rec, _) = p.recorded_call("rec-flaky").await;
     p.telnyx.fail_next(1, Fault::Status(429)); // x-ratelimit-reset: 1
     p.telnyx.fail_next_downloads(1, Fault::Status(403)); // an expired presigned URL
     p.storage.fail_next(1, Fault::Status(500));
@@ -246,13 +234,7 @@ async fn a_recording_gone_at_telnyx_fails_at_once_and_alerts(pool: PgPool) {
     let mut event = recording_relay::testing::recording_saved_event("ev-gone", "sess-gone");
     event["data"]["payload"]["recording_id"] = "rec-gone".into();
     event["data"]["payload"]["to"] = "+15557650002".into();
-    assert_eq!(
-        p.app
-            .post_signed(event.to_string().as_bytes())
-            .await
-            .status(),
-        200
-    );
+    p.post_event(&event).await;
 
     let job = p.finished_job("ev-gone").await;
     assert_eq!(job.state, JobState::Failed);
@@ -394,9 +376,7 @@ async fn deletion_at_telnyx_happens_only_after_store_and_link(pool: PgPool) {
         c.supabase.bucket = "no-such-bucket".to_owned();
     })
     .await;
-    let rec = SimRecording::sample("rec-keep");
-    p.telnyx.add_recording(rec.clone());
-    intake_for(&p.app.pool, &rec, "+15557650002").await;
+    let (rec, _) = p.recorded_call("rec-keep").await;
     post(&p, "ev-keep", &rec).await;
     let job = p.finished_job("ev-keep").await;
     assert_eq!(job.state, JobState::Failed);
@@ -408,9 +388,7 @@ async fn deletion_at_telnyx_happens_only_after_store_and_link(pool: PgPool) {
 #[sqlx::test(migrations = false)]
 async fn deletion_at_telnyx_after_success(pool: PgPool) {
     let p = spawn_pipeline(pool, |c| c.pipeline.delete_from_telnyx = true).await;
-    let rec = SimRecording::sample("rec-del");
-    p.telnyx.add_recording(rec.clone());
-    intake_for(&p.app.pool, &rec, "+15557650002").await;
+    let (rec, _) = p.recorded_call("rec-del").await;
     post(&p, "ev-del", &rec).await;
     let job = p.finished_job("ev-del").await;
     assert_eq!(job.state, JobState::Succeeded);
@@ -422,9 +400,7 @@ async fn deletion_at_telnyx_after_success(pool: PgPool) {
 #[sqlx::test(migrations = false)]
 async fn two_events_for_one_recording_store_it_once(pool: PgPool) {
     let p = spawn_pipeline(pool, |_| {}).await;
-    let rec = SimRecording::sample("rec-twice");
-    p.telnyx.add_recording(rec.clone());
-    intake_for(&p.app.pool, &rec, "+15557650002").await;
+    let (rec, _) = p.recorded_call("rec-twice").await;
     // Same call, two event ids (a replay through another path).
     post(&p, "ev-a", &rec).await;
     post(&p, "ev-b", &rec).await;
@@ -464,9 +440,7 @@ async fn mp3_is_stored_as_audio_mpeg(pool: PgPool) {
         c.pipeline.format = recording_relay::config::AudioFormat::Mp3
     })
     .await;
-    let rec = SimRecording::sample("rec-mp3");
-    p.telnyx.add_recording(rec.clone());
-    intake_for(&p.app.pool, &rec, "+15557650002").await;
+    let (rec, _) = p.recorded_call("rec-mp3").await;
     post(&p, "ev-mp3", &rec).await;
     let job = p.finished_job("ev-mp3").await;
     assert_eq!(job.state, JobState::Succeeded);
@@ -494,13 +468,7 @@ async fn an_intake_that_already_holds_a_recording_leaves_this_one_unmatched_not_
     event["data"]["payload"]["client_state"] = base64::engine::general_purpose::STANDARD
         .encode(intake.to_string())
         .into();
-    assert_eq!(
-        p.app
-            .post_signed(event.to_string().as_bytes())
-            .await
-            .status(),
-        200
-    );
+    p.post_event(&event).await;
 
     let job = p.finished_job("ev-second").await;
     assert_eq!(job.state, JobState::Unmatched, "{:?}", job.last_error);
