@@ -17,7 +17,7 @@ use crate::db::{self, DbError};
 use crate::jobs::worker::default_worker_id;
 use crate::jobs::{JobHandler, Queue, Worker, WorkerOptions};
 use crate::playback::{self, PlaybackState};
-use crate::webhook::{self, ConnectionLimits, WebhookState};
+use crate::webhook::{self, WebhookState};
 
 /// How long start-up waits for PostgreSQL before giving up (systemd then
 /// restarts the unit).
@@ -112,7 +112,7 @@ impl App {
         if let Some(listener) = self.listener {
             let state =
                 WebhookState::from_config(&self.config, queue.clone()).map_err(AppError::Config)?;
-            let limits = ConnectionLimits::from_config(&self.config);
+            let limits = webhook::limits(&self.config);
             parts.spawn(webhook::run(
                 listener,
                 Arc::new(state),

@@ -30,6 +30,7 @@ use self::event::Envelope;
 use self::verify::{SIGNATURE_HEADER, TIMESTAMP_HEADER, Verifier};
 use crate::config::Config;
 use crate::jobs::{Enqueued, Queue};
+use crate::server::Limits;
 
 /// Telnyx's path and the one the original brief documented.
 pub const WEBHOOK_PATHS: [&str; 2] = ["/webhooks/telnyx", "/api/webhooks/telnyx/recording"];
@@ -44,13 +45,6 @@ pub struct WebhookState {
     pub max_attempts: i32,
     /// `/metrics` here too, unless it has an address of its own.
     pub serve_metrics: bool,
-}
-
-/// Per-connection limits.
-#[derive(Debug, Clone, Copy)]
-pub struct ConnectionLimits {
-    pub header_read_timeout: Duration,
-    pub max_connections: usize,
 }
 
 impl WebhookState {
@@ -69,12 +63,11 @@ impl WebhookState {
     }
 }
 
-impl ConnectionLimits {
-    pub fn from_config(config: &Config) -> Self {
-        Self {
-            header_read_timeout: config.listener.header_read_timeout,
-            max_connections: config.listener.max_connections,
-        }
+/// The webhook port's connection limits.
+pub fn limits(config: &Config) -> Limits {
+    Limits {
+        header_read_timeout: config.listener.header_read_timeout,
+        max_connections: config.listener.max_connections,
     }
 }
 
@@ -83,13 +76,9 @@ impl ConnectionLimits {
 pub async fn run(
     listener: TcpListener,
     state: Arc<WebhookState>,
-    limits: ConnectionLimits,
+    limits: Limits,
     shutdown: CancellationToken,
 ) {
-    let limits = crate::server::Limits {
-        header_read_timeout: limits.header_read_timeout,
-        max_connections: limits.max_connections,
-    };
     crate::server::serve(
         "webhook listener",
         listener,
