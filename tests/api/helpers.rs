@@ -6,7 +6,7 @@ use std::time::Duration;
 use ed25519_dalek::SigningKey;
 use recording_relay::app::{App, NoJobs};
 use recording_relay::config::{Config, Role};
-use recording_relay::jobs::{Job, Queue};
+use recording_relay::jobs::{Job, JobHandler, Queue};
 use recording_relay::pipeline::Pipeline;
 use recording_relay::sim::{
     SimRecording, StorageSim, StorageSimConfig, TelnyxSim, TelnyxSimConfig,
@@ -54,13 +54,25 @@ pub async fn spawn_with(
     let key = testing::signing_key();
     let mut config = test_config(database_url, &key);
     tweak(&mut config);
-    let app = App::build(config, Role::Listen).await.expect("app builds");
+    start(pool, key, config, Role::Listen, NoJobs).await
+}
+
+/// Builds the app from `config`, binds its ports and runs it in the
+/// background with `handler`.
+async fn start<H: JobHandler>(
+    pool: PgPool,
+    key: SigningKey,
+    config: Config,
+    role: Role,
+    handler: H,
+) -> TestApp {
+    let app = App::build(config, role).await.expect("app builds");
     let addr = app.local_addr().expect("listener bound");
     let playback_addr = app.playback_addr();
     let shutdown = CancellationToken::new();
     let token = shutdown.clone();
     let handle = tokio::spawn(async move {
-        app.run(NoJobs, token).await.expect("app runs");
+        app.run(handler, token).await.expect("app runs");
     });
     TestApp {
         addr,
@@ -247,24 +259,8 @@ pub async fn spawn_pipeline(pool: PgPool, tweak: impl FnOnce(&mut Config)) -> Pi
     tweak(&mut config);
 
     let pipeline = Pipeline::from_config(&config).unwrap();
-    let app = App::build(config, Role::Serve).await.expect("app builds");
-    let addr = app.local_addr().unwrap();
-    let playback_addr = app.playback_addr();
-    let shutdown = CancellationToken::new();
-    let token = shutdown.clone();
-    let handle = tokio::spawn(async move {
-        app.run(pipeline, token).await.expect("app runs");
-    });
     PipelineApp {
-        app: TestApp {
-            addr,
-            playback_addr,
-            pool,
-            key,
-            client: reqwest::Client::new(),
-            shutdown,
-            handle,
-        },
+        app: start(pool, key, config, Role::Serve, pipeline).await,
         telnyx,
         storage,
         bucket,
