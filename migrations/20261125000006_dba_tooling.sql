@@ -60,19 +60,12 @@ BEGIN
 END
 $$;
 
--- Requeues every failed job; returns how many.
+-- Requeues every failed job; returns how many. The rows are locked first, so
+-- none can leave `failed` between the choice and its requeue.
 CREATE FUNCTION recording_jobs_requeue_failed() RETURNS INTEGER
 LANGUAGE sql AS $$
-    WITH requeued AS (
-        UPDATE recording_jobs
-        SET state = 'pending', attempts = 0, next_run_at = now(), finished_at = NULL,
-            updated_at = now(),
-            errors = errors || jsonb_build_array(jsonb_build_object(
-                'at', now(), 'kind', 'requeued', 'error', 'requeued by ' || current_user))
-        WHERE state = 'failed'
-        RETURNING 1
-    )
-    SELECT count(*)::integer FROM requeued;
+    SELECT count(recording_jobs_requeue(id))::integer
+    FROM (SELECT id FROM recording_jobs WHERE state = 'failed' ORDER BY id FOR UPDATE) failed;
 $$;
 
 -- Stops a job. A running job's worker notices at its next heartbeat or
