@@ -57,7 +57,12 @@ impl App {
     pub async fn build(config: Config, role: Role) -> Result<Self, AppError> {
         let pool = db::pool(&config)?;
         db::wait_until_reachable(&pool, DATABASE_PATIENCE).await?;
+        let session = db::check_session(&config).await?;
+        info!(connection = %session.describe(), "database session checked");
         db::ensure_migrated(&pool).await?;
+        if matches!(role, Role::Work | Role::Serve) {
+            warn_unless_notifications_arrive(&pool).await;
+        }
         let listener = if matches!(role, Role::Listen | Role::Serve) {
             Some(bind(config.listener.addr).await?)
         } else {
@@ -153,6 +158,21 @@ impl App {
         Ok(())
     }
 }
+
+/// Workers pick jobs up on NOTIFY and poll as a fallback; without
+/// notifications every pick-up waits for the poll, which an operator should
+/// know about rather than discover.
+async fn warn_unless_notifications_arrive(pool: &PgPool) {
+    match db::notify_self_test(pool, NOTIFY_SELF_TEST_PATIENCE).await {
+        Ok(took) => info!(took = ?took, "NOTIFY self-test passed"),
+        Err(e) => tracing::warn!(
+            error = %e,
+            "NOTIFY self-test failed: notifications do not arrive, jobs are picked up by polling only (worker.poll_interval)"
+        ),
+    }
+}
+
+const NOTIFY_SELF_TEST_PATIENCE: Duration = Duration::from_secs(2);
 
 /// Retention: deletes old finished jobs in small batches, so the table stays
 /// small and vacuum keeps up. Every worker does it; SKIP LOCKED keeps them

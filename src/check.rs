@@ -53,6 +53,15 @@ async fn database(config: &Config) -> Vec<Check> {
         Ok(pool) => pool,
         Err(e) => return vec![fail("database", e.to_string())],
     };
+    // The session check comes first: through a transaction-mode pooler any
+    // prepared statement may fail with an error that hides the cause.
+    let session = match db::check_session(config).await {
+        Ok(report) => pass("connection", report.describe()),
+        Err(e @ db::DbError::Unreachable(_)) => {
+            return vec![fail("database", e.to_string())];
+        }
+        Err(e) => return vec![fail("connection", e.to_string())],
+    };
     let version: Result<String, _> = sqlx::query_scalar("SHOW server_version")
         .fetch_one(&pool)
         .await;
@@ -60,15 +69,30 @@ async fn database(config: &Config) -> Vec<Check> {
         Ok(v) => pass("database", format!("reachable (PostgreSQL {v})")),
         Err(e) => return vec![fail("database", format!("cannot reach PostgreSQL: {e}"))],
     };
+    let notify = match db::notify_self_test(&pool, std::time::Duration::from_secs(2)).await {
+        Ok(took) => pass(
+            "notify",
+            format!("a NOTIFY to itself arrived in {} ms", took.as_millis()),
+        ),
+        Err(e) => pass(
+            "notify",
+            format!(
+                "WARNING: {e}; workers will pick jobs up by polling only (worker.poll_interval)"
+            ),
+        ),
+    };
     let migrations = match db::ensure_migrated(&pool).await {
         Ok(()) => pass(
             "migrations",
-            format!("all {} applied", db::MIGRATOR.iter().count()),
+            format!(
+                "all {} applied, checksums match",
+                db::MIGRATOR.iter().count()
+            ),
         ),
         Err(e) => fail("migrations", e.to_string()),
     };
     pool.close().await;
-    vec![reachable, migrations]
+    vec![reachable, session, notify, migrations]
 }
 
 async fn telnyx(config: &Config) -> Check {

@@ -228,6 +228,9 @@ pub async fn run(cli: Cli, config: Config) -> Result<(), Failure> {
                 .map_err(Failure::Runtime)
         }
         Command::Migrate => {
+            db::check_session(&config)
+                .await
+                .map_err(anyhow::Error::from)?;
             let pool = db::migration_pool(&config).map_err(anyhow::Error::from)?;
             db::migrate(&pool).await.map_err(anyhow::Error::from)?;
             Ok(())

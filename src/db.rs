@@ -1,17 +1,53 @@
 //! Connecting to PostgreSQL and applying the schema.
+//!
+//! Everything of the relay lives in the [`SCHEMA`] schema (closed to
+//! Supabase's API roles), the migration history included. Connections work
+//! directly, or through a session-mode pooler with its stock settings: no
+//! startup parameter beyond the ones every pooler tracks, the session
+//! timeouts set after connecting and checked at start-up. A transaction-mode
+//! pooler is refused with a message that says which URL to use.
 
-use std::time::Duration;
+use std::sync::LazyLock;
+use std::time::{Duration, Instant};
 
 use backon::{ExponentialBuilder, Retryable};
-use sqlx::migrate::Migrator;
-use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
-use sqlx::{ConnectOptions, PgPool};
+use sqlx::migrate::{MigrateError, Migration, Migrator};
+use sqlx::postgres::{PgConnectOptions, PgListener, PgPoolOptions};
+use sqlx::{AssertSqlSafe, ConnectOptions, PgPool, SqlSafeStr};
 use tracing::{info, warn};
 
 use crate::config::Config;
 
-/// The daemon's migrations, embedded in the binary.
-pub static MIGRATOR: Migrator = sqlx::migrate!("./migrations");
+/// The relay's own schema: tables, views, functions, migration history.
+pub const SCHEMA: &str = "recording_relay";
+
+/// sqlx's history table, in the relay's schema rather than `public`, where
+/// the API roles could read and write it and any other sqlx user of the
+/// database would share it.
+const HISTORY_TABLE: &str = "recording_relay._sqlx_migrations";
+
+/// The session settings every pooled connection gets after connecting. Not
+/// startup `options`: a pooler rejects or silently drops those. No statement
+/// of the daemon runs long; one stuck on a lock should fail (and be
+/// retried) rather than hold a worker or a webhook.
+pub const SESSION_SETTINGS: [(&str, &str); 2] =
+    [("statement_timeout", "30s"), ("lock_timeout", "10s")];
+
+/// The daemon's migrations, embedded in the binary, with their history in
+/// the relay's schema.
+pub static MIGRATOR: LazyLock<Migrator> = LazyLock::new(|| {
+    let mut migrator = sqlx::migrate!("./migrations");
+    migrator.dangerous_set_table_name(HISTORY_TABLE);
+    migrator.create_schema(SCHEMA);
+    migrator.migrations = migrator
+        .migrations
+        .iter()
+        .cloned()
+        .map(lock_host_tables_briefly)
+        .collect::<Vec<_>>()
+        .into();
+    migrator
+});
 
 /// Creates the stand-in `patients`/`intakes` tables (tests and the demo only).
 pub const DEMO_HOST_SCHEMA: &str = include_str!("host_schema.sql");
@@ -25,14 +61,35 @@ pub enum DbError {
     #[error("migrations are not applied (missing: {0}); run `recording-relay migrate`")]
     NotMigrated(String),
     #[error(
+        "applied migration(s) {0} differ from this binary's (checksum mismatch): a landed \
+         migration was edited, or this binary belongs to another release; refusing to run"
+    )]
+    ChecksumMismatch(String),
+    #[error(
         "index(es) {0} are INVALID (an interrupted CREATE INDEX CONCURRENTLY): \
          DROP INDEX CONCURRENTLY each, then run `recording-relay migrate` again"
     )]
     InvalidIndexes(String),
+    #[error(
+        "DATABASE_URL goes through a pooler in transaction mode (Supavisor on port 6543, or \
+         PgBouncer with pool_mode = transaction), which the daemon cannot use: it needs one \
+         session per connection for LISTEN/NOTIFY, prepared statements and its timeouts. Use \
+         the direct connection (Supabase: db.<project-ref>.supabase.co:5432) or the \
+         session-mode pooler (Supabase: the pooler host on port 5432) ({0})"
+    )]
+    TransactionPooler(String),
+    #[error(
+        "session setting {name} is {actual:?}, not {expected:?}: a pooler or the server overrides it"
+    )]
+    SessionSetting {
+        name: &'static str,
+        expected: &'static str,
+        actual: String,
+    },
     #[error("database error: {0}")]
     Query(#[from] sqlx::Error),
     #[error("migration failed: {0}")]
-    Migrate(#[from] sqlx::migrate::MigrateError),
+    Migrate(#[from] MigrateError),
 }
 
 /// A pooled connection idle for less than this is handed out without a
@@ -48,14 +105,16 @@ pub const PING_IF_IDLE_FOR: Duration = Duration::from_secs(1);
 /// died unnoticed); a busier one answered a moment ago, and sqlx pings it
 /// on release anyway, closing it if that fails.
 pub fn pool(config: &Config) -> Result<PgPool, DbError> {
-    // No statement of the daemon runs long; one stuck on a lock should fail
-    // (and be retried) rather than hold a worker or a webhook.
-    let options =
-        connect_options(config)?.options([("statement_timeout", "30s"), ("lock_timeout", "10s")]);
     Ok(PgPoolOptions::new()
         .max_connections(config.database.max_connections)
         .acquire_timeout(config.database.acquire_timeout)
         .test_before_acquire(false)
+        .after_connect(|conn, _meta| {
+            Box::pin(async move {
+                sqlx::raw_sql(session_settings_sql()).execute(conn).await?;
+                Ok(())
+            })
+        })
         .before_acquire(|conn, meta| {
             Box::pin(async move {
                 if meta.idle_for >= PING_IF_IDLE_FOR {
@@ -64,7 +123,15 @@ pub fn pool(config: &Config) -> Result<PgPool, DbError> {
                 Ok(true)
             })
         })
-        .connect_lazy_with(options))
+        .connect_lazy_with(connect_options(config)?))
+}
+
+fn session_settings_sql() -> sqlx::SqlStr {
+    let sql: String = SESSION_SETTINGS
+        .iter()
+        .map(|(name, value)| format!("SET {name} = '{value}';"))
+        .collect();
+    AssertSqlSafe(sql).into_sql_str()
 }
 
 /// For `migrate`: no statement timeout, since building an index on a large
@@ -75,19 +142,24 @@ pub fn migration_pool(config: &Config) -> Result<PgPool, DbError> {
         .connect_lazy_with(connect_options(config)?))
 }
 
-fn connect_options(config: &Config) -> Result<PgConnectOptions, DbError> {
+/// Only startup parameters that poolers track (PgBouncer rejects others,
+/// e.g. sqlx's default `extra_float_digits`, unless told to ignore them).
+pub fn connect_options(config: &Config) -> Result<PgConnectOptions, DbError> {
     let url = config.database_url().unwrap_or_default();
     let options: PgConnectOptions = url.parse().map_err(DbError::BadUrl)?;
     Ok(options
         .application_name("recording-relay")
+        .extra_float_digits(None)
         // Statement logging would print phone numbers bound as parameters.
         .disable_statement_logging())
 }
 
 /// Waits (bounded) for the database at start-up, so a daemon started
-/// together with PostgreSQL does not crash-loop.
+/// together with PostgreSQL does not crash-loop. A simple query: through a
+/// transaction-mode pooler a prepared one can fail with a misleading error
+/// before [`check_session`] gets to say what is wrong.
 pub async fn wait_until_reachable(pool: &PgPool, patience: Duration) -> Result<(), DbError> {
-    let ping = || async { sqlx::query("SELECT 1").execute(pool).await.map(|_| ()) };
+    let ping = || async { sqlx::raw_sql("SELECT 1").execute(pool).await.map(|_| ()) };
     ping.retry(
         ExponentialBuilder::default()
             .with_min_delay(Duration::from_millis(200))
@@ -95,13 +167,218 @@ pub async fn wait_until_reachable(pool: &PgPool, patience: Duration) -> Result<(
             .with_total_delay(Some(patience))
             .without_max_times(),
     )
+    .when(|e| !is_transaction_pooling_symptom(e))
     .notify(|e, next| warn!(error = %e, retry_in = ?next, "database not reachable yet"))
     .await
-    .map_err(DbError::Unreachable)
+    .map_err(|e| {
+        if is_transaction_pooling_symptom(&e) {
+            DbError::TransactionPooler(e.to_string())
+        } else {
+            DbError::Unreachable(e)
+        }
+    })
+}
+
+/// What a transaction-mode pooler does to sqlx's named prepared statements.
+fn is_transaction_pooling_symptom(e: &sqlx::Error) -> bool {
+    matches!(e, sqlx::Error::Database(db)
+        if matches!(db.code().as_deref(), Some("42P05" | "26000"))
+            && db.message().contains("sqlx_s_"))
+}
+
+/// How the daemon's connections reach PostgreSQL, as far as it can tell.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionReport {
+    /// Whether the server's own port is the one in the URL; when it is not,
+    /// a pooler or proxy sits in between (in session mode: it passed).
+    pub through_proxy: bool,
+    pub server_port: i32,
+    pub url_port: u16,
+}
+
+impl SessionReport {
+    pub fn describe(&self) -> String {
+        if self.through_proxy {
+            format!(
+                "session mode through a pooler or proxy (URL port {}, server port {})",
+                self.url_port, self.server_port
+            )
+        } else {
+            format!(
+                "one session per connection (direct, or a session-mode pooler on the server's port {})",
+                self.server_port
+            )
+        }
+    }
+}
+
+/// Proves that each connection is a session of its own, and that the
+/// session timeouts took effect; refuses a transaction-mode pooler.
+///
+/// Two connections are held open at once. Each marks its session; in
+/// session mode neither sees the other's mark and each keeps its own. A
+/// transaction-mode pooler hands an idle client's server connection to the
+/// next client (PgBouncer reuses the most recent one), so the second client
+/// finds the first one's mark, or the first loses its own.
+pub async fn check_session(config: &Config) -> Result<SessionReport, DbError> {
+    let options = connect_options(config)?;
+    let url_port = options.get_port();
+    let mut first = options.connect().await.map_err(DbError::Unreachable)?;
+    let mut second = options.connect().await.map_err(DbError::Unreachable)?;
+    let mark = format!("{:016x}", fastrand::u64(..));
+    sqlx::raw_sql(AssertSqlSafe(format!(
+        "SELECT set_config('recording_relay.session_probe', '{mark}', false)"
+    )))
+    .execute(&mut first)
+    .await?;
+    let seen_by_second = session_probe(&mut second).await?;
+    let kept_by_first = session_probe(&mut first).await?;
+    if seen_by_second.as_deref() == Some(mark.as_str())
+        || kept_by_first.as_deref() != Some(mark.as_str())
+    {
+        return Err(DbError::TransactionPooler(
+            "a second connection shared the first one's session".into(),
+        ));
+    }
+    sqlx::raw_sql(session_settings_sql())
+        .execute(&mut first)
+        .await?;
+    for (name, expected) in SESSION_SETTINGS {
+        let actual = show(&mut first, name).await?;
+        if actual != expected {
+            return Err(DbError::SessionSetting {
+                name,
+                expected,
+                actual,
+            });
+        }
+    }
+    let server_port: i32 = show(&mut first, "port").await?.parse().unwrap_or_default();
+    Ok(SessionReport {
+        through_proxy: i64::from(server_port) != i64::from(url_port),
+        server_port,
+        url_port,
+    })
+}
+
+/// `current_setting(…, true)` of the probe, read with a simple query (no
+/// prepared statement, which a transaction pooler would break first).
+async fn session_probe(conn: &mut sqlx::PgConnection) -> Result<Option<String>, DbError> {
+    use futures_util::TryStreamExt as _;
+    use sqlx::Row as _;
+    let rows: Vec<sqlx::postgres::PgRow> = sqlx::raw_sql(
+        "SELECT coalesce(current_setting('recording_relay.session_probe', true), '')",
+    )
+    .fetch(conn)
+    .try_collect()
+    .await?;
+    let value: String = rows
+        .first()
+        .map(|r| r.try_get(0))
+        .transpose()?
+        .unwrap_or_default();
+    Ok(Some(value).filter(|v| !v.is_empty()))
+}
+
+async fn show(conn: &mut sqlx::PgConnection, name: &str) -> Result<String, DbError> {
+    use futures_util::TryStreamExt as _;
+    use sqlx::Row as _;
+    let rows: Vec<sqlx::postgres::PgRow> = sqlx::raw_sql(AssertSqlSafe(format!("SHOW {name}")))
+        .fetch(conn)
+        .try_collect()
+        .await?;
+    Ok(rows
+        .first()
+        .map(|r| r.try_get(0))
+        .transpose()?
+        .unwrap_or_default())
+}
+
+/// Sends a NOTIFY to itself through the pool and waits for it on a
+/// listening connection: workers rely on notifications for prompt pick-up
+/// and fall back to polling when they do not arrive (a pooler that drops
+/// them, a replica).
+pub async fn notify_self_test(pool: &PgPool, patience: Duration) -> Result<Duration, DbError> {
+    let channel = format!("recording_relay_selftest_{:016x}", fastrand::u64(..));
+    let mut listener = PgListener::connect_with(pool).await?;
+    listener.listen(&channel).await?;
+    let started = Instant::now();
+    sqlx::query("SELECT pg_notify($1, '')")
+        .bind(&channel)
+        .execute(pool)
+        .await?;
+    let arrived = tokio::time::timeout(patience, listener.recv()).await;
+    listener.unlisten(&channel).await.ok();
+    match arrived {
+        Ok(Ok(_)) => Ok(started.elapsed()),
+        Ok(Err(e)) => Err(e.into()),
+        Err(_) => Err(DbError::Query(sqlx::Error::Protocol(format!(
+            "no notification arrived within {patience:?}"
+        )))),
+    }
+}
+
+/// How long `migrate` keeps retrying a migration that could not get its
+/// locks within their short timeout.
+pub const MIGRATE_LOCK_PATIENCE: Duration = Duration::from_secs(120);
+
+/// Landed migrations that lock tables other applications use all the time,
+/// with those tables. Their own SQL cannot change (it is checksummed) and
+/// waits up to 5 s for its locks, while every other query on the table
+/// queues behind the waiting lock. So the runner takes the locks first,
+/// with a short timeout, in the migration's own transaction; `migrate`
+/// retries with backoff when they are busy. The history keeps the file's
+/// checksum. Later migrations take their own short `lock_timeout`.
+const LOCK_FIRST: [(i64, &[&str]); 2] = [
+    (20261125000001, &["public.intakes"]),
+    (20261125000007, &["storage.objects"]),
+];
+
+/// A lock wait on a busy host table stays below this; queries queued behind
+/// a migration's lock request wait no longer.
+pub const HOST_LOCK_TIMEOUT: &str = "500ms";
+
+fn lock_host_tables_briefly(mut migration: Migration) -> Migration {
+    let Some((_, tables)) = LOCK_FIRST.iter().find(|(v, _)| *v == migration.version) else {
+        return migration;
+    };
+    let locks: String = tables
+        .iter()
+        .map(|t| {
+            format!(
+                "IF to_regclass('{t}') IS NOT NULL THEN LOCK TABLE {t} IN ACCESS EXCLUSIVE MODE; END IF;"
+            )
+        })
+        .collect();
+    let prelude = format!(
+        "SET LOCAL lock_timeout = '{HOST_LOCK_TIMEOUT}';\nDO $lock_first$ BEGIN {locks} END $lock_first$;\n"
+    );
+    migration.sql = AssertSqlSafe(format!("{prelude}{}", migration.sql.as_str())).into_sql_str();
+    migration
+}
+
+fn is_lock_timeout(e: &MigrateError) -> bool {
+    let sql_error = match e {
+        MigrateError::Execute(e) | MigrateError::ExecuteMigration(e, _) => e,
+        _ => return false,
+    };
+    matches!(sql_error, sqlx::Error::Database(db) if db.code().as_deref() == Some("55P03"))
 }
 
 pub async fn migrate(pool: &PgPool) -> Result<(), DbError> {
-    MIGRATOR.run(pool).await?;
+    carry_over_history(pool).await?;
+    let run = || async { MIGRATOR.run(pool).await };
+    run.retry(
+        ExponentialBuilder::default()
+            .with_min_delay(Duration::from_millis(250))
+            .with_max_delay(Duration::from_secs(4))
+            .with_jitter()
+            .with_total_delay(Some(MIGRATE_LOCK_PATIENCE))
+            .without_max_times(),
+    )
+    .when(is_lock_timeout)
+    .notify(|e, next| warn!(error = %e, retry_in = ?next, "a table is busy; migration retries"))
+    .await?;
     info!(
         migrations = MIGRATOR.iter().count(),
         "database schema is up to date"
@@ -109,10 +386,61 @@ pub async fn migrate(pool: &PgPool) -> Result<(), DbError> {
     Ok(())
 }
 
-/// Refuses to run against a schema older than this binary.
+/// Moves this project's rows of sqlx's history from `public._sqlx_migrations`
+/// (where releases before the relay schema kept it) to [`HISTORY_TABLE`],
+/// once. Another sqlx user's rows stay where they are; the old table is
+/// dropped only when nothing is left in it.
+async fn carry_over_history(pool: &PgPool) -> Result<(), DbError> {
+    let mut tx = pool.begin().await?;
+    sqlx::query("SELECT pg_advisory_xact_lock(hashtext('recording_relay history carry-over'))")
+        .execute(&mut *tx)
+        .await?;
+    let (old, new): (bool, bool) = sqlx::query_as(
+        "SELECT to_regclass('public._sqlx_migrations') IS NOT NULL,
+                to_regclass('recording_relay._sqlx_migrations') IS NOT NULL",
+    )
+    .fetch_one(&mut *tx)
+    .await?;
+    if !old || new {
+        return Ok(());
+    }
+    let ours: Vec<i64> = MIGRATOR.iter().map(|m| m.version).collect();
+    sqlx::raw_sql(
+        "CREATE SCHEMA IF NOT EXISTS recording_relay;
+         CREATE TABLE recording_relay._sqlx_migrations (LIKE public._sqlx_migrations INCLUDING ALL);",
+    )
+    .execute(&mut *tx)
+    .await?;
+    let moved = sqlx::query(
+        "WITH moved AS (DELETE FROM public._sqlx_migrations WHERE version = ANY($1) RETURNING *)
+         INSERT INTO recording_relay._sqlx_migrations SELECT * FROM moved",
+    )
+    .bind(&ours)
+    .execute(&mut *tx)
+    .await?
+    .rows_affected();
+    let left: i64 = sqlx::query_scalar("SELECT count(*) FROM public._sqlx_migrations")
+        .fetch_one(&mut *tx)
+        .await?;
+    if left == 0 {
+        sqlx::raw_sql("DROP TABLE public._sqlx_migrations")
+            .execute(&mut *tx)
+            .await?;
+    }
+    tx.commit().await?;
+    info!(
+        moved,
+        left_for_others = left,
+        "migration history moved into the recording_relay schema"
+    );
+    Ok(())
+}
+
+/// Refuses to run against a schema older than this binary, or one whose
+/// applied migrations are not this binary's (an edited landed migration).
 pub async fn ensure_migrated(pool: &PgPool) -> Result<(), DbError> {
-    let applied: Vec<i64> = match sqlx::query_scalar(
-        "SELECT version FROM _sqlx_migrations WHERE success ORDER BY version",
+    let applied: Vec<(i64, Vec<u8>)> = match sqlx::query_as(
+        "SELECT version, checksum FROM recording_relay._sqlx_migrations WHERE success ORDER BY version",
     )
     .fetch_all(pool)
     .await
@@ -121,11 +449,20 @@ pub async fn ensure_migrated(pool: &PgPool) -> Result<(), DbError> {
         Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("42P01") => Vec::new(),
         Err(e) => return Err(e.into()),
     };
-    let missing: Vec<String> = MIGRATOR
-        .iter()
-        .filter(|m| !applied.contains(&m.version))
-        .map(|m| m.version.to_string())
-        .collect();
+    let mut missing = Vec::new();
+    let mut differing = Vec::new();
+    for migration in MIGRATOR.iter() {
+        match applied.iter().find(|(v, _)| *v == migration.version) {
+            None => missing.push(migration.version.to_string()),
+            Some((_, checksum)) if *checksum != *migration.checksum => {
+                differing.push(migration.version.to_string())
+            }
+            Some(_) => {}
+        }
+    }
+    if !differing.is_empty() {
+        return Err(DbError::ChecksumMismatch(differing.join(", ")));
+    }
     if !missing.is_empty() {
         return Err(DbError::NotMigrated(missing.join(", ")));
     }
@@ -136,7 +473,8 @@ pub async fn ensure_migrated(pool: &PgPool) -> Result<(), DbError> {
 /// later `IF NOT EXISTS` skips; the unique ones would then enforce nothing.
 async fn ensure_indexes_valid(pool: &PgPool) -> Result<(), DbError> {
     let invalid: Vec<String> = sqlx::query_scalar(
-        "SELECT c.relname::text FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid
+        "SELECT c.relname::text FROM pg_catalog.pg_index i
+         JOIN pg_catalog.pg_class c ON c.oid = i.indexrelid
          WHERE NOT i.indisvalid
            AND c.relname IN ('idx_intakes_recording_id', 'idx_intakes_recording_object_path',
                              'idx_patients_recording_relay_phone_key')",
@@ -158,6 +496,150 @@ pub async fn create_demo_host_schema(pool: &PgPool) -> Result<(), DbError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every landed migration's checksum, as it first landed. Adding a
+    /// migration adds its line; no line ever changes.
+    const LANDED: &str = include_str!("../tests/landed_migrations.txt");
+
+    fn landed() -> Vec<(i64, &'static str)> {
+        LANDED
+            .lines()
+            .filter(|l| !l.trim().is_empty() && !l.starts_with('#'))
+            .map(|l| {
+                let (version, sum) = l.split_once(' ').expect("`VERSION SHA384` per line");
+                (version.parse().expect("a version number"), sum.trim())
+            })
+            .collect()
+    }
+
+    #[test]
+    fn landed_migrations_are_never_edited_and_new_ones_are_pinned() {
+        let pinned = landed();
+        for (version, sum) in &pinned {
+            let migration = MIGRATOR
+                .iter()
+                .find(|m| m.version == *version)
+                .unwrap_or_else(|| panic!("landed migration {version} was removed"));
+            assert_eq!(
+                hex::encode(&migration.checksum),
+                *sum,
+                "migration {version} was edited after it landed: put the change in a new migration"
+            );
+        }
+        for migration in MIGRATOR.iter() {
+            assert!(
+                pinned.iter().any(|(v, _)| *v == migration.version),
+                "new migration {} is not pinned: add `{} {}` to tests/landed_migrations.txt",
+                migration.version,
+                migration.version,
+                hex::encode(&migration.checksum)
+            );
+        }
+    }
+
+    #[sqlx::test(migrations = false)]
+    async fn an_edited_applied_migration_stops_the_daemon(pool: PgPool) {
+        let pool = crate::testing::prepare(pool).await;
+        ensure_migrated(&pool).await.unwrap();
+        sqlx::query(
+            "UPDATE recording_relay._sqlx_migrations SET checksum = '\\x00'::bytea
+             WHERE version = 20261125000006",
+        )
+        .execute(&pool)
+        .await
+        .unwrap();
+        let err = ensure_migrated(&pool).await.unwrap_err();
+        assert!(
+            matches!(&err, DbError::ChecksumMismatch(v) if v == "20261125000006"),
+            "{err}"
+        );
+    }
+
+    #[sqlx::test(migrations = false)]
+    async fn the_history_moves_out_of_public_once_and_leaves_others_rows(pool: PgPool) {
+        create_demo_host_schema(&pool).await.unwrap();
+        // A database migrated by a release that kept the history in public,
+        // shared with another sqlx user.
+        let mut old = sqlx::migrate!("./migrations");
+        old.migrations = old
+            .migrations
+            .iter()
+            .filter(|m| m.version <= 20261125000008)
+            .cloned()
+            .collect::<Vec<_>>()
+            .into();
+        old.run(&pool).await.unwrap();
+        sqlx::query(
+            "INSERT INTO public._sqlx_migrations (version, description, success, checksum, execution_time)
+             VALUES (1, 'someone else', true, '\\x01', 0)",
+        )
+        .execute(&pool)
+        .await
+        .unwrap();
+
+        migrate(&pool).await.unwrap();
+        migrate(&pool).await.unwrap();
+        let ours: i64 = sqlx::query_scalar("SELECT count(*) FROM recording_relay._sqlx_migrations")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        assert_eq!(ours, MIGRATOR.iter().count() as i64);
+        let theirs: Vec<i64> = sqlx::query_scalar("SELECT version FROM public._sqlx_migrations")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+        assert_eq!(theirs, vec![1]);
+        ensure_migrated(&pool).await.unwrap();
+        let moved: Option<String> =
+            sqlx::query_scalar("SELECT to_regclass('recording_relay.recording_jobs')::text")
+                .fetch_one(&pool)
+                .await
+                .unwrap();
+        assert_eq!(moved.as_deref(), Some("recording_relay.recording_jobs"));
+    }
+
+    /// A transaction of ZScribe's holds `intakes` for 8 s while `migrate`
+    /// runs: every other query on `intakes` still answers within 1 s (the
+    /// migration's lock request waits at most 500 ms before it steps back),
+    /// and `migrate` succeeds once the transaction ends.
+    #[sqlx::test(migrations = false)]
+    async fn migrate_never_makes_intakes_wait_behind_it(pool: PgPool) {
+        create_demo_host_schema(&pool).await.unwrap();
+        let mut holder = pool.begin().await.unwrap();
+        sqlx::query("SELECT count(*) FROM public.intakes")
+            .execute(&mut *holder)
+            .await
+            .unwrap();
+        let migrating = tokio::spawn({
+            let pool = pool.clone();
+            async move { migrate(&pool).await }
+        });
+        let started = Instant::now();
+        let mut slowest = Duration::ZERO;
+        let mut probes = 0;
+        while started.elapsed() < Duration::from_secs(8) {
+            let asked = Instant::now();
+            sqlx::query("SELECT count(*) FROM public.intakes")
+                .execute(&pool)
+                .await
+                .unwrap();
+            slowest = slowest.max(asked.elapsed());
+            probes += 1;
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(
+            !migrating.is_finished(),
+            "migrate cannot finish while intakes is held"
+        );
+        holder.commit().await.unwrap();
+        migrating.await.unwrap().unwrap();
+        assert!(probes > 20, "only {probes} probes ran");
+        assert!(
+            slowest < Duration::from_secs(1),
+            "a query on intakes waited {slowest:?} behind the migration"
+        );
+        ensure_migrated(&pool).await.unwrap();
+    }
 
     async fn backend_pid(pool: &PgPool) -> i32 {
         sqlx::query_scalar("SELECT pg_backend_pid()")

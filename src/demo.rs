@@ -214,14 +214,14 @@ async fn prepare_call(
     let intake = match call.patient_phone {
         Some(phone) => {
             let patient: Uuid = sqlx::query_scalar(
-                "INSERT INTO patients (name, phone) VALUES ($1, $2) RETURNING id",
+                "INSERT INTO public.patients (name, phone) VALUES ($1, $2) RETURNING id",
             )
             .bind(format!("Demo patient {n}"))
             .bind(phone)
             .fetch_one(pool)
             .await?;
             let intake: Uuid = sqlx::query_scalar(
-                "INSERT INTO intakes (patient_id, room_name, created_at)
+                "INSERT INTO public.intakes (patient_id, room_name, created_at)
                  VALUES ($1, $2, $3 - interval '20 seconds') RETURNING id",
             )
             .bind(patient)
@@ -251,7 +251,7 @@ async fn wait_for_final_states(
     let deadline = Instant::now() + limit;
     loop {
         let done: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM recording_jobs WHERE state NOT IN ('pending', 'running')",
+            "SELECT count(*) FROM recording_relay.recording_jobs WHERE state NOT IN ('pending', 'running')",
         )
         .fetch_one(pool)
         .await?;
@@ -278,7 +278,7 @@ async fn report(
     let mut ok = true;
     for (rec, intake) in expected {
         let job: Option<Job> =
-            sqlx::query_as("SELECT * FROM recording_jobs WHERE recording_id = $1")
+            sqlx::query_as("SELECT * FROM recording_relay.recording_jobs WHERE recording_id = $1")
                 .bind(&rec.id)
                 .fetch_optional(pool)
                 .await?;
@@ -309,7 +309,7 @@ async fn report(
             JobState::Unmatched
         };
         let linked: Option<(Option<String>, Option<i32>)> = sqlx::query_as(
-            "SELECT recording_url, recording_duration FROM intakes WHERE recording_id = $1",
+            "SELECT recording_url, recording_duration FROM public.intakes WHERE recording_id = $1",
         )
         .bind(&rec.id)
         .fetch_optional(pool)

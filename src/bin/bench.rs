@@ -370,7 +370,7 @@ async fn queue_run(server: &str, a: &QueueArgs) -> anyhow::Result<f64> {
     let pool = PgPool::connect(&url).await?;
     let t0 = Instant::now();
     sqlx::query(
-        "INSERT INTO recording_jobs (event_id, event_type, event)
+        "INSERT INTO recording_relay.recording_jobs (event_id, event_type, event)
          SELECT 'bench-' || g, 'call.recording.saved', '{}'::jsonb
          FROM generate_series(1, $1) g",
     )
@@ -404,8 +404,8 @@ async fn queue_run(server: &str, a: &QueueArgs) -> anyhow::Result<f64> {
     // Cheap: both states have a partial index.
     loop {
         let busy: bool = sqlx::query_scalar(
-            "SELECT EXISTS (SELECT 1 FROM recording_jobs WHERE state = 'pending')
-                 OR EXISTS (SELECT 1 FROM recording_jobs WHERE state = 'running')",
+            "SELECT EXISTS (SELECT 1 FROM recording_relay.recording_jobs WHERE state = 'pending')
+                 OR EXISTS (SELECT 1 FROM recording_relay.recording_jobs WHERE state = 'running')",
         )
         .fetch_one(&pool)
         .await?;
@@ -439,7 +439,7 @@ async fn queue_run(server: &str, a: &QueueArgs) -> anyhow::Result<f64> {
         w.wait().await?;
     }
     let (succeeded, max_attempts): (i64, Option<i32>) = sqlx::query_as(
-        "SELECT count(*) FILTER (WHERE state = 'succeeded'), max(attempts) FROM recording_jobs",
+        "SELECT count(*) FILTER (WHERE state = 'succeeded'), max(attempts) FROM recording_relay.recording_jobs",
     )
     .fetch_one(&pool)
     .await?;
@@ -473,7 +473,7 @@ async fn queue_floor(server: &str, jobs: u64) -> anyhow::Result<f64> {
     let url = fresh_database(server, "bench_queue_floor").await?;
     let mut conn = PgConnection::connect(&url).await?;
     sqlx::query(
-        "INSERT INTO recording_jobs (event_id, event_type, event)
+        "INSERT INTO recording_relay.recording_jobs (event_id, event_type, event)
          SELECT 'bench-' || g, 'call.recording.saved', '{}'::jsonb
          FROM generate_series(1, $1) g",
     )
@@ -483,14 +483,14 @@ async fn queue_floor(server: &str, jobs: u64) -> anyhow::Result<f64> {
     sqlx::raw_sql("VACUUM ANALYZE").execute(&mut conn).await?;
     let t0 = Instant::now();
     sqlx::raw_sql(
-        "UPDATE recording_jobs SET state = 'running', attempts = attempts + 1, locked_by = 'floor',
+        "UPDATE recording_relay.recording_jobs SET state = 'running', attempts = attempts + 1, locked_by = 'floor',
              locked_until = now() + interval '60 seconds', updated_at = now()
          WHERE state = 'pending' AND next_run_at <= now()",
     )
     .execute(&mut conn)
     .await?;
     sqlx::raw_sql(
-        "UPDATE recording_jobs SET state = 'succeeded', finished_at = now(), locked_by = NULL,
+        "UPDATE recording_relay.recording_jobs SET state = 'succeeded', finished_at = now(), locked_by = NULL,
              locked_until = NULL, updated_at = now()
          WHERE state = 'running' AND locked_by = 'floor'",
     )
@@ -594,7 +594,7 @@ async fn latency(server: &str, samples: usize) -> anyhow::Result<()> {
 
 /// The webhook INSERT exactly as `Queue::enqueue` runs it, for pgbench.
 /// Unique event ids from the client id and a random uuid.
-const PGBENCH_SCRIPT: &str = "INSERT INTO recording_jobs (event_id, event_type, occurred_at, event, recording_id, call_session_id, call_control_id, call_leg_id, connection_id, client_state, from_number, to_number, duration_millis, channels, recording_started_at, recording_ended_at, max_attempts) VALUES ('pgbench-' || :client_id || '-' || gen_random_uuid(), 'call.recording.saved', '2025-11-19T10:34:00Z'::timestamptz, :event::jsonb, NULL, :session, 'v3:' || :session, 'leg-' || :session, '1494404757140276705', NULL, NULL, NULL, NULL, 'single', '2025-11-19T10:30:00Z'::timestamptz, '2025-11-19T10:33:00Z'::timestamptz, 12) ON CONFLICT DO NOTHING RETURNING id;\n";
+const PGBENCH_SCRIPT: &str = "INSERT INTO recording_relay.recording_jobs (event_id, event_type, occurred_at, event, recording_id, call_session_id, call_control_id, call_leg_id, connection_id, client_state, from_number, to_number, duration_millis, channels, recording_started_at, recording_ended_at, max_attempts) VALUES ('pgbench-' || :client_id || '-' || gen_random_uuid(), 'call.recording.saved', '2025-11-19T10:34:00Z'::timestamptz, :event::jsonb, NULL, :session, 'v3:' || :session, 'leg-' || :session, '1494404757140276705', NULL, NULL, NULL, NULL, 'single', '2025-11-19T10:30:00Z'::timestamptz, '2025-11-19T10:33:00Z'::timestamptz, 12) ON CONFLICT DO NOTHING RETURNING id;\n";
 
 /// pgbench's tps with `clients` connections for `secs`, or `None` when
 /// pgbench is not installed.
@@ -943,7 +943,7 @@ async fn ingest(server: &str, a: &IngestArgs) -> anyhow::Result<()> {
     listener.stop().await?;
     let pool = PgPool::connect(&url).await?;
     let stored: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM recording_jobs WHERE event_id NOT LIKE 'pgbench-%'",
+        "SELECT count(*) FROM recording_relay.recording_jobs WHERE event_id NOT LIKE 'pgbench-%'",
     )
     .fetch_one(&pool)
     .await?;
@@ -994,7 +994,7 @@ async fn relay(server: &str, a: &RelayArgs) -> anyhow::Result<()> {
             SimRecording::sample(format!("bench-rec-{i}-{}", uuid::Uuid::new_v4().simple()));
         rec.content = SimAudio::generated(size, i as u64 + 1);
         let intake: uuid::Uuid =
-            sqlx::query_scalar("INSERT INTO intakes (room_name) VALUES ($1) RETURNING id")
+            sqlx::query_scalar("INSERT INTO public.intakes (room_name) VALUES ($1) RETURNING id")
                 .bind(format!("bench-{i}"))
                 .fetch_one(&pool)
                 .await?;
@@ -1073,7 +1073,7 @@ async fn relay(server: &str, a: &RelayArgs) -> anyhow::Result<()> {
     loop {
         let (open, error): (i64, Option<String>) = sqlx::query_as(
             "SELECT count(*) FILTER (WHERE state IN ('pending', 'running')), max(last_error)
-             FROM recording_jobs",
+             FROM recording_relay.recording_jobs",
         )
         .fetch_one(&pool)
         .await?;
@@ -1098,10 +1098,11 @@ async fn relay(server: &str, a: &RelayArgs) -> anyhow::Result<()> {
     let status = tokio::time::timeout(Duration::from_secs(30), daemon.wait()).await??;
     ensure!(status.success(), "the worker exited with {status}");
 
-    let states: Vec<(String, Option<String>)> =
-        sqlx::query_as("SELECT state::text, last_error FROM recording_jobs ORDER BY id")
-            .fetch_all(&pool)
-            .await?;
+    let states: Vec<(String, Option<String>)> = sqlx::query_as(
+        "SELECT state::text, last_error FROM recording_relay.recording_jobs ORDER BY id",
+    )
+    .fetch_all(&pool)
+    .await?;
     for (state, err) in &states {
         ensure!(state == "succeeded", "a relay job ended {state}: {err:?}");
     }

@@ -22,7 +22,10 @@ pub use worker::{Worker, WorkerOptions};
 
 /// Mirrors the `recording_job_state` Postgres enum.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, sqlx::Type, Serialize)]
-#[sqlx(type_name = "recording_job_state", rename_all = "lowercase")]
+#[sqlx(
+    type_name = "recording_relay.recording_job_state",
+    rename_all = "lowercase"
+)]
 #[serde(rename_all = "lowercase")]
 pub enum JobState {
     Pending,

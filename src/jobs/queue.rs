@@ -87,13 +87,13 @@ pub struct Queue {
 /// `$2` worker, `$3` lease in milliseconds. Its plan is tested to use
 /// `recording_jobs_claim_idx`.
 pub const CLAIM_SQL: &str = "WITH picked AS (
-         SELECT id FROM recording_jobs
+         SELECT id FROM recording_relay.recording_jobs
          WHERE state = 'pending' AND next_run_at <= now()
          ORDER BY next_run_at, id
          LIMIT $1
          FOR UPDATE SKIP LOCKED
      )
-     UPDATE recording_jobs j
+     UPDATE recording_relay.recording_jobs j
      SET state = 'running',
          attempts = j.attempts + 1,
          locked_by = $2,
@@ -107,7 +107,7 @@ pub const CLAIM_SQL: &str = "WITH picked AS (
 /// `$2` workers, `$3` attempts (parallel arrays, sorted by id so concurrent
 /// batches lock rows in the same order). Returns `(id, attempt)` of each row
 /// that matched; a lease that was lost matches nothing.
-pub const COMPLETE_BATCH_SQL: &str = "UPDATE recording_jobs j
+pub const COMPLETE_BATCH_SQL: &str = "UPDATE recording_relay.recording_jobs j
      SET state = 'succeeded', finished_at = now(), locked_by = NULL, locked_until = NULL,
          updated_at = now()
      FROM unnest($1::bigint[], $2::text[], $3::int[]) AS c(id, worker, attempt)
@@ -120,7 +120,7 @@ pub const COMPLETE_BATCH_SQL: &str = "UPDATE recording_jobs j
 macro_rules! fenced_update {
     ($set:literal) => {
         concat!(
-            "UPDATE recording_jobs SET ",
+            "UPDATE recording_relay.recording_jobs SET ",
             $set,
             ", updated_at = now() WHERE id = $1 AND locked_by = $2 AND attempts = $3 AND state = 'running'"
         )
@@ -153,7 +153,7 @@ impl Queue {
     /// inserts nothing.
     pub async fn enqueue(&self, job: &NewJob) -> Result<Enqueued, QueueError> {
         let id: Option<i64> = sqlx::query_scalar(
-            "INSERT INTO recording_jobs (
+            "INSERT INTO recording_relay.recording_jobs (
                  event_id, event_type, occurred_at, event, recording_id, call_session_id,
                  call_control_id, call_leg_id, connection_id, client_state, from_number,
                  to_number, duration_millis, channels, recording_started_at,
@@ -194,7 +194,7 @@ impl Queue {
     ) -> Result<i64, QueueError> {
         use sha2::Digest as _;
         let id = sqlx::query_scalar(
-            "INSERT INTO webhook_quarantine (reason, signed_at, body_sha256, raw_body)
+            "INSERT INTO recording_relay.webhook_quarantine (reason, signed_at, body_sha256, raw_body)
              VALUES ($1, $2, $3, $4)
              ON CONFLICT (body_sha256) DO UPDATE
              SET deliveries = webhook_quarantine.deliveries + 1, last_received_at = now()
@@ -289,9 +289,9 @@ impl Queue {
         delay: Duration,
     ) -> Result<Option<JobState>, QueueError> {
         let state = sqlx::query_scalar(
-            "UPDATE recording_jobs
+            "UPDATE recording_relay.recording_jobs
              SET state = CASE WHEN attempts >= max_attempts
-                              THEN 'failed' ELSE 'pending' END::recording_job_state,
+                              THEN 'failed' ELSE 'pending' END::recording_relay.recording_job_state,
                  next_run_at = CASE WHEN attempts >= max_attempts THEN next_run_at
                                     ELSE now() + $5 * interval '1 millisecond' END,
                  finished_at = CASE WHEN attempts >= max_attempts THEN now() END,
@@ -368,9 +368,9 @@ impl Queue {
     /// worker cannot loop forever. Returns how many were rescued.
     pub async fn rescue_expired_leases(&self) -> Result<u64, QueueError> {
         let done = sqlx::query(
-            "UPDATE recording_jobs j
+            "UPDATE recording_relay.recording_jobs j
              SET state = CASE WHEN j.attempts >= j.max_attempts
-                              THEN 'failed' ELSE 'pending' END::recording_job_state,
+                              THEN 'failed' ELSE 'pending' END::recording_relay.recording_job_state,
                  finished_at = CASE WHEN j.attempts >= j.max_attempts THEN now() END,
                  next_run_at = now(),
                  last_error = format('lease expired: worker %s stopped heartbeating', j.locked_by),
@@ -379,7 +379,7 @@ impl Queue {
                      'kind', 'lease_expired',
                      'error', format('lease expired: worker %s stopped heartbeating', j.locked_by))),
                  locked_by = NULL, locked_until = NULL, updated_at = now()
-             FROM (SELECT id FROM recording_jobs
+             FROM (SELECT id FROM recording_relay.recording_jobs
                    WHERE state = 'running' AND locked_until < now()
                    ORDER BY locked_until
                    LIMIT 1000
@@ -427,7 +427,7 @@ impl Queue {
 
     async fn owner_of(&self, recording: &str, not_job: i64) -> QueueError {
         let owner: Result<Option<i64>, _> = sqlx::query_scalar(
-            "SELECT id FROM recording_jobs
+            "SELECT id FROM recording_relay.recording_jobs
              WHERE recording_id = $1 AND state <> 'duplicate' AND id <> $2",
         )
         .bind(recording)
@@ -489,11 +489,12 @@ impl Queue {
         match done {
             Ok(done) => Ok(done.rows_affected() == 1),
             Err(e) if is_unique_violation(&e, "recording_jobs_object_path_key") => {
-                let owner: i64 =
-                    sqlx::query_scalar("SELECT id FROM recording_jobs WHERE object_path = $1")
-                        .bind(path)
-                        .fetch_one(&self.pool)
-                        .await?;
+                let owner: i64 = sqlx::query_scalar(
+                    "SELECT id FROM recording_relay.recording_jobs WHERE object_path = $1",
+                )
+                .bind(path)
+                .fetch_one(&self.pool)
+                .await?;
                 Err(QueueError::AlreadyOwned {
                     recording: path.to_owned(),
                     job_id: owner,
@@ -558,25 +559,28 @@ impl Queue {
     }
 
     pub async fn get(&self, id: i64) -> Result<Option<Job>, QueueError> {
-        let job = sqlx::query_as::<_, Job>("SELECT * FROM recording_jobs WHERE id = $1")
-            .bind(id)
-            .fetch_optional(&self.pool)
-            .await?;
+        let job =
+            sqlx::query_as::<_, Job>("SELECT * FROM recording_relay.recording_jobs WHERE id = $1")
+                .bind(id)
+                .fetch_optional(&self.pool)
+                .await?;
         Ok(job)
     }
 
     pub async fn get_by_event_id(&self, event_id: &str) -> Result<Option<Job>, QueueError> {
-        let job = sqlx::query_as::<_, Job>("SELECT * FROM recording_jobs WHERE event_id = $1")
-            .bind(event_id)
-            .fetch_optional(&self.pool)
-            .await?;
+        let job = sqlx::query_as::<_, Job>(
+            "SELECT * FROM recording_relay.recording_jobs WHERE event_id = $1",
+        )
+        .bind(event_id)
+        .fetch_optional(&self.pool)
+        .await?;
         Ok(job)
     }
 
     /// Makes a failed, cancelled, unmatched or waiting job runnable now with
     /// fresh attempts (the `recording_jobs_requeue` SQL function).
     pub async fn requeue(&self, id: i64) -> Result<(), QueueError> {
-        sqlx::query("SELECT recording_jobs_requeue($1)")
+        sqlx::query("SELECT recording_relay.recording_jobs_requeue($1)")
             .bind(id)
             .execute(&self.pool)
             .await
@@ -586,7 +590,7 @@ impl Queue {
 
     /// Requeues every failed job; returns how many.
     pub async fn requeue_failed(&self) -> Result<i32, QueueError> {
-        let n = sqlx::query_scalar("SELECT recording_jobs_requeue_failed()")
+        let n = sqlx::query_scalar("SELECT recording_relay.recording_jobs_requeue_failed()")
             .fetch_one(&self.pool)
             .await
             .map_err(refused_or)?;
@@ -594,7 +598,7 @@ impl Queue {
     }
 
     pub async fn cancel(&self, id: i64) -> Result<(), QueueError> {
-        sqlx::query("SELECT recording_jobs_cancel($1)")
+        sqlx::query("SELECT recording_relay.recording_jobs_cancel($1)")
             .bind(id)
             .execute(&self.pool)
             .await
@@ -604,7 +608,7 @@ impl Queue {
 
     /// Attaches an unmatched recording to an intake and requeues it for linking.
     pub async fn attach(&self, id: i64, intake: uuid::Uuid) -> Result<(), QueueError> {
-        sqlx::query("SELECT recording_jobs_attach($1, $2)")
+        sqlx::query("SELECT recording_relay.recording_jobs_attach($1, $2)")
             .bind(id)
             .bind(intake)
             .execute(&self.pool)
@@ -616,8 +620,8 @@ impl Queue {
     /// Newest first, optionally of one state.
     pub async fn list(&self, state: Option<JobState>, limit: i64) -> Result<Vec<Job>, QueueError> {
         let jobs = sqlx::query_as::<_, Job>(
-            "SELECT * FROM recording_jobs
-             WHERE $1::recording_job_state IS NULL OR state = $1
+            "SELECT * FROM recording_relay.recording_jobs
+             WHERE $1::recording_relay.recording_job_state IS NULL OR state = $1
              ORDER BY id DESC LIMIT $2",
         )
         .bind(state)
@@ -630,7 +634,7 @@ impl Queue {
     pub async fn queue_depth(&self) -> Result<Vec<QueueDepth>, QueueError> {
         let rows = sqlx::query_as::<_, QueueDepth>(
             "SELECT state, jobs, oldest_runnable_age_seconds::float8 AS oldest_runnable_age_seconds
-             FROM recording_jobs_queue",
+             FROM recording_relay.recording_jobs_queue",
         )
         .fetch_all(&self.pool)
         .await?;
@@ -650,9 +654,9 @@ impl Queue {
         let mut total = 0;
         loop {
             let done = sqlx::query(
-                "DELETE FROM recording_jobs
+                "DELETE FROM recording_relay.recording_jobs
                  WHERE id IN (
-                     SELECT id FROM recording_jobs
+                     SELECT id FROM recording_relay.recording_jobs
                      WHERE (state IN ('succeeded', 'duplicate', 'cancelled')
                             AND finished_at < now() - $1 * interval '1 millisecond')
                         OR (state IN ('failed', 'unmatched')
@@ -681,7 +685,7 @@ impl Queue {
     ) -> Result<bool, QueueError> {
         let known = sqlx::query_scalar(
             "SELECT EXISTS (
-                 SELECT 1 FROM recording_jobs
+                 SELECT 1 FROM recording_relay.recording_jobs
                  WHERE recording_id = $1
                     OR (recording_id IS NULL AND call_session_id = $2))",
         )
@@ -695,7 +699,7 @@ impl Queue {
     /// Jobs per state, for readiness output and tests.
     pub async fn count_by_state(&self) -> Result<Vec<(JobState, i64)>, QueueError> {
         let rows = sqlx::query_as(
-            "SELECT state, count(*) FROM recording_jobs GROUP BY state ORDER BY state",
+            "SELECT state, count(*) FROM recording_relay.recording_jobs GROUP BY state ORDER BY state",
         )
         .fetch_all(&self.pool)
         .await?;
@@ -738,7 +742,7 @@ mod tests {
     /// Moves the lease into the past, as if the worker died long ago.
     async fn expire_lease(q: &Queue, id: i64) {
         sqlx::query(
-            "UPDATE recording_jobs SET locked_until = now() - interval '1 second' WHERE id = $1",
+            "UPDATE recording_relay.recording_jobs SET locked_until = now() - interval '1 second' WHERE id = $1",
         )
         .bind(id)
         .execute(q.pool())
@@ -812,7 +816,7 @@ mod tests {
         for id in ["a", "b", "c"] {
             q.enqueue(&new_job(id)).await.unwrap();
         }
-        sqlx::query("UPDATE recording_jobs SET next_run_at = now() + interval '1 hour' WHERE event_id = 'a'")
+        sqlx::query("UPDATE recording_relay.recording_jobs SET next_run_at = now() + interval '1 hour' WHERE event_id = 'a'")
             .execute(q.pool())
             .await
             .unwrap();
@@ -997,7 +1001,7 @@ mod tests {
         let q = queue(pool).await;
         q.enqueue(&new_job("ev-1")).await.unwrap(); // max_attempts = 3
         for attempt in 1..=3 {
-            sqlx::query("UPDATE recording_jobs SET next_run_at = now()")
+            sqlx::query("UPDATE recording_relay.recording_jobs SET next_run_at = now()")
                 .execute(q.pool())
                 .await
                 .unwrap();
@@ -1034,7 +1038,7 @@ mod tests {
     async fn a_rescued_last_attempt_fails_instead_of_looping(pool: PgPool) {
         let q = queue(pool).await;
         q.enqueue(&new_job("ev-1")).await.unwrap();
-        sqlx::query("UPDATE recording_jobs SET attempts = 2")
+        sqlx::query("UPDATE recording_relay.recording_jobs SET attempts = 2")
             .execute(q.pool())
             .await
             .unwrap();
@@ -1082,10 +1086,10 @@ mod tests {
         let q = queue(pool).await;
         q.enqueue(&new_job("ev-1")).await.unwrap();
         for bad in [
-            "UPDATE recording_jobs SET state = 'running'",
-            "UPDATE recording_jobs SET state = 'succeeded'",
-            "UPDATE recording_jobs SET state = 'failed', finished_at = now()",
-            "UPDATE recording_jobs SET attempts = max_attempts",
+            "UPDATE recording_relay.recording_jobs SET state = 'running'",
+            "UPDATE recording_relay.recording_jobs SET state = 'succeeded'",
+            "UPDATE recording_relay.recording_jobs SET state = 'failed', finished_at = now()",
+            "UPDATE recording_relay.recording_jobs SET attempts = max_attempts",
         ] {
             let err = sqlx::query(bad).execute(q.pool()).await.unwrap_err();
             assert!(
@@ -1099,7 +1103,7 @@ mod tests {
     async fn the_claim_uses_the_partial_index(pool: PgPool) {
         let q = queue(pool).await;
         sqlx::query(
-            "INSERT INTO recording_jobs (event_id, event_type, event, state, finished_at)
+            "INSERT INTO recording_relay.recording_jobs (event_id, event_type, event, state, finished_at)
              SELECT 'done-' || g, 'call.recording.saved', '{}', 'succeeded', now()
              FROM generate_series(1, 5000) g",
         )
@@ -1107,7 +1111,7 @@ mod tests {
         .await
         .unwrap();
         q.enqueue(&new_job("ev-1")).await.unwrap();
-        sqlx::query("ANALYZE recording_jobs")
+        sqlx::query("ANALYZE recording_relay.recording_jobs")
             .execute(q.pool())
             .await
             .unwrap();
@@ -1201,12 +1205,12 @@ mod tests {
         q.finish_unsuccessfully(&lease, JobState::Unmatched, "unmatched", "no intake")
             .await
             .unwrap();
-        sqlx::query("UPDATE recording_jobs SET recording_id = 'rec-1'")
+        sqlx::query("UPDATE recording_relay.recording_jobs SET recording_id = 'rec-1'")
             .execute(q.pool())
             .await
             .unwrap();
         let intakes: Vec<uuid::Uuid> = sqlx::query_scalar(
-            "INSERT INTO intakes (recording_id) VALUES (NULL), ('rec-other') RETURNING id",
+            "INSERT INTO public.intakes (recording_id) VALUES (NULL), ('rec-other') RETURNING id",
         )
         .fetch_all(q.pool())
         .await
@@ -1235,27 +1239,29 @@ mod tests {
         q.enqueue(&new_job("stuck")).await.unwrap();
         let stuck = one_claimed(&q, "gone-worker").await;
         sqlx::query(
-            "UPDATE recording_jobs SET locked_until = now() - interval '1 hour' WHERE id = $1",
+            "UPDATE recording_relay.recording_jobs SET locked_until = now() - interval '1 hour' WHERE id = $1",
         )
         .bind(stuck.id)
         .execute(q.pool())
         .await
         .unwrap();
         q.enqueue(&new_job("waiting")).await.unwrap();
-        sqlx::query("UPDATE recording_jobs SET next_run_at = now() - interval '90 seconds' WHERE event_id = 'waiting'")
+        sqlx::query("UPDATE recording_relay.recording_jobs SET next_run_at = now() - interval '90 seconds' WHERE event_id = 'waiting'")
             .execute(q.pool())
             .await
             .unwrap();
 
-        let failed: Vec<String> = sqlx::query_scalar("SELECT event_id FROM recording_jobs_failed")
-            .fetch_all(q.pool())
-            .await
-            .unwrap();
+        let failed: Vec<String> =
+            sqlx::query_scalar("SELECT event_id FROM recording_relay.recording_jobs_failed")
+                .fetch_all(q.pool())
+                .await
+                .unwrap();
         assert_eq!(failed, ["failed"]);
-        let stuck_ids: Vec<i64> = sqlx::query_scalar("SELECT id FROM recording_jobs_stuck")
-            .fetch_all(q.pool())
-            .await
-            .unwrap();
+        let stuck_ids: Vec<i64> =
+            sqlx::query_scalar("SELECT id FROM recording_relay.recording_jobs_stuck")
+                .fetch_all(q.pool())
+                .await
+                .unwrap();
         assert_eq!(stuck_ids, [stuck.id]);
         let depth = q.queue_depth().await.unwrap();
         let pending = depth.iter().find(|d| d.state == JobState::Pending).unwrap();
@@ -1267,10 +1273,11 @@ mod tests {
         q.finish_unsuccessfully(&lease, JobState::Unmatched, "unmatched", "no intake")
             .await
             .unwrap();
-        let unmatched: Vec<i64> = sqlx::query_scalar("SELECT id FROM recording_jobs_unmatched")
-            .fetch_all(q.pool())
-            .await
-            .unwrap();
+        let unmatched: Vec<i64> =
+            sqlx::query_scalar("SELECT id FROM recording_relay.recording_jobs_unmatched")
+                .fetch_all(q.pool())
+                .await
+                .unwrap();
         assert_eq!(unmatched, [lease.job_id]);
     }
 
@@ -1290,8 +1297,8 @@ mod tests {
         .enumerate()
         {
             sqlx::query(
-                "INSERT INTO recording_jobs (event_id, event_type, event, state, finished_at, last_error)
-                 VALUES ($1, 'call.recording.saved', '{}', $2::recording_job_state,
+                "INSERT INTO recording_relay.recording_jobs (event_id, event_type, event, state, finished_at, last_error)
+                 VALUES ($1, 'call.recording.saved', '{}', $2::recording_relay.recording_job_state,
                          now() - $3 * interval '1 day', 'x')",
             )
             .bind(format!("{state}-{days}-{i}"))
@@ -1305,10 +1312,11 @@ mod tests {
         let day = Duration::from_secs(86_400);
         let deleted = q.prune_finished(30 * day, 90 * day, 1).await.unwrap();
         assert_eq!(deleted, 4, "batches of one until done");
-        let mut left: Vec<String> = sqlx::query_scalar("SELECT event_id FROM recording_jobs")
-            .fetch_all(q.pool())
-            .await
-            .unwrap();
+        let mut left: Vec<String> =
+            sqlx::query_scalar("SELECT event_id FROM recording_relay.recording_jobs")
+                .fetch_all(q.pool())
+                .await
+                .unwrap();
         left.sort();
         assert_eq!(left, ["failed-40-3", "pending", "succeeded-10-1"]);
     }

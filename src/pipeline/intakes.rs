@@ -49,9 +49,9 @@ pub enum Found {
 
 /// The phone-and-time lookup; the `EXPLAIN` test checks its plan.
 pub const MATCH_BY_PHONE_SQL: &str = "SELECT i.id, i.patient_id
-     FROM intakes i
-     JOIN patients p ON p.id = i.patient_id
-     WHERE recording_relay_phone_key(p.phone) = recording_relay_phone_key($1)
+     FROM public.intakes i
+     JOIN public.patients p ON p.id = i.patient_id
+     WHERE recording_relay.recording_relay_phone_key(p.phone) = recording_relay.recording_relay_phone_key($1)
        AND i.created_at BETWEEN $2 - $3 * interval '1 millisecond'
                             AND $2 + $3 * interval '1 millisecond'
        AND (i.recording_id IS NULL OR i.recording_id = $4)
@@ -88,7 +88,7 @@ pub fn intake_id_from_client_state(client_state: &str) -> Option<Uuid> {
 pub async fn find_intake(pool: &PgPool, m: &MatchInput<'_>) -> Result<Found, sqlx::Error> {
     if let Some(id) = m.client_state.and_then(intake_id_from_client_state) {
         let exists: Option<Uuid> = sqlx::query_scalar(
-            "SELECT id FROM intakes WHERE id = $1 AND ($2::uuid IS NULL OR organization_id = $2)",
+            "SELECT id FROM public.intakes WHERE id = $1 AND ($2::uuid IS NULL OR organization_id = $2)",
         )
         .bind(id)
         .bind(m.organization)
@@ -150,7 +150,7 @@ pub async fn claim_intake(
     // Concurrent claims serialise on the row lock; the loser re-checks the
     // WHERE against the winner's value and updates nothing.
     let updated = sqlx::query(
-        "UPDATE intakes
+        "UPDATE public.intakes
          SET recording_id = $2, recording_duration = coalesce($3, recording_duration)
          WHERE id = $1 AND (recording_id IS NULL OR recording_id = $2)",
     )
@@ -171,7 +171,7 @@ pub async fn claim_intake(
         return Ok(Claim::Claimed);
     }
     let other: Option<Option<String>> =
-        sqlx::query_scalar("SELECT recording_id FROM intakes WHERE id = $1")
+        sqlx::query_scalar("SELECT recording_id FROM public.intakes WHERE id = $1")
             .bind(intake)
             .fetch_optional(&mut *tx)
             .await?;
@@ -195,7 +195,7 @@ pub async fn link(
 ) -> Result<bool, QueueError> {
     let mut tx = queue.pool().begin().await?;
     let updated = sqlx::query(
-        "UPDATE intakes
+        "UPDATE public.intakes
          SET recording_id = $2, recording_object_path = $3, recording_url = $4,
              recording_duration = coalesce($5, recording_duration),
              recording_migrated_at = now()
@@ -237,7 +237,7 @@ mod tests {
     }
 
     async fn patient(pool: &PgPool, phone: &str) -> Uuid {
-        sqlx::query_scalar("INSERT INTO patients (phone) VALUES ($1) RETURNING id")
+        sqlx::query_scalar("INSERT INTO public.patients (phone) VALUES ($1) RETURNING id")
             .bind(phone)
             .fetch_one(pool)
             .await
@@ -246,7 +246,7 @@ mod tests {
 
     async fn intake(pool: &PgPool, patient: Uuid, minutes_from_now: i64) -> Uuid {
         sqlx::query_scalar(
-            "INSERT INTO intakes (patient_id, created_at) VALUES ($1, now() + $2 * interval '1 minute') RETURNING id",
+            "INSERT INTO public.intakes (patient_id, created_at) VALUES ($1, now() + $2 * interval '1 minute') RETURNING id",
         )
         .bind(patient)
         .bind(minutes_from_now)
@@ -352,7 +352,7 @@ mod tests {
         .await;
         assert_eq!(claim.unwrap(), Claim::LeaseLost);
         let held: Option<String> =
-            sqlx::query_scalar("SELECT recording_id FROM intakes WHERE id = $1")
+            sqlx::query_scalar("SELECT recording_id FROM public.intakes WHERE id = $1")
                 .bind(intake)
                 .fetch_one(&pool)
                 .await
@@ -379,7 +379,7 @@ mod tests {
         let p = patient(&pool, "9712656795").await;
         let theirs = intake(&pool, p, -1).await;
         let org = Uuid::new_v4();
-        sqlx::query("UPDATE intakes SET organization_id = $1 WHERE id = $2")
+        sqlx::query("UPDATE public.intakes SET organization_id = $1 WHERE id = $2")
             .bind(Uuid::new_v4())
             .bind(theirs)
             .execute(&pool)
@@ -409,11 +409,11 @@ mod tests {
     #[sqlx::test(migrations = false)]
     async fn the_patient_lookup_uses_the_phone_key_index(pool: PgPool) {
         let pool = testing::prepare(pool).await;
-        sqlx::query("INSERT INTO patients (phone) SELECT '555' || lpad(g::text, 7, '0') FROM generate_series(1, 20000) g")
+        sqlx::query("INSERT INTO public.patients (phone) SELECT '555' || lpad(g::text, 7, '0') FROM generate_series(1, 20000) g")
             .execute(&pool)
             .await
             .unwrap();
-        sqlx::query("ANALYZE patients")
+        sqlx::query("ANALYZE public.patients")
             .execute(&pool)
             .await
             .unwrap();

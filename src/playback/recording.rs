@@ -63,9 +63,9 @@ pub async fn lookup(
                 i.recording_id IS NOT NULL AS has_recording_id,
                 i.recording_duration AS duration_seconds,
                 j.state::text AS newest_job
-         FROM intakes i
+         FROM public.intakes i
          LEFT JOIN LATERAL (
-             SELECT state FROM recording_jobs
+             SELECT state FROM recording_relay.recording_jobs
              WHERE intake_id = i.id
              ORDER BY created_at DESC, id DESC
              LIMIT 1
@@ -122,7 +122,7 @@ mod tests {
     }
 
     async fn intake(pool: &PgPool, org: Uuid) -> Uuid {
-        sqlx::query_scalar("INSERT INTO intakes (organization_id) VALUES ($1) RETURNING id")
+        sqlx::query_scalar("INSERT INTO public.intakes (organization_id) VALUES ($1) RETURNING id")
             .bind(org)
             .fetch_one(pool)
             .await
@@ -131,9 +131,9 @@ mod tests {
 
     async fn job(pool: &PgPool, event: &str, intake: Uuid, state: &str, age_secs: i32) {
         sqlx::query(
-            "INSERT INTO recording_jobs (event_id, event_type, event, state, attempts,
+            "INSERT INTO recording_relay.recording_jobs (event_id, event_type, event, state, attempts,
                  last_error, finished_at, intake_id, matched_at, match_method, created_at)
-             VALUES ($1, 'call.recording.saved', '{}', $3::recording_job_state,
+             VALUES ($1, 'call.recording.saved', '{}', $3::recording_relay.recording_job_state,
                  CASE WHEN $3 = 'pending' THEN 0 ELSE 1 END,
                  CASE WHEN $3 = 'failed' THEN 'recording gone' END,
                  CASE WHEN $3 IN ('failed', 'succeeded') THEN now() END,
@@ -166,7 +166,7 @@ mod tests {
         assert_eq!(got.status, RecordingStatus::Processing);
 
         sqlx::query(
-            "UPDATE intakes SET recording_id = 'r', recording_object_path = 'intakes/x/r.wav',
+            "UPDATE public.intakes SET recording_id = 'r', recording_object_path = 'intakes/x/r.wav',
                  recording_duration = 61 WHERE id = $1",
         )
         .bind(id)

@@ -107,14 +107,14 @@ impl TestApp {
     }
 
     pub async fn job_count(&self) -> i64 {
-        sqlx::query_scalar("SELECT count(*) FROM recording_jobs")
+        sqlx::query_scalar("SELECT count(*) FROM recording_relay.recording_jobs")
             .fetch_one(&self.pool)
             .await
             .unwrap()
     }
 
     pub async fn quarantine_count(&self) -> i64 {
-        sqlx::query_scalar("SELECT count(*) FROM webhook_quarantine")
+        sqlx::query_scalar("SELECT count(*) FROM recording_relay.webhook_quarantine")
             .fetch_one(&self.pool)
             .await
             .unwrap()
@@ -270,13 +270,14 @@ pub async fn spawn_pipeline(pool: PgPool, tweak: impl FnOnce(&mut Config)) -> Pi
 /// A patient and an intake created just before `rec` started, as ZScribe
 /// does when an agent starts an intake call.
 pub async fn intake_for(pool: &PgPool, rec: &SimRecording, phone: &str) -> Uuid {
-    let patient: Uuid = sqlx::query_scalar("INSERT INTO patients (phone) VALUES ($1) RETURNING id")
-        .bind(phone)
-        .fetch_one(pool)
-        .await
-        .unwrap();
+    let patient: Uuid =
+        sqlx::query_scalar("INSERT INTO public.patients (phone) VALUES ($1) RETURNING id")
+            .bind(phone)
+            .fetch_one(pool)
+            .await
+            .unwrap();
     sqlx::query_scalar(
-        "INSERT INTO intakes (patient_id, room_name, created_at)
+        "INSERT INTO public.intakes (patient_id, room_name, created_at)
          VALUES ($1, 'room', $2 - interval '30 seconds') RETURNING id",
     )
     .bind(patient)

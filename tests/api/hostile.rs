@@ -157,11 +157,13 @@ async fn assert_still_healthy(app: &TestApp, event_id: &str) {
     assert_eq!(health.status(), 200);
     let res = app.post_signed(&event(event_id)).await;
     assert_eq!(res.status(), 200, "a valid event is still stored");
-    let stored: i64 = sqlx::query_scalar("SELECT count(*) FROM recording_jobs WHERE event_id = $1")
-        .bind(event_id)
-        .fetch_one(&app.pool)
-        .await
-        .unwrap();
+    let stored: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM recording_relay.recording_jobs WHERE event_id = $1",
+    )
+    .bind(event_id)
+    .fetch_one(&app.pool)
+    .await
+    .unwrap();
     assert_eq!(stored, 1);
 }
 
@@ -522,11 +524,12 @@ async fn verified_but_hostile_bodies_are_quarantined_or_ignored(pool: PgPool) {
             (400, Some("quarantined")),
             "{case}: {v}"
         );
-        let kept: Vec<u8> =
-            sqlx::query_scalar("SELECT raw_body FROM webhook_quarantine ORDER BY id DESC LIMIT 1")
-                .fetch_one(&app.pool)
-                .await
-                .unwrap();
+        let kept: Vec<u8> = sqlx::query_scalar(
+            "SELECT raw_body FROM recording_relay.webhook_quarantine ORDER BY id DESC LIMIT 1",
+        )
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
         assert_eq!(&kept, body, "{case}: kept byte for byte");
         assert!(took < QUICK, "{case}: {took:?}");
         t.add(case, status, took);
@@ -550,12 +553,13 @@ async fn verified_but_hostile_bodies_are_quarantined_or_ignored(pool: PgPool) {
             status,
             started.elapsed(),
         );
-        let d: Option<i64> =
-            sqlx::query_scalar("SELECT duration_millis FROM recording_jobs WHERE event_id = $1")
-                .bind(id)
-                .fetch_one(&app.pool)
-                .await
-                .unwrap();
+        let d: Option<i64> = sqlx::query_scalar(
+            "SELECT duration_millis FROM recording_relay.recording_jobs WHERE event_id = $1",
+        )
+        .bind(id)
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
         assert_eq!(d, None, "{id}");
     }
 

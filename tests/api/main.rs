@@ -8,6 +8,8 @@ mod logs;
 mod ops;
 mod pipeline;
 mod playback;
+mod pooler;
 mod process;
+mod supabase;
 mod webhook;
 mod worker;

@@ -150,7 +150,7 @@ async fn reconcile_enqueues_exactly_the_missing_recordings_once(pool: PgPool) {
         .unwrap();
     assert_eq!(job.recording_id.as_deref(), Some("rec-missed"));
     assert_eq!(job.state, JobState::Pending);
-    let total: i64 = sqlx::query_scalar("SELECT count(*) FROM recording_jobs")
+    let total: i64 = sqlx::query_scalar("SELECT count(*) FROM recording_relay.recording_jobs")
         .fetch_one(&pool)
         .await
         .unwrap();

@@ -29,7 +29,7 @@ async fn intake_row(pool: &PgPool, id: Uuid) -> IntakeRow {
     ) = sqlx::query_as(
         "SELECT recording_id, recording_url, recording_duration,
                 recording_migrated_at IS NOT NULL, recording_object_path
-         FROM intakes WHERE id = $1",
+         FROM public.intakes WHERE id = $1",
     )
     .bind(id)
     .fetch_one(pool)
@@ -359,12 +359,13 @@ async fn an_unmatched_recording_keeps_its_reason_across_a_failed_upload(pool: Pg
     let alert = sink.next().await;
     assert_eq!(alert["state"], "unmatched");
     assert!(alert.to_string().contains("no intake matches"), "{alert}");
-    let view: Option<String> =
-        sqlx::query_scalar("SELECT last_error FROM recording_jobs_unmatched WHERE id = $1")
-            .bind(job.id)
-            .fetch_one(&p.app.pool)
-            .await
-            .unwrap();
+    let view: Option<String> = sqlx::query_scalar(
+        "SELECT last_error FROM recording_relay.recording_jobs_unmatched WHERE id = $1",
+    )
+    .bind(job.id)
+    .fetch_one(&p.app.pool)
+    .await
+    .unwrap();
     assert!(view.unwrap().contains("no intake matches"));
     p.stop().await;
 }
@@ -459,7 +460,7 @@ async fn an_intake_that_already_holds_a_recording_leaves_this_one_unmatched_not_
     let rec = SimRecording::sample("rec-second");
     p.telnyx.add_recording(rec.clone());
     let intake = intake_for(&p.app.pool, &rec, "+15550000009").await;
-    sqlx::query("UPDATE intakes SET recording_id = 'rec-first' WHERE id = $1")
+    sqlx::query("UPDATE public.intakes SET recording_id = 'rec-first' WHERE id = $1")
         .bind(intake)
         .execute(&p.app.pool)
         .await

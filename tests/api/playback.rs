@@ -112,7 +112,7 @@ struct States {
 
 async fn plain_intake(pool: &PgPool, org: Uuid) -> Uuid {
     sqlx::query_scalar(
-        "INSERT INTO intakes (organization_id, room_name) VALUES ($1, 'room') RETURNING id",
+        "INSERT INTO public.intakes (organization_id, room_name) VALUES ($1, 'room') RETURNING id",
     )
     .bind(org)
     .fetch_one(pool)
@@ -123,9 +123,9 @@ async fn plain_intake(pool: &PgPool, org: Uuid) -> Uuid {
 /// A job row for `intake` in `state` that no worker will pick up.
 async fn job_for(pool: &PgPool, intake: Uuid, state: &str) {
     sqlx::query(
-        "INSERT INTO recording_jobs (event_id, event_type, event, state, attempts, last_error,
+        "INSERT INTO recording_relay.recording_jobs (event_id, event_type, event, state, attempts, last_error,
              finished_at, next_run_at, intake_id, matched_at, match_method)
-         VALUES ($1, 'call.recording.saved', '{}', $2::recording_job_state,
+         VALUES ($1, 'call.recording.saved', '{}', $2::recording_relay.recording_job_state,
              CASE WHEN $2 = 'pending' THEN 0 ELSE 1 END,
              CASE WHEN $2 = 'failed' THEN 'recording not found at Telnyx (404)' END,
              CASE WHEN $2 = 'failed' THEN now() END,
@@ -148,7 +148,7 @@ async fn prepare_states(p: &PipelineApp, org: Uuid, audio_len: u64) -> States {
     rec.duration_millis = (audio_len - 44) / 16;
     p.telnyx.add_recording(rec.clone());
     let available = intake_for(pool, &rec, "+1 555 765 0002").await;
-    sqlx::query("UPDATE intakes SET organization_id = $2 WHERE id = $1")
+    sqlx::query("UPDATE public.intakes SET organization_id = $2 WHERE id = $1")
         .bind(available)
         .bind(org)
         .execute(pool)
@@ -163,7 +163,7 @@ async fn prepare_states(p: &PipelineApp, org: Uuid, audio_len: u64) -> States {
     job_for(pool, processing, "pending").await;
     // Matched (the pipeline claims the intake) but not stored yet.
     let claimed = plain_intake(pool, org).await;
-    sqlx::query("UPDATE intakes SET recording_id = 'rec-on-its-way' WHERE id = $1")
+    sqlx::query("UPDATE public.intakes SET recording_id = 'rec-on-its-way' WHERE id = $1")
         .bind(claimed)
         .execute(pool)
         .await
@@ -284,6 +284,20 @@ async fn tokens_and_organizations_are_enforced(pool: PgPool) {
     let mut anon = user_claims(&org.to_string(), 3600);
     anon["aud"] = json!("anon");
     assert_eq!(s.recording(&id, Some(&sign(&anon, SECRET))).await.0, 401);
+    // The project's API keys as Supabase mints them: no aud, role anon or
+    // service_role (jsonwebtoken alone skips the aud check without one).
+    for role in ["anon", "service_role"] {
+        let mut key = user_claims(&org.to_string(), 3600);
+        let claims = key.as_object_mut().unwrap();
+        claims.remove("aud");
+        claims.remove("sub");
+        claims.insert("role".into(), json!(role));
+        assert_eq!(
+            s.recording(&id, Some(&sign(&key, SECRET))).await.0,
+            401,
+            "the {role} key"
+        );
+    }
     // An organization the user chose for themselves does not count.
     let mut self_made = user_claims(&org.to_string(), 3600);
     self_made["app_metadata"] = json!({});
@@ -519,37 +533,6 @@ async fn asymmetric_tokens_are_checked_against_the_jwks(pool: PgPool) {
 
 // --------------------------------------------------------- storage RLS
 
-/// The parts of a Supabase database the storage policy relies on, as
-/// Supabase defines them: roles, `storage.objects` with RLS on, and
-/// `auth.jwt()` reading the claims PostgREST/storage put in a GUC.
-const FAKE_SUPABASE: &str = r#"
-DO $$
-BEGIN
-    CREATE ROLE authenticated NOLOGIN;
-EXCEPTION WHEN duplicate_object OR unique_violation THEN NULL;
-END
-$$;
-CREATE SCHEMA storage;
-CREATE TABLE storage.objects (
-    id uuid PRIMARY KEY DEFAULT gen_random_uuid(),
-    bucket_id text NOT NULL,
-    name text NOT NULL,
-    owner uuid,
-    created_at timestamptz NOT NULL DEFAULT now(),
-    UNIQUE (bucket_id, name)
-);
-ALTER TABLE storage.objects ENABLE ROW LEVEL SECURITY;
-CREATE SCHEMA auth;
-CREATE FUNCTION auth.jwt() RETURNS jsonb LANGUAGE sql STABLE AS $f$
-    SELECT coalesce(
-        nullif(current_setting('request.jwt.claim', true), ''),
-        nullif(current_setting('request.jwt.claims', true), '')
-    )::jsonb
-$f$;
-GRANT USAGE ON SCHEMA storage, auth TO authenticated;
-GRANT SELECT ON storage.objects TO authenticated;
-"#;
-
 /// What `authenticated` sees of `storage.objects` with these JWT claims.
 async fn visible_objects(pool: &PgPool, claims: Option<Value>) -> Vec<(String, String)> {
     let mut tx = pool.begin().await.unwrap();
@@ -574,8 +557,7 @@ async fn visible_objects(pool: &PgPool, claims: Option<Value>) -> Vec<(String, S
 
 #[sqlx::test(migrations = false)]
 async fn the_storage_policy_shows_users_only_their_organizations_recordings(pool: PgPool) {
-    sqlx::raw_sql(FAKE_SUPABASE).execute(&pool).await.unwrap();
-    let pool = testing::prepare(pool).await;
+    let pool = crate::supabase::supabase_shaped(pool).await;
     let policies: i64 = sqlx::query_scalar(
         "SELECT count(*) FROM pg_policies
          WHERE schemaname = 'storage' AND tablename = 'objects'
@@ -594,12 +576,14 @@ async fn the_storage_policy_shows_users_only_their_organizations_recordings(pool
     let (org_a, org_b) = (Uuid::new_v4(), Uuid::new_v4());
     let (path_a, path_b) = ("intakes/a/rec-a.wav", "intakes/b/rec-b.wav");
     for (org, path) in [(org_a, path_a), (org_b, path_b)] {
-        sqlx::query("INSERT INTO intakes (organization_id, recording_object_path) VALUES ($1, $2)")
-            .bind(org)
-            .bind(path)
-            .execute(&pool)
-            .await
-            .unwrap();
+        sqlx::query(
+            "INSERT INTO public.intakes (organization_id, recording_object_path) VALUES ($1, $2)",
+        )
+        .bind(org)
+        .bind(path)
+        .execute(&pool)
+        .await
+        .unwrap();
     }
     // Objects a LIKE-based policy would leak: a prefix of every path, and
     // the same name in another bucket.
@@ -644,7 +628,7 @@ async fn the_storage_policy_shows_users_only_their_organizations_recordings(pool
 
     // Another bucket name is one function away.
     sqlx::query(
-        "CREATE OR REPLACE FUNCTION recording_relay_recordings_bucket()
+        "CREATE OR REPLACE FUNCTION recording_relay.recording_relay_recordings_bucket()
          RETURNS text LANGUAGE sql STABLE RETURN 'avatars'",
     )
     .execute(&pool)
@@ -664,10 +648,11 @@ async fn without_supabase_the_storage_migration_changes_nothing(pool: PgPool) {
         .await
         .unwrap();
     assert_eq!(storage, None);
-    let bucket: String = sqlx::query_scalar("SELECT recording_relay_recordings_bucket()")
-        .fetch_one(&pool)
-        .await
-        .unwrap();
+    let bucket: String =
+        sqlx::query_scalar("SELECT recording_relay.recording_relay_recordings_bucket()")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
     assert_eq!(bucket, "call-recordings");
 }
 

@@ -133,11 +133,12 @@ async fn sigterm_releases_an_in_flight_job_and_exits_cleanly(pool: PgPool) {
     assert_eq!(job.state, JobState::Pending, "released for another worker");
     assert_eq!(job.attempts, 0, "{:?}", job.errors);
     assert!(job.locked_by.is_none());
-    let running: i64 =
-        sqlx::query_scalar("SELECT count(*) FROM recording_jobs WHERE state = 'running'")
-            .fetch_one(&pool)
-            .await
-            .unwrap();
+    let running: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM recording_relay.recording_jobs WHERE state = 'running'",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
     assert_eq!(running, 0);
 }
 

@@ -23,11 +23,12 @@ async fn a_signed_event_is_stored_once_committed(pool: PgPool) {
     let body: Value = res.json().await.unwrap();
     assert_eq!(body["status"], "stored");
 
-    let (event_id, session, state): (String, String, String) =
-        sqlx::query_as("SELECT event_id, call_session_id, state::text FROM recording_jobs")
-            .fetch_one(&app.pool)
-            .await
-            .unwrap();
+    let (event_id, session, state): (String, String, String) = sqlx::query_as(
+        "SELECT event_id, call_session_id, state::text FROM recording_relay.recording_jobs",
+    )
+    .fetch_one(&app.pool)
+    .await
+    .unwrap();
     assert_eq!(
         (event_id.as_str(), session.as_str(), state.as_str()),
         ("ev-1", "sess-ev-1", "pending")
@@ -167,11 +168,12 @@ async fn verified_garbage_is_quarantined_with_400(pool: PgPool) {
         assert_eq!(res.status(), 400, "case {i}");
         let v: Value = res.json().await.unwrap();
         assert_eq!(v["status"], "quarantined");
-        let kept: Vec<u8> =
-            sqlx::query_scalar("SELECT raw_body FROM webhook_quarantine ORDER BY id DESC LIMIT 1")
-                .fetch_one(&app.pool)
-                .await
-                .unwrap();
+        let kept: Vec<u8> = sqlx::query_scalar(
+            "SELECT raw_body FROM recording_relay.webhook_quarantine ORDER BY id DESC LIMIT 1",
+        )
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
         assert_eq!(kept, body, "kept byte for byte");
     }
     assert_eq!(app.quarantine_count().await, 3);
@@ -274,10 +276,11 @@ async fn database_outage_answers_503_and_the_listener_recovers(pool: PgPool) {
     // Telnyx's retry of the same event now lands.
     let res = app.post_signed(&event("during")).await;
     assert_eq!(res.status(), 200);
-    let ids: Vec<String> = sqlx::query_scalar("SELECT event_id FROM recording_jobs ORDER BY id")
-        .fetch_all(&app.pool)
-        .await
-        .unwrap();
+    let ids: Vec<String> =
+        sqlx::query_scalar("SELECT event_id FROM recording_relay.recording_jobs ORDER BY id")
+            .fetch_all(&app.pool)
+            .await
+            .unwrap();
     assert_eq!(ids, ["before", "during"]);
     app.stop().await;
 }

@@ -257,7 +257,7 @@ async fn a_worker_that_loses_its_lease_stops_and_writes_nothing(pool: PgPool) {
     queue.enqueue(&job("ev-1")).await.unwrap();
     assert!(wait_for_state(&queue, "ev-1", JobState::Running).await);
     // Another worker took the job over (as after a rescue).
-    sqlx::query("UPDATE recording_jobs SET locked_by = 'w2'")
+    sqlx::query("UPDATE recording_relay.recording_jobs SET locked_by = 'w2'")
         .execute(queue.pool())
         .await
         .unwrap();
@@ -324,7 +324,7 @@ async fn is_listening(queue: &Queue) -> bool {
 async fn many_quick_jobs_complete_in_batches_each_exactly_once(pool: PgPool) {
     let queue = Queue::new(testing::prepare(pool).await);
     sqlx::query(
-        "INSERT INTO recording_jobs (event_id, event_type, event)
+        "INSERT INTO recording_relay.recording_jobs (event_id, event_type, event)
          SELECT 'bulk-' || g, 'call.recording.saved', '{}' FROM generate_series(1, 300) g",
     )
     .execute(queue.pool())
@@ -352,10 +352,11 @@ async fn many_quick_jobs_complete_in_batches_each_exactly_once(pool: PgPool) {
     );
     w.stop().await;
     assert_eq!(runs.load(Ordering::SeqCst), 300);
-    let max_attempts: i32 = sqlx::query_scalar("SELECT max(attempts) FROM recording_jobs")
-        .fetch_one(queue.pool())
-        .await
-        .unwrap();
+    let max_attempts: i32 =
+        sqlx::query_scalar("SELECT max(attempts) FROM recording_relay.recording_jobs")
+            .fetch_one(queue.pool())
+            .await
+            .unwrap();
     assert_eq!(max_attempts, 1);
 }
 
@@ -369,11 +370,13 @@ async fn a_success_reported_after_the_lease_was_lost_writes_nothing(pool: PgPool
             let q = q.clone();
             async move {
                 // Another worker takes the job over while this one works.
-                sqlx::query("UPDATE recording_jobs SET locked_by = 'w2' WHERE id = $1")
-                    .bind(job.id)
-                    .execute(q.pool())
-                    .await
-                    .unwrap();
+                sqlx::query(
+                    "UPDATE recording_relay.recording_jobs SET locked_by = 'w2' WHERE id = $1",
+                )
+                .bind(job.id)
+                .execute(q.pool())
+                .await
+                .unwrap();
                 Ok(Outcome::Succeeded)
             }
         }),

@@ -212,7 +212,7 @@ fn relay_binary(explicit: Option<PathBuf>) -> anyhow::Result<PathBuf> {
 
 async fn job_counts(pool: &PgPool) -> Option<(i64, i64, Vec<(String, i64)>)> {
     let rows: Vec<(String, i64)> = sqlx::query_as(
-        "SELECT state::text, count(*) FROM recording_jobs GROUP BY state ORDER BY state",
+        "SELECT state::text, count(*) FROM recording_relay.recording_jobs GROUP BY state ORDER BY state",
     )
     .fetch_all(pool)
     .await
@@ -572,12 +572,12 @@ async fn run(args: Args) -> anyhow::Result<bool> {
     ));
 
     // Evidence.
-    let jobs: Vec<Job> = sqlx::query_as("SELECT * FROM recording_jobs ORDER BY id")
+    let jobs: Vec<Job> = sqlx::query_as("SELECT * FROM recording_relay.recording_jobs ORDER BY id")
         .fetch_all(&pool)
         .await
         .context("reading the jobs")?;
     let intakes: Vec<(uuid::Uuid, Option<String>, Option<String>)> =
-        sqlx::query_as("SELECT id, recording_id, recording_object_path FROM intakes")
+        sqlx::query_as("SELECT id, recording_id, recording_object_path FROM public.intakes")
             .fetch_all(&pool)
             .await
             .context("reading the intakes")?;

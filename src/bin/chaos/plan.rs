@@ -179,7 +179,7 @@ pub async fn insert_host_rows(pool: &PgPool, calls: &mut [Call]) -> anyhow::Resu
             continue;
         }
         let patient: Uuid = sqlx::query_scalar(
-            "INSERT INTO patients (phone, name) VALUES ($1, 'chaos patient') RETURNING id",
+            "INSERT INTO public.patients (phone, name) VALUES ($1, 'chaos patient') RETURNING id",
         )
         .bind(host_format(&call.recording.to, i))
         .fetch_one(&mut *tx)
@@ -187,7 +187,7 @@ pub async fn insert_host_rows(pool: &PgPool, calls: &mut [Call]) -> anyhow::Resu
         let created: DateTime<Utc> =
             call.recording.recording_started_at - chrono::Duration::seconds(30);
         let intake: Uuid = sqlx::query_scalar(
-            "INSERT INTO intakes (patient_id, room_name, created_at)
+            "INSERT INTO public.intakes (patient_id, room_name, created_at)
              VALUES ($1, 'chaos', $2) RETURNING id",
         )
         .bind(patient)
