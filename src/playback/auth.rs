@@ -97,15 +97,31 @@ impl Authenticator {
         Ok(Caller { organization })
     }
 
+    /// Only a signed-in user's token passes. jsonwebtoken checks `aud` only
+    /// when a token carries one, and the project's anon and service-role keys
+    /// are JWTs signed with the same secret that carry none (and `role` anon
+    /// or service_role): so `exp` and `aud` are required, and `role` must be
+    /// `authenticated`.
     fn decode(&self, token: &str, key: &DecodingKey, alg: Algorithm) -> Result<Value, AuthError> {
         let mut validation = Validation::new(alg);
         validation.set_audience(&[&self.audience]);
+        validation.set_required_spec_claims(&["exp", "aud"]);
         validation.validate_nbf = true;
-        jsonwebtoken::decode::<Value>(token, key, &validation)
+        let claims = jsonwebtoken::decode::<Value>(token, key, &validation)
             .map(|data| data.claims)
-            .map_err(rejected)
+            .map_err(rejected)?;
+        match claims.get("role").and_then(Value::as_str) {
+            Some(USER_ROLE) => Ok(claims),
+            Some(other) => Err(AuthError::Rejected(format!(
+                "role {other:?} is not a signed-in user's"
+            ))),
+            None => Err(AuthError::Rejected("token has no role".to_owned())),
+        }
     }
 }
+
+/// The `role` claim of a Supabase user's access token.
+const USER_ROLE: &str = "authenticated";
 
 fn rejected(e: jsonwebtoken::errors::Error) -> AuthError {
     match e.kind() {
@@ -223,6 +239,51 @@ mod tests {
             check(Some(token(&no_org, SECRET))).await,
             Err(AuthError::NoOrganization(_))
         ));
+    }
+
+    /// The project's anon and service-role keys, as Supabase mints them:
+    /// signed with the project secret, `role` anon or service_role, no
+    /// `aud`, an `exp` years away.
+    fn api_key_claims(role: &str) -> Value {
+        let now = chrono::Utc::now().timestamp();
+        json!({"iss": "supabase", "ref": "abcdefghijklmnop", "role": role,
+               "iat": now, "exp": now + 10 * 365 * 86400,
+               "app_metadata": {"organization_id": "org-a"}})
+    }
+
+    #[tokio::test]
+    async fn only_a_signed_in_users_token_with_exp_and_aud_passes() {
+        let auth = authenticator();
+        let verdict = async |claims: &Value| auth.authenticate(Some(&token(claims, SECRET))).await;
+        for role in ["anon", "service_role"] {
+            let key = api_key_claims(role);
+            assert!(
+                matches!(verdict(&key).await, Err(AuthError::Rejected(_))),
+                "the {role} key must not pass"
+            );
+            // Even with the user audience added, the role gives it away.
+            let mut with_aud = key.clone();
+            with_aud["aud"] = json!("authenticated");
+            assert!(
+                matches!(verdict(&with_aud).await, Err(AuthError::Rejected(_))),
+                "the {role} key with an aud must not pass"
+            );
+        }
+        for claim in ["aud", "exp", "role"] {
+            let mut partial = claims(json!("org-a"));
+            partial.as_object_mut().unwrap().remove(claim);
+            assert!(
+                matches!(verdict(&partial).await, Err(AuthError::Rejected(_))),
+                "a token without {claim} must not pass"
+            );
+        }
+        let mut other_role = claims(json!("org-a"));
+        other_role["role"] = json!("supabase_admin");
+        assert!(matches!(
+            verdict(&other_role).await,
+            Err(AuthError::Rejected(_))
+        ));
+        assert!(verdict(&claims(json!("org-a"))).await.is_ok());
     }
 
     #[tokio::test]
