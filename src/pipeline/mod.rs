@@ -635,6 +635,7 @@ impl Run<'_> {
             )));
         }
         self.job.linked_at = Some(chrono::Utc::now());
+        crate::metrics::metrics().recording_linked(self.job.created_at);
         info!(intake.id = %intake, "intake linked to the recording");
         Ok(())
     }

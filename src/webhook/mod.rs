@@ -103,7 +103,7 @@ async fn handle(
     let reply = route(req, &state).await;
     let latency_ms = (started.elapsed().as_secs_f64() * 100_000.0).round() / 100.0;
     if WEBHOOK_PATHS.contains(&path.as_str()) {
-        crate::metrics::metrics().webhook(reply.outcome);
+        crate::metrics::metrics().webhook(reply.outcome, reply.status.as_u16());
     }
     let status = reply.status.as_u16();
     let event_id = reply.event_id.as_deref().unwrap_or("");

@@ -228,18 +228,26 @@ async fn metrics_parse_and_move_with_traffic(pool: PgPool) {
         .unwrap();
     p.finished_job("ev-m").await;
 
+    // Families show up once they have a sample; no provider failed here.
+    recording_relay::metrics::metrics().provider_error("telnyx", "unavailable");
     let after = scrape().await;
     assert_prometheus_text(&after);
     // Counters are process-wide (other tests run alongside): they only grow.
-    let stored = "recording_relay_webhooks_total{outcome=\"stored\"}";
+    let stored = "recording_relay_webhooks_total{outcome=\"stored\",status=\"200\"}";
     assert!(
         sample(&after, stored) >= sample(&before, stored) + 1.0,
         "{after}"
     );
-    let refused = "recording_relay_webhooks_total{outcome=\"unauthorized\"}";
+    let refused = "recording_relay_webhooks_total{outcome=\"unauthorized\",status=\"401\"}";
     assert!(sample(&after, refused) >= sample(&before, refused) + 1.0);
     let bytes = "recording_relay_relayed_bytes_total";
     assert!(sample(&after, bytes) >= sample(&before, bytes) + rec.content.len() as f64);
+    // Receipt to linked intake, the relay's end-to-end figure.
+    let linked = "recording_relay_processing_seconds_count";
+    assert!(
+        sample(&after, linked) >= sample(&before, linked) + 1.0,
+        "{after}"
+    );
     // Queue gauges are this database's.
     assert_eq!(
         sample(&after, "recording_relay_jobs{state=\"succeeded\"}"),
@@ -255,7 +263,117 @@ async fn metrics_parse_and_move_with_traffic(pool: PgPool) {
         after.contains("recording_relay_job_duration_seconds_bucket{"),
         "{after}"
     );
+    every_charted_metric_is_exported(&after);
     p.stop().await;
+}
+
+/// The shipped alert rules and dashboard chart only metrics the daemon
+/// exports: a renamed metric breaks this test, not an alert in production.
+fn every_charted_metric_is_exported(scrape: &str) {
+    let exported: Vec<&str> = scrape
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.split_whitespace().next())
+        .collect();
+    let ops = concat!(env!("CARGO_MANIFEST_DIR"), "/ops");
+    let rules =
+        std::fs::read_to_string(format!("{ops}/prometheus/recording-relay-alerts.yml")).unwrap();
+    let dashboard: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(format!("{ops}/grafana/recording-relay-dashboard.json")).unwrap(),
+    )
+    .unwrap();
+    let mut exprs: Vec<String> = dashboard["panels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|p| p["targets"].as_array().unwrap().iter())
+        .map(|t| t["expr"].as_str().unwrap().to_owned())
+        .collect();
+    // Alert expressions run from `expr:` up to the rule's `for:`.
+    let mut in_expr = false;
+    for line in rules.lines() {
+        let line = line.trim();
+        if let Some(rest) = line.strip_prefix("expr:") {
+            in_expr = true;
+            exprs.push(rest.to_owned());
+        } else if line.starts_with("for:") {
+            in_expr = false;
+        } else if in_expr {
+            exprs.push(line.to_owned());
+        }
+    }
+    assert!(exprs.len() > 15, "{exprs:?}");
+    let mut charted = 0;
+    for expr in &exprs {
+        for name in metric_names(expr) {
+            let base = ["_bucket", "_count", "_sum", "_total"]
+                .iter()
+                .find_map(|suffix| name.strip_suffix(suffix))
+                .unwrap_or(&name);
+            assert!(
+                exported.contains(&base),
+                "{name} (in `{expr}`) is not exported; exported: {exported:?}"
+            );
+            charted += 1;
+        }
+    }
+    assert!(charted > 15);
+}
+
+fn metric_names(expr: &str) -> Vec<String> {
+    let mut names = Vec::new();
+    let mut rest = expr;
+    while let Some(at) = rest.find("recording_relay_") {
+        let tail = &rest[at..];
+        let end = tail
+            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .unwrap_or(tail.len());
+        names.push(tail[..end].to_owned());
+        rest = &tail[end..];
+    }
+    names
+}
+
+/// `promtool check rules` and the rules' own unit tests, with Debian's
+/// `prometheus` package.
+#[tokio::test]
+async fn the_alert_rules_pass_promtool_and_their_tests() {
+    let Ok(promtool) = which("promtool") else {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "promtool is not installed (apt-get install prometheus)"
+        );
+        eprintln!("SKIPPED: promtool is not installed (apt-get install prometheus)");
+        return;
+    };
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/ops/prometheus");
+    for args in [
+        ["check", "rules", "recording-relay-alerts.yml"],
+        ["test", "rules", "recording-relay-alerts.test.yml"],
+    ] {
+        let out = tokio::process::Command::new(&promtool)
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .await
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "promtool {}:\n{}{}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+fn which(binary: &str) -> Result<std::path::PathBuf, ()> {
+    std::env::var_os("PATH")
+        .into_iter()
+        .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+        .map(|dir| dir.join(binary))
+        .find(|p| p.exists())
+        .ok_or(())
 }
 
 #[sqlx::test(migrations = false)]
