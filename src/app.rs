@@ -196,6 +196,14 @@ async fn prune_periodically(
             Ok(n) => info!(jobs = n, "pruned finished jobs past their retention"),
             Err(e) => tracing::warn!(error = %e, "pruning finished jobs failed"),
         }
+        match crate::playback::audit::prune(queue.pool(), retention.playback_audit_for, 500).await {
+            Ok(0) => {}
+            Ok(n) => info!(
+                records = n,
+                "pruned playback access records past their retention"
+            ),
+            Err(e) => tracing::warn!(error = %e, "pruning playback access records failed"),
+        }
     }
 }
 

@@ -65,6 +65,18 @@ pub enum Command {
     /// Inspect and act on jobs.
     #[command(subcommand)]
     Jobs(JobsCommand),
+    /// Who was handed a playback URL: newest first, by intake or by user.
+    Audit {
+        #[arg(long, required_unless_present = "user", conflicts_with = "user")]
+        intake: Option<uuid::Uuid>,
+        /// The user's id (the token's `sub`).
+        #[arg(long)]
+        user: Option<String>,
+        #[arg(long, default_value_t = 100)]
+        limit: i64,
+        #[arg(long)]
+        json: bool,
+    },
     /// Run the whole flow locally against stand-ins for Telnyx and Supabase.
     Demo {
         /// PostgreSQL server to create the `recording_relay_demo` database on
@@ -151,7 +163,7 @@ impl Command {
             Command::Serve => Role::Serve,
             Command::Listen => Role::Listen,
             Command::Work => Role::Work,
-            Command::Migrate | Command::Jobs(_) => Role::Admin,
+            Command::Migrate | Command::Jobs(_) | Command::Audit { .. } => Role::Admin,
             Command::Reconcile { .. } => Role::Reconcile,
             Command::Check { .. } | Command::Demo { .. } => Role::Own,
             Command::SetupBucket { .. } => Role::Storage,
@@ -226,6 +238,24 @@ pub async fn run(cli: Cli, config: Config) -> Result<(), Failure> {
             run_jobs(&Queue::new(pool), jobs)
                 .await
                 .map_err(Failure::Runtime)
+        }
+        Command::Audit {
+            intake,
+            user,
+            limit,
+            json,
+        } => {
+            let filter = match (intake, user) {
+                (Some(id), _) => crate::playback::audit::Filter::Intake(id),
+                (None, Some(sub)) => crate::playback::audit::Filter::User(sub),
+                (None, None) => unreachable!("clap requires --intake or --user"),
+            };
+            let pool = db::pool(&config).map_err(anyhow::Error::from)?;
+            let entries = crate::playback::audit::list(&pool, &filter, limit)
+                .await
+                .map_err(anyhow::Error::from)?;
+            print_audit(&entries, json);
+            Ok(())
         }
         Command::Migrate => {
             db::check_session(&config)
@@ -411,6 +441,34 @@ impl<'a> From<&'a Job> for JobView<'a> {
             created_at: j.created_at,
             finished_at: j.finished_at,
         }
+    }
+}
+
+fn print_audit(entries: &[crate::playback::audit::Entry], json: bool) {
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(entries).unwrap_or_default()
+        );
+        return;
+    }
+    if entries.is_empty() {
+        println!("no playback URL was handed out for this");
+        return;
+    }
+    println!(
+        "{:<20} {:<36} {:<36} {:<15} object",
+        "at (UTC)", "user", "intake", "client"
+    );
+    for e in entries {
+        println!(
+            "{:<20} {:<36} {:<36} {:<15} {}",
+            e.at.format("%Y-%m-%d %H:%M:%S"),
+            e.user_id,
+            e.intake_id,
+            e.client_addr.as_deref().unwrap_or("-"),
+            e.object_path
+        );
     }
 }
 

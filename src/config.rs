@@ -112,6 +112,10 @@ pub struct RetentionConfig {
     /// How often a worker prunes.
     #[serde(with = "humantime_serde")]
     pub interval: Duration,
+    /// Playback access records (who listened to what) are kept this long.
+    /// Six years by default: HIPAA's retention for such documentation.
+    #[serde(with = "humantime_serde")]
+    pub playback_audit_for: Duration,
 }
 
 impl Default for RetentionConfig {
@@ -120,6 +124,7 @@ impl Default for RetentionConfig {
             succeeded_for: Duration::from_secs(30 * 86_400),
             failed_for: Duration::from_secs(90 * 86_400),
             interval: Duration::from_secs(3600),
+            playback_audit_for: Duration::from_secs(6 * 366 * 86_400),
         }
     }
 }

@@ -37,6 +37,8 @@ pub enum AuthError {
 /// The verified caller.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Caller {
+    /// The token's `sub`: the Supabase user, for the access audit.
+    pub user_id: String,
     /// The organization claim as text (uuid, or a number written as text).
     pub organization: String,
 }
@@ -92,9 +94,14 @@ impl Authenticator {
                 self.decode(token, &key, alg)?
             }
         };
+        let user_id = claim_at(&claims, &["sub".to_owned()])
+            .ok_or_else(|| AuthError::Rejected("token has no sub".to_owned()))?;
         let organization = claim_at(&claims, &self.organization_claim)
             .ok_or_else(|| AuthError::NoOrganization(self.organization_claim.join(".")))?;
-        Ok(Caller { organization })
+        Ok(Caller {
+            user_id,
+            organization,
+        })
     }
 
     /// Only a signed-in user's token passes. jsonwebtoken checks `aud` only
@@ -269,7 +276,7 @@ mod tests {
                 "the {role} key with an aud must not pass"
             );
         }
-        for claim in ["aud", "exp", "role"] {
+        for claim in ["aud", "exp", "role", "sub"] {
             let mut partial = claims(json!("org-a"));
             partial.as_object_mut().unwrap().remove(claim);
             assert!(

@@ -10,8 +10,11 @@
 //!   ids cannot be probed.
 //! - `GET /play/{id}`: the player page (`web/player.html`, `web/player.js`).
 //!
-//! Neither tokens nor signed URLs are logged: each is a credential.
+//! Neither tokens nor signed URLs are logged: each is a credential. Every
+//! signed URL handed out is recorded in the access audit first
+//! ([`audit`]); when that write fails the URL is refused.
 
+pub mod audit;
 pub mod auth;
 pub mod jwks;
 pub mod recording;
@@ -28,8 +31,8 @@ use hyper::body::Incoming;
 use hyper::header::{
     ACCESS_CONTROL_ALLOW_HEADERS, ACCESS_CONTROL_ALLOW_METHODS, ACCESS_CONTROL_ALLOW_ORIGIN,
     ACCESS_CONTROL_EXPOSE_HEADERS, ACCESS_CONTROL_MAX_AGE, ALLOW, AUTHORIZATION, CACHE_CONTROL,
-    CONTENT_SECURITY_POLICY, CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue, ORIGIN, VARY,
-    WWW_AUTHENTICATE,
+    CONTENT_SECURITY_POLICY, CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue, ORIGIN, USER_AGENT,
+    VARY, WWW_AUTHENTICATE,
 };
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
@@ -140,7 +143,7 @@ async fn handle(
     let started = Instant::now();
     let method = req.method().clone();
     let path = req.uri().path().to_owned();
-    let reply = route(&req, &state).await;
+    let reply = route(&req, &state, peer).await;
     let latency_ms = (started.elapsed().as_secs_f64() * 100_000.0).round() / 100.0;
     let status = reply.status.as_u16();
     if reply.status.is_server_error() {
@@ -259,7 +262,7 @@ fn allowed_origin(state: &PlaybackState, request: &HeaderMap) -> Option<HeaderVa
         .then(|| origin.clone())
 }
 
-async fn route(req: &Request<Incoming>, state: &PlaybackState) -> Reply {
+async fn route(req: &Request<Incoming>, state: &PlaybackState, peer: SocketAddr) -> Reply {
     let path = req.uri().path();
     let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
     let method = req.method();
@@ -268,7 +271,7 @@ async fn route(req: &Request<Incoming>, state: &PlaybackState) -> Reply {
             Reply::json(StatusCode::OK, "ok", &serde_json::json!({ "status": "ok" }))
         }
         ["v1", "intakes", id, "recording"] => match *method {
-            Method::GET => recording(req.headers(), id, state).await,
+            Method::GET => recording(req.headers(), id, state, peer).await,
             Method::OPTIONS => preflight(),
             _ => Reply::error(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "")
                 .header(ALLOW, HeaderValue::from_static("GET, OPTIONS")),
@@ -314,7 +317,12 @@ pub struct RecordingResponse {
     pub expires_at: Option<DateTime<Utc>>,
 }
 
-async fn recording(headers: &HeaderMap, id: &str, state: &PlaybackState) -> Reply {
+async fn recording(
+    headers: &HeaderMap,
+    id: &str,
+    state: &PlaybackState,
+    peer: SocketAddr,
+) -> Reply {
     // Authentication comes first, so nothing about intakes is revealed to
     // a caller without a valid token.
     let caller = match state.auth.authenticate(headers.get(AUTHORIZATION)).await {
@@ -352,6 +360,22 @@ async fn recording(headers: &HeaderMap, id: &str, state: &PlaybackState) -> Repl
         .await;
         match signed {
             Ok(Ok(url)) => {
+                let access = audit::Access {
+                    user_id: &caller.user_id,
+                    organization: &caller.organization,
+                    intake_id: intake,
+                    object_path: path,
+                    client_addr: peer.ip(),
+                    user_agent: headers.get(USER_AGENT).and_then(|v| v.to_str().ok()),
+                    expires_at,
+                };
+                // Fail closed: a URL nobody can trace back is not handed out.
+                match tokio::time::timeout(STEP_TIMEOUT, audit::record(&state.pool, &access)).await
+                {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => return unavailable(format!("access audit: {e}")),
+                    Err(_) => return unavailable("access audit: timed out".to_owned()),
+                }
                 body.url = Some(url);
                 body.expires_at = Some(expires_at);
             }

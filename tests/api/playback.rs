@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use recording_relay::config::Config;
 use recording_relay::jobs::JobState;
+use recording_relay::playback::audit;
 use recording_relay::sim::{SimAudio, SimRecording};
 use recording_relay::testing;
 use reqwest::StatusCode;
@@ -765,5 +766,89 @@ async fn the_player_page_plays_seeks_and_renews_in_chromium(pool: PgPool) {
         "player.mjs failed ({}); output above",
         out.status
     );
+    s.stop().await;
+}
+
+// --------------------------------------------------------- access audit
+
+#[sqlx::test(migrations = false)]
+async fn every_signed_url_is_audited_and_none_is_handed_out_unaudited(pool: PgPool) {
+    let s = Playback::start(pool, |_| {}).await;
+    let org = Uuid::new_v4();
+    let states = prepare_states(&s.p, org, AUDIO_LEN).await;
+    let user = Uuid::new_v4().to_string();
+    let mut claims = user_claims(&org.to_string(), 3600);
+    claims["sub"] = json!(user);
+    let t = sign(&claims, SECRET);
+    let pool = s.p.app.pool.clone();
+
+    let res = s
+        .client
+        .get(s.url(&format!("/v1/intakes/{}/recording", states.available)))
+        .bearer_auth(&t)
+        .header("user-agent", "ZScribe-Test/1.0")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    let body: Value = res.json().await.unwrap();
+    let expires_at: chrono::DateTime<chrono::Utc> =
+        body["expires_at"].as_str().unwrap().parse().unwrap();
+    // States without a URL hand out nothing, so they record nothing.
+    for intake in [states.processing, states.failed, states.none] {
+        assert_eq!(s.recording(&intake.to_string(), Some(&t)).await.0, 200);
+    }
+
+    let by_intake = audit::list(&pool, &audit::Filter::Intake(states.available), 10)
+        .await
+        .unwrap();
+    assert_eq!(by_intake.len(), 1, "{by_intake:?}");
+    let entry = &by_intake[0];
+    assert_eq!(entry.user_id, user);
+    assert_eq!(entry.organization, org.to_string());
+    assert_eq!(entry.client_addr.as_deref(), Some("127.0.0.1"));
+    assert_eq!(entry.user_agent.as_deref(), Some("ZScribe-Test/1.0"));
+    assert!(
+        entry.object_path.starts_with("intakes/"),
+        "{}",
+        entry.object_path
+    );
+    assert_eq!(entry.expires_at.timestamp(), expires_at.timestamp());
+    assert_eq!(
+        audit::list(&pool, &audit::Filter::User(user.clone()), 10)
+            .await
+            .unwrap(),
+        by_intake
+    );
+
+    // The operator's view and the CLI read the same records.
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_recording-relay"))
+        .args(["audit", "--user", &user, "--json"])
+        .env_clear()
+        .env("DATABASE_URL", testing::database_url_of(&pool, None))
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let printed: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(printed[0]["intake_id"], json!(states.available));
+    assert_eq!(printed[0]["client_addr"], "127.0.0.1");
+
+    // Fail closed: when the audit cannot be written, no URL leaves.
+    sqlx::query(
+        "ALTER TABLE recording_relay.playback_audit
+         ADD CONSTRAINT refuse_every_row CHECK (false) NOT VALID",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    let (status, body) = s.recording(&states.available.to_string(), Some(&t)).await;
+    assert_eq!(status, 503, "{body}");
+    assert!(body.get("url").is_none(), "{body}");
+    assert!(!body.to_string().contains("/object/sign/"), "{body}");
     s.stop().await;
 }
