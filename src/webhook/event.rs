@@ -207,11 +207,9 @@ fn integer(obj: &Value, key: &str) -> Option<i64> {
     .filter(|v| *v >= 0)
 }
 
+/// Telnyx's timestamps are plain strings "in ISO 8601", not always RFC 3339.
 fn timestamp(obj: &Value, key: &str) -> Option<DateTime<Utc>> {
-    let text = obj.get(key)?.as_str()?;
-    DateTime::parse_from_rfc3339(text)
-        .ok()
-        .map(|t| t.with_timezone(&Utc))
+    crate::telnyx::parse_timestamp(obj.get(key)?.as_str()?)
 }
 
 #[cfg(test)]
@@ -247,6 +245,26 @@ mod tests {
 
     fn parse(v: &Value) -> Result<Envelope, EventError> {
         Envelope::parse(v.to_string().as_bytes())
+    }
+
+    /// Telnyx's timestamps are plain strings "in ISO 8601": not always
+    /// RFC 3339, and the event's start time tells a call's recordings apart.
+    #[test]
+    fn timestamps_in_other_iso_8601_shapes_are_read() {
+        let mut event = official();
+        event["data"]["payload"]["recording_started_at"] = "2025-11-19 10:30:00.000+0000".into();
+        event["data"]["occurred_at"] = "2025-11-19T10:34:00.000".into();
+        let job = Envelope::parse(event.to_string().as_bytes())
+            .unwrap()
+            .into_job(12);
+        assert_eq!(
+            job.recording_started_at,
+            "2025-11-19T10:30:00Z".parse::<DateTime<Utc>>().ok()
+        );
+        assert_eq!(
+            job.occurred_at,
+            "2025-11-19T10:34:00Z".parse::<DateTime<Utc>>().ok()
+        );
     }
 
     #[test]
