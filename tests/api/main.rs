@@ -9,5 +9,6 @@ mod ops;
 mod pipeline;
 mod playback;
 mod process;
+mod telnyx;
 mod webhook;
 mod worker;
