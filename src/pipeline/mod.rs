@@ -890,6 +890,49 @@ mod tests {
     }
 
     #[test]
+    fn the_format_fetched_is_the_one_offered() {
+        let url = || Some("https://x.invalid/f".to_owned());
+        let wav = DownloadUrls {
+            wav: url(),
+            mp3: None,
+        };
+        let mp3 = DownloadUrls {
+            wav: None,
+            mp3: url(),
+        };
+        let both = DownloadUrls {
+            wav: url(),
+            mp3: url(),
+        };
+        use AudioFormat::{Mp3, Wav};
+        assert_eq!(pick_format(&mp3, None, Wav), Some(Mp3));
+        assert_eq!(pick_format(&wav, None, Mp3), Some(Wav));
+        assert_eq!(pick_format(&both, None, Mp3), Some(Mp3));
+        assert_eq!(pick_format(&both, None, Wav), Some(Wav));
+        // A planned object keeps its format while it is offered ...
+        assert_eq!(pick_format(&both, Some(Wav), Mp3), Some(Wav));
+        // ... and is re-planned when it is not (jobs planned before this
+        // rule named a file Telnyx never had).
+        assert_eq!(pick_format(&mp3, Some(Wav), Wav), Some(Mp3));
+        assert_eq!(pick_format(&DownloadUrls::default(), None, Wav), None);
+        assert_eq!(format_of("intakes/x/r.mp3"), Some(Mp3));
+        assert_eq!(format_of("unmatched/r.wav"), Some(Wav));
+        assert_eq!(format_of("unmatched/r"), None);
+    }
+
+    #[test]
+    fn an_unlisted_connection_is_an_unknown_tenant() {
+        let org = Uuid::new_v4();
+        let none = std::collections::HashMap::new();
+        let some = std::collections::HashMap::from([("conn-a".to_owned(), org)]);
+        assert_eq!(Scope::of(Some("conn-a"), &none), Scope::Unscoped);
+        assert_eq!(Scope::of(None, &none), Scope::Unscoped);
+        assert_eq!(Scope::of(Some("conn-a"), &some), Scope::Organization(org));
+        assert_eq!(Scope::of(Some("conn-b"), &some), Scope::Unknown);
+        assert_eq!(Scope::of(None, &some), Scope::Unknown);
+    }
+
+    #[test]
     fn object_paths_are_stable_and_safe() {
         let intake = Uuid::nil();
         assert_eq!(

@@ -228,8 +228,8 @@ mod tests {
                 "occurred_at": "2025-11-19T10:34:00.000Z",
                 "payload": {
                     "call_control_id": "v3:abc",
-                    "call_leg_id": "leg-1",
-                    "call_session_id": "sess-1",
+                    "call_leg_id": "428c31b6-7af4-4bcb-b7f5-5013ef9657c1",
+                    "call_session_id": "84a97d76-e40f-11ed-9074-02420a0daa69",
                     "connection_id": "conn-1",
                     "client_state": "aW50YWtl",
                     "channels": "single",
@@ -271,7 +271,10 @@ mod tests {
     fn official_payload_parses_with_optional_fields_absent() {
         let job = parse(&official()).unwrap().into_job(12);
         assert_eq!(job.event_id, "0ccc7b54-4df3-4bca-a65a-3da1ecc777f0");
-        assert_eq!(job.call_session_id.as_deref(), Some("sess-1"));
+        assert_eq!(
+            job.call_session_id.as_deref(),
+            Some("84a97d76-e40f-11ed-9074-02420a0daa69")
+        );
         assert_eq!(job.recording_id, None);
         assert_eq!(job.to_number, None);
         assert_eq!(job.duration_millis, None);
