@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use chrono::{SecondsFormat, Utc};
 use serde::Serialize;
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::jobs::{Enqueued, NewJob, Queue, QueueError};
 use crate::telnyx::{Recording, TelnyxClient, TelnyxError};
@@ -29,6 +29,9 @@ pub struct Report {
     pub known: usize,
     /// Recording ids enqueued now.
     pub enqueued: Vec<String>,
+    /// Listed records that could not be read (no id, not an object): the
+    /// rest of their page is still reconciled.
+    pub unreadable: usize,
 }
 
 pub async fn reconcile(
@@ -48,7 +51,15 @@ pub async fn reconcile(
         let page = telnyx
             .list_recordings(&filters, page_number, PAGE_SIZE)
             .await?;
-        let count = page.data.len();
+        let count = page.data.len() + page.skipped;
+        if page.skipped > 0 {
+            warn!(
+                page = page_number,
+                skipped = page.skipped,
+                "Telnyx listed records without a usable id; skipped them"
+            );
+            report.unreadable += page.skipped;
+        }
         for recording in page.data {
             report.listed += 1;
             if queue
@@ -93,6 +104,7 @@ fn job_for(r: &Recording, max_attempts: i32) -> NewJob {
                 "call_session_id": r.call_session_id,
                 "call_control_id": r.call_control_id,
                 "call_leg_id": r.call_leg_id,
+                "connection_id": r.connection_id,
                 "created_at": r.created_at,
                 "recording_started_at": r.recording_started_at,
             }
@@ -101,6 +113,9 @@ fn job_for(r: &Recording, max_attempts: i32) -> NewJob {
         call_session_id: r.call_session_id.clone(),
         call_control_id: r.call_control_id.clone(),
         call_leg_id: r.call_leg_id.clone(),
+        // The tenant: without it, `pipeline.connection_organizations`
+        // could not scope the match of a reconciled recording.
+        connection_id: r.connection_id.clone(),
         from_number: r.from.clone(),
         to_number: r.to.clone(),
         duration_millis: r.duration_millis,

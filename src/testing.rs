@@ -46,7 +46,8 @@ pub fn unix_now() -> i64 {
 }
 
 /// A `call.recording.saved` event shaped like Telnyx's OpenAPI example (no
-/// recording_id, numbers or duration: those come from the Recordings API).
+/// recording_id, numbers or duration: those come from the Recordings API;
+/// no `meta`, which other events have). Leg ids are UUIDs, as at Telnyx.
 pub fn recording_saved_event(event_id: &str, call_session_id: &str) -> serde_json::Value {
     serde_json::json!({
         "data": {
@@ -56,7 +57,7 @@ pub fn recording_saved_event(event_id: &str, call_session_id: &str) -> serde_jso
             "occurred_at": "2025-11-19T10:34:00.000Z",
             "payload": {
                 "call_control_id": format!("v3:{call_session_id}"),
-                "call_leg_id": format!("leg-{call_session_id}"),
+                "call_leg_id": uuid::Uuid::new_v4().to_string(),
                 "call_session_id": call_session_id,
                 "connection_id": "1494404757140276705",
                 "channels": "single",
@@ -68,8 +69,7 @@ pub fn recording_saved_event(event_id: &str, call_session_id: &str) -> serde_jso
                 },
                 "public_recording_urls": {}
             }
-        },
-        "meta": {"attempt": 1, "delivered_to": "http://127.0.0.1/webhooks/telnyx"}
+        }
     })
 }
 

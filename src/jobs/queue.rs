@@ -45,6 +45,8 @@ pub struct Resolution {
     pub recording_started_at: Option<chrono::DateTime<chrono::Utc>>,
     pub recording_ended_at: Option<chrono::DateTime<chrono::Utc>>,
     pub channels: Option<String>,
+    /// Fills in a connection the job lacks (the tenant, for scoping).
+    pub connection_id: Option<String>,
 }
 
 /// Operator functions RAISE with an explanation (SQLSTATE P0001).
@@ -403,6 +405,7 @@ impl Queue {
                  recording_started_at = coalesce($8, recording_started_at),
                  recording_ended_at = coalesce($9, recording_ended_at),
                  channels = coalesce($10, channels),
+                 connection_id = coalesce(connection_id, $11),
                  resolved_at = now()"
             ),
             lease,
@@ -414,6 +417,7 @@ impl Queue {
         .bind(r.recording_started_at)
         .bind(r.recording_ended_at)
         .bind(&r.channels)
+        .bind(&r.connection_id)
         .execute(&self.pool)
         .await;
         match done {

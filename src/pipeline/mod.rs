@@ -26,7 +26,7 @@ use crate::jobs::{
 };
 use crate::storage::{StorageClient, StorageError, TUS_CHUNK};
 use crate::telemetry::mask_phone;
-use crate::telnyx::{Recording, TelnyxClient, Timeouts};
+use crate::telnyx::{DownloadUrls, Recording, TelnyxClient, Timeouts};
 
 /// Download URLs fetched this recently are reused within one attempt
 /// (Telnyx's expire after 10 minutes).
@@ -160,6 +160,64 @@ fn sanitize(id: &str) -> String {
         .collect()
 }
 
+/// Which tenant's intakes a job may match.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Scope {
+    /// `pipeline.connection_organizations` is empty: no tenants.
+    Unscoped,
+    Organization(Uuid),
+    /// Tenants are configured and this call's connection is none of theirs
+    /// (or the job has none).
+    Unknown,
+}
+
+impl Scope {
+    fn of(
+        connection: Option<&str>,
+        organizations: &std::collections::HashMap<String, Uuid>,
+    ) -> Scope {
+        if organizations.is_empty() {
+            return Scope::Unscoped;
+        }
+        connection
+            .and_then(|c| organizations.get(c))
+            .map_or(Scope::Unknown, |org| Scope::Organization(*org))
+    }
+}
+
+/// The format of a planned object, from its path.
+fn format_of(path: &str) -> Option<AudioFormat> {
+    match path.rsplit_once('.')?.1 {
+        "wav" => Some(AudioFormat::Wav),
+        "mp3" => Some(AudioFormat::Mp3),
+        _ => None,
+    }
+}
+
+/// Which of the offered files to fetch. Telnyx fixes the format when the
+/// recording starts and then offers only that one, so the configured
+/// format is a preference, not a requirement. An object already planned
+/// keeps its format while it is offered, so a retry never switches files
+/// under a half-finished upload.
+fn pick_format(
+    urls: &DownloadUrls,
+    planned: Option<AudioFormat>,
+    configured: AudioFormat,
+) -> Option<AudioFormat> {
+    let offered = |f: AudioFormat| match f {
+        AudioFormat::Wav => urls.wav.is_some(),
+        AudioFormat::Mp3 => urls.mp3.is_some(),
+    };
+    let other = match configured {
+        AudioFormat::Wav => AudioFormat::Mp3,
+        AudioFormat::Mp3 => AudioFormat::Wav,
+    };
+    [planned, Some(configured), Some(other)]
+        .into_iter()
+        .flatten()
+        .find(|f| offered(*f))
+}
+
 impl Run<'_> {
     async fn execute(&mut self) -> Result<Outcome, JobError> {
         if self.job.resolved_at.is_none()
@@ -241,6 +299,7 @@ impl Run<'_> {
             recording_started_at: recording.recording_started_at,
             recording_ended_at: recording.recording_ended_at,
             channels: recording.channels.clone(),
+            connection_id: recording.connection_id.clone(),
         };
         match self.queue.save_resolution(&self.lease, &resolution).await {
             Ok(ok) => written(ok)?,
@@ -261,6 +320,8 @@ impl Run<'_> {
         j.duration_millis = resolution.duration_millis.or(j.duration_millis);
         j.recording_started_at = resolution.recording_started_at.or(j.recording_started_at);
         j.recording_ended_at = resolution.recording_ended_at.or(j.recording_ended_at);
+        // The job's own (the webhook's) connection wins, as in the SQL.
+        j.connection_id = j.connection_id.take().or(resolution.connection_id);
         info!(
             recording.id = %recording.id,
             to = %j.to_number.as_deref().map(mask_phone).unwrap_or_default(),
@@ -286,14 +347,21 @@ impl Run<'_> {
             Party::To => j.to_number.as_deref(),
             Party::From => j.from_number.as_deref(),
         };
+        let scope = Scope::of(j.connection_id.as_deref(), &opts.connection_organizations);
+        // Fail closed: a connection that maps to no tenant could be any
+        // tenant's, and a phone number alone would then cross tenants.
+        let by_phone = match scope {
+            Scope::Unknown => None,
+            Scope::Unscoped | Scope::Organization(_) => number,
+        };
         let input = MatchInput {
             recording_id: &recording_id,
             client_state: j.client_state.as_deref(),
-            number,
-            organization: j
-                .connection_id
-                .as_ref()
-                .and_then(|c| opts.connection_organizations.get(c).copied()),
+            number: by_phone,
+            organization: match scope {
+                Scope::Organization(org) => Some(org),
+                Scope::Unscoped | Scope::Unknown => None,
+            },
             around,
             window: opts.match_window,
         };
@@ -304,13 +372,46 @@ impl Run<'_> {
             Found::Intake(intake, method) => (intake, method),
             Found::Ambiguous(why) => return Ok(Some(why)),
             Found::Nothing => {
-                return self.unmatched_or_retry(format!(
-                    "no intake matches (patient number {}, created within {} of {around})",
-                    number
-                        .map(mask_phone)
-                        .unwrap_or_else(|| "unknown".to_owned()),
-                    humantime::format_duration(opts.match_window)
-                ));
+                let named = j
+                    .client_state
+                    .as_deref()
+                    .and_then(intakes::intake_id_from_client_state);
+                let client_state = match (&j.client_state, named) {
+                    (None, _) => "the call has no client_state".to_owned(),
+                    (Some(_), None) => "its client_state names no intake id".to_owned(),
+                    (Some(_), Some(id)) => {
+                        format!("its client_state names intake {id}, which does not exist")
+                    }
+                };
+                let why = match (scope, by_phone) {
+                    (Scope::Unknown, _) => format!(
+                        "connection {} is not in pipeline.connection_organizations, so only \
+                         client_state can match (no phone match across tenants), and {client_state}",
+                        j.connection_id.as_deref().unwrap_or("(none)")
+                    ),
+                    (_, None) if j.from_number.is_none() && j.to_number.is_none() => format!(
+                        "Telnyx gave no from/to numbers for this recording (older Recordings \
+                         API schema), so only client_state can match, and {client_state}; set \
+                         client_state to the intake id when dialing"
+                    ),
+                    (_, None) => format!(
+                        "the recording has no number for the patient's party \
+                         (pipeline.patient_party), so only client_state can match, and \
+                         {client_state}"
+                    ),
+                    (_, Some(number)) => format!(
+                        "no intake matches (patient number {}, created within {} of {around})",
+                        mask_phone(number),
+                        humantime::format_duration(opts.match_window)
+                    ),
+                };
+                // An intake a client_state names may not be committed yet;
+                // with nothing else to go on, no later attempt can match.
+                if by_phone.is_none() && named.is_none() {
+                    warn!(reason = %why, "storing the recording as unmatched");
+                    return Ok(Some(why));
+                }
+                return self.unmatched_or_retry(why);
             }
         };
         let duration = duration_secs(j);
@@ -355,14 +456,13 @@ impl Run<'_> {
     /// `unmatched`: why no intake matched (the object goes under
     /// `unmatched/`), saved with the planned path.
     async fn store(&mut self, unmatched: Option<&str>) -> Result<Option<Outcome>, JobError> {
-        let format = self.p.opts.format;
+        let format = self.format_to_fetch().await?;
         let path = object_path(self.job.intake_id, self.recording_id()?, format);
-        let content_type = format.content_type();
         if self.job.object_path.as_deref() == Some(path.as_str()) {
             // An earlier attempt got as far as uploading: its object may be
             // complete even though the attempt did not see it finish.
             if self.p.storage.object_info(&path).await?.is_some() {
-                let url = self.download_url().await?;
+                let url = self.download_url(format).await?;
                 let expected = self.p.telnyx.source_length(&url).await?;
                 let digest = self.adopt_existing(&path).await?;
                 return self
@@ -373,7 +473,7 @@ impl Run<'_> {
         } else {
             match self
                 .queue
-                .plan_object(&self.lease, &path, content_type, unmatched)
+                .plan_object(&self.lease, &path, format.content_type(), unmatched)
                 .await
             {
                 Ok(ok) => written(ok)?,
@@ -389,8 +489,8 @@ impl Run<'_> {
         }
 
         let (digest, expected) = match self.job.tus_upload_url.clone() {
-            Some(upload) => self.resume_resumable(&path, content_type, &upload).await?,
-            None => self.upload_fresh(&path, content_type).await?,
+            Some(upload) => self.resume_resumable(&path, format, &upload).await?,
+            None => self.upload_fresh(&path, format).await?,
         };
         self.verify_and_save(&path, digest, expected)
             .await
@@ -409,17 +509,30 @@ impl Run<'_> {
         Ok(rec)
     }
 
-    async fn download_url(&mut self) -> Result<String, JobError> {
+    /// The format whose file this attempt fetches (see [`pick_format`]).
+    async fn format_to_fetch(&mut self) -> Result<AudioFormat, JobError> {
+        let rec = self.fresh_recording().await?;
+        let planned = self.job.object_path.as_deref().and_then(format_of);
+        pick_format(&rec.download_urls, planned, self.p.opts.format).ok_or_else(|| {
+            JobError::retryable(format!(
+                "Telnyx offers no download URL for recording {} yet (status {})",
+                rec.id,
+                rec.status.as_deref().unwrap_or("unknown")
+            ))
+        })
+    }
+
+    async fn download_url(&mut self, format: AudioFormat) -> Result<String, JobError> {
         let rec = self.fresh_recording().await?;
         let urls = rec.download_urls;
-        let url = match self.p.opts.format {
+        let url = match format {
             AudioFormat::Wav => urls.wav,
             AudioFormat::Mp3 => urls.mp3,
         };
         url.ok_or_else(|| {
             JobError::retryable(format!(
-                "Telnyx has no {} download URL for recording {} yet",
-                self.p.opts.format.extension(),
+                "Telnyx no longer offers the {} file of recording {}",
+                format.extension(),
                 rec.id
             ))
         })
@@ -429,9 +542,10 @@ impl Run<'_> {
     async fn upload_fresh(
         &mut self,
         path: &str,
-        content_type: &str,
+        format: AudioFormat,
     ) -> Result<(Digest, Option<u64>), JobError> {
-        let url = self.download_url().await?;
+        let content_type = format.content_type();
+        let url = self.download_url(format).await?;
         let download = self.p.telnyx.download(&url, 0).await?;
         let length = download.content_length();
         if let Some(total) = length.filter(|len| *len > self.p.opts.resumable_threshold_bytes) {
@@ -489,12 +603,12 @@ impl Run<'_> {
     async fn resume_resumable(
         &mut self,
         path: &str,
-        content_type: &str,
+        format: AudioFormat,
         upload: &str,
     ) -> Result<(Digest, Option<u64>), JobError> {
         let Some((offset, length)) = self.p.storage.tus_offset(upload).await? else {
             warn!("resumable upload expired at the server; starting over");
-            return self.restart_upload(path, content_type).await;
+            return self.restart_upload(path, format).await;
         };
         if length == Some(offset) {
             // Every byte arrived; the last PATCH's answer was lost. The server
@@ -502,9 +616,9 @@ impl Run<'_> {
             if self.p.storage.object_info(path).await?.is_some() {
                 return Ok((self.adopt_existing(path).await?, length));
             }
-            return self.restart_upload(path, content_type).await;
+            return self.restart_upload(path, format).await;
         }
-        let url = self.download_url().await?;
+        let url = self.download_url(format).await?;
         let download = self.p.telnyx.download(&url, offset).await?;
         let remaining = download.content_length().ok_or_else(|| {
             JobError::retryable("the recording download has no length; cannot resume")
@@ -516,7 +630,7 @@ impl Run<'_> {
         })?;
         if length.is_some_and(|l| l != total) {
             warn!("the upload was opened for another length; starting over");
-            return self.restart_upload(path, content_type).await;
+            return self.restart_upload(path, format).await;
         }
         info!(offset, total, "resuming the upload");
         let reader = transfer::shared_reader(transfer::body_stream(download));
@@ -529,11 +643,11 @@ impl Run<'_> {
     async fn restart_upload(
         &mut self,
         path: &str,
-        content_type: &str,
+        format: AudioFormat,
     ) -> Result<(Digest, Option<u64>), JobError> {
         written(self.queue.save_tus_upload(&self.lease, None).await?)?;
         self.job.tus_upload_url = None;
-        self.upload_fresh(path, content_type).await
+        self.upload_fresh(path, format).await
     }
 
     async fn send_chunks(
@@ -774,6 +888,49 @@ mod tests {
             pick_recording(vec![first, second], &job_with(None, None)),
             Pick::Ambiguous(2)
         );
+    }
+
+    #[test]
+    fn the_format_fetched_is_the_one_offered() {
+        let url = || Some("https://x.invalid/f".to_owned());
+        let wav = DownloadUrls {
+            wav: url(),
+            mp3: None,
+        };
+        let mp3 = DownloadUrls {
+            wav: None,
+            mp3: url(),
+        };
+        let both = DownloadUrls {
+            wav: url(),
+            mp3: url(),
+        };
+        use AudioFormat::{Mp3, Wav};
+        assert_eq!(pick_format(&mp3, None, Wav), Some(Mp3));
+        assert_eq!(pick_format(&wav, None, Mp3), Some(Wav));
+        assert_eq!(pick_format(&both, None, Mp3), Some(Mp3));
+        assert_eq!(pick_format(&both, None, Wav), Some(Wav));
+        // A planned object keeps its format while it is offered ...
+        assert_eq!(pick_format(&both, Some(Wav), Mp3), Some(Wav));
+        // ... and is re-planned when it is not (jobs planned before this
+        // rule named a file Telnyx never had).
+        assert_eq!(pick_format(&mp3, Some(Wav), Wav), Some(Mp3));
+        assert_eq!(pick_format(&DownloadUrls::default(), None, Wav), None);
+        assert_eq!(format_of("intakes/x/r.mp3"), Some(Mp3));
+        assert_eq!(format_of("unmatched/r.wav"), Some(Wav));
+        assert_eq!(format_of("unmatched/r"), None);
+    }
+
+    #[test]
+    fn an_unlisted_connection_is_an_unknown_tenant() {
+        let org = Uuid::new_v4();
+        let none = std::collections::HashMap::new();
+        let some = std::collections::HashMap::from([("conn-a".to_owned(), org)]);
+        assert_eq!(Scope::of(Some("conn-a"), &none), Scope::Unscoped);
+        assert_eq!(Scope::of(None, &none), Scope::Unscoped);
+        assert_eq!(Scope::of(Some("conn-a"), &some), Scope::Organization(org));
+        assert_eq!(Scope::of(Some("conn-b"), &some), Scope::Unknown);
+        assert_eq!(Scope::of(None, &some), Scope::Unknown);
     }
 
     #[test]

@@ -21,4 +21,6 @@ pub mod telnyx;
 
 pub use http::Fault;
 pub use storage::{BucketInfo, StorageSim, StorageSimConfig, StoredObject};
-pub use telnyx::{SimAudio, SimRecording, TelnyxSim, TelnyxSimConfig};
+pub use telnyx::{
+    SimAudio, SimRecording, SimTimestamps, TelnyxSim, TelnyxSimBehaviour, TelnyxSimConfig,
+};

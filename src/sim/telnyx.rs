@@ -8,10 +8,19 @@
 //! presigned URLs: no bearer token, `X-Amz-Date` + `X-Amz-Expires`, S3 XML
 //! errors, `Range` support.
 //!
-//! Simplifications, on purpose: the mp3 URL serves the same bytes as the wav
-//! one (only the `content-type` differs); filters match exactly; expiry has
-//! one-second resolution (a URL lives between `download_url_ttl` and
-//! `download_url_ttl` + 1 s, since `X-Amz-Date` has whole seconds).
+//! Strict where Telnyx is, each behaviour behind a switch of
+//! [`TelnyxSimBehaviour`] (set at start or with
+//! [`TelnyxSim::set_behaviour`]): `download_urls` carries only the format
+//! the recording was made in; `from`/`to` can be left out (older schema,
+//! Telnyx's own examples); timestamps can come in other ISO 8601 shapes than
+//! RFC 3339; UUID filters (`filter[call_session_id]`, `filter[call_leg_id]`)
+//! answer 422 when malformed; unknown query parameters are refused (400);
+//! a 429 can carry `Retry-After` as well as `x-ratelimit-reset`.
+//!
+//! Simplifications, on purpose: a recording's bytes are whatever the test
+//! gave, served under its format's content type; filters match exactly;
+//! expiry has one-second resolution (a URL lives between `download_url_ttl`
+//! and `download_url_ttl` + 1 s, since `X-Amz-Date` has whole seconds).
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -28,6 +37,8 @@ use hyper::{Method, Request, body::Incoming};
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 use tokio_util::sync::{CancellationToken, DropGuard};
+
+use crate::config::AudioFormat;
 
 use super::http::{
     Abort, ByteRange, Fault, FaultAction, FaultPlan, Resp, bearer, bind, bytes_response,
@@ -50,6 +61,8 @@ pub struct TelnyxSimConfig {
     pub fault_seed: u64,
     /// Stops the simulator when cancelled (so does dropping every handle).
     pub cancel: CancellationToken,
+    /// How strictly it behaves like Telnyx; changeable while running.
+    pub behaviour: TelnyxSimBehaviour,
 }
 
 impl Default for TelnyxSimConfig {
@@ -60,6 +73,80 @@ impl Default for TelnyxSimConfig {
             download_url_ttl: Duration::from_secs(600),
             fault_seed: 0x7e1e_5eed,
             cancel: CancellationToken::new(),
+            behaviour: TelnyxSimBehaviour::default(),
+        }
+    }
+}
+
+/// One switch per behaviour of Telnyx's that the relay must cope with. The
+/// default is Telnyx as its OpenAPI spec and docs describe it (newest
+/// schema, with numbers and RFC 3339 timestamps).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TelnyxSimBehaviour {
+    /// `download_urls` holds only the recording's own format, fixed when
+    /// the recording started (Telnyx). Off: both, as this simulator once
+    /// assumed; the other format then serves the same bytes.
+    pub only_recorded_format: bool,
+    /// `from`/`to` in recordings (newest spec). Off: the older schema and
+    /// Telnyx's "retrieve a recording" example, which have no numbers.
+    pub numbers: bool,
+    /// The shape of every timestamp in recordings.
+    pub timestamps: SimTimestamps,
+    /// `filter[call_session_id]` and `filter[call_leg_id]` are UUIDs; a
+    /// malformed one is answered 422, as Telnyx does.
+    pub uuid_filters: bool,
+    /// A query parameter the spec does not list is refused (400), so a
+    /// misspelt filter cannot silently list everything.
+    pub refuse_unknown_filters: bool,
+    /// `Retry-After` on 429 answers (seconds or an HTTP date), as the
+    /// official SDKs honour.
+    pub retry_after: Option<String>,
+    /// `x-ratelimit-reset` on 429 answers (seconds).
+    pub ratelimit_reset: Option<String>,
+}
+
+impl Default for TelnyxSimBehaviour {
+    fn default() -> Self {
+        Self {
+            only_recorded_format: true,
+            numbers: true,
+            timestamps: SimTimestamps::Rfc3339,
+            uuid_filters: true,
+            refuse_unknown_filters: true,
+            retry_after: None,
+            ratelimit_reset: Some("1".to_owned()),
+        }
+    }
+}
+
+/// Timestamp shapes: the spec says only "ISO 8601 formatted date" of a
+/// plain string, so more than RFC 3339 can come.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SimTimestamps {
+    /// `2019-01-23T18:10:02.574Z`, as in the spec's examples.
+    Rfc3339,
+    /// `2019-01-23T18:10:02.574`: no offset (UTC meant).
+    NoOffset,
+    /// `2019-01-23 18:10:02.574+0000`: space separator, offset without colon.
+    SpaceCompactOffset,
+    /// `20190123T181002.574Z`: ISO 8601 basic format.
+    Basic,
+}
+
+impl SimTimestamps {
+    pub const ALL: [SimTimestamps; 4] = [
+        SimTimestamps::Rfc3339,
+        SimTimestamps::NoOffset,
+        SimTimestamps::SpaceCompactOffset,
+        SimTimestamps::Basic,
+    ];
+
+    pub fn format(self, t: DateTime<Utc>) -> String {
+        match self {
+            SimTimestamps::Rfc3339 => t.to_rfc3339_opts(SecondsFormat::Millis, true),
+            SimTimestamps::NoOffset => t.format("%Y-%m-%dT%H:%M:%S%.3f").to_string(),
+            SimTimestamps::SpaceCompactOffset => t.format("%Y-%m-%d %H:%M:%S%.3f+0000").to_string(),
+            SimTimestamps::Basic => t.format("%Y%m%dT%H%M%S%.3fZ").to_string(),
         }
     }
 }
@@ -278,6 +365,9 @@ pub struct SimRecording {
     pub recording_started_at: DateTime<Utc>,
     pub recording_ended_at: DateTime<Utc>,
     pub created_at: DateTime<Utc>,
+    /// The format it was recorded in: the only one `download_urls` offers
+    /// (with [`TelnyxSimBehaviour::only_recorded_format`]).
+    pub format: AudioFormat,
     pub content: SimAudio,
 }
 
@@ -305,6 +395,7 @@ impl SimRecording {
             recording_started_at: now - chrono::Duration::milliseconds(61_000),
             recording_ended_at: now - chrono::Duration::milliseconds(1_000),
             created_at: now,
+            format: AudioFormat::Wav,
             content: SimAudio::generated(
                 WAV_HEADER_LEN + u64::from(SAMPLE_RATE) * 2 * duration_millis / 1000,
                 seed,
@@ -339,6 +430,7 @@ struct State {
 }
 
 struct Inner {
+    behaviour: TelnyxSimBehaviour,
     recordings: BTreeMap<String, Entry>,
     deleted: Vec<String>,
     api_faults: FaultPlan,
@@ -381,6 +473,7 @@ impl TelnyxSim {
             signing_key: random_key(),
             cancel: cancel.clone(),
             inner: Mutex::new(Inner {
+                behaviour: cfg.behaviour,
                 recordings: BTreeMap::new(),
                 deleted: Vec::new(),
                 api_faults: FaultPlan::new(cfg.fault_seed),
@@ -439,6 +532,15 @@ impl TelnyxSim {
     /// `format` is `"wav"` or `"mp3"`.
     pub fn download_url(&self, id: &str, format: &str) -> String {
         mint_url(&self.shared.state, id, format, Utc::now())
+    }
+
+    /// Changes how strictly the simulator behaves, from the next request on.
+    pub fn set_behaviour(&self, behaviour: TelnyxSimBehaviour) {
+        self.shared.state.lock().behaviour = behaviour;
+    }
+
+    pub fn behaviour(&self) -> TelnyxSimBehaviour {
+        self.shared.state.lock().behaviour.clone()
     }
 
     /// The next `n` API requests (not downloads) get `fault`.
@@ -547,16 +649,16 @@ fn parse_download_path(path: &str) -> Option<(String, String)> {
 async fn handle(state: Arc<State>, req: Request<Incoming>) -> Result<Resp, Abort> {
     let path = req.uri().path().to_owned();
     let is_download = path.starts_with("/downloads/");
-    let fault = {
+    let (fault, behaviour) = {
         let mut g = state.lock();
         g.requests.push(path.clone());
         if is_download {
             if let Some((id, _)) = parse_download_path(&path) {
                 *g.downloads.entry(id).or_insert(0) += 1;
             }
-            g.download_faults.next()
+            (g.download_faults.next(), g.behaviour.clone())
         } else {
-            g.api_faults.next()
+            (g.api_faults.next(), g.behaviour.clone())
         }
     };
     let cut = match start_fault(fault, &state.cancel).await {
@@ -564,11 +666,15 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Result<Resp, Abort
         FaultAction::Reset => return Err(Abort),
         FaultAction::CutAfter(n) => Some(n),
         FaultAction::Status(s) => {
-            return Ok(if is_download {
+            let mut resp = if is_download {
                 s3_fault(s)
             } else {
                 api_fault(s)
-            });
+            };
+            if s == 429 {
+                rate_limit_headers(&mut resp, &behaviour);
+            }
+            return Ok(resp);
         }
     };
     let resp = if is_download {
@@ -645,13 +751,18 @@ fn api_fault(status: u16) -> Resp {
         ),
         _ => ("10007", "Unexpected error", "An unexpected error occured."),
     };
-    let mut resp = telnyx_error(status, code, title, detail, None);
-    if status == 429 {
-        set_header(&mut resp, "x-ratelimit-limit", "100");
-        set_header(&mut resp, "x-ratelimit-remaining", "0");
-        set_header(&mut resp, "x-ratelimit-reset", "1");
+    telnyx_error(status, code, title, detail, None)
+}
+
+fn rate_limit_headers(resp: &mut Resp, b: &TelnyxSimBehaviour) {
+    set_header(resp, "x-ratelimit-limit", "100");
+    set_header(resp, "x-ratelimit-remaining", "0");
+    if let Some(reset) = &b.ratelimit_reset {
+        set_header(resp, "x-ratelimit-reset", reset);
     }
-    resp
+    if let Some(after) = &b.retry_after {
+        set_header(resp, "retry-after", after);
+    }
 }
 
 fn s3_error(status: u16, code: &str, message: &str) -> Resp {
@@ -703,18 +814,19 @@ fn api(state: &State, req: &Request<Incoming>) -> Resp {
     }
     let now = Utc::now();
     let mut g = state.lock();
+    let behaviour = g.behaviour.clone();
     let Some(entry) = g.recordings.get_mut(&id).filter(|e| !e.deleted) else {
         return not_found();
     };
     match *req.method() {
         Method::GET => {
-            let data = recording_json(state, entry, now);
+            let data = recording_json(state, &behaviour, entry, now);
             json_response(200, &json!({ "data": data }))
         }
         Method::DELETE => {
             entry.deleted = true;
             entry.updated_at = now;
-            let data = recording_json(state, entry, now);
+            let data = recording_json(state, &behaviour, entry, now);
             g.deleted.push(id);
             json_response(200, &json!({ "data": data }))
         }
@@ -722,13 +834,20 @@ fn api(state: &State, req: &Request<Incoming>) -> Resp {
     }
 }
 
-fn ts(t: DateTime<Utc>) -> String {
-    t.to_rfc3339_opts(SecondsFormat::Millis, true)
-}
-
-fn recording_json(state: &State, e: &Entry, now: DateTime<Utc>) -> Value {
+fn recording_json(state: &State, b: &TelnyxSimBehaviour, e: &Entry, now: DateTime<Utc>) -> Value {
     let r = &e.rec;
-    json!({
+    let ts = |t: DateTime<Utc>| b.timestamps.format(t);
+    let recorded = r.format.extension();
+    let mut urls = serde_json::Map::new();
+    for format in ["mp3", "wav"] {
+        if format == recorded || !b.only_recorded_format {
+            urls.insert(
+                format.to_owned(),
+                mint_url(state, &r.id, format, now).into(),
+            );
+        }
+    }
+    let mut data = json!({
         "record_type": "recording",
         "id": r.id,
         "call_session_id": r.call_session_id,
@@ -746,15 +865,58 @@ fn recording_json(state: &State, e: &Entry, now: DateTime<Utc>) -> Value {
         "updated_at": ts(e.updated_at),
         "status": "completed",
         "source": "call",
-        "download_urls": {
-            "mp3": mint_url(state, &r.id, "mp3", now),
-            "wav": mint_url(state, &r.id, "wav", now),
-        },
-    })
+        "download_urls": urls,
+    });
+    if !b.numbers
+        && let Some(obj) = data.as_object_mut()
+    {
+        obj.remove("from");
+        obj.remove("to");
+    }
+    data
+}
+
+/// The list parameters the simulator implements. The spec also has
+/// `conference_id`, `conference_region`, `sip_call_id`, `start_time` and
+/// `end_time` filters; they are refused here rather than ignored, so a test
+/// can never pass on a filter that filtered nothing.
+const LIST_PARAMS: &[&str] = &[
+    "page[number]",
+    "page[size]",
+    "filter[call_session_id]",
+    "filter[call_leg_id]",
+    "filter[call_control_id]",
+    "filter[connection_id]",
+    "filter[from]",
+    "filter[to]",
+    "filter[created_at][gte]",
+    "filter[created_at][lte]",
+];
+
+/// Filters the spec types as `format: uuid`.
+const UUID_FILTERS: &[&str] = &["filter[call_session_id]", "filter[call_leg_id]"];
+
+fn unprocessable(detail: &str, parameter: &str) -> Resp {
+    telnyx_error(422, "10015", "Invalid parameter", detail, Some(parameter))
 }
 
 fn list(state: &State, query: Option<&str>) -> Resp {
     let q = parse_query(query);
+    let behaviour = state.lock().behaviour.clone();
+    if behaviour.refuse_unknown_filters
+        && let Some((key, _)) = q.iter().find(|(k, _)| !LIST_PARAMS.contains(&k.as_str()))
+    {
+        return bad_request("unknown or unsupported query parameter", key);
+    }
+    if behaviour.uuid_filters {
+        for key in UUID_FILTERS {
+            if let Some(v) = query_value(&q, key)
+                && uuid::Uuid::try_parse(v).is_err()
+            {
+                return unprocessable("must be a valid UUID", key);
+            }
+        }
+    }
     let page_number = match query_value(&q, "page[number]").map(str::parse::<u64>) {
         None => 1,
         Some(Ok(n)) if n >= 1 => n,
@@ -789,10 +951,11 @@ fn list(state: &State, query: Option<&str>) -> Resp {
     }
     let [gte, lte] = bounds;
     let exact = |key: &str| query_value(&q, key).map(str::to_owned);
-    let (session, leg, control, from, to) = (
+    let (session, leg, control, connection, from, to) = (
         exact("filter[call_session_id]"),
         exact("filter[call_leg_id]"),
         exact("filter[call_control_id]"),
+        exact("filter[connection_id]"),
         exact("filter[from]"),
         exact("filter[to]"),
     );
@@ -807,6 +970,7 @@ fn list(state: &State, query: Option<&str>) -> Resp {
             session.as_ref().is_none_or(|v| *v == r.call_session_id)
                 && leg.as_ref().is_none_or(|v| *v == r.call_leg_id)
                 && control.as_ref().is_none_or(|v| *v == r.call_control_id)
+                && connection.as_ref().is_none_or(|v| *v == r.connection_id)
                 && from.as_ref().is_none_or(|v| *v == r.from)
                 && to.as_ref().is_none_or(|v| *v == r.to)
                 && gte.is_none_or(|t| r.created_at >= t)
@@ -820,7 +984,7 @@ fn list(state: &State, query: Option<&str>) -> Resp {
         .iter()
         .skip(skip)
         .take(usize::try_from(page_size).unwrap_or(250))
-        .map(|e| recording_json(state, e, now))
+        .map(|e| recording_json(state, &behaviour, e, now))
         .collect();
     json_response(
         200,
@@ -886,7 +1050,10 @@ fn download(state: &State, req: &Request<Incoming>) -> Resp {
     }
     let content = {
         let g = state.lock();
-        match g.recordings.get(&id).filter(|e| !e.deleted) {
+        // Only the recorded format's file exists, unless told otherwise.
+        match g.recordings.get(&id).filter(|e| {
+            !e.deleted && (!g.behaviour.only_recorded_format || e.rec.format.extension() == format)
+        }) {
             Some(e) => e.rec.content.clone(),
             None => return s3_error(404, "NoSuchKey", "The specified key does not exist."),
         }
@@ -965,6 +1132,156 @@ mod tests {
         assert_eq!(body["errors"][0]["code"], code, "{body}");
         assert_eq!(body["errors"][0]["title"], title, "{body}");
         assert!(body["errors"][0]["detail"].is_string(), "{body}");
+    }
+
+    async fn list_query(sim: &TelnyxSim, q: &[(&str, &str)]) -> (StatusCode, Value) {
+        let resp = client()
+            .get(format!("{}/recordings", sim.base_url()))
+            .bearer_auth(KEY)
+            .query(q)
+            .send()
+            .await
+            .expect("send");
+        let status = resp.status();
+        (status, resp.json().await.expect("json"))
+    }
+
+    #[tokio::test]
+    async fn download_urls_offer_only_the_recorded_format_unless_told() {
+        let sim = sim();
+        let mut rec = SimRecording::sample("3f0c2a51-6f7e-4d2b-9a1c-0e5d4b3a2f10");
+        rec.format = AudioFormat::Mp3;
+        rec.content = SimAudio::Bytes(Bytes::from_static(b"ID3\x04\x00fake mp3 frames"));
+        sim.add_recording(rec.clone());
+        let c = client();
+        let url = format!("{}/recordings/{}", sim.base_url(), rec.id);
+        let (_, body) = get_json(&c, &url, KEY).await;
+        let urls = &body["data"]["download_urls"];
+        assert!(urls.get("wav").is_none(), "{urls}");
+        let mp3 = urls["mp3"].as_str().expect("mp3").to_owned();
+        let resp = c.get(&mp3).send().await.expect("send");
+        assert_eq!(resp.headers()["content-type"], "audio/mpeg");
+        assert_eq!(resp.bytes().await.expect("bytes"), rec.content.to_vec());
+        let wav = sim.download_url(&rec.id, "wav");
+        assert_eq!(
+            c.get(&wav).send().await.expect("send").status(),
+            StatusCode::NOT_FOUND
+        );
+
+        sim.set_behaviour(TelnyxSimBehaviour {
+            only_recorded_format: false,
+            ..TelnyxSimBehaviour::default()
+        });
+        let (_, body) = get_json(&c, &url, KEY).await;
+        assert!(body["data"]["download_urls"]["wav"].is_string());
+        assert!(body["data"]["download_urls"]["mp3"].is_string());
+    }
+
+    #[tokio::test]
+    async fn numbers_and_timestamp_shapes_follow_the_switches() {
+        let sim = sim();
+        let rec = SimRecording::sample("8d1e6f3a-2b4c-4a5d-8e7f-1a2b3c4d5e6f");
+        sim.add_recording(rec.clone());
+        let c = client();
+        let url = format!("{}/recordings/{}", sim.base_url(), rec.id);
+        sim.set_behaviour(TelnyxSimBehaviour {
+            numbers: false,
+            ..TelnyxSimBehaviour::default()
+        });
+        let (_, body) = get_json(&c, &url, KEY).await;
+        assert!(body["data"].get("from").is_none() && body["data"].get("to").is_none());
+        let (_, listed) = list_query(&sim, &[]).await;
+        assert!(listed["data"][0].get("to").is_none(), "{listed}");
+
+        let t = rec.recording_started_at;
+        let expected = [
+            t.to_rfc3339_opts(SecondsFormat::Millis, true),
+            t.format("%Y-%m-%dT%H:%M:%S%.3f").to_string(),
+            t.format("%Y-%m-%d %H:%M:%S%.3f+0000").to_string(),
+            t.format("%Y%m%dT%H%M%S%.3fZ").to_string(),
+        ];
+        for (shape, want) in SimTimestamps::ALL.into_iter().zip(expected) {
+            sim.set_behaviour(TelnyxSimBehaviour {
+                timestamps: shape,
+                ..TelnyxSimBehaviour::default()
+            });
+            let (_, body) = get_json(&c, &url, KEY).await;
+            assert_eq!(
+                body["data"]["recording_started_at"],
+                want.as_str(),
+                "{shape:?}"
+            );
+            if shape != SimTimestamps::Rfc3339 {
+                assert!(
+                    DateTime::parse_from_rfc3339(&want).is_err(),
+                    "{want} is meant not to be RFC 3339"
+                );
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn uuid_filters_answer_422_and_unknown_filters_400() {
+        let sim = sim();
+        let rec = SimRecording::sample("5b2a9c1d-7e3f-4a6b-8c9d-0e1f2a3b4c5d");
+        sim.add_recording(rec.clone());
+
+        let (status, body) = list_query(&sim, &[("filter[call_session_id]", "sess-1")]).await;
+        assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+        assert_eq!(
+            body["errors"][0]["source"]["parameter"],
+            "filter[call_session_id]"
+        );
+        let (status, _) = list_query(&sim, &[("filter[call_leg_id]", "leg-1")]).await;
+        assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+        let (status, body) =
+            list_query(&sim, &[("filter[call_session_id]", &rec.call_session_id)]).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(body["meta"]["total_results"], 1);
+        let (_, body) = list_query(&sim, &[("filter[connection_id]", "nope")]).await;
+        assert_eq!(body["meta"]["total_results"], 0);
+
+        for key in [
+            "filter[session_id]",
+            "filter[created_at][gt]",
+            "filter[sip_call_id]",
+            "limit",
+        ] {
+            let (status, body) = list_query(&sim, &[(key, "x")]).await;
+            assert_eq!(status, StatusCode::BAD_REQUEST, "{key}");
+            assert_eq!(body["errors"][0]["source"]["parameter"], key);
+        }
+
+        sim.set_behaviour(TelnyxSimBehaviour {
+            uuid_filters: false,
+            refuse_unknown_filters: false,
+            ..TelnyxSimBehaviour::default()
+        });
+        let (status, body) = list_query(&sim, &[("filter[call_session_id]", "sess-1")]).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(body["meta"]["total_results"], 0);
+        let (status, _) = list_query(&sim, &[("limit", "x")]).await;
+        assert_eq!(status, StatusCode::OK);
+    }
+
+    #[tokio::test]
+    async fn rate_limit_answers_carry_the_configured_hints() {
+        let sim = sim();
+        sim.set_behaviour(TelnyxSimBehaviour {
+            retry_after: Some("7".into()),
+            ratelimit_reset: None,
+            ..TelnyxSimBehaviour::default()
+        });
+        sim.fail_next(1, Fault::Status(429));
+        let resp = client()
+            .get(format!("{}/recordings", sim.base_url()))
+            .bearer_auth(KEY)
+            .send()
+            .await
+            .expect("send");
+        assert_eq!(resp.status(), StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(resp.headers()["retry-after"], "7");
+        assert!(resp.headers().get("x-ratelimit-reset").is_none());
     }
 
     #[test]
@@ -1057,20 +1374,19 @@ mod tests {
             .expect("created_at");
         assert_eq!(created, rec.created_at);
         assert!(d["recording_started_at"].is_string() && d["updated_at"].is_string());
-        for format in ["wav", "mp3"] {
-            let u = d["download_urls"][format].as_str().expect("url");
-            assert!(
-                u.starts_with(&format!(
-                    "http://{}/downloads/rec-get.{format}?",
-                    sim.addr()
-                )),
-                "{u}"
-            );
-            assert!(
-                u.contains("X-Amz-Expires=600") && u.contains("X-Amz-Signature="),
-                "{u}"
-            );
-        }
+        let u = d["download_urls"]["wav"].as_str().expect("url");
+        assert!(
+            u.starts_with(&format!("http://{}/downloads/rec-get.wav?", sim.addr())),
+            "{u}"
+        );
+        assert!(
+            u.contains("X-Amz-Expires=600") && u.contains("X-Amz-Signature="),
+            "{u}"
+        );
+        assert!(
+            d["download_urls"].get("mp3").is_none(),
+            "only the recorded format: {d}"
+        );
 
         let (status, body) = get_json(&c, &url, "KEY_wrong").await;
         assert_eq!(status, StatusCode::UNAUTHORIZED);
@@ -1085,6 +1401,9 @@ mod tests {
         assert_eq!(sim.request_count("/v2/recordings"), 4);
     }
 
+    const EVEN: &str = "6c7e1b52-3f0a-4d36-9a0e-5c1f2b7d8e01";
+    const ODD: &str = "0b5d2c4e-8f1a-4e6b-b7c3-9d2e1f0a3b42";
+
     #[tokio::test]
     async fn list_filters_orders_and_pages() {
         let sim = sim();
@@ -1093,11 +1412,7 @@ mod tests {
             let mut r = SimRecording::sample(format!("rec-{i}"));
             // Added out of order to check the created_at ordering.
             r.created_at = base + chrono::Duration::minutes(10 * (4 - i));
-            r.call_session_id = if i % 2 == 0 {
-                "even".into()
-            } else {
-                "odd".into()
-            };
+            r.call_session_id = if i % 2 == 0 { EVEN } else { ODD }.into();
             r.to = format!("+1555000000{i}");
             sim.add_recording(r);
         }
@@ -1134,7 +1449,7 @@ mod tests {
             json!({"page_number": 1, "page_size": 20, "total_pages": 1, "total_results": 5})
         );
 
-        let (_, body) = list(vec![("filter[call_session_id]", "even".into())]).await;
+        let (_, body) = list(vec![("filter[call_session_id]", EVEN.into())]).await;
         assert_eq!(ids(&body), ["rec-4", "rec-2", "rec-0"]);
         let (_, body) = list(vec![("filter[to]", "+15550000003".into())]).await;
         assert_eq!(ids(&body), ["rec-3"]);
@@ -1234,10 +1549,8 @@ mod tests {
             .as_str()
             .expect("wav")
             .to_owned();
-        let mp3 = body["data"]["download_urls"]["mp3"]
-            .as_str()
-            .expect("mp3")
-            .to_owned();
+        assert!(body["data"]["download_urls"].get("mp3").is_none());
+        let mp3 = sim.download_url("rec-dl", "mp3");
 
         let resp = c.get(&wav).send().await.expect("send");
         assert_eq!(resp.status(), StatusCode::OK);
@@ -1250,9 +1563,19 @@ mod tests {
         let got = resp.bytes().await.expect("bytes");
         assert_eq!(hex::encode(Sha256::digest(&got)), rec.content.sha256_hex());
 
+        // Recorded as wav: there is no mp3 file behind a (validly signed) URL.
+        let resp = c.get(&mp3).send().await.expect("send");
+        assert_eq!(resp.status(), StatusCode::NOT_FOUND);
+        assert!(resp.text().await.expect("text").contains("NoSuchKey"));
+        // The lax switch serves both, the same bytes under each type.
+        sim.set_behaviour(TelnyxSimBehaviour {
+            only_recorded_format: false,
+            ..TelnyxSimBehaviour::default()
+        });
         let resp = c.get(&mp3).send().await.expect("send");
         assert_eq!(resp.headers()["content-type"], "audio/mpeg");
         assert_eq!(resp.bytes().await.expect("bytes").len(), got.len());
+        sim.set_behaviour(TelnyxSimBehaviour::default());
 
         let all = rec.content.to_vec();
         let len = all.len();
@@ -1299,8 +1622,8 @@ mod tests {
             .await
             .expect("send");
         assert_eq!(resp.bytes().await.expect("bytes"), &b"RIFF"[..]);
-        assert_eq!(sim.download_count("rec-dl"), 7);
-        assert_eq!(sim.request_count("/downloads/"), 7);
+        assert_eq!(sim.download_count("rec-dl"), 8);
+        assert_eq!(sim.request_count("/downloads/"), 8);
     }
 
     #[tokio::test]

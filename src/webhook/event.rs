@@ -207,11 +207,9 @@ fn integer(obj: &Value, key: &str) -> Option<i64> {
     .filter(|v| *v >= 0)
 }
 
+/// Telnyx's timestamps are plain strings "in ISO 8601", not always RFC 3339.
 fn timestamp(obj: &Value, key: &str) -> Option<DateTime<Utc>> {
-    let text = obj.get(key)?.as_str()?;
-    DateTime::parse_from_rfc3339(text)
-        .ok()
-        .map(|t| t.with_timezone(&Utc))
+    crate::telnyx::parse_timestamp(obj.get(key)?.as_str()?)
 }
 
 #[cfg(test)]
@@ -230,8 +228,8 @@ mod tests {
                 "occurred_at": "2025-11-19T10:34:00.000Z",
                 "payload": {
                     "call_control_id": "v3:abc",
-                    "call_leg_id": "leg-1",
-                    "call_session_id": "sess-1",
+                    "call_leg_id": "428c31b6-7af4-4bcb-b7f5-5013ef9657c1",
+                    "call_session_id": "84a97d76-e40f-11ed-9074-02420a0daa69",
                     "connection_id": "conn-1",
                     "client_state": "aW50YWtl",
                     "channels": "single",
@@ -249,11 +247,34 @@ mod tests {
         Envelope::parse(v.to_string().as_bytes())
     }
 
+    /// Telnyx's timestamps are plain strings "in ISO 8601": not always
+    /// RFC 3339, and the event's start time tells a call's recordings apart.
+    #[test]
+    fn timestamps_in_other_iso_8601_shapes_are_read() {
+        let mut event = official();
+        event["data"]["payload"]["recording_started_at"] = "2025-11-19 10:30:00.000+0000".into();
+        event["data"]["occurred_at"] = "2025-11-19T10:34:00.000".into();
+        let job = Envelope::parse(event.to_string().as_bytes())
+            .unwrap()
+            .into_job(12);
+        assert_eq!(
+            job.recording_started_at,
+            "2025-11-19T10:30:00Z".parse::<DateTime<Utc>>().ok()
+        );
+        assert_eq!(
+            job.occurred_at,
+            "2025-11-19T10:34:00Z".parse::<DateTime<Utc>>().ok()
+        );
+    }
+
     #[test]
     fn official_payload_parses_with_optional_fields_absent() {
         let job = parse(&official()).unwrap().into_job(12);
         assert_eq!(job.event_id, "0ccc7b54-4df3-4bca-a65a-3da1ecc777f0");
-        assert_eq!(job.call_session_id.as_deref(), Some("sess-1"));
+        assert_eq!(
+            job.call_session_id.as_deref(),
+            Some("84a97d76-e40f-11ed-9074-02420a0daa69")
+        );
         assert_eq!(job.recording_id, None);
         assert_eq!(job.to_number, None);
         assert_eq!(job.duration_millis, None);

@@ -11,5 +11,6 @@ mod playback;
 mod pooler;
 mod process;
 mod supabase;
+mod telnyx;
 mod webhook;
 mod worker;

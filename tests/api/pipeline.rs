@@ -441,7 +441,11 @@ async fn mp3_is_stored_as_audio_mpeg(pool: PgPool) {
         c.pipeline.format = recording_relay::config::AudioFormat::Mp3
     })
     .await;
-    let (rec, _) = p.recorded_call("rec-mp3").await;
+    // Telnyx fixes the format when recording starts and offers only that file.
+    let mut rec = SimRecording::sample("rec-mp3");
+    rec.format = recording_relay::config::AudioFormat::Mp3;
+    p.telnyx.add_recording(rec.clone());
+    intake_for(&p.app.pool, &rec, "+15557650002").await;
     post(&p, "ev-mp3", &rec).await;
     let job = p.finished_job("ev-mp3").await;
     assert_eq!(job.state, JobState::Succeeded);
