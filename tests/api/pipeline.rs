@@ -491,3 +491,40 @@ async fn an_intake_that_already_holds_a_recording_leaves_this_one_unmatched_not_
     assert_eq!(row.recording_id.as_deref(), Some("rec-first"), "untouched");
     p.stop().await;
 }
+
+/// Every statement of the daemon names its objects in full: with a
+/// search_path that holds neither `public` nor `recording_relay`, a webhook
+/// still becomes a stored, linked recording, and the operator functions work.
+#[sqlx::test(migrations = false)]
+async fn the_daemon_does_not_depend_on_search_path(pool: PgPool) {
+    let url = format!(
+        "{}?options=-c%20search_path%3Dpg_catalog",
+        recording_relay::testing::database_url_of(&pool, None)
+    );
+    // What the daemon's connections get from that URL.
+    let mut probe = <sqlx::PgConnection as sqlx::Connection>::connect(&url)
+        .await
+        .unwrap();
+    let path: String = sqlx::query_scalar("SHOW search_path")
+        .fetch_one(&mut probe)
+        .await
+        .unwrap();
+    assert_eq!(path, "pg_catalog");
+    let p = spawn_pipeline(pool, |c| c.database.url = Some(url.clone().into())).await;
+    let rec = SimRecording::sample("rec-no-path");
+    p.telnyx.add_recording(rec.clone());
+    let intake = intake_for(&p.app.pool, &rec, "(555) 765-0002").await;
+    assert!(
+        sqlx::query("SELECT count(*) FROM recording_jobs")
+            .execute(&mut probe)
+            .await
+            .is_err(),
+        "unqualified names do not resolve on such a connection"
+    );
+
+    post(&p, "ev-no-path", &rec).await;
+    let job = p.finished_job("ev-no-path").await;
+    assert_eq!(job.state, JobState::Succeeded, "{:?}", job.last_error);
+    assert_eq!(job.intake_id, Some(intake));
+    p.stop().await;
+}
