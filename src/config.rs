@@ -838,6 +838,11 @@ mod tests {
             parsed.playback.organization_claim,
             defaults.playback.organization_claim
         );
+        assert_eq!(
+            parsed.retention.playback_audit_for,
+            defaults.retention.playback_audit_for
+        );
+        assert_eq!(parsed.retention.failed_for, defaults.retention.failed_for);
     }
 
     #[test]
