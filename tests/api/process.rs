@@ -375,3 +375,50 @@ async fn the_demo_runs_on_a_throwaway_cluster_and_keeps_a_playable_link() {
     );
     let _ = std::fs::remove_file(log_file_of(&stdout));
 }
+
+/// Plain `demo`, no DATABASE_URL, on a machine where nothing listens on
+/// 127.0.0.1:5432: run in a network namespace of its own (loopback only),
+/// so the shared server is out of reach without being touched.
+#[tokio::test]
+async fn the_demo_uses_a_throwaway_cluster_when_nothing_answers_on_the_default_address() {
+    let isolated = std::process::Command::new("unshare")
+        .args(["-n", "sh", "-c", "ip link set lo up"])
+        .status()
+        .is_ok_and(|s| s.success());
+    if !isolated {
+        eprintln!(
+            "\n!!!!! SKIPPING: `unshare -n` (root, CAP_SYS_ADMIN) and `ip` are needed for a network namespace !!!!!\n"
+        );
+        return;
+    }
+    let script = format!(
+        "ip link set lo up && exec {} demo",
+        env!("CARGO_BIN_EXE_recording-relay")
+    );
+    let mut cmd = Command::new("unshare");
+    cmd.env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .args(["-n", "sh", "-c", &script])
+        .stdin(Stdio::null())
+        .kill_on_drop(true);
+    let out = tokio::time::timeout(Duration::from_secs(240), cmd.output())
+        .await
+        .expect("the demo finishes")
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains(
+            "no DATABASE_URL given and nothing answers on 127.0.0.1:5432: using a throwaway PostgreSQL cluster"
+        ),
+        "{stdout}"
+    );
+    assert_the_demo_told_its_story(&stdout);
+    assert!(stdout.contains("throwaway cluster stopped"), "{stdout}");
+    let _ = std::fs::remove_file(log_file_of(&stdout));
+}
