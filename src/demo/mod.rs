@@ -740,6 +740,30 @@ mod tests {
         assert_eq!(probe.unwrap(), Probe::NothingAnswers);
     }
 
+    /// Debian's package on 127.0.0.1: a server that wants a password. A
+    /// throwaway cluster turned into one (scram on its socket).
+    #[tokio::test]
+    async fn a_server_that_wants_a_password_is_told_apart() {
+        let cluster = Cluster::start().await.unwrap();
+        let url = cluster.server_url();
+        assert_eq!(probe(&url).await.unwrap(), Probe::Usable);
+        let mut conn = PgConnection::connect(&url).await.unwrap();
+        let hba: String = sqlx::query_scalar("SHOW hba_file")
+            .fetch_one(&mut conn)
+            .await
+            .unwrap();
+        std::fs::write(&hba, "local all all scram-sha-256\n").unwrap();
+        sqlx::raw_sql("ALTER ROLE postgres PASSWORD 'not-given'; SELECT pg_reload_conf()")
+            .execute(&mut conn)
+            .await
+            .unwrap();
+        conn.close().await.unwrap();
+        assert_eq!(probe(&url).await.unwrap(), Probe::WantsCredentials);
+        let dir = cluster.path().to_owned();
+        cluster.stop().await.unwrap();
+        assert!(!dir.exists(), "the cluster's directory is removed");
+    }
+
     #[test]
     fn durations_read_as_the_player_shows_them() {
         assert_eq!(m_ss(0), "0:00");
