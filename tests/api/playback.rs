@@ -679,7 +679,18 @@ fn missing_tool(what: &str, install: &str) -> bool {
 
 async fn ensure_node_modules() {
     let dir = browser_dir();
-    if dir.join("node_modules/playwright-core").is_dir() {
+    // An older checkout's node_modules may lack the packages added since.
+    let wanted = [
+        "playwright-core",
+        "esbuild",
+        "react",
+        "react-dom",
+        "typescript",
+    ];
+    if wanted
+        .iter()
+        .all(|p| dir.join("node_modules").join(p).is_dir())
+    {
         return;
     }
     let out = tokio::process::Command::new("npm")
@@ -695,8 +706,9 @@ async fn ensure_node_modules() {
     );
 }
 
-#[sqlx::test(migrations = false)]
-async fn the_player_page_plays_seeks_and_renews_in_chromium(pool: PgPool) {
+/// Chromium's path when it and Node are there; otherwise the test is
+/// skipped (or fails under CI).
+fn browser_tools() -> Option<String> {
     let chromium =
         std::env::var("CHROMIUM_PATH").unwrap_or_else(|_| "/usr/bin/chromium".to_owned());
     if !Path::new(&chromium).exists()
@@ -705,7 +717,7 @@ async fn the_player_page_plays_seeks_and_renews_in_chromium(pool: PgPool) {
             "apt-get install -y chromium (or set CHROMIUM_PATH)",
         )
     {
-        return;
+        return None;
     }
     let node_ok = std::process::Command::new("node")
         .arg("--version")
@@ -713,8 +725,16 @@ async fn the_player_page_plays_seeks_and_renews_in_chromium(pool: PgPool) {
         .status()
         .is_ok_and(|s| s.success());
     if !node_ok && missing_tool("node", "install Node.js 20 or later with npm") {
-        return;
+        return None;
     }
+    Some(chromium)
+}
+
+#[sqlx::test(migrations = false)]
+async fn the_player_page_plays_seeks_and_renews_in_chromium(pool: PgPool) {
+    let Some(chromium) = browser_tools() else {
+        return;
+    };
     ensure_node_modules().await;
 
     // A short ttl makes the page renew its URL while the test watches.
@@ -850,5 +870,129 @@ async fn every_signed_url_is_audited_and_none_is_handed_out_unaudited(pool: PgPo
     assert_eq!(status, 503, "{body}");
     assert!(body.get("url").is_none(), "{body}");
     assert!(!body.to_string().contains("/object/sign/"), "{body}");
+    s.stop().await;
+}
+
+/// Serves the bundled harness (`index.html`, `harness.js`) from `dir`, as
+/// the UI's own origin; returns that origin.
+async fn serve_bundle(dir: PathBuf) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let origin = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let dir = dir.clone();
+            let service = hyper::service::service_fn(move |req: hyper::Request<_>| {
+                let (file, kind) = match req.uri().path() {
+                    "/index.html" => ("index.html", "text/html; charset=utf-8"),
+                    "/harness.js" => ("harness.js", "text/javascript; charset=utf-8"),
+                    _ => ("", ""),
+                };
+                let body = std::fs::read(dir.join(file))
+                    .ok()
+                    .filter(|_| !file.is_empty());
+                async move {
+                    let mut res = hyper::Response::new(http_body_util::Full::new(
+                        bytes::Bytes::from(body.clone().unwrap_or_default()),
+                    ));
+                    if body.is_some() {
+                        res.headers_mut()
+                            .insert("content-type", kind.parse().unwrap());
+                    } else {
+                        *res.status_mut() = hyper::StatusCode::NOT_FOUND;
+                    }
+                    Ok::<_, std::convert::Infallible>(res)
+                }
+            });
+            tokio::spawn(
+                hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service),
+            );
+        }
+    });
+    origin
+}
+
+async fn node(args: &[&str], timeout: Duration) -> std::process::Output {
+    let started = Instant::now();
+    let out = tokio::time::timeout(
+        timeout,
+        tokio::process::Command::new("node")
+            .args(args)
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .unwrap_or_else(|_| panic!("node {args:?} did not finish within {timeout:?}"))
+    .expect("node runs");
+    println!(
+        "node {} took {:.1}s\n--- stdout\n{}\n--- stderr\n{}",
+        args.first().unwrap_or(&""),
+        started.elapsed().as_secs_f64(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// web/RecordingPlayer.tsx, bundled with esbuild and React from npm,
+/// rendered by the UI's origin in Chromium against the real playback API
+/// (CORS included): each state, the duration as m:ss, and a renewal of the
+/// signed URL that keeps the position.
+#[sqlx::test(migrations = false)]
+async fn the_react_player_shows_each_state_and_renews_in_chromium(pool: PgPool) {
+    let Some(chromium) = browser_tools() else {
+        return;
+    };
+    ensure_node_modules().await;
+    let script = browser_dir().join("component.mjs");
+    let script = script.to_str().unwrap();
+    let bundle = tempfile::tempdir().unwrap();
+    let out = node(
+        &[script, "build", bundle.path().to_str().unwrap()],
+        Duration::from_secs(60),
+    )
+    .await;
+    assert!(out.status.success(), "bundling failed; output above");
+    let origin = serve_bundle(bundle.path().to_owned()).await;
+
+    let ttl = 6;
+    let s = Playback::start(pool, |c| {
+        c.playback.signed_url_ttl = Duration::from_secs(ttl);
+        c.playback.allowed_origins = vec![origin.clone()];
+    })
+    .await;
+    let org = Uuid::new_v4();
+    let states = prepare_states(&s.p, org, LONG_AUDIO_LEN).await;
+    let artifacts = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/artifacts");
+    let spec = json!({
+        "api": format!("http://{}", s.addr),
+        "token": token(org),
+        "chromium": chromium,
+        "artifacts": artifacts,
+        "ttlSeconds": ttl,
+        "expectedDuration": seconds_of(LONG_AUDIO_LEN),
+        "expectedLabel": "10:00",
+        "intakes": {
+            "available": states.available,
+            "processing": states.processing,
+            "failed": states.failed,
+            "none": states.none,
+        },
+    });
+    let out = node(
+        &[
+            script,
+            "run",
+            &format!("{origin}/index.html"),
+            &spec.to_string(),
+        ],
+        Duration::from_secs(180),
+    )
+    .await;
+    assert!(
+        out.status.success(),
+        "component.mjs failed ({}); output above",
+        out.status
+    );
     s.stop().await;
 }
