@@ -751,6 +751,7 @@ mod tests {
             linked_at: None,
             telnyx_deleted_at: None,
             unmatched_reason: None,
+            lease_id: None,
         }
     }
 
