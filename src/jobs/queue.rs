@@ -447,6 +447,28 @@ impl Queue {
         }
     }
 
+    /// Locks the job row inside `tx` while the lease holds; `false` when it
+    /// was lost. Transactions that change an intake and the job call this
+    /// first, so every path locks the job row before the intake row (as the
+    /// operator functions and the release trigger do) and none deadlocks.
+    pub async fn lock_lease(
+        &self,
+        tx: &mut sqlx::PgConnection,
+        lease: &Lease,
+    ) -> Result<bool, QueueError> {
+        let held: Option<i64> = sqlx::query_scalar(
+            "SELECT id FROM recording_relay.recording_jobs
+             WHERE id = $1 AND lease_id = $2 AND locked_by = $3 AND state = 'running'
+             FOR UPDATE",
+        )
+        .bind(lease.job_id)
+        .bind(lease.token)
+        .bind(&lease.worker)
+        .fetch_optional(&mut *tx)
+        .await?;
+        Ok(held.is_some())
+    }
+
     /// Step 2 done: the intake this recording belongs to. Runs inside the
     /// transaction that claims the intake (see `pipeline::intakes`).
     pub async fn save_match(
