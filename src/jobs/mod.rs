@@ -117,6 +117,8 @@ pub struct Job {
     pub telnyx_deleted_at: Option<DateTime<Utc>>,
     /// Why the recording goes under `unmatched/`, saved with that path.
     pub unmatched_reason: Option<String>,
+    /// The fencing token of the current (or last) claim.
+    pub lease_id: Option<i64>,
 }
 
 impl Job {
@@ -124,18 +126,24 @@ impl Job {
     pub fn lease(&self) -> Option<Lease> {
         Some(Lease {
             job_id: self.id,
+            token: self.lease_id?,
             worker: self.locked_by.clone()?,
             attempt: self.attempts,
         })
     }
 }
 
-/// Identifies one claim of one job. A worker whose lease expired and whose
-/// job was claimed again holds a stale `Lease`: its updates match no row.
+/// Identifies one claim of one job. A worker whose lease expired, or was
+/// cancelled, and whose job was claimed again holds a stale `Lease`: its
+/// updates match no row.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Lease {
     pub job_id: i64,
+    /// Drawn from a sequence by the claim: no later claim of any job has
+    /// it, whatever `attempts` says (requeue resets that to 0).
+    pub token: i64,
     pub worker: String,
+    /// For the retry schedule and logs; not part of the fence.
     pub attempt: i32,
 }
 

@@ -1,8 +1,10 @@
 //! All SQL of the job queue, in one place.
 //!
-//! The claim commits at once (no transaction is held during HTTP work); every
-//! later change is fenced on `(id, locked_by, attempts)` and checks
-//! `rows_affected`, so a worker that lost its lease changes nothing.
+//! The claim commits at once (no transaction is held during HTTP work) and
+//! gives the lease a fresh token from a sequence; every later change is
+//! fenced on `(id, lease_id, locked_by)` and checks `rows_affected`, so a
+//! worker that lost its lease changes nothing, even after a cancel, a
+//! requeue and a re-claim by the same process have reset `attempts`.
 
 use std::time::Duration;
 
@@ -98,6 +100,7 @@ pub const CLAIM_SQL: &str = "WITH picked AS (
      UPDATE recording_relay.recording_jobs j
      SET state = 'running',
          attempts = j.attempts + 1,
+         lease_id = nextval('recording_relay.recording_jobs_lease_seq'),
          locked_by = $2,
          locked_until = now() + $3 * interval '1 millisecond',
          updated_at = now()
@@ -106,25 +109,25 @@ pub const CLAIM_SQL: &str = "WITH picked AS (
      RETURNING j.*";
 
 /// Completion of many claimed jobs, each fenced on its own lease: `$1` ids,
-/// `$2` workers, `$3` attempts (parallel arrays, sorted by id so concurrent
-/// batches lock rows in the same order). Returns `(id, attempt)` of each row
-/// that matched; a lease that was lost matches nothing.
+/// `$2` lease tokens, `$3` workers (parallel arrays, sorted by id so
+/// concurrent batches lock rows in the same order). Returns `(id, token)` of
+/// each row that matched; a lease that was lost matches nothing.
 pub const COMPLETE_BATCH_SQL: &str = "UPDATE recording_relay.recording_jobs j
      SET state = 'succeeded', finished_at = now(), locked_by = NULL, locked_until = NULL,
          updated_at = now()
-     FROM unnest($1::bigint[], $2::text[], $3::int[]) AS c(id, worker, attempt)
-     WHERE j.id = c.id AND j.locked_by = c.worker AND j.attempts = c.attempt
+     FROM unnest($1::bigint[], $2::bigint[], $3::text[]) AS c(id, token, worker)
+     WHERE j.id = c.id AND j.lease_id = c.token AND j.locked_by = c.worker
        AND j.state = 'running'
-     RETURNING j.id, j.attempts";
+     RETURNING j.id, j.lease_id";
 
-/// An UPDATE of one claimed job, fenced on its lease: `$1` id, `$2` worker,
-/// `$3` attempt. A worker that lost the lease matches no row.
+/// An UPDATE of one claimed job, fenced on its lease: `$1` id, `$2` lease
+/// token, `$3` worker. A worker that lost the lease matches no row.
 macro_rules! fenced_update {
     ($set:literal) => {
         concat!(
             "UPDATE recording_relay.recording_jobs SET ",
             $set,
-            ", updated_at = now() WHERE id = $1 AND locked_by = $2 AND attempts = $3 AND state = 'running'"
+            ", updated_at = now() WHERE id = $1 AND lease_id = $2 AND locked_by = $3 AND state = 'running'"
         )
     };
 }
@@ -132,8 +135,8 @@ macro_rules! fenced_update {
 fn fenced<'a>(sql: &'static str, lease: &'a Lease) -> Query<'a, Postgres, PgArguments> {
     sqlx::query(sql)
         .bind(lease.job_id)
+        .bind(lease.token)
         .bind(&lease.worker)
-        .bind(lease.attempt)
 }
 
 fn millis(d: Duration) -> i64 {
@@ -266,18 +269,18 @@ impl Queue {
         let mut sorted: Vec<&Lease> = leases.iter().collect();
         sorted.sort_by_key(|l| l.job_id);
         let ids: Vec<i64> = sorted.iter().map(|l| l.job_id).collect();
+        let tokens: Vec<i64> = sorted.iter().map(|l| l.token).collect();
         let workers: Vec<&str> = sorted.iter().map(|l| l.worker.as_str()).collect();
-        let attempts: Vec<i32> = sorted.iter().map(|l| l.attempt).collect();
-        let done: Vec<(i64, i32)> = sqlx::query_as(COMPLETE_BATCH_SQL)
+        let done: Vec<(i64, i64)> = sqlx::query_as(COMPLETE_BATCH_SQL)
             .bind(&ids)
+            .bind(&tokens)
             .bind(&workers)
-            .bind(&attempts)
             .fetch_all(&self.pool)
             .await?;
-        let done: std::collections::HashSet<(i64, i32)> = done.into_iter().collect();
+        let done: std::collections::HashSet<(i64, i64)> = done.into_iter().collect();
         Ok(leases
             .iter()
-            .map(|l| done.contains(&(l.job_id, l.attempt)))
+            .map(|l| done.contains(&(l.job_id, l.token)))
             .collect())
     }
 
@@ -304,12 +307,12 @@ impl Queue {
                      'attempt', attempts, 'at', now(), 'worker', locked_by,
                      'kind', $6::text, 'error', $4::text)),
                  locked_by = NULL, locked_until = NULL, updated_at = now()
-             WHERE id = $1 AND locked_by = $2 AND attempts = $3 AND state = 'running'
+             WHERE id = $1 AND lease_id = $2 AND locked_by = $3 AND state = 'running'
              RETURNING state",
         )
         .bind(lease.job_id)
+        .bind(lease.token)
         .bind(&lease.worker)
-        .bind(lease.attempt)
         .bind(error.to_string())
         .bind(millis(delay))
         .bind(error.kind())
@@ -446,6 +449,28 @@ impl Queue {
             Ok(None) => QueueError::Database(sqlx::Error::RowNotFound),
             Err(e) => e.into(),
         }
+    }
+
+    /// Locks the job row inside `tx` while the lease holds; `false` when it
+    /// was lost. Transactions that change an intake and the job call this
+    /// first, so every path locks the job row before the intake row (as the
+    /// operator functions and the release trigger do) and none deadlocks.
+    pub async fn lock_lease(
+        &self,
+        tx: &mut sqlx::PgConnection,
+        lease: &Lease,
+    ) -> Result<bool, QueueError> {
+        let held: Option<i64> = sqlx::query_scalar(
+            "SELECT id FROM recording_relay.recording_jobs
+             WHERE id = $1 AND lease_id = $2 AND locked_by = $3 AND state = 'running'
+             FOR UPDATE",
+        )
+        .bind(lease.job_id)
+        .bind(lease.token)
+        .bind(&lease.worker)
+        .fetch_optional(&mut *tx)
+        .await?;
+        Ok(held.is_some())
     }
 
     /// Step 2 done: the intake this recording belongs to. Runs inside the
@@ -881,6 +906,74 @@ mod tests {
             q.get(stale.job_id).await.unwrap().unwrap().state,
             JobState::Succeeded
         );
+    }
+
+    /// Cancel, requeue (attempts back to 0) and a re-claim by the same
+    /// worker recreate the old (id, worker, attempt) triple: the first
+    /// lease must still match nothing.
+    #[sqlx::test(migrations = false)]
+    async fn a_lease_cancelled_requeued_and_reclaimed_by_the_same_worker_stays_fenced_out(
+        pool: PgPool,
+    ) {
+        let q = queue(pool).await;
+        q.enqueue(&new_job("ev-1")).await.unwrap();
+        let stale = one_claimed(&q, "w1").await.lease().unwrap();
+        q.cancel(stale.job_id).await.unwrap();
+        q.requeue(stale.job_id).await.unwrap();
+        let fresh = one_claimed(&q, "w1").await.lease().unwrap();
+        assert_eq!(fresh.job_id, stale.job_id);
+        assert_eq!(
+            (&fresh.worker, fresh.attempt),
+            (&stale.worker, stale.attempt)
+        );
+
+        assert!(!q.heartbeat(&stale, LEASE).await.unwrap());
+        let resolution = Resolution {
+            recording_id: "rec-1".into(),
+            ..Resolution::default()
+        };
+        assert!(!q.save_resolution(&stale, &resolution).await.unwrap());
+        assert!(
+            !q.plan_object(&stale, "intakes/x/rec-1.wav", "audio/wav", None)
+                .await
+                .unwrap()
+        );
+        assert!(
+            !q.save_tus_upload(&stale, Some("http://tus/1"))
+                .await
+                .unwrap()
+        );
+        assert!(!q.save_stored(&stale, &"0".repeat(64), 1).await.unwrap());
+        assert!(!q.save_telnyx_deleted(&stale).await.unwrap());
+        let mut tx = q.pool().begin().await.unwrap();
+        assert!(!q.mark_linked(&mut tx, &stale).await.unwrap());
+        tx.rollback().await.unwrap();
+        assert!(!q.complete(&stale).await.unwrap());
+        assert_eq!(
+            q.complete_batch(std::slice::from_ref(&stale))
+                .await
+                .unwrap(),
+            [false]
+        );
+        assert_eq!(
+            q.retry(&stale, &JobError::retryable("x"), LEASE)
+                .await
+                .unwrap(),
+            None
+        );
+        assert!(!q.release(&stale).await.unwrap());
+        assert!(
+            !q.finish_unsuccessfully(&stale, JobState::Failed, "permanent", "x")
+                .await
+                .unwrap()
+        );
+
+        let job = q.get(stale.job_id).await.unwrap().unwrap();
+        assert_eq!(job.state, JobState::Running);
+        assert!(job.resolved_at.is_none() && job.object_path.is_none());
+        assert_eq!(job.attempts, 1);
+        assert!(q.heartbeat(&fresh, LEASE).await.unwrap());
+        assert!(q.complete(&fresh).await.unwrap());
     }
 
     #[sqlx::test(migrations = false)]

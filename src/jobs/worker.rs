@@ -2,6 +2,7 @@
 //! as there are free slots, run each under a heartbeated lease, record the
 //! result with a fenced update, and drain on shutdown.
 
+use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -111,11 +112,21 @@ impl<H: JobHandler> Worker<H> {
         );
 
         loop {
-            // A claim stuck on a lock must not hold up shutdown.
-            tokio::select! {
-                biased;
-                () = shutdown.cancelled() => break,
-                () = self.claim_into(&mut in_flight, &completions, &hard_stop) => {}
+            let free = self.opts.concurrency.saturating_sub(in_flight.len());
+            if free > 0 {
+                let claim = self
+                    .queue
+                    .claim(&self.opts.worker_id, free, self.opts.lease);
+                tokio::pin!(claim);
+                let claimed = tokio::select! {
+                    biased;
+                    claimed = &mut claim => claimed,
+                    () = shutdown.cancelled() => {
+                        self.give_back_claim(claim).await;
+                        break;
+                    }
+                };
+                self.spawn_claimed(claimed, &mut in_flight, &completions, &hard_stop);
             }
             tokio::select! {
                 biased;
@@ -143,21 +154,44 @@ impl<H: JobHandler> Worker<H> {
         info!(worker.id = %self.opts.worker_id, "worker stopped");
     }
 
-    async fn claim_into(
+    /// A claim in flight when shutdown starts still commits (dropping the
+    /// future does not stop the statement; the pool drains the connection),
+    /// so wait for it and give back what it took, the attempt uncounted.
+    /// Bounded: a claim stuck on a lock must not hold up shutdown forever;
+    /// whatever it takes after that comes back when its lease expires.
+    async fn give_back_claim(&self, claim: impl Future<Output = Result<Vec<Job>, QueueError>>) {
+        let jobs = match tokio::time::timeout(self.opts.shutdown_timeout, claim).await {
+            Ok(Ok(jobs)) => jobs,
+            Ok(Err(e)) => {
+                warn!(error = %e, "the claim in flight at shutdown failed");
+                return;
+            }
+            Err(_) => {
+                warn!(
+                    "the claim in flight at shutdown did not finish in time; jobs it took return when their lease expires"
+                );
+                return;
+            }
+        };
+        for job in jobs {
+            let Some(lease) = job.lease() else { continue };
+            match self.queue.release(&lease).await {
+                Ok(_) => info!(job.id = job.id, "job claimed as shutdown began; released"),
+                Err(e) => {
+                    warn!(job.id = job.id, error = %e, "could not release a job claimed as shutdown began; it returns when its lease expires");
+                }
+            }
+        }
+    }
+
+    fn spawn_claimed(
         &self,
+        claimed: Result<Vec<Job>, QueueError>,
         in_flight: &mut JoinSet<()>,
         completions: &Completions,
         hard_stop: &CancellationToken,
     ) {
-        let free = self.opts.concurrency.saturating_sub(in_flight.len());
-        if free == 0 {
-            return;
-        }
-        let jobs = match self
-            .queue
-            .claim(&self.opts.worker_id, free, self.opts.lease)
-            .await
-        {
+        let jobs = match claimed {
             Ok(jobs) => jobs,
             Err(e) => {
                 warn!(error = %e, "claiming jobs failed; retrying on the next wake-up or poll");

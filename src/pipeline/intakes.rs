@@ -147,6 +147,10 @@ pub async fn claim_intake(
     duration_secs: Option<i32>,
 ) -> Result<Claim, QueueError> {
     let mut tx = queue.pool().begin().await?;
+    if !queue.lock_lease(&mut tx, lease).await? {
+        tx.rollback().await?;
+        return Ok(Claim::LeaseLost);
+    }
     // Concurrent claims serialise on the row lock; the loser re-checks the
     // WHERE against the winner's value and updates nothing.
     let updated = sqlx::query(
@@ -182,8 +186,20 @@ pub async fn claim_intake(
     })
 }
 
+/// What a link found.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Linked {
+    Linked,
+    LeaseLost,
+    /// The intake was deleted after the match.
+    Gone,
+    /// The intake holds another recording now (set by hand, or by an
+    /// operator's attach after this job's reservation was released).
+    TakenBy(String),
+}
+
 /// Points the intake at the stored object and marks the job linked, in one
-/// transaction. `Ok(false)`: the lease was lost, nothing changed.
+/// transaction fenced on the lease. Only `Linked` changed anything.
 pub async fn link(
     queue: &Queue,
     lease: &Lease,
@@ -192,8 +208,12 @@ pub async fn link(
     duration_secs: Option<i32>,
     object_path: &str,
     recording_url: &str,
-) -> Result<bool, QueueError> {
+) -> Result<Linked, QueueError> {
     let mut tx = queue.pool().begin().await?;
+    if !queue.lock_lease(&mut tx, lease).await? {
+        tx.rollback().await?;
+        return Ok(Linked::LeaseLost);
+    }
     let updated = sqlx::query(
         "UPDATE public.intakes
          SET recording_id = $2, recording_object_path = $3, recording_url = $4,
@@ -208,12 +228,24 @@ pub async fn link(
     .bind(duration_secs)
     .execute(&mut *tx)
     .await?;
-    if updated.rows_affected() != 1 || !queue.mark_linked(&mut tx, lease).await? {
+    if updated.rows_affected() != 1 {
+        let other: Option<Option<String>> =
+            sqlx::query_scalar("SELECT recording_id FROM public.intakes WHERE id = $1")
+                .bind(intake)
+                .fetch_optional(&mut *tx)
+                .await?;
         tx.rollback().await?;
-        return Ok(false);
+        return Ok(match other {
+            None => Linked::Gone,
+            Some(other) => Linked::TakenBy(other.unwrap_or_default()),
+        });
+    }
+    if !queue.mark_linked(&mut tx, lease).await? {
+        tx.rollback().await?;
+        return Ok(Linked::LeaseLost);
     }
     tx.commit().await?;
-    Ok(true)
+    Ok(Linked::Linked)
 }
 
 #[cfg(test)]

@@ -733,7 +733,9 @@ impl Run<'_> {
         let recording_id = self.recording_id()?.to_owned();
         let url = self.p.storage.authenticated_url(&path);
         let duration = duration_secs(&self.job);
-        if !intakes::link(
+        // Retrying cannot bring an intake back or take it from another
+        // recording: stop at once and say where the recording is.
+        match intakes::link(
             &self.queue,
             &self.lease,
             intake,
@@ -744,9 +746,20 @@ impl Run<'_> {
         )
         .await?
         {
-            return Err(JobError::retryable(format!(
-                "intake {intake} could not be linked (lease lost, or it now holds another recording)"
-            )));
+            intakes::Linked::Linked => {}
+            intakes::Linked::LeaseLost => return Err(lease_lost()),
+            intakes::Linked::Gone => {
+                return Err(JobError::permanent(format!(
+                    "cannot link: intake {intake} was deleted after the match; \
+                     the recording is stored at {path}"
+                )));
+            }
+            intakes::Linked::TakenBy(other) => {
+                return Err(JobError::permanent(format!(
+                    "cannot link: intake {intake} now holds recording {other}; \
+                     this recording is stored at {path}"
+                )));
+            }
         }
         self.job.linked_at = Some(chrono::Utc::now());
         crate::metrics::metrics().recording_linked(self.job.created_at);
@@ -866,6 +879,7 @@ mod tests {
             linked_at: None,
             telnyx_deleted_at: None,
             unmatched_reason: None,
+            lease_id: None,
         }
     }
 

@@ -10,6 +10,7 @@ mod pipeline;
 mod playback;
 mod pooler;
 mod process;
+mod reservations;
 mod supabase;
 mod telnyx;
 mod webhook;

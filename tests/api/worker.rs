@@ -405,3 +405,102 @@ async fn a_success_reported_after_the_lease_was_lost_writes_nothing(pool: PgPool
     assert_eq!(j.locked_by.as_deref(), Some("w2"));
     assert!(j.finished_at.is_none());
 }
+
+/// A claim waiting on a lock when shutdown starts commits once the lock is
+/// free. The worker must wait for it and give back what it took, uncounted:
+/// otherwise the job stays `running` for a whole lease, and one on its last
+/// attempt ends `failed` without ever having run.
+#[sqlx::test(migrations = false)]
+async fn a_claim_in_flight_at_shutdown_is_released_with_the_attempt_uncounted(pool: PgPool) {
+    let queue = Queue::new(testing::prepare(pool).await);
+    queue
+        .enqueue(&NewJob {
+            max_attempts: 1,
+            ..job("ev-1")
+        })
+        .await
+        .unwrap();
+    // The claim's UPDATE (not its parse, which a table lock would hold up
+    // instead) waits for an advisory lock this test holds.
+    sqlx::raw_sql(
+        "CREATE FUNCTION public.hold_claims() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN
+             IF NEW.state = 'running' THEN PERFORM pg_advisory_xact_lock_shared(4242); END IF;
+             RETURN NEW;
+         END $$;
+         CREATE TRIGGER hold_claims BEFORE UPDATE ON recording_relay.recording_jobs
+             FOR EACH ROW EXECUTE FUNCTION public.hold_claims();",
+    )
+    .execute(queue.pool())
+    .await
+    .unwrap();
+    let mut locker = queue.pool().acquire().await.unwrap();
+    sqlx::query("SELECT pg_advisory_lock(4242)")
+        .execute(&mut *locker)
+        .await
+        .unwrap();
+    let ran = Arc::new(AtomicBool::new(false));
+    let r = ran.clone();
+    let w = start(
+        &queue,
+        handler(move |_, _| {
+            r.store(true, Ordering::SeqCst);
+            async { Ok(Outcome::Succeeded) }
+        }),
+        options("w1"),
+    );
+    let claims_waiting = || async {
+        sqlx::query_scalar::<_, i64>(
+            "SELECT count(*) FROM pg_stat_activity
+             WHERE datname = current_database() AND state = 'active'
+               AND wait_event_type = 'Lock' AND query LIKE 'WITH picked AS%'",
+        )
+        .fetch_one(queue.pool())
+        .await
+        .unwrap()
+    };
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            claims_waiting().await == 1
+        })
+        .await,
+        "the worker's claim waits on the advisory lock"
+    );
+    w.shutdown.cancel();
+    sqlx::query("SELECT pg_advisory_unlock(4242)")
+        .execute(&mut *locker)
+        .await
+        .unwrap();
+    tokio::time::timeout(Duration::from_secs(10), w.handle)
+        .await
+        .expect("worker stops in time")
+        .unwrap();
+    let claims_running = || async {
+        sqlx::query_scalar::<_, i64>(
+            "SELECT count(*) FROM pg_stat_activity
+             WHERE datname = current_database() AND state = 'active'
+               AND query LIKE 'WITH picked AS%'",
+        )
+        .fetch_one(queue.pool())
+        .await
+        .unwrap()
+    };
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            claims_running().await == 0
+        })
+        .await
+    );
+    let job = queue.get_by_event_id("ev-1").await.unwrap().unwrap();
+    assert_eq!(
+        (job.state, job.attempts),
+        (JobState::Pending, 0),
+        "{:?}",
+        job.last_error
+    );
+    assert!(job.locked_by.is_none());
+    assert!(
+        !ran.load(Ordering::SeqCst),
+        "shutdown started before the claim returned"
+    );
+}

@@ -16,7 +16,9 @@
 //!    redeliveries of the same `data.id` (some concurrent) in random order,
 //!    retrying non-2xx answers and connection errors like Telnyx;
 //! 4. meanwhile SIGKILLs a random daemon every few seconds and starts it
-//!    again, and restarts PostgreSQL once;
+//!    again, and restarts PostgreSQL once; an operator cancels a random
+//!    running job and requeues it at once, every few seconds, and requeues
+//!    every failed job now and then (`operators.rs`);
 //! 5. waits until every job is final, verifies the promise (`verify.rs`)
 //!    and prints the figures. Exit 0: every check passed; 1: a check
 //!    failed; 3: the run itself could not be carried out.
@@ -26,6 +28,7 @@
 //! next to this one; under `cargo run` it is built first.
 
 mod daemons;
+mod operators;
 mod plan;
 mod postgres;
 mod sender;
@@ -94,6 +97,11 @@ struct Args {
     /// through sending).
     #[arg(long, value_parser = duration)]
     pg_restart_at: Option<Duration>,
+    /// Mean time between operator actions while webhooks are sent: a
+    /// cancel + requeue pair on a running job, every fifth a requeue of
+    /// all failed jobs (0s: none).
+    #[arg(long, default_value = "2s", value_parser = duration)]
+    operator_every: Duration,
     /// Mean time between SIGKILLs (0s: none).
     #[arg(long, default_value = "4s", value_parser = duration)]
     kill_every: Duration,
@@ -321,6 +329,10 @@ async fn run(args: Args) -> anyhow::Result<bool> {
         .context("connecting to the run's database")?;
     db::create_demo_host_schema(&pool).await?;
     db::migrate(&pool).await?;
+    sqlx::raw_sql(operators::AUDIT_SQL)
+        .execute(&pool)
+        .await
+        .context("installing the audit of job writes")?;
     let work_dir = match &args.work_dir {
         Some(d) => d.clone(),
         None => binary
@@ -487,6 +499,15 @@ async fn run(args: Args) -> anyhow::Result<bool> {
         kills.clone(),
         crashes.clone(),
     ));
+    let operators_stop = CancellationToken::new();
+    let actions = Arc::new(Mutex::new(operators::Actions::default()));
+    let operating = tokio::spawn(operators::run(
+        recording_relay::jobs::Queue::new(pool.clone()),
+        storage.clone(),
+        args.operator_every,
+        operators_stop.clone(),
+        actions.clone(),
+    ));
     let restarting = pg_restart_at.map(|at| {
         let (cluster, url, down_for) = (pg_cluster.clone(), db_url.clone(), args.pg_down_for);
         tokio::spawn(async move {
@@ -513,6 +534,8 @@ async fn run(args: Args) -> anyhow::Result<bool> {
         let sent = sending.is_finished();
         if sent && sent_at.is_none() {
             sent_at = Some(Instant::now());
+            // Requeues of failed jobs would keep the run from settling.
+            operators_stop.cancel();
             say(&format!(
                 "all deliveries done after {:.1} s",
                 start.elapsed().as_secs_f64()
@@ -546,6 +569,8 @@ async fn run(args: Args) -> anyhow::Result<bool> {
     };
     let chaos_for = start.elapsed();
     stop.cancel();
+    operators_stop.cancel();
+    operating.await.context("the operator loop panicked")?;
     let mut daemons = chaos.await.context("the kill loop panicked")?;
     let restart = match restarting {
         Some(task) => Some(task.await.context("the restart task panicked")?),
@@ -604,6 +629,15 @@ async fn run(args: Args) -> anyhow::Result<bool> {
         lease: args.lease,
         poll: args.poll,
     });
+    let actions = std::mem::take(&mut *actions.lock().unwrap_or_else(PoisonError::into_inner));
+    let stale = operators::stale_writes(&pool)
+        .await
+        .context("reading the audit of job writes")?;
+    outcome.checks.push(verify::Check {
+        name: "no write through a stale lease (every job update audited)",
+        passed: stale.is_empty(),
+        details: stale.into_iter().take(12).collect(),
+    });
     if let Some(Err(e)) = &restart {
         outcome.checks.push(verify::Check {
             name: "PostgreSQL was restarted mid-run",
@@ -644,6 +678,22 @@ async fn run(args: Args) -> anyhow::Result<bool> {
             plan.deliveries.iter().filter(|d| d.redelivery).count(),
             plan.concurrent_duplicates
         ),
+        format!(
+            "operators: {} uploads refused with 403 at the start (incident); {} cancel+requeue pairs \
+             on running jobs ({} cancels refused: the job had finished), {} requeues of failed jobs \
+             ({} jobs), {} errors{}",
+            actions.refused_uploads,
+            actions.pairs.len(),
+            actions.cancels_refused,
+            actions.requeue_failed_runs,
+            actions.failed_jobs_requeued,
+            actions.errors.len(),
+            actions
+                .errors
+                .first()
+                .map(|e| format!(" (first: {e})"))
+                .unwrap_or_default()
+        ),
     ];
     print!("{}", verify::render(&outcome, &extra));
     let passed = outcome.checks.iter().all(|c| c.passed);
@@ -657,6 +707,7 @@ async fn run(args: Args) -> anyhow::Result<bool> {
             "total_s": total.as_secs_f64(),
             "passed": passed,
             "figures": outcome.figures,
+            "operators": actions,
             "checks": outcome.checks,
         });
         std::fs::write(path, serde_json::to_vec_pretty(&report)?)

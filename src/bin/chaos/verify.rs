@@ -83,6 +83,17 @@ fn classify(kind: &str, error: &str) -> &'static str {
         ("already holds recording", "intake taken"),
         ("handler panicked", "PANIC"),
     ];
+    // Not failures: an operator's cancel + requeue pair (`operators.rs`).
+    match kind {
+        "cancelled" => return "cancelled by an operator",
+        "requeued" => return "requeued by an operator",
+        _ => {}
+    }
+    // The operators' opening incident (`operators.rs`): permanent, but
+    // injected, and requeued.
+    if error.contains("storage rejected the service key") {
+        return "storage key refused (incident)";
+    }
     if kind == "permanent" {
         return "permanent error";
     }
@@ -107,6 +118,9 @@ fn injected(label: &str) -> bool {
             | "storage timeout/reset"
             | "storage TUS offset conflict"
             | "Telnyx download cut off"
+            | "cancelled by an operator"
+            | "requeued by an operator"
+            | "storage key refused (incident)"
     )
 }
 
@@ -796,6 +810,12 @@ mod tests {
             (
                 "lease_expired",
                 "lease expired: worker h:1:ab stopped heartbeating",
+            ),
+            ("cancelled", "cancelled by postgres"),
+            ("requeued", "requeued by postgres"),
+            (
+                "permanent",
+                "storage rejected the service key (403): check SUPABASE_SERVICE_ROLE_KEY",
             ),
         ] {
             assert!(injected(classify(kind, error)), "{error}");
