@@ -196,14 +196,36 @@ async fn prune_periodically(
             Ok(n) => info!(jobs = n, "pruned finished jobs past their retention"),
             Err(e) => tracing::warn!(error = %e, "pruning finished jobs failed"),
         }
-        match crate::playback::audit::prune(queue.pool(), retention.playback_audit_for, 500).await {
-            Ok(0) => {}
-            Ok(n) => info!(
-                records = n,
-                "pruned playback access records past their retention"
-            ),
-            Err(e) => tracing::warn!(error = %e, "pruning playback access records failed"),
+        prune_playback_audit(&queue, retention.playback_audit_for).await;
+    }
+}
+
+/// Batches of 500 until the backlog is gone (bounded per round, so a
+/// years-old backlog does not hold a connection for long): busy playback
+/// makes more than one batch an interval.
+async fn prune_playback_audit(queue: &Queue, keep_for: Duration) {
+    const BATCH: i32 = 500;
+    const MOST_BATCHES_PER_ROUND: usize = 200;
+    let mut pruned = 0;
+    for _ in 0..MOST_BATCHES_PER_ROUND {
+        match crate::playback::audit::prune(queue.pool(), keep_for, BATCH).await {
+            Ok(n) => {
+                pruned += n;
+                if n < BATCH as u64 {
+                    break;
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "pruning playback access records failed");
+                break;
+            }
         }
+    }
+    if pruned > 0 {
+        info!(
+            records = pruned,
+            "pruned playback access records past their retention"
+        );
     }
 }
 

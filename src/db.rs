@@ -10,7 +10,7 @@
 use std::sync::LazyLock;
 use std::time::{Duration, Instant};
 
-use backon::{ExponentialBuilder, Retryable};
+use backon::{BackoffBuilder, ExponentialBuilder, Retryable};
 use sqlx::migrate::{MigrateError, Migration, Migrator};
 use sqlx::postgres::{PgConnectOptions, PgListener, PgPoolOptions};
 use sqlx::{AssertSqlSafe, ConnectOptions, PgPool, SqlSafeStr};
@@ -44,6 +44,7 @@ pub static MIGRATOR: LazyLock<Migrator> = LazyLock::new(|| {
         .iter()
         .cloned()
         .map(lock_host_tables_briefly)
+        .map(close_to_api_roles_at_once)
         .collect::<Vec<_>>()
         .into();
     migrator
@@ -86,6 +87,13 @@ pub enum DbError {
         expected: &'static str,
         actual: String,
     },
+    #[error(
+        "public.recording_jobs exists beside recording_relay.recording_jobs: an older release \
+         ran migrations after this one (a rollback). Its tables in public are open to the \
+         Supabase API roles: move any rows worth keeping into recording_relay, drop the copies \
+         in public, then run `recording-relay migrate` again"
+    )]
+    RelayObjectsInPublic,
     #[error("database error: {0}")]
     Query(#[from] sqlx::Error),
     #[error("migration failed: {0}")]
@@ -329,9 +337,11 @@ pub const MIGRATE_LOCK_PATIENCE: Duration = Duration::from_secs(120);
 /// with a short timeout, in the migration's own transaction; `migrate`
 /// retries with backoff when they are busy. The history keeps the file's
 /// checksum. Later migrations take their own short `lock_timeout`.
-const LOCK_FIRST: [(i64, &[&str]); 2] = [
+const LOCK_FIRST: [(i64, &[&str]); 3] = [
     (20261125000001, &["public.intakes"]),
     (20261125000007, &["storage.objects"]),
+    // The job table itself: webhooks must not queue past Telnyx's 2 s.
+    (20261201000001, &["public.recording_jobs"]),
 ];
 
 /// A lock wait on a busy host table stays below this; queries queued behind
@@ -346,7 +356,9 @@ fn lock_host_tables_briefly(mut migration: Migration) -> Migration {
         .iter()
         .map(|t| {
             format!(
-                "IF to_regclass('{t}') IS NOT NULL THEN LOCK TABLE {t} IN ACCESS EXCLUSIVE MODE; END IF;"
+                "IF to_regclass('{t}') IS NOT NULL THEN \
+                 BEGIN LOCK TABLE {t} IN ACCESS EXCLUSIVE MODE; \
+                 EXCEPTION WHEN insufficient_privilege THEN NULL; END; END IF;"
             )
         })
         .collect();
@@ -354,6 +366,65 @@ fn lock_host_tables_briefly(mut migration: Migration) -> Migration {
         "SET LOCAL lock_timeout = '{HOST_LOCK_TIMEOUT}';\nDO $lock_first$ BEGIN {locks} END $lock_first$;\n"
     );
     migration.sql = AssertSqlSafe(format!("{prelude}{}", migration.sql.as_str())).into_sql_str();
+    migration
+}
+
+/// The last migration that created relay objects in `public`; the next
+/// one moves them into the relay schema and closes them.
+const LAST_MIGRATION_IN_PUBLIC: i64 = 20261125000008;
+
+/// Closes, in the same transaction, what a landed migration created in
+/// `public` to Supabase's API roles (and functions to PUBLIC): a `migrate`
+/// that stops between it and the move into the relay schema (an INVALID
+/// index, a lock that stayed busy) must not leave jobs readable with the
+/// anon key until someone notices. The phone key and the bucket name stay
+/// executable: ZScribe's users run them (see the relay-schema migration).
+const CLOSE_PUBLIC_OBJECTS: &str = r#"
+DO $close_to_api_roles$
+DECLARE
+    api_role TEXT;
+    object RECORD;
+BEGIN
+    FOR object IN
+        SELECT c.oid::regclass::text AS name, c.relkind = 'S' AS is_sequence
+        FROM pg_catalog.pg_class c
+        WHERE c.relnamespace = 'public'::regnamespace
+          AND c.relkind IN ('r', 'v', 'S')
+          AND (c.relname LIKE 'recording\_jobs%' OR c.relname LIKE 'webhook\_quarantine%')
+    LOOP
+        EXECUTE format('REVOKE ALL ON %s %s FROM PUBLIC',
+                       CASE WHEN object.is_sequence THEN 'SEQUENCE' ELSE 'TABLE' END, object.name);
+        FOREACH api_role IN ARRAY ARRAY['anon', 'authenticated', 'service_role'] LOOP
+            CONTINUE WHEN to_regrole(api_role) IS NULL;
+            EXECUTE format('REVOKE ALL ON %s %s FROM %I',
+                           CASE WHEN object.is_sequence THEN 'SEQUENCE' ELSE 'TABLE' END,
+                           object.name, api_role);
+        END LOOP;
+    END LOOP;
+    FOR object IN
+        SELECT p.oid::regprocedure::text AS name
+        FROM pg_catalog.pg_proc p
+        WHERE p.pronamespace = 'public'::regnamespace AND p.proname LIKE 'recording\_jobs\_%'
+    LOOP
+        EXECUTE format('REVOKE ALL ON FUNCTION %s FROM PUBLIC', object.name);
+        FOREACH api_role IN ARRAY ARRAY['anon', 'authenticated', 'service_role'] LOOP
+            CONTINUE WHEN to_regrole(api_role) IS NULL;
+            EXECUTE format('REVOKE ALL ON FUNCTION %s FROM %I', object.name, api_role);
+        END LOOP;
+    END LOOP;
+END
+$close_to_api_roles$;
+"#;
+
+fn close_to_api_roles_at_once(mut migration: Migration) -> Migration {
+    if migration.no_tx || migration.version > LAST_MIGRATION_IN_PUBLIC {
+        return migration;
+    }
+    migration.sql = AssertSqlSafe(format!(
+        "{}\n{CLOSE_PUBLIC_OBJECTS}",
+        migration.sql.as_str()
+    ))
+    .into_sql_str();
     migration
 }
 
@@ -365,20 +436,42 @@ fn is_lock_timeout(e: &MigrateError) -> bool {
     matches!(sql_error, sqlx::Error::Database(db) if db.code().as_deref() == Some("55P03"))
 }
 
+/// Applies the migrations on one connection of `pool`.
+///
+/// One connection throughout: sqlx holds a session-level advisory lock for
+/// a run and does not release it when a migration fails, so a retry on
+/// another connection of the pool would wait for that lock forever. After a
+/// failed attempt the lock is released explicitly.
 pub async fn migrate(pool: &PgPool) -> Result<(), DbError> {
-    carry_over_history(pool).await?;
-    let run = || async { MIGRATOR.run(pool).await };
-    run.retry(
-        ExponentialBuilder::default()
-            .with_min_delay(Duration::from_millis(250))
-            .with_max_delay(Duration::from_secs(4))
-            .with_jitter()
-            .with_total_delay(Some(MIGRATE_LOCK_PATIENCE))
-            .without_max_times(),
-    )
-    .when(is_lock_timeout)
-    .notify(|e, next| warn!(error = %e, retry_in = ?next, "a table is busy; migration retries"))
-    .await?;
+    let mut conn = pool.acquire().await?;
+    carry_over_history(&mut conn).await?;
+    refuse_relay_objects_in_public(&mut conn).await?;
+    let mut delays = ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(250))
+        .with_max_delay(Duration::from_secs(4))
+        .with_jitter()
+        .with_total_delay(Some(MIGRATE_LOCK_PATIENCE))
+        .without_max_times()
+        .build();
+    loop {
+        let outcome = MIGRATOR.run_direct(None, &mut *conn, false).await;
+        if outcome.is_err() {
+            sqlx::query("SELECT pg_advisory_unlock_all()")
+                .execute(&mut *conn)
+                .await?;
+        }
+        match outcome {
+            Ok(()) => break,
+            Err(e) if is_lock_timeout(&e) => match delays.next() {
+                Some(delay) => {
+                    warn!(error = %e, retry_in = ?delay, "a table is busy; migration retries");
+                    tokio::time::sleep(delay).await;
+                }
+                None => return Err(e.into()),
+            },
+            Err(e) => return Err(e.into()),
+        }
+    }
     info!(
         migrations = MIGRATOR.iter().count(),
         "database schema is up to date"
@@ -386,12 +479,29 @@ pub async fn migrate(pool: &PgPool) -> Result<(), DbError> {
     Ok(())
 }
 
+/// The relay's tables in `public` next to the relay schema mean an older
+/// release ran after this one (a rollback re-creates them there, open to the
+/// API roles again). Refused rather than guessed at: which copy holds the
+/// truth is a DBA's decision (README, "Deploying on Supabase").
+async fn refuse_relay_objects_in_public(conn: &mut sqlx::PgConnection) -> Result<(), DbError> {
+    let (moved, in_public): (bool, bool) = sqlx::query_as(
+        "SELECT to_regclass('recording_relay.recording_jobs') IS NOT NULL,
+                to_regclass('public.recording_jobs') IS NOT NULL",
+    )
+    .fetch_one(&mut *conn)
+    .await?;
+    if moved && in_public {
+        return Err(DbError::RelayObjectsInPublic);
+    }
+    Ok(())
+}
+
 /// Moves this project's rows of sqlx's history from `public._sqlx_migrations`
 /// (where releases before the relay schema kept it) to [`HISTORY_TABLE`],
 /// once. Another sqlx user's rows stay where they are; the old table is
 /// dropped only when nothing is left in it.
-async fn carry_over_history(pool: &PgPool) -> Result<(), DbError> {
-    let mut tx = pool.begin().await?;
+async fn carry_over_history(conn: &mut sqlx::PgConnection) -> Result<(), DbError> {
+    let mut tx = sqlx::Connection::begin(conn).await?;
     sqlx::query("SELECT pg_advisory_xact_lock(hashtext('recording_relay history carry-over'))")
         .execute(&mut *tx)
         .await?;
@@ -466,6 +576,7 @@ pub async fn ensure_migrated(pool: &PgPool) -> Result<(), DbError> {
     if !missing.is_empty() {
         return Err(DbError::NotMigrated(missing.join(", ")));
     }
+    refuse_relay_objects_in_public(&mut *pool.acquire().await?).await?;
     ensure_indexes_valid(pool).await
 }
 
@@ -553,6 +664,23 @@ mod tests {
             matches!(&err, DbError::ChecksumMismatch(v) if v == "20261125000006"),
             "{err}"
         );
+    }
+
+    /// An older release migrating after this one (a rollback) re-creates
+    /// the job table in public, open to the API roles: refused, loudly.
+    #[sqlx::test(migrations = false)]
+    async fn relay_tables_back_in_public_are_refused(pool: PgPool) {
+        let pool = crate::testing::prepare(pool).await;
+        sqlx::raw_sql("CREATE TABLE public.recording_jobs (id BIGINT)")
+            .execute(&pool)
+            .await
+            .unwrap();
+        for err in [
+            ensure_migrated(&pool).await.unwrap_err(),
+            migrate(&pool).await.unwrap_err(),
+        ] {
+            assert!(matches!(err, DbError::RelayObjectsInPublic), "{err}");
+        }
     }
 
     #[sqlx::test(migrations = false)]

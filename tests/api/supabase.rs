@@ -259,3 +259,62 @@ async fn the_operator_role_reads_jobs_and_changes_them_only_through_the_function
     assert_eq!(state, "cancelled");
     assert_eq!(reason, "cancelled by postgres");
 }
+
+/// A `migrate` that stops before the move into the relay schema (an
+/// INVALID index, a lock that stayed busy) leaves nothing open either: each
+/// landed migration closes what it created in `public` in its own
+/// transaction.
+#[sqlx::test(migrations = false)]
+async fn a_migrate_stopped_before_the_move_leaves_nothing_open(pool: PgPool) {
+    use sqlx::migrate::Migrator;
+    sqlx::raw_sql(SUPABASE).execute(&pool).await.unwrap();
+    recording_relay::db::create_demo_host_schema(&pool)
+        .await
+        .unwrap();
+    let up_to_public = Migrator {
+        migrations: recording_relay::db::MIGRATOR
+            .iter()
+            .filter(|m| m.version <= 20261125000008)
+            .cloned()
+            .collect::<Vec<_>>()
+            .into(),
+        ..Migrator::DEFAULT
+    };
+    up_to_public.run(&pool).await.unwrap();
+    sqlx::query(
+        "INSERT INTO public.recording_jobs (event_id, event_type, event, from_number)
+         VALUES ('ev-1', 'call.recording.saved', '{}', '+15551234567')",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    for role in ["anon", "authenticated", "service_role"] {
+        for sql in [
+            "SELECT * FROM public.recording_jobs",
+            "UPDATE public.recording_jobs SET state = 'cancelled'",
+            "SELECT * FROM public.webhook_quarantine",
+            "SELECT * FROM public.recording_jobs_failed",
+            "SELECT public.recording_jobs_cancel(1)",
+            "SELECT public.recording_jobs_requeue_failed()",
+        ] {
+            assert_eq!(
+                as_role(&pool, role, sql).await.as_deref(),
+                Some("42501"),
+                "{role} was not refused: {sql}"
+            );
+        }
+        // ZScribe keeps writing patients (the index calls the phone key).
+        assert_eq!(
+            as_role(
+                &pool,
+                role,
+                "INSERT INTO public.patients (phone) VALUES ('555 123 4567')"
+            )
+            .await,
+            None
+        );
+    }
+    // And the rest of the migrations then run as usual.
+    recording_relay::db::migrate(&pool).await.unwrap();
+    recording_relay::db::ensure_migrated(&pool).await.unwrap();
+}
