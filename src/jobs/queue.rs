@@ -115,6 +115,20 @@ pub const COMPLETE_BATCH_SQL: &str = "UPDATE recording_relay.recording_jobs j
        AND j.state = 'running'
      RETURNING j.id, j.attempts";
 
+/// Reconcile's "is this recording known" lookup, once per listed
+/// recording. `state <> 'duplicate'` lets the partial unique index
+/// `recording_jobs_recording_id_key` answer the first half (a bare
+/// `recording_id = $1` cannot use it and scans the table); a duplicate job
+/// always has an owner with the same recording id, which that index finds.
+/// The second half uses the call-session index. Its plan is tested.
+pub const HAS_JOB_FOR_RECORDING_SQL: &str = "SELECT EXISTS (
+         SELECT 1 FROM recording_relay.recording_jobs
+         WHERE recording_id = $1 AND state <> 'duplicate')
+     OR EXISTS (
+         SELECT 1 FROM recording_relay.recording_jobs
+         WHERE call_session_id = $2 AND recording_id IS NULL
+           AND state IN ('pending', 'running'))";
+
 /// An UPDATE of one claimed job, fenced on its lease: `$1` id, `$2` worker,
 /// `$3` attempt. A worker that lost the lease matches no row.
 macro_rules! fenced_update {
@@ -454,7 +468,9 @@ impl Queue {
         method: &str,
     ) -> Result<bool, QueueError> {
         let done = fenced(
-            fenced_update!("intake_id = $4, match_method = $5, matched_at = now()"),
+            fenced_update!(
+                "intake_id = $4, match_method = $5, matched_at = now(), unmatched_reason = NULL"
+            ),
             lease,
         )
         .bind(intake_id)
@@ -676,23 +692,23 @@ impl Queue {
         }
     }
 
-    /// Whether a job covers this recording: by id, or an unresolved job of
-    /// the same call (it will find this recording when it resolves).
+    /// Whether a job covers this recording (reconcile's question for each
+    /// listed recording): by id, or a live unresolved job of the same call,
+    /// which will find this recording when it resolves. An unresolved job
+    /// that ended (failed, cancelled, or refused the session as ambiguous)
+    /// finds nothing more, so it covers nothing: otherwise the session's
+    /// recordings could never be enqueued by id, which is what the
+    /// ambiguous-session error tells the operator to do.
     pub async fn has_job_for_recording(
         &self,
         recording_id: &str,
         call_session_id: Option<&str>,
     ) -> Result<bool, QueueError> {
-        let known = sqlx::query_scalar(
-            "SELECT EXISTS (
-                 SELECT 1 FROM recording_relay.recording_jobs
-                 WHERE recording_id = $1
-                    OR (recording_id IS NULL AND call_session_id = $2))",
-        )
-        .bind(recording_id)
-        .bind(call_session_id)
-        .fetch_one(&self.pool)
-        .await?;
+        let known = sqlx::query_scalar(HAS_JOB_FOR_RECORDING_SQL)
+            .bind(recording_id)
+            .bind(call_session_id)
+            .fetch_one(&self.pool)
+            .await?;
         Ok(known)
     }
 
@@ -1132,6 +1148,108 @@ mod tests {
         assert!(
             !plan.contains("Sort"),
             "the index order must serve ORDER BY:\n{plan}"
+        );
+    }
+
+    /// Issue #13: reconcile asks this once per listed recording; with
+    /// `recording_id = $1` alone the partial unique index does not apply and
+    /// every call scans the table.
+    #[sqlx::test(migrations = false)]
+    async fn reconciles_lookup_uses_the_recording_id_index(pool: PgPool) {
+        let q = queue(pool).await;
+        sqlx::query(
+            "INSERT INTO recording_relay.recording_jobs
+                 (event_id, event_type, event, state, finished_at, recording_id, call_session_id)
+             SELECT 'done-' || g, 'call.recording.saved', '{}', 'succeeded', now(),
+                    'rec-' || g, 'sess-' || g
+             FROM generate_series(1, 5000) g",
+        )
+        .execute(q.pool())
+        .await
+        .unwrap();
+        sqlx::query("ANALYZE recording_relay.recording_jobs")
+            .execute(q.pool())
+            .await
+            .unwrap();
+        let mut conn = q.pool().acquire().await.unwrap();
+        sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+            "PREPARE known(text, text) AS {HAS_JOB_FOR_RECORDING_SQL}"
+        )))
+        .execute(&mut *conn)
+        .await
+        .unwrap();
+        // A generic plan, as a long-lived prepared statement gets.
+        sqlx::query("SET plan_cache_mode = force_generic_plan")
+            .execute(&mut *conn)
+            .await
+            .unwrap();
+        let plan: Vec<(String,)> = sqlx::query_as("EXPLAIN EXECUTE known('rec-42', 'sess-42')")
+            .fetch_all(&mut *conn)
+            .await
+            .unwrap();
+        let plan = plan.into_iter().map(|r| r.0).collect::<Vec<_>>().join("\n");
+        assert!(plan.contains("recording_jobs_recording_id_key"), "{plan}");
+        assert!(!plan.contains("Seq Scan"), "{plan}");
+        drop(conn);
+        assert!(q.has_job_for_recording("rec-42", None).await.unwrap());
+        assert!(!q.has_job_for_recording("rec-none", None).await.unwrap());
+    }
+
+    /// Issue #10: an unresolved job that ended (failed, cancelled, an
+    /// ambiguous session) hid every recording of its session from
+    /// reconcile, so "enqueue the right one by recording id" never worked.
+    #[sqlx::test(migrations = false)]
+    async fn an_ended_unresolved_job_does_not_hide_its_sessions_recordings(pool: PgPool) {
+        let q = queue(pool).await;
+        let mut job = new_job("ev-session");
+        job.call_session_id = Some("sess-1".into());
+        q.enqueue(&job).await.unwrap();
+        assert!(
+            q.has_job_for_recording("rec-a", Some("sess-1"))
+                .await
+                .unwrap(),
+            "a pending unresolved job will resolve its session's recording"
+        );
+        let lease = one_claimed(&q, "w").await.lease().unwrap();
+        assert!(
+            q.has_job_for_recording("rec-a", Some("sess-1"))
+                .await
+                .unwrap()
+        );
+        q.finish_unsuccessfully(
+            &lease,
+            JobState::Failed,
+            "permanent",
+            "2 recordings of call session sess-1 fit this event",
+        )
+        .await
+        .unwrap();
+        assert!(
+            !q.has_job_for_recording("rec-a", Some("sess-1"))
+                .await
+                .unwrap(),
+            "a failed unresolved job covers nothing"
+        );
+        q.requeue(lease.job_id).await.unwrap();
+        q.cancel(lease.job_id).await.unwrap();
+        assert!(
+            !q.has_job_for_recording("rec-a", Some("sess-1"))
+                .await
+                .unwrap()
+        );
+        // A job that knows its recording covers it whatever its state.
+        let mut known = new_job("ev-known");
+        known.recording_id = Some("rec-b".into());
+        known.call_session_id = Some("sess-1".into());
+        q.enqueue(&known).await.unwrap();
+        let lease = one_claimed(&q, "w").await.lease().unwrap();
+        q.finish_unsuccessfully(&lease, JobState::Failed, "permanent", "boom")
+            .await
+            .unwrap();
+        assert!(
+            q.has_job_for_recording("rec-b", Some("sess-1"))
+                .await
+                .unwrap()
         );
     }
 

@@ -169,10 +169,16 @@ impl Run<'_> {
         }
         let unmatched = match (self.job.intake_id, &self.job.object_path) {
             (Some(_), _) => None,
-            // Planned as unmatched by an earlier attempt: keep that path
-            // rather than match late and leave an orphan copy behind, and
-            // give the reason saved with it. Not `last_error`: that is
-            // whatever interrupted the earlier attempt (a timeout, a crash).
+            // Stored under unmatched/ already (a requeued unmatched job):
+            // match again. A match links the intake to the object where it
+            // is, so nothing is copied, moved or orphaned; no match ends the
+            // job unmatched again with the new reason.
+            (None, Some(_)) if self.job.stored_at.is_some() => self.match_intake().await?,
+            // Planned as unmatched by an earlier attempt, upload unfinished:
+            // keep that path rather than match late and leave an orphan
+            // (possibly partial) copy behind, and give the reason saved with
+            // it. Not `last_error`: that is whatever interrupted the earlier
+            // attempt (a timeout, a crash).
             (None, Some(_)) => Some(
                 self.job
                     .unmatched_reason
@@ -287,9 +293,12 @@ impl Run<'_> {
             Party::From => j.from_number.as_deref(),
         };
         let input = MatchInput {
+            job_id: j.id,
             recording_id: &recording_id,
+            call_session_id: j.call_session_id.as_deref(),
             client_state: j.client_state.as_deref(),
             number,
+            party: opts.patient_party,
             organization: j
                 .connection_id
                 .as_ref()
@@ -303,13 +312,21 @@ impl Run<'_> {
         let (intake, method) = match found {
             Found::Intake(intake, method) => (intake, method),
             Found::Ambiguous(why) => return Ok(Some(why)),
-            Found::Nothing => {
+            Found::Nothing(why) => {
                 return self.unmatched_or_retry(format!(
-                    "no intake matches (patient number {}, created within {} of {around})",
+                    "no intake matches (patient number {}, created within {} of {around}): {why}",
                     number
                         .map(mask_phone)
                         .unwrap_or_else(|| "unknown".to_owned()),
                     humantime::format_duration(opts.match_window)
+                ));
+            }
+            Found::Undecided(why) => {
+                return self.unmatched_or_retry(format!(
+                    "no unambiguous intake (patient number {}): {why}",
+                    number
+                        .map(mask_phone)
+                        .unwrap_or_else(|| "unknown".to_owned()),
                 ));
             }
         };
