@@ -30,6 +30,7 @@ pub mod metrics;
 pub mod pipeline;
 pub mod playback;
 pub mod reconcile;
+pub mod retention;
 pub mod server;
 pub mod sim;
 pub mod storage;

@@ -129,6 +129,17 @@ pub const HAS_JOB_FOR_RECORDING_SQL: &str = "SELECT EXISTS (
          WHERE call_session_id = $2 AND recording_id IS NULL
            AND state IN ('pending', 'running'))";
 
+/// A finished job that is the only pointer to patient data, as a condition
+/// on `recording_relay.recording_jobs j`: unmatched (its object under
+/// `unmatched/` is known nowhere else); failed with a recording id, a call
+/// session or an object (the recording may still be at Telnyx, or in the
+/// bucket); cancelled with an object no intake was linked to. Ordinary
+/// retention never deletes these.
+pub const HOLDS_PATIENT_DATA: &str = "j.state = 'unmatched'
+     OR (j.state = 'failed' AND (j.recording_id IS NOT NULL OR j.call_session_id IS NOT NULL
+                                 OR j.object_path IS NOT NULL))
+     OR (j.state = 'cancelled' AND j.object_path IS NOT NULL AND j.linked_at IS NULL)";
+
 /// An UPDATE of one claimed job, fenced on its lease: `$1` id, `$2` worker,
 /// `$3` attempt. A worker that lost the lease matches no row.
 macro_rules! fenced_update {
@@ -659,8 +670,9 @@ impl Queue {
 
     /// Retention: deletes finished jobs older than their state's period, in
     /// batches of `batch` so each transaction stays short and vacuum keeps
-    /// up. Failures (failed, unmatched) have their own, longer period.
-    /// Returns how many rows were deleted.
+    /// up. Jobs that point at patient data ([`HOLDS_PATIENT_DATA`]) are
+    /// never deleted here: see [`Queue::unresolved_due`]. Returns how many
+    /// rows were deleted.
     pub async fn prune_finished(
         &self,
         succeeded_for: Duration,
@@ -669,17 +681,18 @@ impl Queue {
     ) -> Result<u64, QueueError> {
         let mut total = 0;
         loop {
-            let done = sqlx::query(
+            let done = sqlx::query(sqlx::AssertSqlSafe(format!(
                 "DELETE FROM recording_relay.recording_jobs
                  WHERE id IN (
-                     SELECT id FROM recording_relay.recording_jobs
-                     WHERE (state IN ('succeeded', 'duplicate', 'cancelled')
-                            AND finished_at < now() - $1 * interval '1 millisecond')
-                        OR (state IN ('failed', 'unmatched')
-                            AND finished_at < now() - $2 * interval '1 millisecond')
+                     SELECT id FROM recording_relay.recording_jobs j
+                     WHERE NOT ({HOLDS_PATIENT_DATA})
+                       AND ((state IN ('succeeded', 'duplicate', 'cancelled')
+                             AND finished_at < now() - $1 * interval '1 millisecond')
+                         OR (state = 'failed'
+                             AND finished_at < now() - $2 * interval '1 millisecond'))
                      LIMIT $3
-                     FOR UPDATE SKIP LOCKED)",
-            )
+                     FOR UPDATE SKIP LOCKED)"
+            )))
             .bind(millis(succeeded_for))
             .bind(millis(failed_for))
             .bind(batch)
@@ -690,6 +703,92 @@ impl Queue {
                 return Ok(total);
             }
         }
+    }
+
+    /// Jobs holding patient data that finished more than `older_than` ago,
+    /// oldest first; with `alerted_before`, only those whose retention alert
+    /// went out before then, else only those never alerted.
+    pub async fn unresolved_due(
+        &self,
+        older_than: Duration,
+        alerted_before: Option<Duration>,
+        limit: i64,
+    ) -> Result<Vec<(i64, Option<String>)>, QueueError> {
+        let rows = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "SELECT id, object_path FROM recording_relay.recording_jobs j
+             WHERE ({HOLDS_PATIENT_DATA})
+               AND finished_at < now() - $1 * interval '1 millisecond'
+               AND CASE WHEN $2::bigint IS NULL THEN retention_alerted_at IS NULL
+                        ELSE retention_alerted_at < now() - $2 * interval '1 millisecond' END
+             ORDER BY finished_at, id
+             LIMIT $3"
+        )))
+        .bind(millis(older_than))
+        .bind(alerted_before.map(millis))
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows)
+    }
+
+    /// Records that the retention alert for `id` went out.
+    pub async fn mark_retention_alerted(&self, id: i64) -> Result<(), QueueError> {
+        sqlx::query(
+            "UPDATE recording_relay.recording_jobs SET retention_alerted_at = now()
+             WHERE id = $1 AND retention_alerted_at IS NULL",
+        )
+        .bind(id)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Deletes job `id` after `delete_object` removed its object, in one
+    /// transaction that holds the row, so an operator's requeue or attach
+    /// in between waits and then finds no job (rather than a job whose
+    /// object is gone). The row must still be due: finished, holding patient
+    /// data, alerted at least `alerted_before` ago. An object that an intake
+    /// links is left alone. `Ok(false)`: not due any more, nothing deleted.
+    pub async fn delete_unresolved<F, Fut, E>(
+        &self,
+        id: i64,
+        alerted_before: Duration,
+        delete_object: F,
+    ) -> Result<Result<bool, E>, QueueError>
+    where
+        F: FnOnce(String) -> Fut,
+        Fut: std::future::Future<Output = Result<(), E>>,
+    {
+        let mut tx = self.pool.begin().await?;
+        let due: Option<(Option<String>, bool)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "SELECT object_path,
+                    EXISTS (SELECT 1 FROM public.intakes i
+                            WHERE i.recording_object_path = j.object_path)
+             FROM recording_relay.recording_jobs j
+             WHERE id = $1 AND ({HOLDS_PATIENT_DATA})
+               AND retention_alerted_at < now() - $2 * interval '1 millisecond'
+             FOR UPDATE"
+        )))
+        .bind(id)
+        .bind(millis(alerted_before))
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some((path, linked)) = due else {
+            tx.rollback().await?;
+            return Ok(Ok(false));
+        };
+        if let Some(path) = path.filter(|_| !linked)
+            && let Err(e) = delete_object(path).await
+        {
+            tx.rollback().await?;
+            return Ok(Err(e));
+        }
+        sqlx::query("DELETE FROM recording_relay.recording_jobs WHERE id = $1")
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(Ok(true))
     }
 
     /// Whether a job covers this recording (reconcile's question for each
@@ -1399,29 +1498,62 @@ mod tests {
         assert_eq!(unmatched, [lease.job_id]);
     }
 
+    /// Issue #10: retention deleted unmatched jobs (the only record of
+    /// `unmatched/{id}.wav`) and failed jobs whose recording may still be at
+    /// Telnyx after 90 days. They are kept now.
     #[sqlx::test(migrations = false)]
     async fn retention_deletes_only_what_it_should(pool: PgPool) {
         let q = queue(pool).await;
-        // state, finished how many days ago
-        for (i, (state, days)) in [
-            ("succeeded", 40),
-            ("succeeded", 10),
-            ("duplicate", 40),
-            ("failed", 40),
-            ("failed", 100),
-            ("unmatched", 100),
-        ]
-        .into_iter()
-        .enumerate()
-        {
+        // name, state, finished how many days ago, recording id, object path
+        type Row<'a> = (&'a str, &'a str, i32, Option<&'a str>, Option<&'a str>);
+        let rows: [Row; 9] = [
+            (
+                "succeeded-old",
+                "succeeded",
+                40,
+                Some("r1"),
+                Some("intakes/a/r1.wav"),
+            ),
+            (
+                "succeeded-new",
+                "succeeded",
+                10,
+                Some("r2"),
+                Some("intakes/b/r2.wav"),
+            ),
+            ("duplicate-old", "duplicate", 40, Some("r1"), None),
+            ("failed-nothing-40", "failed", 40, None, None),
+            ("failed-nothing-100", "failed", 100, None, None),
+            ("failed-at-telnyx-100", "failed", 100, Some("r3"), None),
+            (
+                "unmatched-100",
+                "unmatched",
+                100,
+                Some("r4"),
+                Some("unmatched/r4.wav"),
+            ),
+            (
+                "cancelled-stored-40",
+                "cancelled",
+                40,
+                Some("r5"),
+                Some("unmatched/r5.wav"),
+            ),
+            ("cancelled-empty-40", "cancelled", 40, None, None),
+        ];
+        for (name, state, days, recording, object) in rows {
             sqlx::query(
-                "INSERT INTO recording_relay.recording_jobs (event_id, event_type, event, state, finished_at, last_error)
+                "INSERT INTO recording_relay.recording_jobs
+                     (event_id, event_type, event, state, finished_at, last_error,
+                      recording_id, object_path, call_session_id)
                  VALUES ($1, 'call.recording.saved', '{}', $2::recording_relay.recording_job_state,
-                         now() - $3 * interval '1 day', 'x')",
+                         now() - $3 * interval '1 day', 'x', $4, $5, NULL)",
             )
-            .bind(format!("{state}-{days}-{i}"))
+            .bind(name)
             .bind(state)
             .bind(f64::from(days))
+            .bind(recording)
+            .bind(object)
             .execute(q.pool())
             .await
             .unwrap();
@@ -1436,7 +1568,17 @@ mod tests {
                 .await
                 .unwrap();
         left.sort();
-        assert_eq!(left, ["failed-40-3", "pending", "succeeded-10-1"]);
+        assert_eq!(
+            left,
+            [
+                "cancelled-stored-40",
+                "failed-at-telnyx-100",
+                "failed-nothing-40",
+                "pending",
+                "succeeded-new",
+                "unmatched-100"
+            ]
+        );
     }
 
     #[sqlx::test(migrations = false)]

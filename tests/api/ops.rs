@@ -285,3 +285,109 @@ async fn requeue_wakes_a_listening_worker_at_once(pool: PgPool) {
     eprintln!("requeue to succeeded (pickup + whole pipeline): {took:?}");
     p.stop().await;
 }
+
+/// Issue #10: an unmatched job is the only record of its object. With
+/// `retention.unresolved_for` set it is deleted together with the object,
+/// and only after an alert that went out `unresolved_alert_before` earlier.
+#[sqlx::test(migrations = false)]
+async fn retention_deletes_an_unresolved_job_with_its_object_only_after_an_alert(pool: PgPool) {
+    use recording_relay::alerts::Alerter;
+    use recording_relay::config::RetentionConfig;
+    use recording_relay::retention::run_once;
+    use recording_relay::storage::StorageClient;
+
+    let pool = testing::prepare(pool).await;
+    let queue = Queue::new(pool.clone());
+    let p = providers(true);
+    let sink = crate::helpers::AlertSink::start().await;
+    let timeout = Duration::from_secs(5);
+    let storage = StorageClient::new(
+        &p.storage.base_url(),
+        STORAGE_KEY.to_owned().into(),
+        "call-recordings",
+        timeout,
+        timeout,
+        timeout,
+    )
+    .unwrap();
+    let path = "unmatched/rec-old.wav";
+    storage
+        .upload(path, "audio/wav", vec![7u8; 100].into(), Some(100))
+        .await
+        .unwrap();
+    for (event, recording, object, days) in [
+        ("ev-old", "rec-old", Some(path), 100),
+        ("ev-recent", "rec-recent", None, 10),
+    ] {
+        sqlx::query(
+            "INSERT INTO recording_relay.recording_jobs
+                 (event_id, event_type, event, state, finished_at, last_error, recording_id, object_path)
+             VALUES ($1, 'call.recording.saved', '{}', 'unmatched',
+                     now() - $2 * interval '1 day', 'no intake matches', $3, $4)",
+        )
+        .bind(event)
+        .bind(f64::from(days))
+        .bind(recording)
+        .bind(object)
+        .execute(&pool)
+        .await
+        .unwrap();
+    }
+    let old = queue.get_by_event_id("ev-old").await.unwrap().unwrap();
+    let day = Duration::from_secs(86_400);
+
+    // By default: kept, however old.
+    let report = run_once(&queue, &RetentionConfig::default(), None, None)
+        .await
+        .unwrap();
+    assert_eq!(report.deleted + report.pruned as usize, 0);
+    assert!(queue.get(old.id).await.unwrap().is_some());
+
+    let config = RetentionConfig {
+        unresolved_for: Some(90 * day),
+        unresolved_alert_before: 7 * day,
+        ..RetentionConfig::default()
+    };
+    let alerter = Alerter::new(&sink.url(), timeout).unwrap();
+    // First pass: an alert, nothing deleted (it was never announced).
+    let report = run_once(&queue, &config, Some(&storage), Some(&alerter))
+        .await
+        .unwrap();
+    assert_eq!((report.alerted, report.deleted), (1, 0));
+    let alert = sink.next().await;
+    assert_eq!(alert["kind"], "recording_relay.job_retention_due");
+    assert_eq!(alert["job_id"], old.id);
+    assert_eq!(alert["object_path"], path);
+    let delete_after: chrono::DateTime<chrono::Utc> =
+        serde_json::from_value(alert["delete_after"].clone()).unwrap();
+    assert!(
+        delete_after > chrono::Utc::now() + chrono::Duration::days(6),
+        "at least the configured notice: {delete_after}"
+    );
+    assert!(p.storage.object("call-recordings", path).is_some());
+    // Again at once: no second alert, still nothing deleted.
+    let report = run_once(&queue, &config, Some(&storage), Some(&alerter))
+        .await
+        .unwrap();
+    assert_eq!((report.alerted, report.deleted), (0, 0));
+
+    // A week after the alert: the job goes, and its object with it.
+    sqlx::query(
+        "UPDATE recording_relay.recording_jobs SET retention_alerted_at = now() - interval '8 days'
+         WHERE id = $1",
+    )
+    .bind(old.id)
+    .execute(&pool)
+    .await
+    .unwrap();
+    let report = run_once(&queue, &config, Some(&storage), Some(&alerter))
+        .await
+        .unwrap();
+    assert_eq!((report.alerted, report.deleted), (0, 1));
+    assert!(queue.get(old.id).await.unwrap().is_none());
+    assert!(p.storage.object("call-recordings", path).is_none());
+    assert!(
+        queue.get_by_event_id("ev-recent").await.unwrap().is_some(),
+        "not due yet"
+    );
+}
