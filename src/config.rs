@@ -866,6 +866,12 @@ mod tests {
             parsed.playback.organization_claim,
             defaults.playback.organization_claim
         );
+        let (r, d) = (&parsed.retention, &defaults.retention);
+        assert_eq!(
+            (r.succeeded_for, r.failed_for, r.unresolved_for, r.interval),
+            (d.succeeded_for, d.failed_for, d.unresolved_for, d.interval)
+        );
+        assert_eq!(r.unresolved_alert_before, d.unresolved_alert_before);
     }
 
     #[test]
