@@ -391,3 +391,62 @@ async fn retention_deletes_an_unresolved_job_with_its_object_only_after_an_alert
         "not due yet"
     );
 }
+
+/// Issue #10: a webhook job that refused its session as ambiguous ("enqueue
+/// the right one by recording id (reconcile)") hid the session's recordings
+/// from reconcile, so that advice could never work.
+#[sqlx::test(migrations = false)]
+async fn reconcile_enqueues_the_recordings_of_a_session_whose_job_gave_up(pool: PgPool) {
+    let pool = testing::prepare(pool).await;
+    let db = testing::database_url_of(&pool, None);
+    let p = providers(true);
+    let queue = Queue::new(pool.clone());
+    let first = SimRecording::sample("rec-part-1");
+    let mut second = SimRecording::sample("rec-part-2");
+    second.call_session_id = first.call_session_id.clone();
+    p.telnyx.add_recording(first.clone());
+    p.telnyx.add_recording(second.clone());
+    queue
+        .enqueue(&NewJob {
+            event_id: "ev-ambiguous".into(),
+            event_type: "call.recording.saved".into(),
+            event: serde_json::json!({}),
+            call_session_id: Some(first.call_session_id.clone()),
+            max_attempts: 5,
+            ..NewJob::default()
+        })
+        .await
+        .unwrap();
+    let lease = queue
+        .claim("w", 1, Duration::from_secs(30))
+        .await
+        .unwrap()
+        .remove(0)
+        .lease()
+        .unwrap();
+    queue
+        .finish_unsuccessfully(
+            &lease,
+            JobState::Failed,
+            "permanent",
+            "2 recordings of call session fit this event; enqueue the right one by recording id (reconcile)",
+        )
+        .await
+        .unwrap();
+
+    let out = relay(&p, &db, TELNYX_KEY)
+        .args(["reconcile", "--since", "1h", "--json"])
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let mut enqueued: Vec<String> = serde_json::from_value(report["enqueued"].clone()).unwrap();
+    enqueued.sort();
+    assert_eq!(enqueued, ["rec-part-1", "rec-part-2"], "{report}");
+}
