@@ -28,6 +28,9 @@ pub struct JobAlert {
     pub object_path: Option<String>,
     pub attempts: i32,
     pub last_error: Option<String>,
+    /// Retention alerts only: when the job and its object will be deleted.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub delete_after: Option<chrono::DateTime<chrono::Utc>>,
 }
 
 impl JobAlert {
@@ -42,6 +45,17 @@ impl JobAlert {
             object_path: job.object_path.clone(),
             attempts: job.attempts,
             last_error: job.last_error.clone(),
+            delete_after: None,
+        }
+    }
+
+    /// Retention will delete this job (the only pointer to its recording)
+    /// and its object at `delete_after`, unless someone resolves it first.
+    pub fn retention_due(job: &Job, delete_after: chrono::DateTime<chrono::Utc>) -> Self {
+        Self {
+            kind: "recording_relay.job_retention_due",
+            delete_after: Some(delete_after),
+            ..Self::from_job(job)
         }
     }
 }
@@ -69,20 +83,26 @@ impl Alerter {
                 }
             };
             let alert = JobAlert::from_job(&job);
-            let send = || async {
-                this.http
-                    .post(&this.url)
-                    .json(&alert)
-                    .send()
-                    .await
-                    .and_then(reqwest::Response::error_for_status)
-            };
-            let sent = send
-                .retry(ExponentialBuilder::default().with_max_times(3))
-                .await;
+            let sent = this.send(&alert).await;
             if let Err(e) = sent {
                 error!(job.id = job_id, error = %e.without_url(), "alert webhook failed");
             }
         });
+    }
+
+    /// POSTs `alert`, retrying a few times; the caller learns whether it
+    /// arrived.
+    pub async fn send(&self, alert: &JobAlert) -> Result<(), reqwest::Error> {
+        let send = || async {
+            self.http
+                .post(&self.url)
+                .json(alert)
+                .send()
+                .await
+                .and_then(reqwest::Response::error_for_status)
+        };
+        send.retry(ExponentialBuilder::default().with_max_times(3))
+            .await
+            .map(drop)
     }
 }

@@ -137,10 +137,21 @@ impl App {
                     .map_err(|e| AppError::Config(format!("pipeline.alert_webhook_url: {e}")))?;
                 opts.alerter = Some(alerter);
             }
+            let alerter = opts.alerter.clone();
+            // Only deleting unresolved jobs' objects needs storage.
+            let storage = match self.config.retention.unresolved_for {
+                Some(_) => Some(
+                    crate::pipeline::storage_client(&self.config)
+                        .map_err(|e| AppError::Config(e.to_string()))?,
+                ),
+                None => None,
+            };
             parts.spawn(Worker::new(queue.clone(), handler, opts).run(shutdown.clone()));
             parts.spawn(prune_periodically(
                 queue.clone(),
                 self.config.retention.clone(),
+                storage,
+                alerter,
                 shutdown.clone(),
             ));
         }
@@ -174,12 +185,16 @@ async fn warn_unless_notifications_arrive(pool: &PgPool) {
 
 const NOTIFY_SELF_TEST_PATIENCE: Duration = Duration::from_secs(2);
 
-/// Retention: deletes old finished jobs in small batches, so the table stays
-/// small and vacuum keeps up. Every worker does it; SKIP LOCKED keeps them
-/// out of each other's way.
+/// Retention (see [`crate::retention`]): deletes old finished jobs in small
+/// batches, so the table stays small and vacuum keeps up, and keeps every
+/// job that points at patient data unless configured otherwise. Every
+/// worker does it; SKIP LOCKED and row locks keep them out of each other's
+/// way.
 async fn prune_periodically(
     queue: Queue,
     retention: crate::config::RetentionConfig,
+    storage: Option<crate::storage::StorageClient>,
+    alerter: Option<Alerter>,
     shutdown: CancellationToken,
 ) {
     let mut every = tokio::time::interval(retention.interval);
@@ -188,13 +203,17 @@ async fn prune_periodically(
             () = shutdown.cancelled() => return,
             _ = every.tick() => {}
         }
-        match queue
-            .prune_finished(retention.succeeded_for, retention.failed_for, 500)
+        match crate::retention::run_once(&queue, &retention, storage.as_ref(), alerter.as_ref())
             .await
         {
-            Ok(0) => {}
-            Ok(n) => info!(jobs = n, "pruned finished jobs past their retention"),
-            Err(e) => tracing::warn!(error = %e, "pruning finished jobs failed"),
+            Ok(r) if r == crate::retention::Report::default() => {}
+            Ok(r) => info!(
+                pruned = r.pruned,
+                alerted = r.alerted,
+                deleted = r.deleted,
+                "retention pass"
+            ),
+            Err(e) => tracing::warn!(error = %e, "retention pass failed"),
         }
         prune_playback_audit(&queue, retention.playback_audit_for).await;
     }

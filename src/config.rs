@@ -106,9 +106,20 @@ pub struct RetentionConfig {
     /// they finished.
     #[serde(with = "humantime_serde")]
     pub succeeded_for: Duration,
-    /// Failed and unmatched jobs are kept longer, for investigation.
+    /// Failed jobs that point at no recording (no recording id, call
+    /// session or object) are deleted this long after they finished.
     #[serde(with = "humantime_serde")]
     pub failed_for: Duration,
+    /// Jobs that are the only pointer to patient data (unmatched jobs,
+    /// failed jobs whose recording may still be at Telnyx or in the bucket,
+    /// cancelled jobs with an unlinked object) are kept until someone
+    /// resolves them, unless this is set: then they are deleted together
+    /// with their bucket object this long after they finished, and an alert
+    /// goes to `pipeline.alert_webhook_url` `unresolved_alert_before` first.
+    #[serde(with = "humantime_serde")]
+    pub unresolved_for: Option<Duration>,
+    #[serde(with = "humantime_serde")]
+    pub unresolved_alert_before: Duration,
     /// How often a worker prunes.
     #[serde(with = "humantime_serde")]
     pub interval: Duration,
@@ -123,6 +134,8 @@ impl Default for RetentionConfig {
         Self {
             succeeded_for: Duration::from_secs(30 * 86_400),
             failed_for: Duration::from_secs(90 * 86_400),
+            unresolved_for: None,
+            unresolved_alert_before: Duration::from_secs(7 * 86_400),
             interval: Duration::from_secs(3600),
             playback_audit_for: Duration::from_secs(6 * 366 * 86_400),
         }
@@ -634,6 +647,26 @@ impl Config {
         if let Some(url) = p.alert_webhook_url.as_deref() {
             check_provider_url("pipeline.alert_webhook_url", url, problems);
         }
+        if let Some(period) = self.retention.unresolved_for {
+            // Deleting the only pointer to a recording without telling anyone
+            // first is not an option.
+            if p.alert_webhook_url.is_none() {
+                problems.push(
+                    "retention.unresolved_for needs pipeline.alert_webhook_url: \
+                     unresolved recordings are deleted only after an alert"
+                        .to_owned(),
+                );
+            }
+            if self.retention.unresolved_alert_before.is_zero()
+                || self.retention.unresolved_alert_before >= period
+            {
+                problems.push(
+                    "retention.unresolved_alert_before must be above 0s and below \
+                     retention.unresolved_for"
+                        .to_owned(),
+                );
+            }
+        }
         let r = &self.retry;
         if r.max_attempts < 1 {
             problems.push("retry.max_attempts must be at least 1".to_owned());
@@ -838,11 +871,13 @@ mod tests {
             parsed.playback.organization_claim,
             defaults.playback.organization_claim
         );
+        let (r, d) = (&parsed.retention, &defaults.retention);
         assert_eq!(
-            parsed.retention.playback_audit_for,
-            defaults.retention.playback_audit_for
+            (r.succeeded_for, r.failed_for, r.unresolved_for, r.interval),
+            (d.succeeded_for, d.failed_for, d.unresolved_for, d.interval)
         );
-        assert_eq!(parsed.retention.failed_for, defaults.retention.failed_for);
+        assert_eq!(r.unresolved_alert_before, d.unresolved_alert_before);
+        assert_eq!(r.playback_audit_for, d.playback_audit_for);
     }
 
     #[test]
@@ -944,6 +979,39 @@ mod tests {
         assert!(
             !all.contains("public_key"),
             "the worker does not verify webhooks"
+        );
+    }
+
+    #[test]
+    fn deleting_unresolved_jobs_needs_an_alert_and_a_notice_period() {
+        let mut c = Config::default();
+        c.database.url = Some("postgres://localhost/x".to_owned().into());
+        c.retention.unresolved_for = Some(Duration::from_secs(3 * 86_400));
+        c.retention.unresolved_alert_before = Duration::from_secs(7 * 86_400);
+        let Err(ConfigError::Invalid(problems)) = c.validate(Role::Work) else {
+            panic!("expected invalid");
+        };
+        let all = problems.join("\n");
+        assert!(
+            all.contains("retention.unresolved_for needs pipeline.alert_webhook_url"),
+            "{all}"
+        );
+        assert!(
+            all.contains("retention.unresolved_alert_before must be"),
+            "{all}"
+        );
+        let parsed: Config = toml::from_str(
+            "[retention]\nunresolved_for = \"365d\"\nunresolved_alert_before = \"14d\"\n",
+        )
+        .unwrap();
+        assert_eq!(
+            parsed.retention.unresolved_for,
+            Some(Duration::from_secs(365 * 86_400))
+        );
+        assert_eq!(
+            Config::default().retention.unresolved_for,
+            None,
+            "kept by default"
         );
     }
 

@@ -11,6 +11,8 @@
 //! - [`pipeline`]: the steps of one job (resolve, match, store, link, delete),
 //!   using one client per upstream: [`telnyx`] and [`storage`].
 //! - [`alerts`]: a POST to an operator's webhook when a job ends badly.
+//! - [`retention`]: prunes old jobs, keeps every pointer to patient data
+//!   (or deletes it with its object after a configured period and an alert).
 //! - [`config`]: defaults, TOML file, systemd credentials, environment.
 //! - [`db`]: pool, migrations, schema checks.
 //! - [`app`]: wires listener and worker into one process with one shutdown token.
@@ -30,6 +32,7 @@ pub mod metrics;
 pub mod pipeline;
 pub mod playback;
 pub mod reconcile;
+pub mod retention;
 pub mod server;
 pub mod sim;
 pub mod storage;

@@ -120,6 +120,31 @@ pub const COMPLETE_BATCH_SQL: &str = "UPDATE recording_relay.recording_jobs j
        AND j.state = 'running'
      RETURNING j.id, j.lease_id";
 
+/// Reconcile's "is this recording known" lookup, once per listed
+/// recording. `state <> 'duplicate'` lets the partial unique index
+/// `recording_jobs_recording_id_key` answer the first half (a bare
+/// `recording_id = $1` cannot use it and scans the table); a duplicate job
+/// always has an owner with the same recording id, which that index finds.
+/// The second half uses the call-session index. Its plan is tested.
+pub const HAS_JOB_FOR_RECORDING_SQL: &str = "SELECT EXISTS (
+         SELECT 1 FROM recording_relay.recording_jobs
+         WHERE recording_id = $1 AND state <> 'duplicate')
+     OR EXISTS (
+         SELECT 1 FROM recording_relay.recording_jobs
+         WHERE call_session_id = $2 AND recording_id IS NULL
+           AND state IN ('pending', 'running'))";
+
+/// A finished job that is the only pointer to patient data, as a condition
+/// on `recording_relay.recording_jobs j`: unmatched (its object under
+/// `unmatched/` is known nowhere else); failed with a recording id, a call
+/// session or an object (the recording may still be at Telnyx, or in the
+/// bucket); cancelled with an object no intake was linked to. Ordinary
+/// retention never deletes these.
+pub const HOLDS_PATIENT_DATA: &str = "j.state = 'unmatched'
+     OR (j.state = 'failed' AND (j.recording_id IS NOT NULL OR j.call_session_id IS NOT NULL
+                                 OR j.object_path IS NOT NULL))
+     OR (j.state = 'cancelled' AND j.object_path IS NOT NULL AND j.linked_at IS NULL)";
+
 /// An UPDATE of one claimed job, fenced on its lease: `$1` id, `$2` lease
 /// token, `$3` worker. A worker that lost the lease matches no row.
 macro_rules! fenced_update {
@@ -483,7 +508,9 @@ impl Queue {
         method: &str,
     ) -> Result<bool, QueueError> {
         let done = fenced(
-            fenced_update!("intake_id = $4, match_method = $5, matched_at = now()"),
+            fenced_update!(
+                "intake_id = $4, match_method = $5, matched_at = now(), unmatched_reason = NULL"
+            ),
             lease,
         )
         .bind(intake_id)
@@ -672,8 +699,9 @@ impl Queue {
 
     /// Retention: deletes finished jobs older than their state's period, in
     /// batches of `batch` so each transaction stays short and vacuum keeps
-    /// up. Failures (failed, unmatched) have their own, longer period.
-    /// Returns how many rows were deleted.
+    /// up. Jobs that point at patient data ([`HOLDS_PATIENT_DATA`]) are
+    /// never deleted here: see [`Queue::unresolved_due`]. Returns how many
+    /// rows were deleted.
     pub async fn prune_finished(
         &self,
         succeeded_for: Duration,
@@ -682,17 +710,18 @@ impl Queue {
     ) -> Result<u64, QueueError> {
         let mut total = 0;
         loop {
-            let done = sqlx::query(
+            let done = sqlx::query(sqlx::AssertSqlSafe(format!(
                 "DELETE FROM recording_relay.recording_jobs
                  WHERE id IN (
-                     SELECT id FROM recording_relay.recording_jobs
-                     WHERE (state IN ('succeeded', 'duplicate', 'cancelled')
-                            AND finished_at < now() - $1 * interval '1 millisecond')
-                        OR (state IN ('failed', 'unmatched')
-                            AND finished_at < now() - $2 * interval '1 millisecond')
+                     SELECT id FROM recording_relay.recording_jobs j
+                     WHERE NOT ({HOLDS_PATIENT_DATA})
+                       AND ((state IN ('succeeded', 'duplicate', 'cancelled')
+                             AND finished_at < now() - $1 * interval '1 millisecond')
+                         OR (state = 'failed'
+                             AND finished_at < now() - $2 * interval '1 millisecond'))
                      LIMIT $3
-                     FOR UPDATE SKIP LOCKED)",
-            )
+                     FOR UPDATE SKIP LOCKED)"
+            )))
             .bind(millis(succeeded_for))
             .bind(millis(failed_for))
             .bind(batch)
@@ -705,23 +734,109 @@ impl Queue {
         }
     }
 
-    /// Whether a job covers this recording: by id, or an unresolved job of
-    /// the same call (it will find this recording when it resolves).
+    /// Jobs holding patient data that finished more than `older_than` ago,
+    /// oldest first; with `alerted_before`, only those whose retention alert
+    /// went out before then, else only those never alerted.
+    pub async fn unresolved_due(
+        &self,
+        older_than: Duration,
+        alerted_before: Option<Duration>,
+        limit: i64,
+    ) -> Result<Vec<(i64, Option<String>)>, QueueError> {
+        let rows = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "SELECT id, object_path FROM recording_relay.recording_jobs j
+             WHERE ({HOLDS_PATIENT_DATA})
+               AND finished_at < now() - $1 * interval '1 millisecond'
+               AND CASE WHEN $2::bigint IS NULL THEN retention_alerted_at IS NULL
+                        ELSE retention_alerted_at < now() - $2 * interval '1 millisecond' END
+             ORDER BY finished_at, id
+             LIMIT $3"
+        )))
+        .bind(millis(older_than))
+        .bind(alerted_before.map(millis))
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows)
+    }
+
+    /// Records that the retention alert for `id` went out.
+    pub async fn mark_retention_alerted(&self, id: i64) -> Result<(), QueueError> {
+        sqlx::query(
+            "UPDATE recording_relay.recording_jobs SET retention_alerted_at = now()
+             WHERE id = $1 AND retention_alerted_at IS NULL",
+        )
+        .bind(id)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Deletes job `id` after `delete_object` removed its object, in one
+    /// transaction that holds the row, so an operator's requeue or attach
+    /// in between waits and then finds no job (rather than a job whose
+    /// object is gone). The row must still be due: finished, holding patient
+    /// data, alerted at least `alerted_before` ago. An object that an intake
+    /// links is left alone. `Ok(false)`: not due any more, nothing deleted.
+    pub async fn delete_unresolved<F, Fut, E>(
+        &self,
+        id: i64,
+        alerted_before: Duration,
+        delete_object: F,
+    ) -> Result<Result<bool, E>, QueueError>
+    where
+        F: FnOnce(String) -> Fut,
+        Fut: std::future::Future<Output = Result<(), E>>,
+    {
+        let mut tx = self.pool.begin().await?;
+        let due: Option<(Option<String>, bool)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "SELECT object_path,
+                    EXISTS (SELECT 1 FROM public.intakes i
+                            WHERE i.recording_object_path = j.object_path)
+             FROM recording_relay.recording_jobs j
+             WHERE id = $1 AND ({HOLDS_PATIENT_DATA})
+               AND retention_alerted_at < now() - $2 * interval '1 millisecond'
+             FOR UPDATE"
+        )))
+        .bind(id)
+        .bind(millis(alerted_before))
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some((path, linked)) = due else {
+            tx.rollback().await?;
+            return Ok(Ok(false));
+        };
+        if let Some(path) = path.filter(|_| !linked)
+            && let Err(e) = delete_object(path).await
+        {
+            tx.rollback().await?;
+            return Ok(Err(e));
+        }
+        sqlx::query("DELETE FROM recording_relay.recording_jobs WHERE id = $1")
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(Ok(true))
+    }
+
+    /// Whether a job covers this recording (reconcile's question for each
+    /// listed recording): by id, or a live unresolved job of the same call,
+    /// which will find this recording when it resolves. An unresolved job
+    /// that ended (failed, cancelled, or refused the session as ambiguous)
+    /// finds nothing more, so it covers nothing: otherwise the session's
+    /// recordings could never be enqueued by id, which is what the
+    /// ambiguous-session error tells the operator to do.
     pub async fn has_job_for_recording(
         &self,
         recording_id: &str,
         call_session_id: Option<&str>,
     ) -> Result<bool, QueueError> {
-        let known = sqlx::query_scalar(
-            "SELECT EXISTS (
-                 SELECT 1 FROM recording_relay.recording_jobs
-                 WHERE recording_id = $1
-                    OR (recording_id IS NULL AND call_session_id = $2))",
-        )
-        .bind(recording_id)
-        .bind(call_session_id)
-        .fetch_one(&self.pool)
-        .await?;
+        let known = sqlx::query_scalar(HAS_JOB_FOR_RECORDING_SQL)
+            .bind(recording_id)
+            .bind(call_session_id)
+            .fetch_one(&self.pool)
+            .await?;
         Ok(known)
     }
 
@@ -1232,6 +1347,108 @@ mod tests {
         );
     }
 
+    /// Issue #13: reconcile asks this once per listed recording; with
+    /// `recording_id = $1` alone the partial unique index does not apply and
+    /// every call scans the table.
+    #[sqlx::test(migrations = false)]
+    async fn reconciles_lookup_uses_the_recording_id_index(pool: PgPool) {
+        let q = queue(pool).await;
+        sqlx::query(
+            "INSERT INTO recording_relay.recording_jobs
+                 (event_id, event_type, event, state, finished_at, recording_id, call_session_id)
+             SELECT 'done-' || g, 'call.recording.saved', '{}', 'succeeded', now(),
+                    'rec-' || g, 'sess-' || g
+             FROM generate_series(1, 5000) g",
+        )
+        .execute(q.pool())
+        .await
+        .unwrap();
+        sqlx::query("ANALYZE recording_relay.recording_jobs")
+            .execute(q.pool())
+            .await
+            .unwrap();
+        let mut conn = q.pool().acquire().await.unwrap();
+        sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+            "PREPARE known(text, text) AS {HAS_JOB_FOR_RECORDING_SQL}"
+        )))
+        .execute(&mut *conn)
+        .await
+        .unwrap();
+        // A generic plan, as a long-lived prepared statement gets.
+        sqlx::query("SET plan_cache_mode = force_generic_plan")
+            .execute(&mut *conn)
+            .await
+            .unwrap();
+        let plan: Vec<(String,)> = sqlx::query_as("EXPLAIN EXECUTE known('rec-42', 'sess-42')")
+            .fetch_all(&mut *conn)
+            .await
+            .unwrap();
+        let plan = plan.into_iter().map(|r| r.0).collect::<Vec<_>>().join("\n");
+        assert!(plan.contains("recording_jobs_recording_id_key"), "{plan}");
+        assert!(!plan.contains("Seq Scan"), "{plan}");
+        drop(conn);
+        assert!(q.has_job_for_recording("rec-42", None).await.unwrap());
+        assert!(!q.has_job_for_recording("rec-none", None).await.unwrap());
+    }
+
+    /// Issue #10: an unresolved job that ended (failed, cancelled, an
+    /// ambiguous session) hid every recording of its session from
+    /// reconcile, so "enqueue the right one by recording id" never worked.
+    #[sqlx::test(migrations = false)]
+    async fn an_ended_unresolved_job_does_not_hide_its_sessions_recordings(pool: PgPool) {
+        let q = queue(pool).await;
+        let mut job = new_job("ev-session");
+        job.call_session_id = Some("sess-1".into());
+        q.enqueue(&job).await.unwrap();
+        assert!(
+            q.has_job_for_recording("rec-a", Some("sess-1"))
+                .await
+                .unwrap(),
+            "a pending unresolved job will resolve its session's recording"
+        );
+        let lease = one_claimed(&q, "w").await.lease().unwrap();
+        assert!(
+            q.has_job_for_recording("rec-a", Some("sess-1"))
+                .await
+                .unwrap()
+        );
+        q.finish_unsuccessfully(
+            &lease,
+            JobState::Failed,
+            "permanent",
+            "2 recordings of call session sess-1 fit this event",
+        )
+        .await
+        .unwrap();
+        assert!(
+            !q.has_job_for_recording("rec-a", Some("sess-1"))
+                .await
+                .unwrap(),
+            "a failed unresolved job covers nothing"
+        );
+        q.requeue(lease.job_id).await.unwrap();
+        q.cancel(lease.job_id).await.unwrap();
+        assert!(
+            !q.has_job_for_recording("rec-a", Some("sess-1"))
+                .await
+                .unwrap()
+        );
+        // A job that knows its recording covers it whatever its state.
+        let mut known = new_job("ev-known");
+        known.recording_id = Some("rec-b".into());
+        known.call_session_id = Some("sess-1".into());
+        q.enqueue(&known).await.unwrap();
+        let lease = one_claimed(&q, "w").await.lease().unwrap();
+        q.finish_unsuccessfully(&lease, JobState::Failed, "permanent", "boom")
+            .await
+            .unwrap();
+        assert!(
+            q.has_job_for_recording("rec-b", Some("sess-1"))
+                .await
+                .unwrap()
+        );
+    }
+
     async fn failed_job(q: &Queue, event_id: &str) -> i64 {
         q.enqueue(&new_job(event_id)).await.unwrap();
         let lease = one_claimed(q, "w").await.lease().unwrap();
@@ -1378,29 +1595,62 @@ mod tests {
         assert_eq!(unmatched, [lease.job_id]);
     }
 
+    /// Issue #10: retention deleted unmatched jobs (the only record of
+    /// `unmatched/{id}.wav`) and failed jobs whose recording may still be at
+    /// Telnyx after 90 days. They are kept now.
     #[sqlx::test(migrations = false)]
     async fn retention_deletes_only_what_it_should(pool: PgPool) {
         let q = queue(pool).await;
-        // state, finished how many days ago
-        for (i, (state, days)) in [
-            ("succeeded", 40),
-            ("succeeded", 10),
-            ("duplicate", 40),
-            ("failed", 40),
-            ("failed", 100),
-            ("unmatched", 100),
-        ]
-        .into_iter()
-        .enumerate()
-        {
+        // name, state, finished how many days ago, recording id, object path
+        type Row<'a> = (&'a str, &'a str, i32, Option<&'a str>, Option<&'a str>);
+        let rows: [Row; 9] = [
+            (
+                "succeeded-old",
+                "succeeded",
+                40,
+                Some("r1"),
+                Some("intakes/a/r1.wav"),
+            ),
+            (
+                "succeeded-new",
+                "succeeded",
+                10,
+                Some("r2"),
+                Some("intakes/b/r2.wav"),
+            ),
+            ("duplicate-old", "duplicate", 40, Some("r1"), None),
+            ("failed-nothing-40", "failed", 40, None, None),
+            ("failed-nothing-100", "failed", 100, None, None),
+            ("failed-at-telnyx-100", "failed", 100, Some("r3"), None),
+            (
+                "unmatched-100",
+                "unmatched",
+                100,
+                Some("r4"),
+                Some("unmatched/r4.wav"),
+            ),
+            (
+                "cancelled-stored-40",
+                "cancelled",
+                40,
+                Some("r5"),
+                Some("unmatched/r5.wav"),
+            ),
+            ("cancelled-empty-40", "cancelled", 40, None, None),
+        ];
+        for (name, state, days, recording, object) in rows {
             sqlx::query(
-                "INSERT INTO recording_relay.recording_jobs (event_id, event_type, event, state, finished_at, last_error)
+                "INSERT INTO recording_relay.recording_jobs
+                     (event_id, event_type, event, state, finished_at, last_error,
+                      recording_id, object_path, call_session_id)
                  VALUES ($1, 'call.recording.saved', '{}', $2::recording_relay.recording_job_state,
-                         now() - $3 * interval '1 day', 'x')",
+                         now() - $3 * interval '1 day', 'x', $4, $5, NULL)",
             )
-            .bind(format!("{state}-{days}-{i}"))
+            .bind(name)
             .bind(state)
             .bind(f64::from(days))
+            .bind(recording)
+            .bind(object)
             .execute(q.pool())
             .await
             .unwrap();
@@ -1415,7 +1665,17 @@ mod tests {
                 .await
                 .unwrap();
         left.sort();
-        assert_eq!(left, ["failed-40-3", "pending", "succeeded-10-1"]);
+        assert_eq!(
+            left,
+            [
+                "cancelled-stored-40",
+                "failed-at-telnyx-100",
+                "failed-nothing-40",
+                "pending",
+                "succeeded-new",
+                "unmatched-100"
+            ]
+        );
     }
 
     #[sqlx::test(migrations = false)]

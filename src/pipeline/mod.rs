@@ -227,10 +227,16 @@ impl Run<'_> {
         }
         let unmatched = match (self.job.intake_id, &self.job.object_path) {
             (Some(_), _) => None,
-            // Planned as unmatched by an earlier attempt: keep that path
-            // rather than match late and leave an orphan copy behind, and
-            // give the reason saved with it. Not `last_error`: that is
-            // whatever interrupted the earlier attempt (a timeout, a crash).
+            // Stored under unmatched/ already (a requeued unmatched job):
+            // match again. A match links the intake to the object where it
+            // is, so nothing is copied, moved or orphaned; no match ends the
+            // job unmatched again with the new reason.
+            (None, Some(_)) if self.job.stored_at.is_some() => self.match_intake().await?,
+            // Planned as unmatched by an earlier attempt, upload unfinished:
+            // keep that path rather than match late and leave an orphan
+            // (possibly partial) copy behind, and give the reason saved with
+            // it. Not `last_error`: that is whatever interrupted the earlier
+            // attempt (a timeout, a crash).
             (None, Some(_)) => Some(
                 self.job
                     .unmatched_reason
@@ -355,9 +361,12 @@ impl Run<'_> {
             Scope::Unscoped | Scope::Organization(_) => number,
         };
         let input = MatchInput {
+            job_id: j.id,
             recording_id: &recording_id,
+            call_session_id: j.call_session_id.as_deref(),
             client_state: j.client_state.as_deref(),
             number: by_phone,
+            party: opts.patient_party,
             organization: match scope {
                 Scope::Organization(org) => Some(org),
                 Scope::Unscoped | Scope::Unknown => None,
@@ -371,7 +380,7 @@ impl Run<'_> {
         let (intake, method) = match found {
             Found::Intake(intake, method) => (intake, method),
             Found::Ambiguous(why) => return Ok(Some(why)),
-            Found::Nothing => {
+            Found::Nothing(detail) => {
                 let named = j
                     .client_state
                     .as_deref()
@@ -400,7 +409,7 @@ impl Run<'_> {
                          {client_state}"
                     ),
                     (_, Some(number)) => format!(
-                        "no intake matches (patient number {}, created within {} of {around})",
+                        "no intake matches (patient number {}, created within {} of {around}): {detail}",
                         mask_phone(number),
                         humantime::format_duration(opts.match_window)
                     ),
@@ -412,6 +421,14 @@ impl Run<'_> {
                     return Ok(Some(why));
                 }
                 return self.unmatched_or_retry(why);
+            }
+            Found::Undecided(why) => {
+                return self.unmatched_or_retry(format!(
+                    "no unambiguous intake (patient number {}): {why}",
+                    number
+                        .map(mask_phone)
+                        .unwrap_or_else(|| "unknown".to_owned()),
+                ));
             }
         };
         let duration = duration_secs(j);

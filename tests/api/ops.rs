@@ -403,3 +403,168 @@ async fn requeue_wakes_a_listening_worker_at_once(pool: PgPool) {
     eprintln!("requeue to succeeded (pickup + whole pipeline): {took:?}");
     p.stop().await;
 }
+
+/// Issue #10: an unmatched job is the only record of its object. With
+/// `retention.unresolved_for` set it is deleted together with the object,
+/// and only after an alert that went out `unresolved_alert_before` earlier.
+#[sqlx::test(migrations = false)]
+async fn retention_deletes_an_unresolved_job_with_its_object_only_after_an_alert(pool: PgPool) {
+    use recording_relay::alerts::Alerter;
+    use recording_relay::config::RetentionConfig;
+    use recording_relay::retention::run_once;
+    use recording_relay::storage::StorageClient;
+
+    let pool = testing::prepare(pool).await;
+    let queue = Queue::new(pool.clone());
+    let p = providers(true);
+    let sink = crate::helpers::AlertSink::start().await;
+    let timeout = Duration::from_secs(5);
+    let storage = StorageClient::new(
+        &p.storage.base_url(),
+        STORAGE_KEY.to_owned().into(),
+        "call-recordings",
+        timeout,
+        timeout,
+        timeout,
+    )
+    .unwrap();
+    let path = "unmatched/rec-old.wav";
+    storage
+        .upload(path, "audio/wav", vec![7u8; 100].into(), Some(100))
+        .await
+        .unwrap();
+    for (event, recording, object, days) in [
+        ("ev-old", "rec-old", Some(path), 100),
+        ("ev-recent", "rec-recent", None, 10),
+    ] {
+        sqlx::query(
+            "INSERT INTO recording_relay.recording_jobs
+                 (event_id, event_type, event, state, finished_at, last_error, recording_id, object_path)
+             VALUES ($1, 'call.recording.saved', '{}', 'unmatched',
+                     now() - $2 * interval '1 day', 'no intake matches', $3, $4)",
+        )
+        .bind(event)
+        .bind(f64::from(days))
+        .bind(recording)
+        .bind(object)
+        .execute(&pool)
+        .await
+        .unwrap();
+    }
+    let old = queue.get_by_event_id("ev-old").await.unwrap().unwrap();
+    let day = Duration::from_secs(86_400);
+
+    // By default: kept, however old.
+    let report = run_once(&queue, &RetentionConfig::default(), None, None)
+        .await
+        .unwrap();
+    assert_eq!(report.deleted + report.pruned as usize, 0);
+    assert!(queue.get(old.id).await.unwrap().is_some());
+
+    let config = RetentionConfig {
+        unresolved_for: Some(90 * day),
+        unresolved_alert_before: 7 * day,
+        ..RetentionConfig::default()
+    };
+    let alerter = Alerter::new(&sink.url(), timeout).unwrap();
+    // First pass: an alert, nothing deleted (it was never announced).
+    let report = run_once(&queue, &config, Some(&storage), Some(&alerter))
+        .await
+        .unwrap();
+    assert_eq!((report.alerted, report.deleted), (1, 0));
+    let alert = sink.next().await;
+    assert_eq!(alert["kind"], "recording_relay.job_retention_due");
+    assert_eq!(alert["job_id"], old.id);
+    assert_eq!(alert["object_path"], path);
+    let delete_after: chrono::DateTime<chrono::Utc> =
+        serde_json::from_value(alert["delete_after"].clone()).unwrap();
+    assert!(
+        delete_after > chrono::Utc::now() + chrono::Duration::days(6),
+        "at least the configured notice: {delete_after}"
+    );
+    assert!(p.storage.object("call-recordings", path).is_some());
+    // Again at once: no second alert, still nothing deleted.
+    let report = run_once(&queue, &config, Some(&storage), Some(&alerter))
+        .await
+        .unwrap();
+    assert_eq!((report.alerted, report.deleted), (0, 0));
+
+    // A week after the alert: the job goes, and its object with it.
+    sqlx::query(
+        "UPDATE recording_relay.recording_jobs SET retention_alerted_at = now() - interval '8 days'
+         WHERE id = $1",
+    )
+    .bind(old.id)
+    .execute(&pool)
+    .await
+    .unwrap();
+    let report = run_once(&queue, &config, Some(&storage), Some(&alerter))
+        .await
+        .unwrap();
+    assert_eq!((report.alerted, report.deleted), (0, 1));
+    assert!(queue.get(old.id).await.unwrap().is_none());
+    assert!(p.storage.object("call-recordings", path).is_none());
+    assert!(
+        queue.get_by_event_id("ev-recent").await.unwrap().is_some(),
+        "not due yet"
+    );
+}
+
+/// Issue #10: a webhook job that refused its session as ambiguous ("enqueue
+/// the right one by recording id (reconcile)") hid the session's recordings
+/// from reconcile, so that advice could never work.
+#[sqlx::test(migrations = false)]
+async fn reconcile_enqueues_the_recordings_of_a_session_whose_job_gave_up(pool: PgPool) {
+    let pool = testing::prepare(pool).await;
+    let db = testing::database_url_of(&pool, None);
+    let p = providers(true);
+    let queue = Queue::new(pool.clone());
+    let first = SimRecording::sample("rec-part-1");
+    let mut second = SimRecording::sample("rec-part-2");
+    second.call_session_id = first.call_session_id.clone();
+    p.telnyx.add_recording(first.clone());
+    p.telnyx.add_recording(second.clone());
+    queue
+        .enqueue(&NewJob {
+            event_id: "ev-ambiguous".into(),
+            event_type: "call.recording.saved".into(),
+            event: serde_json::json!({}),
+            call_session_id: Some(first.call_session_id.clone()),
+            max_attempts: 5,
+            ..NewJob::default()
+        })
+        .await
+        .unwrap();
+    let lease = queue
+        .claim("w", 1, Duration::from_secs(30))
+        .await
+        .unwrap()
+        .remove(0)
+        .lease()
+        .unwrap();
+    queue
+        .finish_unsuccessfully(
+            &lease,
+            JobState::Failed,
+            "permanent",
+            "2 recordings of call session fit this event; enqueue the right one by recording id (reconcile)",
+        )
+        .await
+        .unwrap();
+
+    let out = relay(&p, &db, TELNYX_KEY)
+        .args(["reconcile", "--since", "1h", "--json"])
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let mut enqueued: Vec<String> = serde_json::from_value(report["enqueued"].clone()).unwrap();
+    enqueued.sort();
+    assert_eq!(enqueued, ["rec-part-1", "rec-part-2"], "{report}");
+}

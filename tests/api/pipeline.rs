@@ -494,7 +494,7 @@ async fn an_intake_that_already_holds_a_recording_leaves_this_one_unmatched_not_
 
 /// Every statement of the daemon names its objects in full: with a
 /// search_path that holds neither `public` nor `recording_relay`, a webhook
-/// still becomes a stored, linked recording, and the operator functions work.
+/// still becomes a stored, linked recording.
 #[sqlx::test(migrations = false)]
 async fn the_daemon_does_not_depend_on_search_path(pool: PgPool) {
     let url = format!(
@@ -526,5 +526,89 @@ async fn the_daemon_does_not_depend_on_search_path(pool: PgPool) {
     let job = p.finished_job("ev-no-path").await;
     assert_eq!(job.state, JobState::Succeeded, "{:?}", job.last_error);
     assert_eq!(job.intake_id, Some(intake));
+    p.stop().await;
+}
+
+/// Issue #10: a patient's call 1 at 10:00 has its intake; call 2 at 10:06
+/// has none yet. Call 1's job failed with its recording still at Telnyx (it
+/// was not listed yet), and call 2's recording took call 1's intake, the
+/// nearest free one. Now call 2's recording is stored unmatched, naming
+/// both candidates, and the intake stays free for call 1.
+#[sqlx::test(migrations = false)]
+async fn a_later_call_never_takes_an_earlier_calls_intake(pool: PgPool) {
+    let p = spawn_pipeline(pool, |_| {}).await;
+    let mut call1 = SimRecording::sample("rec-call1");
+    call1.recording_started_at -= chrono::Duration::minutes(6);
+    let intake1 = intake_for(&p.app.pool, &call1, "+15557650002").await;
+    let mut event = recording_relay::testing::recording_saved_event("ev-call1", "sess-call1");
+    event["data"]["payload"]["recording_id"] = call1.id.clone().into();
+    event["data"]["payload"]["to"] = call1.to.clone().into();
+    event["data"]["payload"]["recording_started_at"] =
+        call1.recording_started_at.to_rfc3339().into();
+    p.post_event(&event).await;
+    assert_eq!(p.finished_job("ev-call1").await.state, JobState::Failed);
+
+    let call2 = SimRecording::sample("rec-call2");
+    p.telnyx.add_recording(call2.clone());
+    post(&p, "ev-call2", &call2).await;
+    let job = p.finished_job("ev-call2").await;
+    assert_eq!(job.state, JobState::Unmatched, "{:?}", job.intake_id);
+    assert_eq!(job.object_path.as_deref(), Some("unmatched/rec-call2.wav"));
+    let reason = job.last_error.unwrap();
+    assert!(
+        reason.contains("rec-call1") && reason.contains(&intake1.to_string()),
+        "{reason}"
+    );
+    assert!(!reason.contains("7650002"), "numbers are masked: {reason}");
+    assert!(
+        intake_row(&p.app.pool, intake1)
+            .await
+            .recording_id
+            .is_none()
+    );
+    p.stop().await;
+}
+
+/// Requeueing an unmatched job matches it again and links the intake to the
+/// object where it is, under `unmatched/` (no second copy, no move).
+#[sqlx::test(migrations = false)]
+async fn a_requeued_unmatched_job_is_matched_again_and_linked_in_place(pool: PgPool) {
+    let p = spawn_pipeline(pool, |_| {}).await;
+    let rec = SimRecording::sample("rec-late-intake");
+    p.telnyx.add_recording(rec.clone());
+    post(&p, "ev-late", &rec).await;
+    let job = p.finished_job("ev-late").await;
+    assert_eq!(job.state, JobState::Unmatched);
+
+    // The intake is saved late; an operator requeues the job.
+    let intake = intake_for(&p.app.pool, &rec, "+15557650002").await;
+    recording_relay::jobs::Queue::new(p.app.pool.clone())
+        .requeue(job.id)
+        .await
+        .unwrap();
+    let job = p.finished_job("ev-late").await;
+    assert_eq!(job.state, JobState::Succeeded, "{:?}", job.last_error);
+    assert_eq!(job.intake_id, Some(intake));
+    assert_eq!(job.match_method.as_deref(), Some("phone_and_time"));
+    assert_eq!(job.unmatched_reason, None);
+    let row = intake_row(&p.app.pool, intake).await;
+    assert_eq!(row.recording_id.as_deref(), Some("rec-late-intake"));
+    assert_eq!(
+        row.object_path.as_deref(),
+        Some("unmatched/rec-late-intake.wav")
+    );
+    assert!(row.migrated);
+    let stored = p
+        .storage
+        .object(&p.bucket, "unmatched/rec-late-intake.wav")
+        .unwrap();
+    assert_eq!(stored.upload_count, 1, "not uploaded again");
+    assert!(
+        p.storage
+            .object(&p.bucket, &format!("intakes/{intake}/rec-late-intake.wav"))
+            .is_none(),
+        "no second copy"
+    );
+    assert_eq!(p.telnyx.download_count("rec-late-intake"), 1);
     p.stop().await;
 }

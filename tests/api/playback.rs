@@ -677,7 +677,15 @@ fn missing_tool(what: &str, install: &str) -> bool {
     true
 }
 
+/// Once per test process: the page and the component tests run at the same
+/// time, and one's `npm ci` (which empties node_modules first) would pull
+/// the packages from under the other.
 async fn ensure_node_modules() {
+    static INSTALLED: tokio::sync::OnceCell<()> = tokio::sync::OnceCell::const_new();
+    INSTALLED.get_or_init(install_node_modules).await;
+}
+
+async fn install_node_modules() {
     let dir = browser_dir();
     // An older checkout's node_modules may lack the packages added since.
     let wanted = [
