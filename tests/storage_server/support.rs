@@ -145,6 +145,10 @@ GRANT USAGE ON SCHEMA auth TO authenticated, anon, service_role;
 GRANT EXECUTE ON FUNCTION auth.jwt() TO authenticated, anon, service_role;
 ";
 
+/// What Supabase's default privileges give the API roles on the host's
+/// tables; the storage policy's subquery reads `intakes` as the user.
+const HOST_GRANTS: &str = "GRANT SELECT ON patients, intakes TO authenticated;";
+
 /// The suite's tests share one server and one database (the daemon's
 /// tables sit beside the storage schema, as on Supabase), so they run one
 /// at a time: a worker of one test must not claim another test's job.
@@ -168,6 +172,9 @@ pub async fn suite() -> Option<Suite> {
                 sqlx::raw_sql(AUTH_JWT).execute(&pool).await.unwrap();
             }
             db::create_demo_host_schema(&pool).await.unwrap();
+            if server._child.is_some() {
+                sqlx::raw_sql(HOST_GRANTS).execute(&pool).await.unwrap();
+            }
             db::migrate(&pool).await.unwrap();
         })
         .await;
