@@ -537,6 +537,23 @@ mod tests {
         }
     }
 
+    /// What reqwest says alone ("error sending request") hides why; the
+    /// causes under it are what `last_error` needs.
+    #[test]
+    fn transport_errors_keep_their_causes() {
+        #[derive(Debug, thiserror::Error)]
+        #[error("error sending request")]
+        struct Outer(#[source] std::io::Error);
+        let e = Outer(std::io::Error::new(
+            std::io::ErrorKind::ConnectionReset,
+            "connection reset by peer",
+        ));
+        assert_eq!(
+            error_chain(&e),
+            "error sending request: connection reset by peer"
+        );
+    }
+
     #[test]
     fn paths_are_escaped_per_segment() {
         assert_eq!(encode_path("intakes/a b/x.wav"), "intakes/a%20b/x.wav");
