@@ -84,7 +84,24 @@ impl From<StorageError> for JobError {
 }
 
 fn transport(e: reqwest::Error) -> StorageError {
-    StorageError::Transport(e.without_url().to_string())
+    StorageError::Transport(error_chain(&e.without_url()))
+}
+
+/// The error and every cause under it, `: `-separated: reqwest's own text is
+/// only "error sending request", which tells an operator nothing (was the
+/// connection refused, reset, timed out?). URLs are already stripped.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        let more = cause.to_string();
+        if !text.contains(&more) {
+            text.push_str(": ");
+            text.push_str(&more);
+        }
+        source = cause.source();
+    }
+    text
 }
 
 /// What `object/info` reports. Servers differ on whether size and type sit
@@ -135,6 +152,17 @@ struct ErrorBody {
 #[derive(Debug, Clone)]
 pub struct StorageClient {
     http: reqwest::Client,
+    /// For requests that carry an object's bytes (POST uploads, TUS
+    /// PATCHes): never pooled. storage-api refuses an upload (duplicate,
+    /// RLS, mime type, size) before reading its body and keeps the
+    /// connection open with the body unread; a later request sent on that
+    /// connection waits until the server resets it (30-60 s).
+    ///
+    /// No `Connection: close` either: the server then closes the socket
+    /// right after its refusal, while the body is still being written, and
+    /// the client reports "Broken pipe" instead of the refusal, turning a
+    /// permanent error (mime type, size) into a retried one.
+    uploads: reqwest::Client,
     /// The project URL, e.g. `https://<ref>.supabase.co` (no `/storage/v1`).
     base: String,
     key: SecretString,
@@ -151,14 +179,20 @@ impl StorageClient {
         request_timeout: Duration,
         read_idle: Duration,
     ) -> Result<Self, StorageError> {
-        let http = reqwest::Client::builder()
-            .connect_timeout(connect_timeout)
-            .read_timeout(read_idle)
-            .user_agent(concat!("recording-relay/", env!("CARGO_PKG_VERSION")))
+        let builder = || {
+            reqwest::Client::builder()
+                .connect_timeout(connect_timeout)
+                .read_timeout(read_idle)
+                .user_agent(concat!("recording-relay/", env!("CARGO_PKG_VERSION")))
+        };
+        let http = builder().build().map_err(transport)?;
+        let uploads = builder()
+            .pool_max_idle_per_host(0)
             .build()
             .map_err(transport)?;
         Ok(Self {
             http,
+            uploads,
             base: base.trim_end_matches('/').to_owned(),
             key,
             bucket: bucket.to_owned(),
@@ -204,7 +238,7 @@ impl StorageClient {
         length: Option<u64>,
     ) -> Result<(), StorageError> {
         let mut req = self
-            .authed(self.http.post(self.url(&self.object_route("", path))))
+            .authed(self.uploads.post(self.url(&self.object_route("", path))))
             .header("content-type", content_type)
             .header("x-upsert", "false")
             .header("cache-control", "max-age=3600");
@@ -384,7 +418,7 @@ impl StorageClient {
         length: u64,
     ) -> Result<u64, StorageError> {
         let res = self
-            .authed(self.http.patch(upload_url))
+            .authed(self.uploads.patch(upload_url))
             .header("tus-resumable", "1.0.0")
             .header("x-upsert", "false")
             .header("upload-offset", offset)
@@ -501,6 +535,23 @@ mod tests {
                 })
             );
         }
+    }
+
+    /// What reqwest says alone ("error sending request") hides why; the
+    /// causes under it are what `last_error` needs.
+    #[test]
+    fn transport_errors_keep_their_causes() {
+        #[derive(Debug, thiserror::Error)]
+        #[error("error sending request")]
+        struct Outer(#[source] std::io::Error);
+        let e = Outer(std::io::Error::new(
+            std::io::ErrorKind::ConnectionReset,
+            "connection reset by peer",
+        ));
+        assert_eq!(
+            error_chain(&e),
+            "error sending request: connection reset by peer"
+        );
     }
 
     #[test]

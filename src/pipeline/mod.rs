@@ -6,7 +6,8 @@
 //!    API (the real webhook lacks them);
 //! 2. match: the intake, via `client_state` or phone number + time;
 //! 3. store: stream the file from Telnyx into the bucket, hash and count it
-//!    on the way, verify the stored size;
+//!    on the way, verify the stored size; an object already at the path is
+//!    adopted only if its SHA-256 is the source's, else replaced;
 //! 4. link: point the intake at the object;
 //! 5. delete at Telnyx (optional, only after 3 and 4).
 
@@ -114,6 +115,7 @@ impl JobHandler for Pipeline {
             queue: ctx.queue,
             lease: ctx.lease,
             fresh: None,
+            replaced: false,
         };
         run.execute().await
     }
@@ -127,6 +129,9 @@ struct Run<'a> {
     lease: Lease,
     /// The recording as last fetched in this attempt, with fresh URLs.
     fresh: Option<(Instant, Recording)>,
+    /// A foreign object at the recording's path was already replaced in
+    /// this attempt: a second one is not chased in a loop.
+    replaced: bool,
 }
 
 /// What a fenced step write returning `false` means.
@@ -479,9 +484,7 @@ impl Run<'_> {
             // An earlier attempt got as far as uploading: its object may be
             // complete even though the attempt did not see it finish.
             if self.p.storage.object_info(&path).await?.is_some() {
-                let url = self.download_url(format).await?;
-                let expected = self.p.telnyx.source_length(&url).await?;
-                let digest = self.adopt_existing(&path).await?;
+                let (digest, expected) = self.adopt_existing(&path, format).await?;
                 return self
                     .verify_and_save(&path, digest, expected)
                     .await
@@ -566,9 +569,7 @@ impl Run<'_> {
         let download = self.p.telnyx.download(&url, 0).await?;
         let length = download.content_length();
         if let Some(total) = length.filter(|len| *len > self.p.opts.resumable_threshold_bytes) {
-            let digest = self
-                .start_resumable(path, content_type, download, total)
-                .await?;
+            let digest = self.start_resumable(path, format, download, total).await?;
             return Ok((digest, Some(total)));
         }
         let tally = Tally::default();
@@ -585,7 +586,7 @@ impl Run<'_> {
             Ok(()) => Ok((tally.finish(), length)),
             // Ours from an attempt whose bookkeeping was lost (e.g. a job row
             // recreated by an operator): adopt it rather than upload twice.
-            Err(StorageError::Duplicate) => Ok((self.adopt_existing(path).await?, length)),
+            Err(StorageError::Duplicate) => self.adopt_existing(path, format).await,
             Err(e) => Err(e.into()),
         }
     }
@@ -593,13 +594,23 @@ impl Run<'_> {
     async fn start_resumable(
         &mut self,
         path: &str,
-        content_type: &str,
+        format: AudioFormat,
         download: reqwest::Response,
         total: u64,
     ) -> Result<Digest, JobError> {
-        let upload = match self.p.storage.tus_create(path, content_type, total).await {
+        let upload = match self
+            .p
+            .storage
+            .tus_create(path, format.content_type(), total)
+            .await
+        {
             Ok(url) => url,
-            Err(StorageError::Duplicate) => return self.adopt_existing(path).await,
+            Err(StorageError::Duplicate) => {
+                return self
+                    .adopt_existing(path, format)
+                    .await
+                    .map(|(digest, _)| digest);
+            }
             Err(e) => return Err(e.into()),
         };
         written(
@@ -631,7 +642,7 @@ impl Run<'_> {
             // Every byte arrived; the last PATCH's answer was lost. The server
             // commits the object with that PATCH, or discards the upload.
             if self.p.storage.object_info(path).await?.is_some() {
-                return Ok((self.adopt_existing(path).await?, length));
+                return self.adopt_existing(path, format).await;
             }
             return self.restart_upload(path, format).await;
         }
@@ -652,9 +663,10 @@ impl Run<'_> {
         info!(offset, total, "resuming the upload");
         let reader = transfer::shared_reader(transfer::body_stream(download));
         self.send_chunks(upload, reader, offset, total).await?;
-        // The bytes before `offset` went up in an earlier attempt: hash what
-        // the bucket holds rather than trust a partial hash.
-        Ok((self.adopt_existing(path).await?, Some(total)))
+        // The bytes before `offset` went up in an earlier attempt: compare
+        // what the bucket holds with the source rather than trust a
+        // partial hash.
+        self.adopt_existing(path, format).await
     }
 
     async fn restart_upload(
@@ -689,19 +701,64 @@ impl Run<'_> {
         Ok(())
     }
 
-    /// The object is already in the bucket: hash it where it is.
-    async fn adopt_existing(&self, path: &str) -> Result<Digest, JobError> {
+    /// An object is already at `path` (an earlier attempt's upload that
+    /// finished unobserved, a 409, a resumed upload): it is this recording
+    /// only if its bytes are the source's. The same size is not enough: a
+    /// different recording can have it. Both are streamed and hashed, so
+    /// memory stays constant. Anything else at the daemon's own path is
+    /// replaced by the recording (and logged); it is never linked.
+    ///
+    /// Returns what the bucket holds and the source's size.
+    async fn adopt_existing(
+        &mut self,
+        path: &str,
+        format: AudioFormat,
+    ) -> Result<(Digest, Option<u64>), JobError> {
         let stored = self.p.storage.download(path).await?;
-        let digest = transfer::digest_of(transfer::body_stream(stored))
+        let stored = transfer::digest_of(transfer::body_stream(stored))
             .await
             .map_err(|e| {
                 JobError::retryable(format!("reading back the stored object failed: {e}"))
             })?;
-        info!(
-            bytes = digest.size,
-            "adopted the object an earlier attempt stored"
+        let url = self.download_url(format).await?;
+        let source = self.p.telnyx.download(&url, 0).await?;
+        let source = transfer::digest_of(transfer::body_stream(source))
+            .await
+            .map_err(|e| {
+                JobError::retryable(format!("reading the recording to compare failed: {e}"))
+            })?;
+        if stored == source {
+            info!(
+                bytes = stored.size,
+                sha256 = %stored.sha256,
+                "adopted the object already stored: its bytes are the recording's"
+            );
+            return Ok((stored, Some(source.size)));
+        }
+        if self.replaced {
+            return Err(JobError::retryable(format!(
+                "object {path} differs from the recording again right after it was replaced"
+            )));
+        }
+        warn!(
+            path,
+            stored.bytes = stored.size,
+            stored.sha256 = %stored.sha256,
+            source.bytes = source.size,
+            source.sha256 = %source.sha256,
+            "the object at this recording's path holds other bytes: replacing it with the recording"
         );
-        Ok(digest)
+        self.replaced = true;
+        match self.p.storage.delete_object(path).await {
+            Ok(()) | Err(StorageError::NotFound(_)) => {}
+            Err(e) => return Err(e.into()),
+        }
+        if self.job.tus_upload_url.is_some() {
+            written(self.queue.save_tus_upload(&self.lease, None).await?)?;
+            self.job.tus_upload_url = None;
+        }
+        // Bounded by `replaced`: a second foreign object ends the attempt.
+        Box::pin(self.upload_fresh(path, format)).await
     }
 
     /// The bucket must hold exactly the bytes that went through, and as many

@@ -48,7 +48,7 @@ pub fn body_stream(
     res: reqwest::Response,
 ) -> impl Stream<Item = io::Result<Bytes>> + Send + 'static {
     res.bytes_stream()
-        .map_err(|e| io::Error::other(e.without_url().to_string()))
+        .map_err(|e| io::Error::other(crate::storage::error_chain(&e.without_url())))
 }
 
 /// Passes a stream through, hashing and counting every chunk.

@@ -15,6 +15,26 @@
 //!   servers nested some of it under `metadata`, the current one does not.
 //! - Signed URL tokens are HS256 JWTs `{url, iat, exp}` here too, signed with
 //!   the simulator's own random key.
+//! - An upload refused before its body is read (bad key, no bucket, mime
+//!   type, declared size, duplicate) is answered at once on a connection
+//!   kept alive with the body unread, for `unread_body_hold` (30 s; the real
+//!   server resets after 30-60 s). A client that sends its next request on
+//!   that connection waits, as it does against the real server.
+//!
+//! Differences the conformance suite (tests/storage_server, against the
+//! real server) found, and what became of them:
+//! - Refused uploads: the simulator used to read the whole body before
+//!   answering, which hid the hang above. Now as the real server.
+//! - A same-size object of other bytes at a path: both servers report only
+//!   the size in `object/info`, so only hashing the bytes tells them apart;
+//!   the simulator now has a test for it too.
+//! - An interrupted TUS PATCH: the real file/S3 stores keep what arrived, so
+//!   the offset can be any byte; the simulator keeps the last whole chunk
+//!   (below). The suite checks the real behaviour, the daemon HEADs first
+//!   either way.
+//! - The real server needs `X-Forwarded-Prefix` behind `/storage/v1`, which
+//!   Supabase's gateway adds; the simulator serves `/storage/v1` itself.
+//! - The storage policy (RLS) exists only on the real server.
 //!
 //! Deliberate differences, so the daemon is held to the documented contract:
 //! - `apikey` must equal the service key (the real storage-api ignores it;
@@ -30,6 +50,8 @@
 //! - Unsatisfiable ranges answer HTTP 416 (`content-range: bytes */size`).
 //! - No multipart/form-data parsing, no image transforms, no RLS, no
 //!   creation-with-upload (a body on the TUS POST is ignored).
+//! - A refused TUS PATCH is answered after its body is drained, on a
+//!   connection kept alive; the real server closes the connection.
 //! - ETags are the first 32 hex digits of the SHA-256 (S3 uses MD5).
 
 use std::{
@@ -93,6 +115,10 @@ pub struct StorageSimConfig {
     pub tus_upload_ttl: Duration,
     /// Seed of the random fault generator, so a chaos run can be replayed.
     pub fault_seed: u64,
+    /// How long a refused upload's body stays unread on its kept-alive
+    /// connection before the connection is closed (the real server resets
+    /// it after 30-60 s). A request sent on that connection meanwhile waits.
+    pub unread_body_hold: Duration,
     /// Stops the simulator when cancelled (so does dropping every handle).
     pub cancel: CancellationToken,
 }
@@ -108,6 +134,7 @@ impl Default for StorageSimConfig {
             strict_tus_chunks: true,
             tus_upload_ttl: Duration::from_secs(24 * 3600),
             fault_seed: 0x5707_a6e5,
+            unread_body_hold: Duration::from_secs(30),
             cancel: CancellationToken::new(),
         }
     }
@@ -170,6 +197,7 @@ struct State {
     tus_ttl: Duration,
     origin: String,
     signing_key: [u8; 32],
+    unread_body_hold: Duration,
     cancel: CancellationToken,
     inner: Mutex<Inner>,
 }
@@ -291,6 +319,7 @@ impl StorageSim {
             tus_ttl: cfg.tus_upload_ttl,
             origin: format!("http://{addr}"),
             signing_key: random_key(),
+            unread_body_hold: cfg.unread_body_hold,
             cancel: cancel.clone(),
             inner: Mutex::new(Inner {
                 buckets: BTreeMap::new(),
@@ -806,6 +835,9 @@ async fn dispatch(
     if route.needs_auth()
         && let Err(e) = check_auth(state, headers)
     {
+        if matches!(route, Route::Upload { .. }) {
+            return Ok(refuse_unread(state, body, e.json()));
+        }
         drain(&mut body).await;
         return Ok(e.json());
     }
@@ -1166,6 +1198,24 @@ fn commit(
     }
 }
 
+/// storage-api refuses an upload (key, bucket, mime type, declared size,
+/// duplicate, RLS) before it reads the body, and answers on a connection it
+/// keeps alive with the body unread. The body is held here, unread, so
+/// hyper neither drains it nor reads the connection's next request; once
+/// it is dropped, hyper closes the connection (it cannot drain cheaply), as
+/// the real server resets it.
+fn refuse_unread(state: &State, body: Incoming, resp: Resp) -> Resp {
+    let (hold, cancel) = (state.unread_body_hold, state.cancel.clone());
+    tokio::spawn(async move {
+        tokio::select! {
+            () = tokio::time::sleep(hold) => {}
+            () = cancel.cancelled() => {}
+        }
+        drop(body);
+    });
+    resp
+}
+
 async fn upload(
     state: &State,
     headers: &HeaderMap,
@@ -1203,14 +1253,10 @@ async fn upload(
     };
     let limit = match checked {
         Ok(limit) => limit,
-        Err(e) => {
-            drain(&mut body).await;
-            return Ok(e.json());
-        }
+        Err(e) => return Ok(refuse_unread(state, body, e.json())),
     };
     if declared.is_some_and(|n| n > limit) && cut.is_none() {
-        drain(&mut body).await;
-        return Ok(too_large());
+        return Ok(refuse_unread(state, body, too_large()));
     }
     let rec = match receive(state, &mut body, limit, cut).await {
         Ok(rec) => rec,
@@ -1982,7 +2028,13 @@ mod tests {
 
     fn client() -> Client {
         // no_proxy: a proxy from the environment must not see loopback tests.
-        Client::builder().no_proxy().build().expect("client")
+        // No pool: a refused upload's connection is left with its body
+        // unread (see `a_refused_upload_leaves_its_connection_unread`).
+        Client::builder()
+            .no_proxy()
+            .pool_max_idle_per_host(0)
+            .build()
+            .expect("client")
     }
 
     fn start_with(cfg: StorageSimConfig) -> StorageSim {
@@ -2224,6 +2276,40 @@ mod tests {
         assert!(sim.object(BUCKET, name).is_none());
         let other_bucket = status_json(authed(c.get(url(&sim, "/object/info/nope/x.wav")))).await;
         assert_storage_error(&other_bucket, "404", "Bucket not found", "Bucket not found");
+    }
+
+    /// As on the real server: the refusal comes back at once, but a client
+    /// that sends its next request on the same connection waits until the
+    /// body hold ends; a fresh connection is answered.
+    #[tokio::test]
+    async fn a_refused_upload_leaves_its_connection_unread() {
+        let sim = start_with(StorageSimConfig {
+            unread_body_hold: Duration::from_secs(5),
+            ..StorageSimConfig::default()
+        });
+        let pooled = Client::builder().no_proxy().build().unwrap();
+        let upload = || {
+            authed(pooled.post(url(&sim, &format!("/object/{BUCKET}/a.wav"))))
+                .header("content-type", "audio/wav")
+                .body(vec![7u8; 64 * 1024])
+        };
+        assert_eq!(upload().send().await.unwrap().status(), 200);
+        let (status, body) = status_json(upload()).await;
+        assert_storage_error(
+            &(status, body),
+            "409",
+            "Duplicate",
+            "The resource already exists",
+        );
+        let info = || authed(pooled.get(url(&sim, &format!("/object/info/{BUCKET}/a.wav"))));
+        assert!(
+            tokio::time::timeout(Duration::from_millis(500), info().send())
+                .await
+                .is_err(),
+            "the next request on that connection waits"
+        );
+        let fresh = authed(client().get(url(&sim, &format!("/object/info/{BUCKET}/a.wav"))));
+        assert_eq!(fresh.send().await.unwrap().status(), 200);
     }
 
     #[tokio::test]

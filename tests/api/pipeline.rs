@@ -158,7 +158,9 @@ async fn a_large_recording_resumes_its_upload_after_a_dropped_download(pool: PgP
     assert_eq!(stored.upload_count, 1);
     // 1 good + 1 cut chunk, then the 3 missing ones: the first chunk was not sent again.
     assert_eq!(p.storage.tus_patch_count(), 5);
-    assert_eq!(p.telnyx.download_count("rec-big"), 2);
+    // The cut one, the missing bytes (Range), and all of it once more to
+    // compare the stored object with (its first chunk came from attempt 1).
+    assert_eq!(p.telnyx.download_count("rec-big"), 3);
     p.stop().await;
 }
 
@@ -182,8 +184,55 @@ async fn an_upload_that_finished_unobserved_is_adopted_not_repeated(pool: PgPool
         job.object_sha256.as_deref(),
         Some(rec.content.sha256_hex().as_str())
     );
-    // One full download, then a one-byte Range probe for the source's size.
+    // One for the upload, one to compare the stored bytes with.
     assert_eq!(p.telnyx.download_count("rec-adopt"), 2);
+    p.stop().await;
+}
+
+/// The object already at the recording's path (a 409) is adopted only when
+/// its bytes are the recording's: one of the same size but other bytes is
+/// replaced by the recording, never linked.
+#[sqlx::test(migrations = false)]
+async fn an_object_at_the_path_is_adopted_only_if_its_bytes_match(pool: PgPool) {
+    let p = spawn_pipeline(pool, |_| {}).await;
+    let storage = recording_relay::storage::StorageClient::new(
+        &p.storage.base_url(),
+        crate::helpers::STORAGE_KEY.to_owned().into(),
+        &p.bucket,
+        std::time::Duration::from_secs(5),
+        std::time::Duration::from_secs(5),
+        std::time::Duration::from_secs(5),
+    )
+    .unwrap();
+    for (id, same) in [("rec-same", true), ("rec-other", false)] {
+        let (rec, intake) = p.recorded_call(id).await;
+        let path = format!("intakes/{intake}/{id}.wav");
+        let there = if same {
+            rec.content.to_vec()
+        } else {
+            SimAudio::generated(rec.content.len(), 7).to_vec()
+        };
+        storage
+            .upload(&path, "audio/wav", there.into(), None)
+            .await
+            .unwrap();
+
+        post(&p, &format!("ev-{id}"), &rec).await;
+        let job = p.finished_job(&format!("ev-{id}")).await;
+        assert_eq!(job.state, JobState::Succeeded, "{:?}", job.last_error);
+        assert_eq!((job.attempts, job.last_error.as_deref()), (1, None));
+        let stored = p.storage.object(&p.bucket, &path).unwrap();
+        assert_eq!(stored.sha256_hex, rec.content.sha256_hex(), "{id}");
+        assert_eq!(
+            stored.upload_count,
+            if same { 1 } else { 2 },
+            "{id}: adopted as it is, or replaced"
+        );
+        assert_eq!(
+            intake_row(&p.app.pool, intake).await.object_path,
+            Some(path)
+        );
+    }
     p.stop().await;
 }
 
