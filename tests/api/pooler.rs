@@ -12,6 +12,7 @@ use sqlx::PgPool;
 use tokio::process::{Child, Command};
 
 use crate::helpers::{eventually, spawn_with};
+use crate::process::binary;
 
 /// A PgBouncer in front of the shared test server, on a port of its own,
 /// with nothing but the settings a stock install has plus the pool mode.
@@ -140,15 +141,6 @@ fn server_address() -> (String, u16) {
     let url = std::env::var("DATABASE_URL").expect("DATABASE_URL");
     let options: sqlx::postgres::PgConnectOptions = url.parse().unwrap();
     (options.get_host().to_owned(), options.get_port())
-}
-
-fn binary() -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_recording-relay"));
-    cmd.env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .stdin(Stdio::null())
-        .kill_on_drop(true);
-    cmd
 }
 
 /// `check --json` through `url`, as a map of check name to (ok, detail).
