@@ -877,6 +877,49 @@ mod tests {
         Queue::new(testing::prepare(pool).await)
     }
 
+    /// Every write a worker makes through its lease, each refused (false,
+    /// None): what a stale lease must amount to.
+    async fn assert_every_write_is_refused(q: &Queue, stale: &Lease) {
+        assert!(!q.heartbeat(stale, LEASE).await.unwrap());
+        let resolution = Resolution {
+            recording_id: "rec-1".into(),
+            ..Resolution::default()
+        };
+        assert!(!q.save_resolution(stale, &resolution).await.unwrap());
+        assert!(
+            !q.plan_object(stale, "intakes/x/rec-1.wav", "audio/wav", None)
+                .await
+                .unwrap()
+        );
+        assert!(
+            !q.save_tus_upload(stale, Some("http://tus/1"))
+                .await
+                .unwrap()
+        );
+        assert!(!q.save_stored(stale, &"0".repeat(64), 1).await.unwrap());
+        assert!(!q.save_telnyx_deleted(stale).await.unwrap());
+        let mut tx = q.pool().begin().await.unwrap();
+        assert!(!q.mark_linked(&mut tx, stale).await.unwrap());
+        tx.rollback().await.unwrap();
+        assert!(!q.complete(stale).await.unwrap());
+        assert_eq!(
+            q.complete_batch(std::slice::from_ref(stale)).await.unwrap(),
+            [false]
+        );
+        assert_eq!(
+            q.retry(stale, &JobError::retryable("x"), LEASE)
+                .await
+                .unwrap(),
+            None
+        );
+        assert!(!q.release(stale).await.unwrap());
+        assert!(
+            !q.finish_unsuccessfully(stale, JobState::Failed, "permanent", "x")
+                .await
+                .unwrap()
+        );
+    }
+
     async fn one_claimed(q: &Queue, worker: &str) -> Job {
         let mut jobs = q.claim(worker, 1, LEASE).await.unwrap();
         assert_eq!(jobs.len(), 1, "expected one claimable job");
@@ -998,20 +1041,7 @@ mod tests {
         q.rescue_expired_leases().await.unwrap();
         let fresh = one_claimed(&q, "w2").await.lease().unwrap();
 
-        assert!(!q.heartbeat(&stale, LEASE).await.unwrap());
-        assert!(!q.complete(&stale).await.unwrap());
-        assert_eq!(
-            q.retry(&stale, &JobError::retryable("x"), LEASE)
-                .await
-                .unwrap(),
-            None
-        );
-        assert!(!q.release(&stale).await.unwrap());
-        assert!(
-            !q.finish_unsuccessfully(&stale, JobState::Failed, "permanent", "x")
-                .await
-                .unwrap()
-        );
+        assert_every_write_is_refused(&q, &stale).await;
 
         let job = q.get(stale.job_id).await.unwrap().unwrap();
         assert_eq!(job.state, JobState::Running);
@@ -1042,46 +1072,7 @@ mod tests {
             (&stale.worker, stale.attempt)
         );
 
-        assert!(!q.heartbeat(&stale, LEASE).await.unwrap());
-        let resolution = Resolution {
-            recording_id: "rec-1".into(),
-            ..Resolution::default()
-        };
-        assert!(!q.save_resolution(&stale, &resolution).await.unwrap());
-        assert!(
-            !q.plan_object(&stale, "intakes/x/rec-1.wav", "audio/wav", None)
-                .await
-                .unwrap()
-        );
-        assert!(
-            !q.save_tus_upload(&stale, Some("http://tus/1"))
-                .await
-                .unwrap()
-        );
-        assert!(!q.save_stored(&stale, &"0".repeat(64), 1).await.unwrap());
-        assert!(!q.save_telnyx_deleted(&stale).await.unwrap());
-        let mut tx = q.pool().begin().await.unwrap();
-        assert!(!q.mark_linked(&mut tx, &stale).await.unwrap());
-        tx.rollback().await.unwrap();
-        assert!(!q.complete(&stale).await.unwrap());
-        assert_eq!(
-            q.complete_batch(std::slice::from_ref(&stale))
-                .await
-                .unwrap(),
-            [false]
-        );
-        assert_eq!(
-            q.retry(&stale, &JobError::retryable("x"), LEASE)
-                .await
-                .unwrap(),
-            None
-        );
-        assert!(!q.release(&stale).await.unwrap());
-        assert!(
-            !q.finish_unsuccessfully(&stale, JobState::Failed, "permanent", "x")
-                .await
-                .unwrap()
-        );
+        assert_every_write_is_refused(&q, &stale).await;
 
         let job = q.get(stale.job_id).await.unwrap().unwrap();
         assert_eq!(job.state, JobState::Running);
