@@ -56,10 +56,8 @@ async fn bind(addr: SocketAddr) -> Result<TcpListener, AppError> {
 impl App {
     pub async fn build(config: Config, role: Role) -> Result<Self, AppError> {
         let pool = db::pool(&config)?;
-        db::wait_until_reachable(&pool, DATABASE_PATIENCE).await?;
-        let session = db::check_session(&config).await?;
+        let session = db::wait_until_ready(&config, &pool, DATABASE_PATIENCE).await?;
         info!(connection = %session.describe(), "database session checked");
-        db::ensure_migrated(&pool).await?;
         if matches!(role, Role::Work | Role::Serve) {
             warn_unless_notifications_arrive(&pool).await;
         }

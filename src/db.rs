@@ -166,29 +166,67 @@ pub fn connect_options(config: &Config) -> Result<PgConnectOptions, DbError> {
         .disable_statement_logging())
 }
 
-/// Waits (bounded) for the database at start-up, so a daemon started
-/// together with PostgreSQL does not crash-loop. A simple query: through a
+/// Start-up: waits (bounded by `patience`) until the database answers, the
+/// session is one the daemon can use and the schema is this release's. A
+/// database that goes away part-way (a restart, a failover) is waited for
+/// again from the start, so a daemon started together with PostgreSQL does
+/// not crash-loop; a wrong set-up (a transaction pooler, missing migrations)
+/// fails at once. The first query is a simple one: through a
 /// transaction-mode pooler a prepared one can fail with a misleading error
 /// before [`check_session`] gets to say what is wrong.
-pub async fn wait_until_reachable(pool: &PgPool, patience: Duration) -> Result<(), DbError> {
-    let ping = || async { sqlx::raw_sql("SELECT 1").execute(pool).await.map(|_| ()) };
-    ping.retry(
-        ExponentialBuilder::default()
-            .with_min_delay(Duration::from_millis(200))
-            .with_max_delay(Duration::from_secs(5))
-            .with_total_delay(Some(patience))
-            .without_max_times(),
-    )
-    .when(|e| !is_transaction_pooling_symptom(e))
-    .notify(|e, next| warn!(error = %e, retry_in = ?next, "database not reachable yet"))
-    .await
-    .map_err(|e| {
-        if is_transaction_pooling_symptom(&e) {
-            DbError::TransactionPooler(e.to_string())
-        } else {
-            DbError::Unreachable(e)
+pub async fn wait_until_ready(
+    config: &Config,
+    pool: &PgPool,
+    patience: Duration,
+) -> Result<SessionReport, DbError> {
+    let ready = || async {
+        sqlx::raw_sql("SELECT 1").execute(pool).await.map_err(|e| {
+            if is_transaction_pooling_symptom(&e) {
+                DbError::TransactionPooler(e.to_string())
+            } else {
+                DbError::Unreachable(e)
+            }
+        })?;
+        let session = check_session(config).await?;
+        ensure_migrated(pool).await?;
+        Ok(session)
+    };
+    ready
+        .retry(
+            ExponentialBuilder::default()
+                .with_min_delay(Duration::from_millis(200))
+                .with_max_delay(Duration::from_secs(5))
+                .with_total_delay(Some(patience))
+                .without_max_times(),
+        )
+        .when(DbError::is_transient)
+        .notify(|e, next| warn!(error = %e, retry_in = ?next, "database not ready yet"))
+        .await
+}
+
+impl DbError {
+    /// Whether waiting can mend it: the server is away, starting or
+    /// stopping, not that it is set up wrongly.
+    fn is_transient(&self) -> bool {
+        match self {
+            DbError::Unreachable(_) => true,
+            DbError::Query(e) => is_connection_lost(e),
+            _ => false,
         }
-    })
+    }
+}
+
+/// The connection broke or could not be had, rather than the query being
+/// refused: class 08 (connection exception), 57P01–57P03 (the server
+/// shutting down, crashed, or not yet accepting connections).
+fn is_connection_lost(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::Tls(_) => true,
+        sqlx::Error::Database(db) => db
+            .code()
+            .is_some_and(|c| c.starts_with("08") || matches!(&*c, "57P01" | "57P02" | "57P03")),
+        _ => false,
+    }
 }
 
 /// What a transaction-mode pooler does to sqlx's named prepared statements.

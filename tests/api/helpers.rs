@@ -1,6 +1,7 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use ed25519_dalek::SigningKey;
@@ -132,6 +133,8 @@ pub struct CuttableProxy {
     pub port: u16,
     up: Arc<AtomicBool>,
     cut: Arc<tokio::sync::Notify>,
+    /// Connections, numbered from 0 in accept order, that are closed at once.
+    refused: Arc<Mutex<std::ops::Range<usize>>>,
 }
 
 impl CuttableProxy {
@@ -140,13 +143,16 @@ impl CuttableProxy {
         let port = listener.local_addr().unwrap().port();
         let up = Arc::new(AtomicBool::new(true));
         let cut = Arc::new(tokio::sync::Notify::new());
-        let (up2, cut2) = (up.clone(), cut.clone());
+        let refused = Arc::new(Mutex::new(0..0));
+        let (up2, cut2, refused2) = (up.clone(), cut.clone(), refused.clone());
+        let accepted = AtomicUsize::new(0);
         tokio::spawn(async move {
             loop {
                 let Ok((mut inbound, _)) = listener.accept().await else {
                     return;
                 };
-                if !up2.load(Ordering::SeqCst) {
+                let number = accepted.fetch_add(1, Ordering::SeqCst);
+                if !up2.load(Ordering::SeqCst) || refused2.lock().unwrap().contains(&number) {
                     drop(inbound);
                     continue;
                 }
@@ -162,7 +168,18 @@ impl CuttableProxy {
                 });
             }
         });
-        Self { port, up, cut }
+        Self {
+            port,
+            up,
+            cut,
+            refused,
+        }
+    }
+
+    /// Closes the connections numbered `numbers` (from 0, in accept order)
+    /// as soon as they arrive, like a server going away and coming back.
+    pub fn refuse_connections(&self, numbers: std::ops::Range<usize>) {
+        *self.refused.lock().unwrap() = numbers;
     }
 
     pub fn cut(&self) {

@@ -284,3 +284,20 @@ async fn database_outage_answers_503_and_the_listener_recovers(pool: PgPool) {
     assert_eq!(ids, ["before", "during"]);
     app.stop().await;
 }
+
+/// Found by the chaos run: a daemon restarted just before a PostgreSQL
+/// restart got its first ping through, then failed the session check on a
+/// new connection and exited 1 instead of waiting for the database.
+#[sqlx::test(migrations = false)]
+async fn a_database_that_goes_away_during_start_up_is_waited_for(pool: PgPool) {
+    let pool = testing::prepare(pool).await;
+    let proxy = CuttableProxy::start("127.0.0.1:5432".parse().unwrap()).await;
+    // The first connection (the pool's ping) gets through; the next three,
+    // the session check's and the schema check's, find the server gone.
+    proxy.refuse_connections(1..4);
+    let url = testing::database_url_of(&pool, Some(proxy.port));
+    let app = spawn_with(pool, url, |_| {}).await;
+    assert_eq!(app.post_signed(&event("after-start")).await.status(), 200);
+    assert_eq!(app.job_count().await, 1);
+    app.stop().await;
+}
