@@ -13,7 +13,7 @@ BENCH=target/release/bench
 PEERS=bench/peers
 NODE22=$PEERS/node_modules/node/bin/node
 
-[ -x "$BENCH" ] && [ -x target/release/recording-relay ] || cargo build --release --bins
+[ -x "$BENCH" ] && [ -x target/release/recording-relay ] || cargo build --release --workspace --bins
 [ -x "$NODE22" ] || bench/install-peers.sh
 
 results=$(mktemp)

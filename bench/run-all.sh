@@ -12,7 +12,7 @@ cd "$(dirname "$0")/.."
 log=bench/last-run.log
 : > "$log"
 
-cargo build --release --locked --bins
+cargo build --release --locked --workspace --bins
 [ -x bench/peers/node_modules/node/bin/node ] || bench/install-peers.sh
 
 {

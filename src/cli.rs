@@ -77,36 +77,6 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Run the whole flow locally against stand-ins for Telnyx and Supabase.
-    Demo(DemoArgs),
-}
-
-#[derive(Debug, clap::Args)]
-pub struct DemoArgs {
-    /// PostgreSQL server to create the `recording_relay_demo` database on.
-    /// Without one (or with the default address) the demo uses
-    /// postgres://postgres@127.0.0.1:5432/postgres when that works, else a
-    /// throwaway cluster of its own.
-    #[arg(long, env = "DATABASE_URL")]
-    pub database_url: Option<String>,
-    /// The database the demo (re)creates on that server.
-    #[arg(long, default_value = crate::demo::DEMO_DATABASE)]
-    pub database_name: String,
-    /// Run on a throwaway cluster made from the installed PostgreSQL server
-    /// binaries (removed afterwards), whatever DATABASE_URL says.
-    #[arg(long)]
-    pub embedded_postgres: bool,
-    /// Leave the stand-ins, the daemon and the playback server running until
-    /// Ctrl-C, and print a link that plays a stored recording.
-    #[arg(long)]
-    pub keep: bool,
-    /// The daemon's own log lines on stderr, instead of in a log file.
-    #[arg(long)]
-    pub verbose: bool,
-    /// Where the daemon's log lines go without --verbose (default: a new
-    /// file in the temporary directory).
-    #[arg(long)]
-    pub log_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -185,7 +155,7 @@ impl Command {
             Command::Work => Role::Work,
             Command::Migrate | Command::Jobs(_) | Command::Audit { .. } => Role::Admin,
             Command::Reconcile { .. } => Role::Reconcile,
-            Command::Check { .. } | Command::Demo(_) => Role::Own,
+            Command::Check { .. } => Role::Own,
             Command::SetupBucket { .. } => Role::Storage,
         }
     }
@@ -201,14 +171,6 @@ pub async fn run(cli: Cli, config: Config) -> Result<(), Failure> {
     let role = command.role();
     config.validate(role)?;
     match command {
-        Command::Demo(args) => crate::demo::run(crate::demo::Options {
-            server: crate::demo::Server::choose(args.database_url, args.embedded_postgres),
-            database: args.database_name,
-            keep: args.keep,
-            log_file: args.log_file.filter(|_| !args.verbose),
-        })
-        .await
-        .map_err(Failure::Runtime),
         Command::SetupBucket { file_size_limit } => ensure_bucket(&config, file_size_limit)
             .await
             .map_err(Failure::Runtime),

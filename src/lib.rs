@@ -26,7 +26,6 @@ pub mod check;
 pub mod cli;
 pub mod config;
 pub mod db;
-pub mod demo;
 pub mod jobs;
 pub mod metrics;
 pub mod pipeline;
@@ -34,10 +33,7 @@ pub mod playback;
 pub mod reconcile;
 pub mod retention;
 pub mod server;
-pub mod sim;
 pub mod storage;
 pub mod telemetry;
 pub mod telnyx;
-#[doc(hidden)]
-pub mod testing;
 pub mod webhook;

@@ -1,29 +1,12 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use recording_relay::cli::{self, Cli, Command};
+use recording_relay::cli::{self, Cli};
 use recording_relay::telemetry;
 
 fn main() -> ExitCode {
-    let mut cli = Cli::parse();
-    // The demo tells its own story on stdout; the daemon's log lines would
-    // drown it, so they go to a file unless asked for.
-    let mut demo_logs_to_file = false;
-    match &mut cli.command {
-        Some(Command::Demo(args)) if !args.verbose => {
-            match telemetry::init_to_file(cli.log_format, args.log_file.as_deref()) {
-                Ok(path) => {
-                    args.log_file = Some(path);
-                    demo_logs_to_file = true;
-                }
-                Err(e) => {
-                    eprintln!("cannot open the demo's log file: {e}");
-                    return ExitCode::from(1);
-                }
-            }
-        }
-        _ => telemetry::init(cli.log_format),
-    }
+    let cli = Cli::parse();
+    telemetry::init(cli.log_format);
     let config = match cli::load_config(&cli) {
         Ok(config) => config,
         Err(e) => {
@@ -42,9 +25,6 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e:#}");
-            if demo_logs_to_file {
-                eprintln!("demo failed: {e:#}");
-            }
             e.exit_code()
         }
     }

@@ -14,10 +14,14 @@ pub enum LogFormat {
     Json,
 }
 
+/// What is logged unless `RUST_LOG` says otherwise: the libraries' chatter
+/// only when it is a warning.
+pub const DEFAULT_FILTER: &str = "info,sqlx=warn,hyper=warn,reqwest=warn";
+
 /// Installs the global subscriber. `RUST_LOG` overrides the default level.
 pub fn init(format: LogFormat) {
-    let filter = EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn,hyper=warn,reqwest=warn"));
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(DEFAULT_FILTER));
     let under_journald = std::env::var_os("JOURNAL_STREAM").is_some();
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
@@ -29,34 +33,6 @@ pub fn init(format: LogFormat) {
             .with_ansi(std::io::stderr().is_terminal())
             .try_init(),
     };
-}
-
-/// Like [`init`], into a file: `path`, or a new one in the temporary
-/// directory. Returns the file's path.
-pub fn init_to_file(
-    format: LogFormat,
-    path: Option<&std::path::Path>,
-) -> std::io::Result<std::path::PathBuf> {
-    let (file, path) = match path {
-        Some(p) => (std::fs::File::create(p)?, p.to_owned()),
-        None => tempfile::Builder::new()
-            .prefix("recording-relay-demo-")
-            .suffix(".log")
-            .tempfile()?
-            .keep()
-            .map_err(|e| e.error)?,
-    };
-    let filter = EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn,hyper=warn,reqwest=warn"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::sync::Mutex::new(file))
-        .with_ansi(false);
-    let _ = match format {
-        LogFormat::Json => builder.json().flatten_event(true).try_init(),
-        LogFormat::Text => builder.try_init(),
-    };
-    Ok(path)
 }
 
 /// Masks a phone number for logs: keeps the last two digits, so an operator

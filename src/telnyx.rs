@@ -660,7 +660,7 @@ mod tests {
     /// twelve times instead of failing at once.
     #[tokio::test]
     async fn a_ranged_download_classifies_error_answers_like_any_other() {
-        use crate::sim::{Fault, SimRecording, TelnyxSim, TelnyxSimConfig};
+        use recording_relay_sim::{Fault, SimRecording, TelnyxSim, TelnyxSimConfig};
         let sim = TelnyxSim::start(TelnyxSimConfig::default()).unwrap();
         sim.add_recording(SimRecording::sample("rec-ranged"));
         let client = TelnyxClient::new(
@@ -696,7 +696,7 @@ mod tests {
         assert_eq!(resumed.status(), StatusCode::PARTIAL_CONTENT);
     }
 
-    fn sim_client(sim: &crate::sim::TelnyxSim) -> TelnyxClient {
+    fn sim_client(sim: &recording_relay_sim::TelnyxSim) -> TelnyxClient {
         TelnyxClient::new(
             &sim.base_url(),
             SecretString::from("KEY_sim_telnyx"),
@@ -713,7 +713,9 @@ mod tests {
     /// we only read `x-ratelimit-reset` and otherwise retried after 1 s.
     #[tokio::test]
     async fn retry_after_is_honoured_in_seconds_and_as_an_http_date() {
-        use crate::sim::{Fault, SimRecording, TelnyxSim, TelnyxSimBehaviour, TelnyxSimConfig};
+        use recording_relay_sim::{
+            Fault, SimRecording, TelnyxSim, TelnyxSimBehaviour, TelnyxSimConfig,
+        };
         let sim = TelnyxSim::start(TelnyxSimConfig::default()).unwrap();
         sim.add_recording(SimRecording::sample("0d7f3e2a-1b4c-4d5e-8f6a-7b8c9d0e1f2a"));
         let client = sim_client(&sim);

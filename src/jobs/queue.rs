@@ -858,7 +858,7 @@ mod tests {
     use sqlx::PgPool;
 
     use super::*;
-    use crate::testing;
+    use recording_relay_dev_tools::testing;
 
     const LEASE: Duration = Duration::from_secs(30);
 

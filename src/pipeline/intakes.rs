@@ -547,7 +547,7 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
-    use crate::testing;
+    use recording_relay_dev_tools::testing;
 
     #[test]
     fn client_state_forms() {

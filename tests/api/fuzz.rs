@@ -84,7 +84,7 @@ proptest! {
     fn envelope_parsing_never_panics_on_mangled_events(
         edits in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..8),
     ) {
-        let mut body = recording_relay::testing::recording_saved_event("ev", "sess")
+        let mut body = recording_relay_dev_tools::testing::recording_saved_event("ev", "sess")
             .to_string()
             .into_bytes();
         for (index, byte) in edits {

@@ -9,10 +9,8 @@ use recording_relay::app::{App, NoJobs};
 use recording_relay::config::{Config, Role};
 use recording_relay::jobs::{Job, JobHandler, Queue};
 use recording_relay::pipeline::Pipeline;
-use recording_relay::sim::{
-    SimRecording, StorageSim, StorageSimConfig, TelnyxSim, TelnyxSimConfig,
-};
-use recording_relay::testing;
+use recording_relay_dev_tools::testing;
+use recording_relay_sim::{SimRecording, StorageSim, StorageSimConfig, TelnyxSim, TelnyxSimConfig};
 use sqlx::PgPool;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;

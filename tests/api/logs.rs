@@ -13,10 +13,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use recording_relay::jobs::{JobState, Queue};
-use recording_relay::sim::{
-    SimRecording, StorageSim, StorageSimConfig, TelnyxSim, TelnyxSimConfig,
-};
-use recording_relay::testing;
+use recording_relay_dev_tools::testing;
+use recording_relay_sim::{SimRecording, StorageSim, StorageSimConfig, TelnyxSim, TelnyxSimConfig};
 use sqlx::PgPool;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::Command;

@@ -3,8 +3,8 @@
 use std::time::{Duration, Instant};
 
 use recording_relay::jobs::{JobState, NewJob, Queue};
-use recording_relay::sim::SimRecording;
-use recording_relay::testing;
+use recording_relay_dev_tools::testing;
+use recording_relay_sim::SimRecording;
 use sqlx::PgPool;
 use tokio::process::Command;
 
@@ -81,7 +81,7 @@ async fn check_reports_each_broken_dependency_on_its_own_line(pool: PgPool) {
 
 #[sqlx::test(migrations = false)]
 async fn check_reports_unapplied_migrations(pool: PgPool) {
-    recording_relay::db::create_demo_host_schema(&pool)
+    recording_relay_dev_tools::testing::create_host_schema(&pool)
         .await
         .unwrap();
     let db = testing::database_url_of(&pool, None);

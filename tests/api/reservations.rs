@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use recording_relay::jobs::{JobError, JobState, Lease, NewJob, Queue, Resolution};
 use recording_relay::pipeline::intakes::{Claim, MatchMethod, claim_intake};
-use recording_relay::sim::{Fault, SimRecording};
-use recording_relay::testing;
+use recording_relay_dev_tools::testing;
+use recording_relay_sim::{Fault, SimRecording};
 use sqlx::PgPool;
 use uuid::Uuid;
 

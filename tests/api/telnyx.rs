@@ -9,8 +9,8 @@ use base64::Engine as _;
 use bytes::Bytes;
 use recording_relay::config::AudioFormat;
 use recording_relay::jobs::{JobState, Queue};
-use recording_relay::sim::{SimAudio, SimRecording, SimTimestamps, TelnyxSimBehaviour};
 use recording_relay::telnyx::{TelnyxClient, Timeouts};
+use recording_relay_sim::{SimAudio, SimRecording, SimTimestamps, TelnyxSimBehaviour};
 use serde_json::Value;
 use sqlx::PgPool;
 use uuid::Uuid;
@@ -48,7 +48,7 @@ fn mp3_bytes() -> SimAudio {
 async fn an_mp3_recording_is_stored_as_mp3_under_the_default_format(pool: PgPool) {
     let p = spawn_pipeline(pool, |_| {}).await;
     let mut rec = recording();
-    rec.format = AudioFormat::Mp3;
+    rec.format = recording_relay_sim::AudioFormat::Mp3;
     rec.content = mp3_bytes();
     p.telnyx.add_recording(rec.clone());
     let intake = intake_for(&p.app.pool, &rec, "+15557650002").await;

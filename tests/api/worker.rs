@@ -9,7 +9,7 @@ use recording_relay::jobs::backoff::Backoff;
 use recording_relay::jobs::{
     Job, JobContext, JobError, JobHandler, JobState, NewJob, Outcome, Queue, Worker, WorkerOptions,
 };
-use recording_relay::testing;
+use recording_relay_dev_tools::testing;
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 

@@ -7,8 +7,8 @@ mod support;
 use std::time::{Duration, Instant};
 
 use recording_relay::jobs::JobState;
-use recording_relay::sim::{Fault, SimAudio, SimRecording};
 use recording_relay::storage::{Bucket, StorageClient, StorageError, TUS_CHUNK};
+use recording_relay_sim::{Fault, SimAudio, SimRecording};
 use uuid::Uuid;
 
 use crate::support::{Suite, bucket_name, stored_sha256, suite, telnyx};
@@ -479,7 +479,7 @@ async fn the_storage_policy_lets_an_organization_read_only_its_own_recordings() 
             "sub": Uuid::new_v4(),
             "role": "authenticated",
             "aud": "authenticated",
-            "exp": recording_relay::testing::unix_now() + 600,
+            "exp": recording_relay_dev_tools::testing::unix_now() + 600,
             "app_metadata": { "organization_id": org_a },
         }),
         &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),

@@ -21,11 +21,12 @@ use std::time::Duration;
 
 use recording_relay::app::App;
 use recording_relay::config::{Config, Role};
+use recording_relay::db;
 use recording_relay::jobs::{Job, Queue};
 use recording_relay::pipeline::{Pipeline, storage_client};
-use recording_relay::sim::{SimRecording, TelnyxSim, TelnyxSimConfig};
 use recording_relay::storage::StorageClient;
-use recording_relay::{db, testing};
+use recording_relay_dev_tools::testing;
+use recording_relay_sim::{SimRecording, TelnyxSim, TelnyxSimConfig};
 use sqlx::PgPool;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -171,7 +172,9 @@ pub async fn suite() -> Option<Suite> {
             if server.jwt_secret.is_some() && server._child.is_some() {
                 sqlx::raw_sql(AUTH_JWT).execute(&pool).await.unwrap();
             }
-            db::create_demo_host_schema(&pool).await.unwrap();
+            recording_relay_dev_tools::testing::create_host_schema(&pool)
+                .await
+                .unwrap();
             if server._child.is_some() {
                 sqlx::raw_sql(HOST_GRANTS).execute(&pool).await.unwrap();
             }

@@ -1,4 +1,4 @@
-//! `recording-relay demo`: the whole flow on this machine, with in-process
+//! `cargo demo`: the whole flow on this machine, with in-process
 //! stand-ins for Telnyx and Supabase Storage, told as a story.
 //!
 //! It creates a fresh `recording_relay_demo` database with a minimal host
@@ -24,14 +24,14 @@ use sqlx::{Connection, PgConnection, PgPool};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use crate::app::App;
-use crate::config::{Config, Role};
-use crate::db;
-use crate::jobs::{Job, JobState};
-use crate::pipeline::Pipeline;
-use crate::sim::{SimRecording, StorageSim, StorageSimConfig, TelnyxSim, TelnyxSimConfig};
-use crate::telemetry::mask_phone;
 use crate::testing;
+use recording_relay::app::App;
+use recording_relay::config::{Config, Role};
+use recording_relay::db;
+use recording_relay::jobs::{Job, JobState};
+use recording_relay::pipeline::Pipeline;
+use recording_relay::telemetry::mask_phone;
+use recording_relay_sim::{SimRecording, StorageSim, StorageSimConfig, TelnyxSim, TelnyxSimConfig};
 
 use cluster::Cluster;
 
@@ -225,7 +225,7 @@ async fn run_on(
     let setup_pool = PgPool::connect(&db_url)
         .await
         .context("connecting to the demo database")?;
-    db::create_demo_host_schema(&setup_pool).await?;
+    testing::create_host_schema(&setup_pool).await?;
     db::migrate(&setup_pool).await?;
     story::install(&setup_pool).await?;
 
@@ -251,7 +251,7 @@ async fn run_on(
     let key = testing::signing_key();
     let jwt_secret = format!("demo-jwt-secret-{}", Uuid::new_v4().simple());
     let config = demo_config(&db_url, &key, &telnyx, &storage, &jwt_secret);
-    crate::cli::setup_bucket(&config).await?;
+    recording_relay::cli::setup_bucket(&config).await?;
 
     let organization = Uuid::new_v4();
     let mut expected = Vec::new();
@@ -330,7 +330,9 @@ async fn run_on(
             );
             println!("\n    http://{playback}/play/{intake}#token={token}\n");
         }
-        crate::app::shutdown_on_signals().cancelled().await;
+        recording_relay::app::shutdown_on_signals()
+            .cancelled()
+            .await;
         say("stopping");
     }
     shutdown.cancel();

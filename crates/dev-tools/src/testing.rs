@@ -1,20 +1,28 @@
-//! Helpers shared by the unit tests, the integration tests and the demo.
-//! Not part of the daemon's behaviour.
+//! The test kit: helpers shared by the daemon's unit and integration tests,
+//! the demo, the bench and the chaos run. Not part of the daemon.
 
 use ed25519_dalek::SigningKey;
 use sqlx::PgPool;
 
-use crate::db;
-use crate::webhook::verify;
+use recording_relay::db;
+use recording_relay::webhook::verify;
 
 /// Turns a fresh `#[sqlx::test]` database into a migrated one with the
 /// stand-in host tables, as production would look.
 pub async fn prepare(pool: PgPool) -> PgPool {
-    db::create_demo_host_schema(&pool)
-        .await
-        .expect("create host schema");
+    create_host_schema(&pool).await.expect("create host schema");
     db::migrate(&pool).await.expect("migrate");
     pool
+}
+
+/// A minimal stand-in for ZScribe's `patients`/`intakes` tables, as the
+/// daemon finds them on Supabase. One file for every test and tool.
+pub const HOST_SCHEMA: &str = include_str!("../../../tests/fixtures/host_schema.sql");
+
+/// Creates the [`HOST_SCHEMA`] tables.
+pub async fn create_host_schema(pool: &PgPool) -> Result<(), sqlx::Error> {
+    sqlx::raw_sql(HOST_SCHEMA).execute(pool).await?;
+    Ok(())
 }
 
 /// A signing key from a random seed, standing in for Telnyx's private key.

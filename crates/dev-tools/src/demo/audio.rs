@@ -9,7 +9,7 @@
 
 use bytes::Bytes;
 
-use crate::sim::SimAudio;
+use recording_relay_sim::SimAudio;
 
 const RATE: u32 = 8000;
 

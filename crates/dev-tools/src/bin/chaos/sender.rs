@@ -98,8 +98,10 @@ impl Sender {
             let url = format!("http://{}/webhooks/telnyx", self.listeners[listener]);
             let body = webhook_body(call, attempt, &url);
             let mut req = client.post(&url).header("content-type", "application/json");
-            let ts = recording_relay::testing::unix_now();
-            for (name, value) in recording_relay::testing::signature_headers(&self.key, ts, &body) {
+            let ts = recording_relay_dev_tools::testing::unix_now();
+            for (name, value) in
+                recording_relay_dev_tools::testing::signature_headers(&self.key, ts, &body)
+            {
                 req = req.header(name, value);
             }
             let result = req.body(body).send().await;

@@ -20,6 +20,29 @@ pub mod storage;
 pub mod telnyx;
 
 pub use http::Fault;
+
+/// The formats Telnyx records in, as `download_urls` keys them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AudioFormat {
+    Wav,
+    Mp3,
+}
+
+impl AudioFormat {
+    pub fn extension(self) -> &'static str {
+        match self {
+            AudioFormat::Wav => "wav",
+            AudioFormat::Mp3 => "mp3",
+        }
+    }
+
+    pub fn content_type(self) -> &'static str {
+        match self {
+            AudioFormat::Wav => "audio/wav",
+            AudioFormat::Mp3 => "audio/mpeg",
+        }
+    }
+}
 pub use storage::{BucketInfo, StorageSim, StorageSimConfig, StoredObject};
 pub use telnyx::{
     SimAudio, SimRecording, SimTimestamps, TelnyxSim, TelnyxSimBehaviour, TelnyxSimConfig,

@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use recording_relay::jobs::{Queue, QueueError};
-use recording_relay::sim::{Fault, StorageSim};
+use recording_relay_sim::{Fault, StorageSim};
 use serde::Serialize;
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
@@ -179,7 +179,7 @@ pub async fn run(
 #[cfg(test)]
 mod tests {
     use recording_relay::jobs::{JobState, NewJob};
-    use recording_relay::testing;
+    use recording_relay_dev_tools::testing;
 
     use super::*;
 

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use recording_relay::jobs::{Job, JobState};
-use recording_relay::sim::{StorageSim, TelnyxSim};
+use recording_relay_sim::{StorageSim, TelnyxSim};
 use serde::Serialize;
 use uuid::Uuid;
 

@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use chrono::{DateTime, SubsecRound, Utc};
-use recording_relay::sim::{SimAudio, SimRecording};
+use recording_relay_sim::{SimAudio, SimRecording};
 use sqlx::PgPool;
 use uuid::Uuid;
 
@@ -205,8 +205,10 @@ pub async fn insert_host_rows(pool: &PgPool, calls: &mut [Call]) -> anyhow::Resu
 pub fn webhook_body(call: &Call, attempt: u32, delivered_to: &str) -> Vec<u8> {
     use base64::Engine as _;
     let rec = &call.recording;
-    let mut event =
-        recording_relay::testing::recording_saved_event(&call.event_id, &rec.call_session_id);
+    let mut event = recording_relay_dev_tools::testing::recording_saved_event(
+        &call.event_id,
+        &rec.call_session_id,
+    );
     event["data"]["occurred_at"] = rec.recording_ended_at.to_rfc3339().into();
     let p = &mut event["data"]["payload"];
     p["call_control_id"] = rec.call_control_id.clone().into();

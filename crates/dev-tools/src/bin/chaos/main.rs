@@ -41,9 +41,10 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::Parser;
+use recording_relay::db;
 use recording_relay::jobs::Job;
-use recording_relay::sim::{Fault, StorageSim, StorageSimConfig, TelnyxSim, TelnyxSimConfig};
-use recording_relay::{db, testing};
+use recording_relay_dev_tools::testing;
+use recording_relay_sim::{Fault, StorageSim, StorageSimConfig, TelnyxSim, TelnyxSimConfig};
 use sqlx::PgPool;
 use sqlx::postgres::PgPoolOptions;
 use tokio::time::Instant;
@@ -194,7 +195,7 @@ fn relay_binary(explicit: Option<PathBuf>) -> anyhow::Result<PathBuf> {
     let bin = dir.join("recording-relay");
     if let Some(cargo) = std::env::var_os("CARGO") {
         let mut cmd = std::process::Command::new(cargo);
-        cmd.args(["build", "--bin", "recording-relay"]);
+        cmd.args(["build", "-p", "recording-relay", "--bin", "recording-relay"]);
         if !cfg!(debug_assertions) {
             cmd.arg("--release");
         }
@@ -208,7 +209,7 @@ fn relay_binary(explicit: Option<PathBuf>) -> anyhow::Result<PathBuf> {
     }
     if !bin.exists() {
         bail!(
-            "{} not found: build it first (`cargo build --release --bins`) or pass --relay-bin",
+            "{} not found: build it first (`cargo build --release --workspace --bins`) or pass --relay-bin",
             bin.display()
         );
     }
@@ -327,7 +328,7 @@ async fn run(args: Args) -> anyhow::Result<bool> {
         .connect(&db_url)
         .await
         .context("connecting to the run's database")?;
-    db::create_demo_host_schema(&pool).await?;
+    recording_relay_dev_tools::testing::create_host_schema(&pool).await?;
     db::migrate(&pool).await?;
     sqlx::raw_sql(operators::AUDIT_SQL)
         .execute(&pool)

@@ -30,6 +30,7 @@ use std::{
     time::Duration,
 };
 
+use crate::AudioFormat;
 use bytes::Bytes;
 use chrono::{DateTime, NaiveDateTime, SecondsFormat, SubsecRound, Utc};
 use futures_util::Stream;
@@ -37,8 +38,6 @@ use hyper::{Method, Request, body::Incoming};
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 use tokio_util::sync::{CancellationToken, DropGuard};
-
-use crate::config::AudioFormat;
 
 use super::http::{
     Abort, ByteRange, Fault, FaultAction, FaultPlan, Resp, bearer, bind, bytes_response,
@@ -1865,8 +1864,8 @@ mod tests {
     fn start_outside_a_runtime_is_an_error_not_a_panic() {
         let err = TelnyxSim::start(TelnyxSimConfig::default()).expect_err("no runtime");
         assert!(err.to_string().contains("Tokio runtime"), "{err}");
-        let err = crate::sim::StorageSim::start(crate::sim::StorageSimConfig::default())
-            .expect_err("no runtime");
+        let err =
+            crate::StorageSim::start(crate::StorageSimConfig::default()).expect_err("no runtime");
         assert!(err.to_string().contains("Tokio runtime"), "{err}");
     }
 

@@ -1,0 +1,176 @@
+//! Benchmark harness (issue #6). Not part of the daemon.
+//!
+//! `cargo build --release --bins && target/release/bench <scenario>`, or
+//! `bench/run-all.sh` for every scenario with its peers and the table.
+//!
+//! - `queue`: N no-op jobs, bulk-inserted with one INSERT … SELECT
+//!   generate_series, burned down by P worker processes (this binary's
+//!   hidden `queue-worker`: the real `jobs::Worker`, claim/lease/fenced
+//!   completion, with a handler that does nothing). The peers
+//!   (graphile-worker, pg-boss) run from `bench/queue.sh`.
+//! - `latency`: sequential enqueue → handler start through LISTEN/NOTIFY.
+//! - `ingest`: signed webhooks against the release `recording-relay listen`
+//!   process, closed loop beside `pgbench` running the same INSERT with the
+//!   same concurrency on the same database, then fixed rates.
+//! - `relay`: recordings relayed from the Telnyx simulator into the storage
+//!   simulator by the release `recording-relay work` process, beside a raw
+//!   loopback copy of the same bytes (`bench/raw-copy.sh`, curl).
+//! - `smoke`: all of the above, small, to prove the harness works.
+//!
+//! Every scenario makes a fresh `bench_*` database and runs `VACUUM ANALYZE`
+//! before it starts. Lines starting with `TABLE|` are the results table's
+//! rows (`bench/run-all.sh` collects them); nothing here asserts a speed.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail, ensure};
+use base64::Engine as _;
+use bytes::Bytes;
+use clap::{Parser, Subcommand};
+use ed25519_dalek::SigningKey;
+use recording_relay::config::Config;
+use recording_relay::db;
+use recording_relay::jobs::backoff::Backoff;
+use recording_relay::jobs::worker::default_worker_id;
+use recording_relay::jobs::{
+    Job, JobContext, JobError, JobHandler, NewJob, Outcome, Queue, Worker, WorkerOptions,
+};
+use recording_relay::webhook::event::Envelope;
+use recording_relay_dev_tools::testing;
+use recording_relay_sim::{
+    SimAudio, SimRecording, StorageSim, StorageSimConfig, TelnyxSim, TelnyxSimConfig,
+};
+use sqlx::{Connection, PgConnection, PgPool};
+use tokio::io::AsyncReadExt;
+use tokio::process::{Child, Command};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser)]
+#[command(
+    name = "bench",
+    about = "recording-relay benchmarks (see BENCHMARKS.md)"
+)]
+struct Cli {
+    /// PostgreSQL server; each scenario creates its own `bench_*` database.
+    #[arg(
+        long,
+        env = "BENCH_SERVER_URL",
+        default_value = "postgres://postgres@127.0.0.1:5432"
+    )]
+    server: String,
+    #[command(subcommand)]
+    scenario: Scenario,
+}
+
+#[derive(Subcommand)]
+enum Scenario {
+    /// Queue throughput: N no-op jobs through P worker processes.
+    Queue(QueueArgs),
+    /// Pickup latency: sequential enqueue → handler start.
+    Latency {
+        #[arg(long, default_value_t = 1000)]
+        samples: usize,
+    },
+    /// Webhook ingest against the release listener, beside pgbench.
+    Ingest(IngestArgs),
+    /// Streaming relay through the simulators, beside a raw curl copy.
+    Relay(RelayArgs),
+    /// Every scenario, small: proves the harness works in seconds.
+    Smoke,
+    /// One worker process of the `queue` scenario (internal).
+    #[command(hide = true)]
+    QueueWorker {
+        #[arg(long)]
+        database_url: String,
+        #[arg(long)]
+        concurrency: usize,
+        #[arg(long)]
+        pool: u32,
+    },
+}
+
+#[derive(clap::Args, Clone)]
+struct QueueArgs {
+    #[arg(long, default_value_t = 200_000)]
+    jobs: u64,
+    /// Worker processes (graphile-worker's perf test runs 4).
+    #[arg(long, default_value_t = 4)]
+    processes: usize,
+    /// Jobs in flight per process (`worker.concurrency`).
+    #[arg(long, default_value_t = 24)]
+    concurrency: usize,
+    /// Pool size per process (`database.max_connections`).
+    #[arg(long, default_value_t = 10)]
+    pool: u32,
+    /// Measure PostgreSQL's floor instead: the same row changes as two
+    /// set-wise UPDATEs, no worker.
+    #[arg(long)]
+    floor: bool,
+}
+
+#[derive(clap::Args, Clone)]
+struct IngestArgs {
+    /// Fixed request rates to try, one step each.
+    #[arg(long, value_delimiter = ',', default_value = "500,1000,2000,4000")]
+    rates: Vec<u32>,
+    #[arg(long, default_value_t = 10)]
+    step_secs: u64,
+    /// Connections of the closed-loop run and pgbench clients.
+    #[arg(long, default_value_t = 10)]
+    clients: usize,
+    #[arg(long, default_value_t = 10)]
+    closed_secs: u64,
+}
+
+#[derive(clap::Args, Clone)]
+struct RelayArgs {
+    #[arg(long, default_value_t = 10)]
+    recordings: usize,
+    /// Size of each recording in MB (10^6 bytes).
+    #[arg(long, default_value_t = 200)]
+    size_mb: u64,
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,sqlx=error")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let rt = tokio::runtime::Runtime::new()?;
+    rt.block_on(async move {
+        let server = cli.server.trim_end_matches('/').to_owned();
+        match cli.scenario {
+            Scenario::Queue(a) => queue(&server, &a).await,
+            Scenario::Latency { samples } => latency(&server, samples).await,
+            Scenario::Ingest(a) => ingest(&server, &a).await,
+            Scenario::Relay(a) => relay(&server, &a).await,
+            Scenario::Smoke => smoke(&server).await,
+            Scenario::QueueWorker {
+                database_url,
+                concurrency,
+                pool,
+            } => queue_worker(&database_url, concurrency, pool).await,
+        }
+    })
+}
+
+mod common;
+mod ingest;
+mod latency;
+mod queue;
+mod relay;
+mod smoke;
+use self::common::*;
+use self::ingest::*;
+use self::latency::*;
+use self::queue::*;
+use self::relay::*;
+use self::smoke::*;

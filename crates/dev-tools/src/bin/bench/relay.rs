@@ -1,0 +1,290 @@
+//! `bench relay`: large recordings streamed from the Telnyx stand-in into the
+//! storage stand-in by the real binary, beside a raw curl copy.
+
+use super::*;
+
+pub(super) const SERVICE_KEY: &str = "bench-service-role-key";
+pub(super) const TELNYX_KEY: &str = "KEY_bench";
+pub(super) const BUCKET: &str = "call-recordings";
+
+pub(super) async fn relay(server: &str, a: &RelayArgs) -> anyhow::Result<()> {
+    let url = fresh_database(server, "bench_relay").await?;
+    let size = a.size_mb * 1_000_000;
+    let total_mb = (size * a.recordings as u64) as f64 / 1e6;
+    let stop = CancellationToken::new();
+    // The storage simulator's files go to memory (/dev/shm) when it is
+    // there: writing gigabytes back to a shared disk would stall the
+    // database's commits, which the raw copy does not make, and measure the
+    // disk rather than the relay. At most one run's objects exist at once.
+    let shm = Path::new("/dev/shm");
+    let data_dir = if shm.is_dir() {
+        tempfile::tempdir_in(shm)?
+    } else {
+        tempfile::tempdir()?
+    };
+    let telnyx = TelnyxSim::start(TelnyxSimConfig {
+        api_key: TELNYX_KEY.to_owned(),
+        cancel: stop.child_token(),
+        ..TelnyxSimConfig::default()
+    })?;
+    let storage = StorageSim::start(StorageSimConfig {
+        service_key: SERVICE_KEY.to_owned(),
+        data_dir: Some(data_dir.path().to_owned()),
+        global_file_size_limit: size.max(64 << 20) * 2,
+        cancel: stop.child_token(),
+        ..StorageSimConfig::default()
+    })?;
+    storage.create_bucket(BUCKET, false, None, None);
+
+    let pool = PgPool::connect(&url).await?;
+    let mut recordings = Vec::new();
+    for i in 0..a.recordings {
+        let mut rec =
+            SimRecording::sample(format!("bench-rec-{i}-{}", uuid::Uuid::new_v4().simple()));
+        rec.content = SimAudio::generated(size, i as u64 + 1);
+        let intake: uuid::Uuid =
+            sqlx::query_scalar("INSERT INTO public.intakes (room_name) VALUES ($1) RETURNING id")
+                .bind(format!("bench-{i}"))
+                .fetch_one(&pool)
+                .await?;
+        telnyx.add_recording(rec.clone());
+        recordings.push((rec, intake));
+    }
+
+    // The raw copy right before and right after the daemon, so noise from
+    // the shared machine (and disk writeback) hits both sides alike.
+    let raw_before = raw_copy(&telnyx, &storage, &recordings, size, data_dir.path()).await?;
+
+    // The daemon: `recording-relay work`, release, its own process.
+    let dir = tempfile::tempdir()?;
+    let config = dir.path().join("config.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[worker]\nconcurrency = {}\npoll_interval = \"1s\"\n",
+            a.recordings.max(1)
+        ),
+    )?;
+    let log = std::fs::File::create(dir.path().join("work.log"))?;
+    let mut daemon = Command::new(daemon_binary()?)
+        .args(["--config"])
+        .arg(&config)
+        .arg("work")
+        .env("DATABASE_URL", &url)
+        .env("TELNYX_API_KEY", TELNYX_KEY)
+        .env("TELNYX_API_URL", telnyx.base_url())
+        .env("SUPABASE_URL", storage.base_url())
+        .env("SUPABASE_SERVICE_ROLE_KEY", SERVICE_KEY)
+        .env("STORAGE_BUCKET", BUCKET)
+        .env_remove("RUST_LOG")
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .kill_on_drop(true)
+        .spawn()
+        .context("starting recording-relay work")?;
+    let pid = daemon.id().context("daemon pid")?;
+    // Ready once it LISTENs.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let listening: bool = sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM pg_stat_activity
+                            WHERE datname = current_database() AND query ILIKE 'LISTEN%')",
+        )
+        .fetch_one(&pool)
+        .await?;
+        if listening {
+            break;
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "the worker did not start listening"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let idle_rss = peak_rss_mib(pid).unwrap_or(0.0);
+    let idle_cpu = cpu_seconds(pid).unwrap_or(0.0);
+    let queue = Queue::new(pool.clone());
+    let t0 = Instant::now();
+    for (i, (rec, intake)) in recordings.iter().enumerate() {
+        // Telnyx's shape: no recording id; the leg and start time pick the
+        // recording of the call, client_state names the intake.
+        let mut event = testing::recording_saved_event(&format!("relay-{i}"), &rec.call_session_id);
+        let p = &mut event["data"]["payload"];
+        p["call_leg_id"] = rec.call_leg_id.clone().into();
+        p["recording_started_at"] = rec.recording_started_at.to_rfc3339().into();
+        p["client_state"] = base64::engine::general_purpose::STANDARD
+            .encode(intake.to_string())
+            .into();
+        let job = Envelope::parse(event.to_string().as_bytes())?.into_job(12);
+        queue.enqueue(&job).await?;
+    }
+    let deadline = Instant::now() + Duration::from_secs(1800);
+    loop {
+        let (open, error): (i64, Option<String>) = sqlx::query_as(
+            "SELECT count(*) FILTER (WHERE state IN ('pending', 'running')), max(last_error)
+             FROM recording_relay.recording_jobs",
+        )
+        .fetch_one(&pool)
+        .await?;
+        if let Some(error) = error {
+            bail!("a relay job failed an attempt: {error}");
+        }
+        if open == 0 {
+            break;
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "the relay did not finish in 30 minutes"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let relayed = t0.elapsed();
+    let peak = peak_rss_mib(pid).unwrap_or(0.0);
+    let cpu = cpu_seconds(pid).unwrap_or(0.0) - idle_cpu;
+    let _ = std::process::Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status();
+    let status = tokio::time::timeout(Duration::from_secs(30), daemon.wait()).await??;
+    ensure!(status.success(), "the worker exited with {status}");
+
+    let states: Vec<(String, Option<String>)> = sqlx::query_as(
+        "SELECT state::text, last_error FROM recording_relay.recording_jobs ORDER BY id",
+    )
+    .fetch_all(&pool)
+    .await?;
+    for (state, err) in &states {
+        ensure!(state == "succeeded", "a relay job ended {state}: {err:?}");
+    }
+    for (rec, intake) in &recordings {
+        let path = format!("intakes/{intake}/{}.wav", rec.id);
+        let o = storage
+            .object(BUCKET, &path)
+            .with_context(|| format!("{path} is missing"))?;
+        ensure!(
+            o.size == size && o.sha256_hex == rec.content.sha256_hex(),
+            "{path} differs from the source"
+        );
+    }
+    pool.close().await;
+    let paths: Vec<String> = recordings
+        .iter()
+        .map(|(rec, intake)| format!("intakes/{intake}/{}.wav", rec.id))
+        .collect();
+    delete_objects(&storage, &paths).await?;
+    let raw_after = raw_copy(&telnyx, &storage, &recordings, size, data_dir.path()).await?;
+    let raw = (raw_before + raw_after) / 2;
+    let raw_mbs = total_mb / raw.as_secs_f64();
+    say(format!(
+        "relay: raw copy (curl | curl) of {} x {} MB: {} ms before, {} ms after: {raw_mbs:.0} MB/s",
+        a.recordings,
+        a.size_mb,
+        ms(raw_before),
+        ms(raw_after)
+    ));
+    let relay_mbs = total_mb / relayed.as_secs_f64();
+    say(format!(
+        "relay: recording-relay work, {} x {} MB: {} ms, {relay_mbs:.0} MB/s; daemon CPU {cpu:.2} s; \
+         peak RSS {peak:.1} MiB (idle {idle_rss:.1} MiB); every object verified by SHA-256",
+        a.recordings,
+        a.size_mb,
+        ms(relayed)
+    ));
+    table_row(
+        "relay",
+        &format!(
+            "{} x {} MB concurrently (MB/s vs raw curl copy)",
+            a.recordings, a.size_mb
+        ),
+        &format!("{relay_mbs:.0} MB/s ({:.1} s)", relayed.as_secs_f64()),
+        &format!(
+            "{raw_mbs:.0} MB/s ({:.1} s, mean of before/after)",
+            raw.as_secs_f64()
+        ),
+        &ratio(relay_mbs, raw_mbs),
+        ">= 0.80",
+    );
+    table_row(
+        "relay",
+        "daemon peak RSS (VmHWM)",
+        &format!("{peak:.1} MiB"),
+        "-",
+        "-",
+        "< 100 MB",
+    );
+    stop.cancel();
+    Ok(())
+}
+
+/// Copies every recording with curl (download piped into upload), all at
+/// once; checks the sizes, deletes the copies and flushes them to disk, so
+/// the next run starts from the same state. Returns the copy's wall time.
+pub(super) async fn raw_copy(
+    telnyx: &TelnyxSim,
+    storage: &StorageSim,
+    recordings: &[(SimRecording, uuid::Uuid)],
+    size: u64,
+    dir: &Path,
+) -> anyhow::Result<Duration> {
+    let pairs = dir.join("pairs.txt");
+    let lines: Vec<String> = recordings
+        .iter()
+        .enumerate()
+        .map(|(i, (rec, _))| {
+            format!(
+                "{} {}/storage/v1/object/{BUCKET}/raw/{i}.wav",
+                telnyx.download_url(&rec.id, "wav"),
+                storage.base_url()
+            )
+        })
+        .collect();
+    std::fs::write(&pairs, lines.join("\n") + "\n")?;
+    sync_disks().await;
+    let t0 = Instant::now();
+    let status = Command::new(bench_dir().join("raw-copy.sh"))
+        .arg(&pairs)
+        .env("SERVICE_KEY", SERVICE_KEY)
+        .stdout(Stdio::null())
+        .status()
+        .await
+        .context("running bench/raw-copy.sh")?;
+    let took = t0.elapsed();
+    ensure!(status.success(), "bench/raw-copy.sh failed: {status}");
+    let mut paths = Vec::new();
+    for i in 0..recordings.len() {
+        let path = format!("raw/{i}.wav");
+        let o = storage
+            .object(BUCKET, &path)
+            .context("a raw copy is missing")?;
+        ensure!(o.size == size, "raw copy {i} has {} bytes", o.size);
+        paths.push(path);
+    }
+    delete_objects(storage, &paths).await?;
+    Ok(took)
+}
+
+pub(super) async fn delete_objects(storage: &StorageSim, paths: &[String]) -> anyhow::Result<()> {
+    let http = reqwest::Client::new();
+    for path in paths {
+        let res = http
+            .delete(format!(
+                "{}/storage/v1/object/{BUCKET}/{path}",
+                storage.base_url()
+            ))
+            .bearer_auth(SERVICE_KEY)
+            .header("apikey", SERVICE_KEY)
+            .send()
+            .await?;
+        ensure!(
+            res.status().is_success(),
+            "deleting {path}: {}",
+            res.status()
+        );
+    }
+    sync_disks().await;
+    Ok(())
+}
+
+/// Writes dirty pages out, so one run's writeback does not slow the next.
+pub(super) async fn sync_disks() {
+    let _ = Command::new("sync").status().await;
+}
