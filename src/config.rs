@@ -263,7 +263,8 @@ pub struct PipelineConfig {
     #[serde(with = "humantime_serde")]
     pub match_retry_delay: Duration,
     /// Which party of the call is the patient: "to" for calls ZScribe places
-    /// (the brief's flow), "from" for calls patients place.
+    /// (the original guide's flow: an agent calls the patient, whose number
+    /// it read from `to_number`), "from" for calls patients place.
     pub patient_party: Party,
     /// Telnyx connection id → organization id. When the call's connection is
     /// listed, only that organization's intakes can match it.

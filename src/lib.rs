@@ -1,24 +1,50 @@
 //! recording-relay: Telnyx call recordings into private Supabase Storage,
 //! linked to ZScribe intakes, with PostgreSQL as the only coordinator.
+//! `docs/DESIGN.md` in the repository has the design and the provider facts
+//! it rests on, with their sources.
 //!
 //! How a recording travels, and where each part lives:
 //!
-//! - [`webhook`]: the hyper listener. Verifies Telnyx's Ed25519 signature on
-//!   the raw body, inserts one `recording_jobs` row, answers after COMMIT.
+//! - [`webhook`]: the hyper listener. [`webhook::verify`] checks Telnyx's
+//!   Ed25519 signature on the raw body, [`webhook::event`] reads the
+//!   envelope leniently; one `recording_jobs` row is inserted and the answer
+//!   comes after COMMIT.
 //! - [`jobs`]: the durable queue. All queue SQL ([`jobs::queue`]), the retry
 //!   schedule ([`jobs::backoff`]) and the worker loop ([`jobs::worker`]:
-//!   LISTEN/NOTIFY + poll, `SKIP LOCKED` claims, leases, heartbeats, drain).
-//! - [`pipeline`]: the steps of one job (resolve, match, store, link, delete),
-//!   using one client per upstream: [`telnyx`] and [`storage`].
-//! - [`alerts`]: a POST to an operator's webhook when a job ends badly.
+//!   LISTEN/NOTIFY + poll, `SKIP LOCKED` claims, fenced leases, heartbeats,
+//!   drain).
+//! - [`pipeline`]: the steps of one job (resolve, match, store, link,
+//!   delete). [`pipeline::intakes`] holds the SQL against ZScribe's tables
+//!   (matching, reservations, linking), [`pipeline::transfer`] streams bytes
+//!   from Telnyx into the upload, hashed and counted on the way.
+//! - [`telnyx`]: the Recordings API client and its error classes.
+//! - [`storage`]: the Supabase Storage client (POST and TUS uploads, object
+//!   info, signed URLs, buckets), classifying errors by the body's code.
+//! - [`playback`]: signed URLs and a player page for the UI's users, on an
+//!   address of its own; off unless configured. [`playback::auth`] and
+//!   [`playback::jwks`] check Supabase user tokens, [`playback::recording`]
+//!   derives what the player may show, [`playback::audit`] records every URL
+//!   handed out before it leaves.
+//! - [`reconcile`]: enqueues recordings Telnyx made that no job knows
+//!   (missed webhooks).
 //! - [`retention`]: prunes old jobs, keeps every pointer to patient data
 //!   (or deletes it with its object after a configured period and an alert).
-//! - [`config`]: defaults, TOML file, systemd credentials, environment.
-//! - [`db`]: pool, migrations, schema checks.
-//! - [`app`]: wires listener and worker into one process with one shutdown token.
-//! - [`playback`]: signed URLs and a player page for the UI's users (JWT auth,
-//!   organization-scoped), on an address of its own; off unless configured.
-//! - [`cli`]: subcommands and exit codes. [`telemetry`]: logs and masking.
+//! - [`alerts`]: a POST to an operator's webhook when a job ends badly.
+//!
+//! Around them:
+//!
+//! - [`app`]: wires listener, worker and playback into one process with one
+//!   shutdown token, and talks to systemd (`READY`, `STOPPING`, watchdog).
+//! - [`server`]: the accept loop the webhook, playback and metrics listeners
+//!   share (connection limit, header-read timeout, bounded shutdown).
+//! - [`config`]: defaults, TOML file, systemd credentials, environment,
+//!   validated once.
+//! - [`db`]: pool, session settings, migrations, schema and pooler checks.
+//! - [`cli`]: subcommands and exit codes. [`check`]: `recording-relay check`,
+//!   one line per dependency.
+//! - [`metrics`]: `GET /metrics` (counters and histograms per process, queue
+//!   gauges read from the database at scrape time).
+//! - [`telemetry`]: log set-up, and masking of phone numbers and URLs.
 
 pub mod alerts;
 pub mod app;

@@ -164,7 +164,7 @@ fn list(names: impl IntoIterator<Item = String>) -> String {
 
 /// Finds the intake. An intake named by `client_state` always wins, and
 /// nothing else is tried when it names one. Otherwise a phone-and-time match
-/// is made only when it is unambiguous (see [`decide`]).
+/// is made only when it is unambiguous (the rules are on `decide`, below).
 pub async fn find_intake(pool: &PgPool, m: &MatchInput<'_>) -> Result<Found, sqlx::Error> {
     if let Some(id) = m.client_state.and_then(intake_id_from_client_state) {
         let exists: Option<Uuid> = sqlx::query_scalar(

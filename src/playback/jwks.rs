@@ -2,9 +2,9 @@
 //! user tokens with asymmetric keys (ES256, RS256) instead of the JWT secret.
 //!
 //! Keys are cached. A token naming an unknown `kid` (a key rotated in since
-//! the last fetch) triggers a refetch, at most once per [`REFETCH_COOLDOWN`],
-//! so a stream of forged kids cannot make us hammer the auth server. When a
-//! refetch fails, the keys already known keep working.
+//! the last fetch) triggers a refetch, at most once per `REFETCH_COOLDOWN`
+//! (30 s), so a stream of forged kids cannot make us hammer the auth server.
+//! When a refetch fails, the keys already known keep working.
 
 use std::collections::HashMap;
 use std::sync::Arc;

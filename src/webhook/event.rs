@@ -286,7 +286,7 @@ mod tests {
     }
 
     #[test]
-    fn brief_style_fields_are_picked_up() {
+    fn ids_and_numbers_some_deliveries_carry_are_picked_up() {
         let mut v = official();
         let p = &mut v["data"]["payload"];
         p["recording_id"] = json!("rec-1");

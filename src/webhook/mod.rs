@@ -32,7 +32,8 @@ use crate::config::Config;
 use crate::jobs::{Enqueued, Queue};
 use crate::server::Limits;
 
-/// Telnyx's path and the one the original brief documented.
+/// Telnyx's path, and the one the original integration guide told the
+/// backend to create (`POST /api/webhooks/telnyx/recording`).
 pub const WEBHOOK_PATHS: [&str; 2] = ["/webhooks/telnyx", "/api/webhooks/telnyx/recording"];
 
 /// Everything a request handler needs; shared by all connections.

@@ -1,6 +1,6 @@
 //! Hostile input at the listener: every request here gets the right answer
 //! quickly, stores nothing it should not (verified garbage is quarantined,
-//! as DESIGN.md says), and leaves the daemon healthy.
+//! as docs/DESIGN.md says), and leaves the daemon healthy.
 //!
 //! Each test prints how fast every case was answered (`cargo test hostile
 //! -- --nocapture`); RELIABILITY.md quotes those figures.

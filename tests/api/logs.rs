@@ -136,7 +136,8 @@ async fn debug_logs_hold_no_secrets_phone_numbers_or_signed_urls(pool: PgPool) {
         })
     };
 
-    // The brief's shape, numbers included, so the listener sees them too.
+    // Numbers in the payload (the original guide's example had them; some
+    // deliveries do), so the listener sees them too.
     let mut event = testing::recording_saved_event("ev-logaudit", &rec.call_session_id);
     let p = &mut event["data"]["payload"];
     p["from"] = rec.from.clone().into();

@@ -38,9 +38,9 @@ async fn a_signed_event_is_stored_once_committed(pool: PgPool) {
 }
 
 #[sqlx::test(migrations = false)]
-async fn the_briefs_path_is_accepted_too(pool: PgPool) {
+async fn the_original_guides_path_is_accepted_too(pool: PgPool) {
     let app = spawn_listener(pool).await;
-    let body = event("ev-brief");
+    let body = event("ev-guide-path");
     let mut req = app.client.post(app.url("/api/webhooks/telnyx/recording"));
     for (name, value) in testing::signature_headers(&app.key, testing::unix_now(), &body) {
         req = req.header(name, value);
