@@ -145,7 +145,7 @@ struct Args {
     /// The daemon binary (default: `recording-relay` next to this binary).
     #[arg(long)]
     relay_bin: Option<PathBuf>,
-    /// Daemon logs and config (default: target/chaos/<database>, removed
+    /// Daemon logs and config (default: `target/chaos/<database>`, removed
     /// when every check passed).
     #[arg(long)]
     work_dir: Option<PathBuf>,
