@@ -168,6 +168,15 @@ pub struct ListenerConfig {
     #[serde(with = "humantime_serde")]
     pub header_read_timeout: Duration,
     pub max_connections: usize,
+    /// Webhooks being received and stored at once. One more is answered 503
+    /// at once, before its body is read, so that under overload Telnyx
+    /// retries later instead of every request queueing past its deadline.
+    pub max_in_flight: usize,
+    /// How long a webhook may wait for a database connection before it is
+    /// answered 503 (shed): a short wait absorbs a burst, a long one only
+    /// turns overload into timeouts.
+    #[serde(with = "humantime_serde")]
+    pub connection_wait: Duration,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -375,6 +384,8 @@ impl Default for ListenerConfig {
             request_timeout: Duration::from_millis(1500),
             header_read_timeout: Duration::from_secs(5),
             max_connections: 1024,
+            max_in_flight: 64,
+            connection_wait: Duration::from_millis(250),
         }
     }
 }
@@ -539,6 +550,15 @@ impl Config {
             }
             if self.retry.max_attempts < 1 {
                 problems.push("retry.max_attempts must be at least 1".to_owned());
+            }
+            if self.listener.max_in_flight == 0 {
+                problems.push("listener.max_in_flight must be at least 1".to_owned());
+            }
+            if self.listener.connection_wait >= self.listener.request_timeout {
+                problems.push(
+                    "listener.connection_wait must be shorter than listener.request_timeout"
+                        .to_owned(),
+                );
             }
             if self.listener.max_body_bytes == 0 {
                 problems.push("listener.max_body_bytes must be at least 1".to_owned());

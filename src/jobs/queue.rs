@@ -182,6 +182,15 @@ impl Queue {
     /// (a redelivery) or on the recording id (a live job relays it already)
     /// inserts nothing.
     pub async fn enqueue(&self, job: &NewJob) -> Result<Enqueued, QueueError> {
+        Self::enqueue_with(&self.pool, job).await
+    }
+
+    /// [`Queue::enqueue`] through `executor`: the listener passes a
+    /// connection it acquired with a bound of its own (load shedding).
+    pub async fn enqueue_with<'c>(
+        executor: impl sqlx::PgExecutor<'c>,
+        job: &NewJob,
+    ) -> Result<Enqueued, QueueError> {
         let id: Option<i64> = sqlx::query_scalar(
             "INSERT INTO recording_relay.recording_jobs (
                  event_id, event_type, occurred_at, event, recording_id, call_session_id,
@@ -209,7 +218,7 @@ impl Queue {
         .bind(job.recording_started_at)
         .bind(job.recording_ended_at)
         .bind(job.max_attempts)
-        .fetch_optional(&self.pool)
+        .fetch_optional(executor)
         .await?;
         Ok(id.map_or(Enqueued::Duplicate, Enqueued::Inserted))
     }

@@ -17,12 +17,14 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper::header::{
-    ACCEPT_ENCODING, ALLOW, CONTENT_ENCODING, CONTENT_LENGTH, CONTENT_TYPE, HeaderMap, HeaderValue,
+    ACCEPT_ENCODING, ALLOW, CONNECTION, CONTENT_ENCODING, CONTENT_LENGTH, CONTENT_TYPE, HeaderMap,
+    HeaderValue, RETRY_AFTER,
 };
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
 use serde_json::json;
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
@@ -46,6 +48,11 @@ pub struct WebhookState {
     pub max_attempts: i32,
     /// `/metrics` here too, unless it has an address of its own.
     pub serve_metrics: bool,
+    /// One permit per webhook being received and stored: with none left the
+    /// next is shed (see [`shed`]).
+    pub in_flight: Arc<Semaphore>,
+    /// The longest a webhook waits for a database connection.
+    pub connection_wait: Duration,
 }
 
 impl WebhookState {
@@ -60,6 +67,8 @@ impl WebhookState {
             request_timeout: config.listener.request_timeout,
             max_attempts: config.retry.max_attempts,
             serve_metrics: config.metrics.addr.is_none(),
+            in_flight: Arc::new(Semaphore::new(config.listener.max_in_flight)),
+            connection_wait: config.listener.connection_wait,
         })
     }
 }
@@ -129,6 +138,8 @@ struct Reply {
     /// A non-JSON body (the metrics page).
     text: Option<String>,
     accept_encoding: Option<&'static str>,
+    /// Ask the client to come back later, on a new connection.
+    retry_later: bool,
 }
 
 impl Reply {
@@ -142,6 +153,7 @@ impl Reply {
             allow: None,
             text: None,
             accept_encoding: None,
+            retry_later: false,
         }
     }
 
@@ -177,6 +189,13 @@ impl Reply {
         if let Some(encodings) = self.accept_encoding {
             headers.insert(ACCEPT_ENCODING, HeaderValue::from_static(encodings));
         }
+        if self.retry_later {
+            headers.insert(RETRY_AFTER, HeaderValue::from_static("1"));
+            // The body was never read: a connection kept alive would hand
+            // its bytes to the next request, or stall it (the real storage
+            // server's lesson, from the other side).
+            headers.insert(CONNECTION, HeaderValue::from_static("close"));
+        }
         response
     }
 }
@@ -185,7 +204,10 @@ async fn route(req: Request<Incoming>, state: &WebhookState) -> Reply {
     let path = req.uri().path();
     let is_webhook = WEBHOOK_PATHS.contains(&path);
     match (req.method(), path) {
-        (&Method::POST, _) if is_webhook => receive(req, state).await,
+        (&Method::POST, _) if is_webhook => match state.in_flight.clone().try_acquire_owned() {
+            Ok(_permit) => receive(req, state).await,
+            Err(_) => shed("webhooks in flight at the limit (listener.max_in_flight)"),
+        },
         (&Method::GET | &Method::HEAD, "/healthz") => Reply::new(StatusCode::OK, "ok", ""),
         (&Method::GET | &Method::HEAD, "/readyz") => readiness(state).await,
         (&Method::GET, "/metrics") if state.serve_metrics => Reply {
@@ -300,7 +322,12 @@ async fn receive(req: Request<Incoming>, state: &WebhookState) -> Reply {
     }
     let event_id = envelope.id.clone();
     let job = envelope.into_job(state.max_attempts);
-    match tokio::time::timeout_at(deadline.into(), state.queue.enqueue(&job)).await {
+    let mut conn = match connection_within(state, deadline).await {
+        Ok(conn) => conn,
+        Err(reply) => return reply.event(&event_id),
+    };
+    let insert = Queue::enqueue_with(&mut *conn, &job);
+    match tokio::time::timeout_at(deadline.into(), insert).await {
         Ok(Ok(Enqueued::Inserted(id))) => Reply {
             job_id: Some(id),
             ..Reply::new(StatusCode::OK, "stored", "").event(&event_id)
@@ -310,6 +337,23 @@ async fn receive(req: Request<Incoming>, state: &WebhookState) -> Reply {
         // The insert may still commit after this; the redelivery is then a
         // duplicate, which is harmless.
         Err(_) => unavailable("storing the event timed out".to_owned()).event(&event_id),
+    }
+}
+
+/// A pooled connection within `listener.connection_wait`; past it the
+/// webhook is shed: when every connection is busy for that long, waiting
+/// longer only turns overload into timeouts.
+async fn connection_within(
+    state: &WebhookState,
+    deadline: Instant,
+) -> Result<sqlx::pool::PoolConnection<sqlx::Postgres>, Reply> {
+    let wait = (Instant::now() + state.connection_wait).min(deadline);
+    match tokio::time::timeout_at(wait.into(), state.queue.pool().acquire()).await {
+        Ok(Ok(conn)) => Ok(conn),
+        Ok(Err(e)) => Err(unavailable(e.to_string())),
+        Err(_) => Err(shed(
+            "no database connection free within listener.connection_wait",
+        )),
     }
 }
 
@@ -363,6 +407,17 @@ fn too_large(state: &WebhookState) -> Reply {
         "too_large",
         format!("body over {} bytes", state.max_body_bytes),
     )
+}
+
+/// Load shedding: a 503 that costs nothing (no body read, no database), so
+/// an overloaded listener answers at once and Telnyx retries later, instead
+/// of every request waiting past its deadline. Nothing is lost: the event
+/// was not acknowledged.
+fn shed(detail: &'static str) -> Reply {
+    Reply {
+        retry_later: true,
+        ..Reply::new(StatusCode::SERVICE_UNAVAILABLE, "shed", detail)
+    }
 }
 
 fn unavailable(detail: String) -> Reply {

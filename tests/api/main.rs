@@ -6,6 +6,7 @@ mod helpers;
 mod hostile;
 mod logs;
 mod ops;
+mod overload;
 mod pipeline;
 mod playback;
 mod pooler;
