@@ -252,19 +252,19 @@ mod systemd {
     use tracing::warn;
 
     /// After the schema check and the binds: the unit is up.
-    pub fn ready() {
+    pub(super) fn ready() {
         if let Err(e) = sd_notify::notify(&[sd_notify::NotifyState::Ready]) {
             warn!(error = %e, "could not notify systemd");
         }
     }
 
-    pub fn stopping() {
+    pub(super) fn stopping() {
         let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
     }
 
     /// Pings the watchdog at half its interval while the runtime is alive; a
     /// wedged runtime stops pinging and systemd restarts the unit.
-    pub fn spawn_watchdog(shutdown: CancellationToken) -> tokio::task::JoinHandle<()> {
+    pub(super) fn spawn_watchdog(shutdown: CancellationToken) -> tokio::task::JoinHandle<()> {
         tokio::spawn(async move {
             let Some(interval) = sd_notify::watchdog_enabled() else {
                 return;

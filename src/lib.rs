@@ -58,7 +58,7 @@ pub mod pipeline;
 pub mod playback;
 pub mod reconcile;
 pub mod retention;
-pub mod server;
+mod server;
 pub mod storage;
 pub mod telemetry;
 pub mod telnyx;

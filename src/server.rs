@@ -32,7 +32,7 @@ pub struct Limits {
 
 /// Serves `listener` until `shutdown` is cancelled; `service_for` builds the
 /// service of one connection from its peer address.
-pub async fn serve<F, S>(
+pub(crate) async fn serve<F, S>(
     name: &'static str,
     listener: TcpListener,
     limits: Limits,

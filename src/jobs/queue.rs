@@ -1603,7 +1603,7 @@ mod tests {
         let q = queue(pool).await;
         // name, state, finished how many days ago, recording id, object path
         type Row<'a> = (&'a str, &'a str, i32, Option<&'a str>, Option<&'a str>);
-        let rows: [Row; 9] = [
+        let rows: [Row<'_>; 9] = [
             (
                 "succeeded-old",
                 "succeeded",

@@ -17,7 +17,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-pub struct TestApp {
+pub(crate) struct TestApp {
     pub addr: SocketAddr,
     /// The playback server, when the test's config turned it on.
     pub playback_addr: Option<SocketAddr>,
@@ -29,7 +29,7 @@ pub struct TestApp {
 }
 
 /// Settings for a test process: loopback port 0, a fresh signing key.
-pub fn test_config(database_url: String, key: &SigningKey) -> Config {
+pub(crate) fn test_config(database_url: String, key: &SigningKey) -> Config {
     let mut config = Config::default();
     config.database.url = Some(database_url.into());
     config.listener.addr = "127.0.0.1:0".parse().unwrap();
@@ -39,13 +39,13 @@ pub fn test_config(database_url: String, key: &SigningKey) -> Config {
 }
 
 /// Starts the listener (no worker) against the test database.
-pub async fn spawn_listener(pool: PgPool) -> TestApp {
+pub(crate) async fn spawn_listener(pool: PgPool) -> TestApp {
     let pool = testing::prepare(pool).await;
     let url = testing::database_url_of(&pool, None);
     spawn_with(pool, url, |_| {}).await
 }
 
-pub async fn spawn_with(
+pub(crate) async fn spawn_with(
     pool: PgPool,
     database_url: String,
     tweak: impl FnOnce(&mut Config),
@@ -85,12 +85,12 @@ async fn start<H: JobHandler>(
 }
 
 impl TestApp {
-    pub fn url(&self, path: &str) -> String {
+    pub(crate) fn url(&self, path: &str) -> String {
         format!("http://{}{path}", self.addr)
     }
 
     /// POSTs `body` signed at `timestamp` like Telnyx would.
-    pub async fn post_signed_at(&self, body: &[u8], timestamp: i64) -> reqwest::Response {
+    pub(crate) async fn post_signed_at(&self, body: &[u8], timestamp: i64) -> reqwest::Response {
         let mut req = self
             .client
             .post(self.url("/webhooks/telnyx"))
@@ -101,25 +101,25 @@ impl TestApp {
         req.body(body.to_vec()).send().await.expect("request sent")
     }
 
-    pub async fn post_signed(&self, body: &[u8]) -> reqwest::Response {
+    pub(crate) async fn post_signed(&self, body: &[u8]) -> reqwest::Response {
         self.post_signed_at(body, testing::unix_now()).await
     }
 
-    pub async fn job_count(&self) -> i64 {
+    pub(crate) async fn job_count(&self) -> i64 {
         sqlx::query_scalar("SELECT count(*) FROM recording_relay.recording_jobs")
             .fetch_one(&self.pool)
             .await
             .unwrap()
     }
 
-    pub async fn quarantine_count(&self) -> i64 {
+    pub(crate) async fn quarantine_count(&self) -> i64 {
         sqlx::query_scalar("SELECT count(*) FROM recording_relay.webhook_quarantine")
             .fetch_one(&self.pool)
             .await
             .unwrap()
     }
 
-    pub async fn stop(self) {
+    pub(crate) async fn stop(self) {
         self.shutdown.cancel();
         self.handle.await.unwrap();
     }
@@ -127,7 +127,7 @@ impl TestApp {
 
 /// A TCP forwarder in front of PostgreSQL that can be cut and restored, to
 /// make the database unreachable for the app without stopping the server.
-pub struct CuttableProxy {
+pub(crate) struct CuttableProxy {
     pub port: u16,
     up: Arc<AtomicBool>,
     cut: Arc<tokio::sync::Notify>,
@@ -136,7 +136,7 @@ pub struct CuttableProxy {
 }
 
 impl CuttableProxy {
-    pub async fn start(target: SocketAddr) -> Self {
+    pub(crate) async fn start(target: SocketAddr) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
         let up = Arc::new(AtomicBool::new(true));
@@ -176,22 +176,22 @@ impl CuttableProxy {
 
     /// Closes the connections numbered `numbers` (from 0, in accept order)
     /// as soon as they arrive, like a server going away and coming back.
-    pub fn refuse_connections(&self, numbers: std::ops::Range<usize>) {
+    pub(crate) fn refuse_connections(&self, numbers: std::ops::Range<usize>) {
         *self.refused.lock().unwrap() = numbers;
     }
 
-    pub fn cut(&self) {
+    pub(crate) fn cut(&self) {
         self.up.store(false, Ordering::SeqCst);
         self.cut.notify_waiters();
     }
 
-    pub fn restore(&self) {
+    pub(crate) fn restore(&self) {
         self.up.store(true, Ordering::SeqCst);
     }
 }
 
 /// Polls `condition` until it holds or `timeout` passes.
-pub async fn eventually<F, Fut>(timeout: Duration, mut condition: F) -> bool
+pub(crate) async fn eventually<F, Fut>(timeout: Duration, mut condition: F) -> bool
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = bool>,
@@ -210,25 +210,25 @@ where
 
 /// The daemon (listener + worker + real pipeline) against the Telnyx and
 /// Storage simulators, with fast retries.
-pub struct PipelineApp {
+pub(crate) struct PipelineApp {
     pub app: TestApp,
     pub telnyx: TelnyxSim,
     pub storage: StorageSim,
     pub bucket: String,
 }
 
-pub const TELNYX_KEY: &str = "KEY_test_telnyx";
-pub const STORAGE_KEY: &str = "test-service-role-key";
+pub(crate) const TELNYX_KEY: &str = "KEY_test_telnyx";
+pub(crate) const STORAGE_KEY: &str = "test-service-role-key";
 
 /// The Telnyx and Storage simulators with the test keys.
-pub struct Providers {
+pub(crate) struct Providers {
     pub telnyx: TelnyxSim,
     pub storage: StorageSim,
 }
 
 /// Starts both simulators; with `with_bucket`, a private `call-recordings`
 /// bucket that accepts anything.
-pub fn providers(with_bucket: bool) -> Providers {
+pub(crate) fn providers(with_bucket: bool) -> Providers {
     let telnyx = TelnyxSim::start(TelnyxSimConfig {
         api_key: TELNYX_KEY.to_owned(),
         ..TelnyxSimConfig::default()
@@ -245,7 +245,7 @@ pub fn providers(with_bucket: bool) -> Providers {
     Providers { telnyx, storage }
 }
 
-pub async fn spawn_pipeline(pool: PgPool, tweak: impl FnOnce(&mut Config)) -> PipelineApp {
+pub(crate) async fn spawn_pipeline(pool: PgPool, tweak: impl FnOnce(&mut Config)) -> PipelineApp {
     let pool = testing::prepare(pool).await;
     let Providers { telnyx, storage } = providers(false);
     let bucket = "call-recordings".to_owned();
@@ -284,7 +284,7 @@ pub async fn spawn_pipeline(pool: PgPool, tweak: impl FnOnce(&mut Config)) -> Pi
 
 /// A patient and an intake created just before `rec` started, as ZScribe
 /// does when an agent starts an intake call.
-pub async fn intake_for(pool: &PgPool, rec: &SimRecording, phone: &str) -> Uuid {
+pub(crate) async fn intake_for(pool: &PgPool, rec: &SimRecording, phone: &str) -> Uuid {
     let patient: Uuid =
         sqlx::query_scalar("INSERT INTO public.patients (phone) VALUES ($1) RETURNING id")
             .bind(phone)
@@ -303,7 +303,7 @@ pub async fn intake_for(pool: &PgPool, rec: &SimRecording, phone: &str) -> Uuid 
 }
 
 /// The webhook Telnyx sends for `rec` (official shape: no recording id).
-pub fn webhook_for(event_id: &str, rec: &SimRecording) -> Vec<u8> {
+pub(crate) fn webhook_for(event_id: &str, rec: &SimRecording) -> Vec<u8> {
     let mut event = testing::recording_saved_event(event_id, &rec.call_session_id);
     let p = &mut event["data"]["payload"];
     p["call_leg_id"] = rec.call_leg_id.clone().into();
@@ -312,7 +312,7 @@ pub fn webhook_for(event_id: &str, rec: &SimRecording) -> Vec<u8> {
 }
 
 impl PipelineApp {
-    pub async fn job(&self, event_id: &str) -> Option<Job> {
+    pub(crate) async fn job(&self, event_id: &str) -> Option<Job> {
         Queue::new(self.app.pool.clone())
             .get_by_event_id(event_id)
             .await
@@ -320,7 +320,7 @@ impl PipelineApp {
     }
 
     /// Waits until the job for `event_id` reaches a final state.
-    pub async fn finished_job(&self, event_id: &str) -> Job {
+    pub(crate) async fn finished_job(&self, event_id: &str) -> Job {
         let found = eventually(Duration::from_secs(30), || async {
             self.job(event_id).await.is_some_and(|j| j.state.is_final())
         })
@@ -332,13 +332,13 @@ impl PipelineApp {
 }
 
 /// Receives alert webhooks.
-pub struct AlertSink {
+pub(crate) struct AlertSink {
     addr: SocketAddr,
     received: tokio::sync::Mutex<tokio::sync::mpsc::UnboundedReceiver<serde_json::Value>>,
 }
 
 impl AlertSink {
-    pub async fn start() -> Self {
+    pub(crate) async fn start() -> Self {
         use http_body_util::BodyExt;
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -372,11 +372,11 @@ impl AlertSink {
         }
     }
 
-    pub fn url(&self) -> String {
+    pub(crate) fn url(&self) -> String {
         format!("http://{}/alerts", self.addr)
     }
 
-    pub async fn next(&self) -> serde_json::Value {
+    pub(crate) async fn next(&self) -> serde_json::Value {
         tokio::time::timeout(Duration::from_secs(10), self.received.lock().await.recv())
             .await
             .expect("an alert arrives")
@@ -387,7 +387,7 @@ impl AlertSink {
 impl PipelineApp {
     /// A recording at Telnyx and the intake of its call (the patient is the
     /// sample's `to`, +15557650002).
-    pub async fn recorded_call(&self, id: &str) -> (SimRecording, Uuid) {
+    pub(crate) async fn recorded_call(&self, id: &str) -> (SimRecording, Uuid) {
         let rec = SimRecording::sample(id);
         self.telnyx.add_recording(rec.clone());
         let intake = intake_for(&self.app.pool, &rec, "+15557650002").await;
@@ -395,12 +395,12 @@ impl PipelineApp {
     }
 
     /// POSTs `event`, signed, and expects it stored.
-    pub async fn post_event(&self, event: &serde_json::Value) {
+    pub(crate) async fn post_event(&self, event: &serde_json::Value) {
         let res = self.app.post_signed(event.to_string().as_bytes()).await;
         assert_eq!(res.status(), 200);
     }
 
-    pub async fn stop(self) {
+    pub(crate) async fn stop(self) {
         self.app.stop().await;
     }
 }

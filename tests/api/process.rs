@@ -12,7 +12,7 @@ use tokio::process::Command;
 use crate::helpers::{Providers, STORAGE_KEY, TELNYX_KEY, eventually, intake_for, providers};
 
 /// The real binary, with nothing of the test's environment but PATH.
-pub fn binary() -> Command {
+pub(crate) fn binary() -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_recording-relay"));
     cmd.env_clear()
         .env("PATH", std::env::var("PATH").unwrap_or_default())

@@ -8,12 +8,12 @@ use sqlx::PgPool;
 
 /// The fixture, the stand-in host tables and the daemon's migrations, in the
 /// order a real project gets them.
-pub async fn supabase_shaped(pool: PgPool) -> PgPool {
+pub(crate) async fn supabase_shaped(pool: PgPool) -> PgPool {
     sqlx::raw_sql(SUPABASE).execute(&pool).await.unwrap();
     testing::prepare(pool).await
 }
 
-pub const SUPABASE: &str = include_str!("../fixtures/supabase.sql");
+pub(crate) const SUPABASE: &str = include_str!("../fixtures/supabase.sql");
 
 const API_ROLES: [&str; 3] = ["anon", "authenticated", "service_role"];
 

@@ -32,13 +32,13 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-pub const TELNYX_KEY: &str = "KEY_conformance";
+pub(crate) const TELNYX_KEY: &str = "KEY_conformance";
 
 /// How the script reports that it has nothing to build from (see its
 /// `source_key`): the one failure that skips instead of failing.
 const NO_SOURCE: i32 = 3;
 
-pub struct Server {
+pub(crate) struct Server {
     pub url: String,
     pub service_key: String,
     /// Signs user JWTs for the RLS case; unknown for a remote project
@@ -68,7 +68,7 @@ fn skip_or_fail(why: &str) -> Option<&'static Server> {
 }
 
 /// The server, started on first use; `None`: skipped (already said why).
-pub fn server() -> Option<&'static Server> {
+pub(crate) fn server() -> Option<&'static Server> {
     static SERVER: OnceLock<Result<Server, String>> = OnceLock::new();
     match SERVER.get_or_init(start) {
         Ok(server) => Some(server),
@@ -153,13 +153,13 @@ const HOST_GRANTS: &str = "GRANT SELECT ON patients, intakes TO authenticated;";
 /// The suite's tests share one server and one database (the daemon's
 /// tables sit beside the storage schema, as on Supabase), so they run one
 /// at a time: a worker of one test must not claim another test's job.
-pub struct Suite {
+pub(crate) struct Suite {
     pub server: &'static Server,
     pub pool: PgPool,
     _turn: tokio::sync::MutexGuard<'static, ()>,
 }
 
-pub async fn suite() -> Option<Suite> {
+pub(crate) async fn suite() -> Option<Suite> {
     static TURN: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
     static PREPARED: tokio::sync::OnceCell<()> = tokio::sync::OnceCell::const_new();
     let server = server()?;
@@ -195,7 +195,7 @@ pub async fn suite() -> Option<Suite> {
 
 impl Suite {
     /// The daemon's configuration for this server and `bucket`.
-    pub fn config(&self, bucket: &str, telnyx: &TelnyxSim) -> Config {
+    pub(crate) fn config(&self, bucket: &str, telnyx: &TelnyxSim) -> Config {
         let key = testing::signing_key();
         let mut config = Config::default();
         config.database.url = Some(self.server.database_url.clone().into());
@@ -213,12 +213,12 @@ impl Suite {
         config
     }
 
-    pub fn storage(&self, bucket: &str) -> StorageClient {
+    pub(crate) fn storage(&self, bucket: &str) -> StorageClient {
         storage_client(&self.config(bucket, &telnyx())).unwrap()
     }
 
     /// The daemon (listener + worker) on `config`.
-    pub async fn relay(&self, config: Config, telnyx: TelnyxSim) -> Relay {
+    pub(crate) async fn relay(&self, config: Config, telnyx: TelnyxSim) -> Relay {
         let key = testing::signing_key();
         let mut config = config;
         config.telnyx.public_key = Some(testing::public_key_base64(&key));
@@ -241,7 +241,7 @@ impl Suite {
     }
 
     /// A patient and an intake just before `rec` started.
-    pub async fn intake_for(&self, rec: &SimRecording, organization: Option<Uuid>) -> Uuid {
+    pub(crate) async fn intake_for(&self, rec: &SimRecording, organization: Option<Uuid>) -> Uuid {
         let patient: Uuid =
             sqlx::query_scalar("INSERT INTO public.patients (phone) VALUES ($1) RETURNING id")
                 .bind(&rec.to)
@@ -261,7 +261,7 @@ impl Suite {
     }
 }
 
-pub fn telnyx() -> TelnyxSim {
+pub(crate) fn telnyx() -> TelnyxSim {
     TelnyxSim::start(TelnyxSimConfig {
         api_key: TELNYX_KEY.to_owned(),
         ..TelnyxSimConfig::default()
@@ -271,11 +271,11 @@ pub fn telnyx() -> TelnyxSim {
 
 /// A bucket name of its own for each test (and each run: a remote project
 /// keeps what earlier runs left).
-pub fn bucket_name(tag: &str) -> String {
+pub(crate) fn bucket_name(tag: &str) -> String {
     format!("rr-{tag}-{}", &Uuid::new_v4().simple().to_string()[..8])
 }
 
-pub struct Relay {
+pub(crate) struct Relay {
     pub addr: std::net::SocketAddr,
     key: ed25519_dalek::SigningKey,
     pool: PgPool,
@@ -287,7 +287,7 @@ pub struct Relay {
 
 impl Relay {
     /// Telnyx's webhook for `rec`, signed, posted to the listener.
-    pub async fn post(&self, event_id: &str, rec: &SimRecording) {
+    pub(crate) async fn post(&self, event_id: &str, rec: &SimRecording) {
         let mut event = testing::recording_saved_event(event_id, &rec.call_session_id);
         let p = &mut event["data"]["payload"];
         p["call_leg_id"] = rec.call_leg_id.clone().into();
@@ -303,7 +303,7 @@ impl Relay {
         assert_eq!(res.status(), 200);
     }
 
-    pub async fn job(&self, event_id: &str) -> Option<Job> {
+    pub(crate) async fn job(&self, event_id: &str) -> Option<Job> {
         Queue::new(self.pool.clone())
             .get_by_event_id(event_id)
             .await
@@ -311,7 +311,7 @@ impl Relay {
     }
 
     /// The job once final, or a failure after `within`.
-    pub async fn finished(&self, event_id: &str, within: Duration) -> Job {
+    pub(crate) async fn finished(&self, event_id: &str, within: Duration) -> Job {
         let deadline = tokio::time::Instant::now() + within;
         loop {
             let job = self.job(event_id).await;
@@ -327,14 +327,14 @@ impl Relay {
         }
     }
 
-    pub async fn stop(self) {
+    pub(crate) async fn stop(self) {
         self.shutdown.cancel();
         self.handle.await.unwrap();
     }
 }
 
 /// SHA-256 of what the bucket holds at `path`, read back with the service key.
-pub async fn stored_sha256(storage: &StorageClient, path: &str) -> String {
+pub(crate) async fn stored_sha256(storage: &StorageClient, path: &str) -> String {
     use sha2::Digest as _;
     let res = storage.download(path).await.expect("object downloads");
     let bytes = res.bytes().await.unwrap();

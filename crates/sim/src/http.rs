@@ -21,9 +21,9 @@ use tokio_util::sync::CancellationToken;
 
 /// Response body of both simulators. Unsync because streamed bodies are built
 /// from `unfold` futures that are `Send` but not `Sync`.
-pub type Body = UnsyncBoxBody<Bytes, io::Error>;
+pub(crate) type Body = UnsyncBoxBody<Bytes, io::Error>;
 /// A simulator response.
-pub type Resp = Response<Body>;
+pub(crate) type Resp = Response<Body>;
 
 /// A failure a simulator injects instead of, or into, its normal answer.
 #[derive(Debug, Clone, PartialEq)]
@@ -46,7 +46,7 @@ pub enum Fault {
 /// writing a response: that is how `Fault::Reset` reaches the client.
 #[derive(Debug, thiserror::Error)]
 #[error("connection dropped by the simulator")]
-pub struct Abort;
+pub(crate) struct Abort;
 
 /// Queue of one-shot faults plus an optional random background rate.
 #[derive(Debug)]

@@ -15,7 +15,7 @@ use tokio::process::{Child, Command};
 
 /// Everything a daemon needs besides its port.
 #[derive(Clone)]
-pub struct DaemonEnv {
+pub(crate) struct DaemonEnv {
     pub binary: PathBuf,
     pub config: PathBuf,
     pub database_url: String,
@@ -29,7 +29,7 @@ pub struct DaemonEnv {
 
 /// One SIGKILL, as logged when it was sent.
 #[derive(Debug, Clone)]
-pub struct Kill {
+pub(crate) struct Kill {
     pub slot: usize,
     pub pid: u32,
     pub at: DateTime<Utc>,
@@ -37,13 +37,13 @@ pub struct Kill {
 
 /// A process that exited without being told to.
 #[derive(Debug, Clone)]
-pub struct Crash {
+pub(crate) struct Crash {
     pub slot: usize,
     pub pid: u32,
     pub status: String,
 }
 
-pub struct Daemon {
+pub(crate) struct Daemon {
     pub slot: usize,
     pub addr: SocketAddr,
     child: Option<Child>,
@@ -53,14 +53,14 @@ pub struct Daemon {
 }
 
 impl Daemon {
-    pub fn log_path(&self) -> &Path {
+    pub(crate) fn log_path(&self) -> &Path {
         &self.log
     }
 }
 
 /// A free loopback port, chosen once per slot so restarts reuse it (and the
 /// sender's list of listeners stays valid).
-pub fn free_port() -> anyhow::Result<SocketAddr> {
+pub(crate) fn free_port() -> anyhow::Result<SocketAddr> {
     let l = std::net::TcpListener::bind("127.0.0.1:0").context("finding a free port")?;
     Ok(l.local_addr()?)
 }
@@ -76,7 +76,7 @@ fn log_file(path: &Path, banner: &str) -> anyhow::Result<(File, File)> {
 }
 
 impl DaemonEnv {
-    pub fn spawn(&self, slot: usize, addr: SocketAddr) -> anyhow::Result<Daemon> {
+    pub(crate) fn spawn(&self, slot: usize, addr: SocketAddr) -> anyhow::Result<Daemon> {
         let mut d = Daemon {
             slot,
             addr,
@@ -118,7 +118,7 @@ impl DaemonEnv {
     }
 
     /// SIGKILL, reap, start again. Returns the kill as logged.
-    pub async fn kill_and_restart(&self, d: &mut Daemon) -> anyhow::Result<Kill> {
+    pub(crate) async fn kill_and_restart(&self, d: &mut Daemon) -> anyhow::Result<Kill> {
         let Some(mut child) = d.child.take() else {
             bail!("daemon {} is not running", d.slot);
         };
@@ -134,7 +134,7 @@ impl DaemonEnv {
     }
 
     /// Restarts a daemon that exited on its own, reporting how it ended.
-    pub fn check_alive(&self, d: &mut Daemon) -> anyhow::Result<Option<Crash>> {
+    pub(crate) fn check_alive(&self, d: &mut Daemon) -> anyhow::Result<Option<Crash>> {
         let Some(child) = d.child.as_mut() else {
             return Ok(None);
         };
@@ -154,7 +154,7 @@ impl DaemonEnv {
 
 /// SIGTERM every daemon and wait for each (bounded). Returns the exit
 /// status of each, `None` when it had to be killed.
-pub async fn stop_all(daemons: &mut [Daemon], patience: Duration) -> Vec<(usize, Option<i32>)> {
+pub(crate) async fn stop_all(daemons: &mut [Daemon], patience: Duration) -> Vec<(usize, Option<i32>)> {
     for d in daemons.iter() {
         if d.child.is_some() {
             let _ = Command::new("kill")
@@ -187,14 +187,14 @@ fn path_str(p: &Path) -> anyhow::Result<&str> {
 
 /// The daemons' settings: short leases and fast retries so a run takes
 /// minutes, provider timeouts low so an injected hang costs seconds.
-pub struct Tuning {
+pub(crate) struct Tuning {
     pub lease: Duration,
     pub poll: Duration,
     pub concurrency: usize,
     pub http_timeout: Duration,
 }
 
-pub fn config_toml(t: &Tuning) -> String {
+pub(crate) fn config_toml(t: &Tuning) -> String {
     let d = |d: Duration| format!("\"{}ms\"", d.as_millis());
     format!(
         "# Written by the chaos test.\n\
@@ -212,7 +212,7 @@ pub fn config_toml(t: &Tuning) -> String {
 
 /// The worker id is `host:pid:random` (see `default_worker_id`): the pid
 /// ties a lease to the process that held it.
-pub fn pid_of_worker(worker: &str) -> Option<u32> {
+pub(crate) fn pid_of_worker(worker: &str) -> Option<u32> {
     let mut parts = worker.rsplitn(3, ':');
     let _random = parts.next()?;
     parts.next()?.parse().ok()

@@ -23,7 +23,7 @@ use tokio_util::sync::CancellationToken;
 
 /// One cancel + requeue pair on a running job.
 #[derive(Debug, Clone, Serialize)]
-pub struct Pair {
+pub(crate) struct Pair {
     pub job_id: i64,
     /// The lease the cancel took away.
     pub lease_id: Option<i64>,
@@ -31,7 +31,7 @@ pub struct Pair {
 }
 
 #[derive(Debug, Default, Clone, Serialize)]
-pub struct Actions {
+pub(crate) struct Actions {
     pub pairs: Vec<Pair>,
     /// The job had finished between the pick and the cancel.
     pub cancels_refused: usize,
@@ -52,7 +52,7 @@ pub struct Actions {
 ///
 /// A write through a stale lease lands on a row that is no longer running
 /// under that lease: on a finished or pending row, or one re-leased.
-pub const AUDIT_SQL: &str = "
+pub(crate) const AUDIT_SQL: &str = "
 CREATE SCHEMA chaos;
 CREATE TABLE chaos.stale_writes (
     job_id BIGINT, at TIMESTAMPTZ DEFAULT clock_timestamp(),
@@ -82,7 +82,7 @@ CREATE TRIGGER chaos_audit BEFORE UPDATE ON recording_relay.recording_jobs
 ";
 
 /// One line per write the audit flagged.
-pub async fn stale_writes(pool: &PgPool) -> Result<Vec<String>, sqlx::Error> {
+pub(crate) async fn stale_writes(pool: &PgPool) -> Result<Vec<String>, sqlx::Error> {
     sqlx::query_scalar(
         "SELECT format('job %s: %s (lease %s) → %s (lease %s) at %s',
                        job_id, old_state, old_lease, new_state, new_lease, at)
@@ -98,7 +98,7 @@ const REFUSED_UPLOADS: usize = 3;
 /// Until `stop`: every `every` (jittered) a cancel + requeue pair on a
 /// random running job; every fifth action, and once after `stop`, a
 /// requeue of all failed jobs.
-pub async fn run(
+pub(crate) async fn run(
     queue: Queue,
     storage: StorageSim,
     every: Duration,

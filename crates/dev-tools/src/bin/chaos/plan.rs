@@ -15,7 +15,7 @@ const WAV_HEADER: u64 = 44;
 
 /// How the call's intake is found, or why it has none.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Expect {
+pub(crate) enum Expect {
     /// A patient with the dialled number and an intake just before the call.
     PhoneAndTime,
     /// The webhook's `client_state` names the intake (base64 of its id).
@@ -25,7 +25,7 @@ pub enum Expect {
 }
 
 #[derive(Debug, Clone)]
-pub struct Call {
+pub(crate) struct Call {
     pub event_id: String,
     pub recording: SimRecording,
     pub expect: Expect,
@@ -38,13 +38,13 @@ pub struct Call {
 /// One webhook delivery: `call` sent `at` after sending starts. A call has
 /// one first delivery; some have a redelivery of the same `data.id`.
 #[derive(Debug, Clone, Copy)]
-pub struct Delivery {
+pub(crate) struct Delivery {
     pub call: usize,
     pub at: Duration,
     pub redelivery: bool,
 }
 
-pub struct Plan {
+pub(crate) struct Plan {
     pub calls: Vec<Call>,
     /// Sorted by `at`; not in call order (out-of-order delivery).
     pub deliveries: Vec<Delivery>,
@@ -52,7 +52,7 @@ pub struct Plan {
     pub concurrent_duplicates: usize,
 }
 
-pub struct PlanOptions {
+pub(crate) struct PlanOptions {
     pub events: usize,
     pub seed: u64,
     pub send_over: Duration,
@@ -71,7 +71,7 @@ fn how_many(total: usize, fraction: f64) -> usize {
     ((total as f64 * fraction).round() as usize).clamp(1, total)
 }
 
-pub fn generate(o: &PlanOptions) -> Plan {
+pub(crate) fn generate(o: &PlanOptions) -> Plan {
     let mut rng = fastrand::Rng::with_seed(o.seed);
     let n = o.events;
     let no_intake = how_many(n, o.unmatched);
@@ -172,7 +172,7 @@ fn host_format(number: &str, i: usize) -> String {
 
 /// Patients and intakes for every call that has one, the intake created 30 s
 /// before the recording started (as ZScribe does when a call begins).
-pub async fn insert_host_rows(pool: &PgPool, calls: &mut [Call]) -> anyhow::Result<()> {
+pub(crate) async fn insert_host_rows(pool: &PgPool, calls: &mut [Call]) -> anyhow::Result<()> {
     let mut tx = pool.begin().await?;
     for (i, call) in calls.iter_mut().enumerate() {
         if call.expect == Expect::NoIntake {
@@ -202,7 +202,7 @@ pub async fn insert_host_rows(pool: &PgPool, calls: &mut [Call]) -> anyhow::Resu
 
 /// The webhook Telnyx would send for `call` (official shape: no recording
 /// id, no numbers), on delivery attempt `attempt`.
-pub fn webhook_body(call: &Call, attempt: u32, delivered_to: &str) -> Vec<u8> {
+pub(crate) fn webhook_body(call: &Call, attempt: u32, delivered_to: &str) -> Vec<u8> {
     use base64::Engine as _;
     let rec = &call.recording;
     let mut event = recording_relay_dev_tools::testing::recording_saved_event(

@@ -8,7 +8,7 @@ use sqlx::{Connection, PgConnection};
 use tokio::time::Instant;
 
 /// `postgres://user@host:port/db?x` with the database replaced by `db`.
-pub fn with_database(server_url: &str, db: &str) -> String {
+pub(crate) fn with_database(server_url: &str, db: &str) -> String {
     let (base, query) = match server_url.split_once('?') {
         Some((b, q)) => (b, Some(q)),
         None => (server_url, None),
@@ -26,7 +26,7 @@ pub fn with_database(server_url: &str, db: &str) -> String {
 
 /// Creates `chaos_<random>` on the server of `server_url`; returns its name
 /// and URL.
-pub async fn create_database(server_url: &str) -> anyhow::Result<(String, String)> {
+pub(crate) async fn create_database(server_url: &str) -> anyhow::Result<(String, String)> {
     let name = format!("chaos_{:016x}", fastrand::u64(..));
     let mut conn = PgConnection::connect(server_url)
         .await
@@ -40,7 +40,7 @@ pub async fn create_database(server_url: &str) -> anyhow::Result<(String, String
     Ok((name, url))
 }
 
-pub async fn drop_database(server_url: &str, name: &str) -> anyhow::Result<()> {
+pub(crate) async fn drop_database(server_url: &str, name: &str) -> anyhow::Result<()> {
     let mut conn = PgConnection::connect(server_url).await?;
     sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
         "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
@@ -53,7 +53,7 @@ pub async fn drop_database(server_url: &str, name: &str) -> anyhow::Result<()> {
 
 /// `VERSION/NAME` of the cluster to restart; by default the newest
 /// version's `main` (as `.ci/run` starts it).
-pub fn default_cluster() -> String {
+pub(crate) fn default_cluster() -> String {
     let newest = std::fs::read_dir("/etc/postgresql")
         .ok()
         .into_iter()
@@ -66,7 +66,7 @@ pub fn default_cluster() -> String {
 }
 
 #[derive(Debug, Clone)]
-pub struct Restart {
+pub(crate) struct Restart {
     pub started: DateTime<Utc>,
     /// How long `pg_ctlcluster … restart` took.
     pub command: Duration,
@@ -97,7 +97,7 @@ async fn pg_ctlcluster(cluster: &str, action: &str) -> anyhow::Result<()> {
 /// `pg_ctlcluster --skip-systemctl-redirect VERSION NAME restart` (or, with
 /// `down_for`, stop, wait, start), then waits until a new connection to
 /// `db_url` works.
-pub async fn restart(cluster: &str, db_url: &str, down_for: Duration) -> anyhow::Result<Restart> {
+pub(crate) async fn restart(cluster: &str, db_url: &str, down_for: Duration) -> anyhow::Result<Restart> {
     let started = Utc::now();
     let t0 = Instant::now();
     if down_for.is_zero() {

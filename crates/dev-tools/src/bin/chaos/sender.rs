@@ -16,7 +16,7 @@ use tokio::time::Instant;
 use crate::plan::{Call, Delivery, webhook_body};
 
 #[derive(Default, Debug)]
-pub struct SendStats {
+pub(crate) struct SendStats {
     /// Events (data.id) that got at least one 2xx.
     pub acked: HashSet<usize>,
     /// HTTP requests made, including retries.
@@ -30,7 +30,7 @@ pub struct SendStats {
     pub redeliveries: usize,
 }
 
-pub struct Sender {
+pub(crate) struct Sender {
     pub key: SigningKey,
     pub listeners: Vec<SocketAddr>,
     pub timeout: Duration,
@@ -41,7 +41,7 @@ pub struct Sender {
 impl Sender {
     /// Sends every delivery at its time after `start`; returns when each has
     /// been acknowledged or given up.
-    pub async fn run(
+    pub(crate) async fn run(
         self,
         calls: Arc<Vec<Call>>,
         deliveries: Vec<Delivery>,

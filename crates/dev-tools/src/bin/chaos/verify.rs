@@ -18,7 +18,7 @@ use crate::postgres::Restart;
 use crate::sender::SendStats;
 
 /// Everything the checks look at.
-pub struct Evidence<'a> {
+pub(crate) struct Evidence<'a> {
     pub calls: &'a [Call],
     pub sources: &'a [String],
     pub stats: &'a SendStats,
@@ -36,7 +36,7 @@ pub struct Evidence<'a> {
 }
 
 #[derive(Debug, Serialize)]
-pub struct Check {
+pub(crate) struct Check {
     pub name: &'static str,
     pub passed: bool,
     /// What failed (at most a few), or a note on what was excused.
@@ -234,7 +234,7 @@ fn capped(mut problems: Vec<String>) -> Vec<String> {
 }
 
 #[derive(Debug, Default, Serialize)]
-pub struct Figures {
+pub(crate) struct Figures {
     pub events: usize,
     pub deliveries: usize,
     pub redeliveries: usize,
@@ -267,12 +267,12 @@ pub struct Figures {
     pub deleted_at_telnyx: usize,
 }
 
-pub struct Outcome {
+pub(crate) struct Outcome {
     pub checks: Vec<Check>,
     pub figures: Figures,
 }
 
-pub fn verify(ev: &Evidence<'_>) -> Outcome {
+pub(crate) fn verify(ev: &Evidence<'_>) -> Outcome {
     let mut f = Figures {
         events: ev.calls.len(),
         deliveries: ev.stats.deliveries,
@@ -718,7 +718,7 @@ fn rescue_check(ev: &Evidence<'_>, f: &mut Figures) -> Check {
     )
 }
 
-pub fn render(outcome: &Outcome, extra: &[String]) -> String {
+pub(crate) fn render(outcome: &Outcome, extra: &[String]) -> String {
     let f = &outcome.figures;
     let mut s = String::new();
     let _ = writeln!(s, "\n== chaos report");
