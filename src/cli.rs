@@ -11,7 +11,7 @@ use crate::config::{Config, ConfigError, ProcessEnv, Role};
 use crate::db;
 use crate::jobs::{Job, JobState, Queue};
 use crate::pipeline::Pipeline;
-use crate::storage::Bucket;
+use crate::storage::{BucketSpec, RECORDINGS_BUCKET, StorageClient};
 use crate::telemetry::LogFormat;
 use crate::telemetry::mask_phone;
 
@@ -45,7 +45,7 @@ pub enum Command {
     SetupBucket {
         /// Largest object the bucket accepts, in bytes (Supabase's free plan
         /// allows 50 MB in all).
-        #[arg(long, default_value_t = 50 * 1024 * 1024)]
+        #[arg(long, default_value_t = RECORDINGS_BUCKET.file_size_limit)]
         file_size_limit: u64,
     },
     /// Validate the configuration and test every dependency (one line each).
@@ -227,7 +227,8 @@ pub async fn run(cli: Cli, config: Config) -> Result<(), Failure> {
         }
         Command::Reconcile { since, json } => {
             let pool = db::pool(&config).map_err(anyhow::Error::from)?;
-            let telnyx = crate::pipeline::telnyx_client(&config).map_err(anyhow::Error::from)?;
+            let telnyx =
+                crate::telnyx::TelnyxClient::from_config(&config).map_err(anyhow::Error::from)?;
             let report = crate::reconcile::reconcile(
                 &Queue::new(pool),
                 &telnyx,
@@ -303,13 +304,13 @@ pub async fn run(cli: Cli, config: Config) -> Result<(), Failure> {
     }
 }
 
-/// The bucket the daemon needs: private, audio only, size-limited.
+/// The bucket the daemon needs: [`RECORDINGS_BUCKET`].
 pub async fn setup_bucket(config: &Config) -> anyhow::Result<()> {
-    ensure_bucket(config, 50 * 1024 * 1024).await
+    ensure_bucket(config, RECORDINGS_BUCKET.file_size_limit).await
 }
 
 async fn ensure_bucket(config: &Config, file_size_limit: u64) -> anyhow::Result<()> {
-    let client = crate::pipeline::storage_client(config)?;
+    let client = StorageClient::from_config(config)?;
     let id = client.bucket().to_owned();
     match client.get_bucket(&id).await? {
         Some(bucket) if bucket.public => anyhow::bail!(
@@ -328,19 +329,11 @@ async fn ensure_bucket(config: &Config, file_size_limit: u64) -> anyhow::Result<
             );
         }
         None => {
-            client
-                .create_bucket(&Bucket {
-                    id: id.clone(),
-                    name: id.clone(),
-                    public: false,
-                    file_size_limit: Some(file_size_limit),
-                    allowed_mime_types: Some(
-                        ["audio/wav", "audio/x-wav", "audio/mpeg"]
-                            .map(str::to_owned)
-                            .to_vec(),
-                    ),
-                })
-                .await?;
+            let spec = BucketSpec {
+                file_size_limit,
+                ..RECORDINGS_BUCKET
+            };
+            client.create_bucket(&spec.bucket(&id)).await?;
             println!(
                 "created private bucket {id} (file size limit {file_size_limit} bytes, audio only)"
             );

@@ -19,6 +19,10 @@
 //! - [`playback`]: signed URLs and a player page for the UI's users (JWT auth,
 //!   organization-scoped), on an address of its own; off unless configured.
 //! - [`cli`]: subcommands and exit codes. [`telemetry`]: logs and masking.
+//!
+//! The provider clients ([`telnyx`], [`storage`], and [`urls`] under both)
+//! are leaves: they know the configuration, not jobs or metrics. What a
+//! provider's error means for a job, and counting it, is the pipeline's.
 
 pub mod alerts;
 pub mod app;
@@ -40,4 +44,5 @@ pub mod telemetry;
 pub mod telnyx;
 #[doc(hidden)]
 pub mod testing;
+pub mod urls;
 pub mod webhook;

@@ -13,11 +13,13 @@ use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 use serde_json::Value;
 
-use crate::jobs::JobError;
-use crate::telemetry::{encode_segment, redact_url};
+use crate::config::Config;
+use crate::urls::{encode_segment, redact_url};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TelnyxError {
+    #[error("{0} is not configured")]
+    NotConfigured(&'static str),
     #[error("Telnyx rejected the API key ({status}): check TELNYX_API_KEY")]
     Unauthorized { status: u16 },
     #[error("not found at Telnyx: {what}")]
@@ -45,11 +47,11 @@ impl TelnyxError {
     pub fn is_not_found(&self) -> bool {
         matches!(self, TelnyxError::NotFound { .. })
     }
-}
 
-impl TelnyxError {
-    fn kind(&self) -> &'static str {
+    /// A short label for metrics.
+    pub fn kind(&self) -> &'static str {
         match self {
+            TelnyxError::NotConfigured(_) => "not_configured",
             TelnyxError::Unauthorized { .. } => "unauthorized",
             TelnyxError::NotFound { .. } => "not_found",
             TelnyxError::RateLimited { .. } => "rate_limited",
@@ -58,28 +60,6 @@ impl TelnyxError {
             TelnyxError::DownloadDenied { .. } => "download_denied",
             TelnyxError::Transport(_) => "transport",
             TelnyxError::Decode(_) => "decode",
-        }
-    }
-}
-
-impl From<TelnyxError> for JobError {
-    fn from(e: TelnyxError) -> Self {
-        crate::metrics::metrics().provider_error("telnyx", e.kind());
-        match e {
-            TelnyxError::RateLimited { retry_after } => JobError::Retryable {
-                message: e.to_string(),
-                retry_after: Some(retry_after),
-            },
-            TelnyxError::Server { retry_after, .. } => JobError::Retryable {
-                message: e.to_string(),
-                retry_after,
-            },
-            TelnyxError::Transport(_)
-            | TelnyxError::DownloadDenied { .. }
-            | TelnyxError::Decode(_) => JobError::retryable(e.to_string()),
-            TelnyxError::Unauthorized { .. }
-            | TelnyxError::NotFound { .. }
-            | TelnyxError::Rejected { .. } => JobError::permanent(e.to_string()),
         }
     }
 }
@@ -332,6 +312,25 @@ pub struct Timeouts {
 }
 
 impl TelnyxClient {
+    /// The client `config` describes; the API key is required.
+    pub fn from_config(config: &Config) -> Result<Self, TelnyxError> {
+        let key = config
+            .telnyx
+            .api_key
+            .clone()
+            .ok_or(TelnyxError::NotConfigured("telnyx.api_key"))?;
+        let http = &config.http;
+        Self::new(
+            &config.telnyx.api_url,
+            key,
+            Timeouts {
+                connect: http.connect_timeout,
+                request: http.request_timeout,
+                read_idle: http.read_idle_timeout,
+            },
+        )
+    }
+
     pub fn new(base: &str, api_key: SecretString, timeouts: Timeouts) -> Result<Self, TelnyxError> {
         let http = reqwest::Client::builder()
             .connect_timeout(timeouts.connect)
@@ -635,24 +634,6 @@ async fn error_detail(res: reqwest::Response) -> String {
 mod tests {
     use super::*;
 
-    #[test]
-    fn error_classes_map_to_job_errors() {
-        let retry: JobError = TelnyxError::RateLimited {
-            retry_after: Duration::from_secs(7),
-        }
-        .into();
-        assert!(
-            matches!(retry, JobError::Retryable { retry_after: Some(d), .. } if d.as_secs() == 7)
-        );
-        let gone: JobError = TelnyxError::NotFound {
-            what: "recording x".into(),
-        }
-        .into();
-        assert!(matches!(gone, JobError::Permanent { .. }));
-        let key: JobError = TelnyxError::Unauthorized { status: 401 }.into();
-        assert!(key.to_string().contains("TELNYX_API_KEY"));
-    }
-
     /// Found by the chaos test: a resumed (ranged) download that got an
     /// error answer was reported as "ignored the Range request", as a
     /// retryable server error whatever the status: a 429 lost its
@@ -682,7 +663,6 @@ mod tests {
         sim.fail_next_downloads(1, Fault::Status(404));
         let err = client.download(&url, 1000).await.unwrap_err();
         assert!(err.is_not_found(), "{err}");
-        assert!(matches!(JobError::from(err), JobError::Permanent { .. }));
 
         sim.fail_next_downloads(1, Fault::Status(500));
         let err = client.download(&url, 1000).await.unwrap_err();
@@ -761,17 +741,6 @@ mod tests {
             rate_limited(Some("soon".into()), Some("4")).await,
             Duration::from_secs(4)
         );
-        // A 503 with Retry-After keeps its hint into the job's backoff.
-        sim.set_behaviour(TelnyxSimBehaviour::default());
-        let err = TelnyxError::Server {
-            status: 503,
-            detail: String::new(),
-            retry_after: Some(Duration::from_secs(5)),
-        };
-        assert!(matches!(
-            JobError::from(err),
-            JobError::Retryable { retry_after: Some(d), .. } if d.as_secs() == 5
-        ));
     }
 
     /// The spec requires no field of a recording. One record with odd

@@ -11,6 +11,7 @@
 //! 4. link: point the intake at the object;
 //! 5. delete at Telnyx (optional, only after 3 and 4).
 
+mod errors;
 pub mod intakes;
 pub mod transfer;
 
@@ -19,6 +20,7 @@ use std::time::{Duration, Instant};
 use tracing::{info, warn};
 use uuid::Uuid;
 
+use self::errors::{storage_failure, telnyx_failure};
 use self::intakes::{Claim, Found, MatchInput};
 use self::transfer::{Digest, Tally};
 use crate::config::{AudioFormat, Config, Party, PipelineConfig};
@@ -27,7 +29,7 @@ use crate::jobs::{
 };
 use crate::storage::{StorageClient, StorageError, TUS_CHUNK};
 use crate::telemetry::mask_phone;
-use crate::telnyx::{DownloadUrls, Recording, TelnyxClient, Timeouts};
+use crate::telnyx::{DownloadUrls, Recording, TelnyxClient, TelnyxError};
 
 /// Download URLs fetched this recently are reused within one attempt
 /// (Telnyx's expire after 10 minutes).
@@ -35,11 +37,9 @@ const FRESH_FOR: Duration = Duration::from_secs(60);
 
 #[derive(Debug, thiserror::Error)]
 pub enum PipelineError {
-    #[error("{0} is not configured")]
-    Missing(&'static str),
-    #[error("cannot build the Telnyx client: {0}")]
-    Telnyx(#[from] crate::telnyx::TelnyxError),
-    #[error("cannot build the storage client: {0}")]
+    #[error(transparent)]
+    Telnyx(#[from] TelnyxError),
+    #[error(transparent)]
     Storage(#[from] StorageError),
 }
 
@@ -60,51 +60,11 @@ impl Pipeline {
 
     pub fn from_config(config: &Config) -> Result<Self, PipelineError> {
         Ok(Self::new(
-            telnyx_client(config)?,
-            storage_client(config)?,
+            TelnyxClient::from_config(config)?,
+            StorageClient::from_config(config)?,
             config.pipeline.clone(),
         ))
     }
-}
-
-pub fn telnyx_client(config: &Config) -> Result<TelnyxClient, PipelineError> {
-    let key = config
-        .telnyx
-        .api_key
-        .clone()
-        .ok_or(PipelineError::Missing("telnyx.api_key"))?;
-    let http = &config.http;
-    Ok(TelnyxClient::new(
-        &config.telnyx.api_url,
-        key,
-        Timeouts {
-            connect: http.connect_timeout,
-            request: http.request_timeout,
-            read_idle: http.read_idle_timeout,
-        },
-    )?)
-}
-
-pub fn storage_client(config: &Config) -> Result<StorageClient, PipelineError> {
-    let url = config
-        .supabase
-        .url
-        .as_deref()
-        .ok_or(PipelineError::Missing("supabase.url"))?;
-    let key = config
-        .supabase
-        .service_role_key
-        .clone()
-        .ok_or(PipelineError::Missing("supabase.service_role_key"))?;
-    let http = &config.http;
-    Ok(StorageClient::new(
-        url,
-        key,
-        &config.supabase.bucket,
-        http.connect_timeout,
-        http.request_timeout,
-        http.read_idle_timeout,
-    )?)
 }
 
 impl JobHandler for Pipeline {
@@ -277,9 +237,19 @@ impl Run<'_> {
     /// Step 1. `Some(outcome)` ends the job early (a duplicate).
     async fn resolve(&mut self) -> Result<Option<Outcome>, JobError> {
         let recording = match (&self.job.recording_id, &self.job.call_session_id) {
-            (Some(id), _) => self.p.telnyx.get_recording(id).await?,
+            (Some(id), _) => self
+                .p
+                .telnyx
+                .get_recording(id)
+                .await
+                .map_err(telnyx_failure)?,
             (None, Some(session)) => {
-                let listed = self.p.telnyx.recordings_of_call(session).await?;
+                let listed = self
+                    .p
+                    .telnyx
+                    .recordings_of_call(session)
+                    .await
+                    .map_err(telnyx_failure)?;
                 match pick_recording(listed, &self.job) {
                     Pick::Found(recording) => *recording,
                     Pick::NotYet => {
@@ -483,7 +453,14 @@ impl Run<'_> {
         if self.job.object_path.as_deref() == Some(path.as_str()) {
             // An earlier attempt got as far as uploading: its object may be
             // complete even though the attempt did not see it finish.
-            if self.p.storage.object_info(&path).await?.is_some() {
+            if self
+                .p
+                .storage
+                .object_info(&path)
+                .await
+                .map_err(storage_failure)?
+                .is_some()
+            {
                 let (digest, expected) = self.adopt_existing(&path, format).await?;
                 return self
                     .verify_and_save(&path, digest, expected)
@@ -524,7 +501,12 @@ impl Run<'_> {
         {
             return Ok(rec.clone());
         }
-        let rec = self.p.telnyx.get_recording(self.recording_id()?).await?;
+        let rec = self
+            .p
+            .telnyx
+            .get_recording(self.recording_id()?)
+            .await
+            .map_err(telnyx_failure)?;
         self.fresh = Some((Instant::now(), rec.clone()));
         Ok(rec)
     }
@@ -566,7 +548,12 @@ impl Run<'_> {
     ) -> Result<(Digest, Option<u64>), JobError> {
         let content_type = format.content_type();
         let url = self.download_url(format).await?;
-        let download = self.p.telnyx.download(&url, 0).await?;
+        let download = self
+            .p
+            .telnyx
+            .download(&url, 0)
+            .await
+            .map_err(telnyx_failure)?;
         let length = download.content_length();
         if let Some(total) = length.filter(|len| *len > self.p.opts.resumable_threshold_bytes) {
             let digest = self.start_resumable(path, format, download, total).await?;
@@ -587,7 +574,7 @@ impl Run<'_> {
             // Ours from an attempt whose bookkeeping was lost (e.g. a job row
             // recreated by an operator): adopt it rather than upload twice.
             Err(StorageError::Duplicate) => self.adopt_existing(path, format).await,
-            Err(e) => Err(e.into()),
+            Err(e) => Err(storage_failure(e)),
         }
     }
 
@@ -611,7 +598,7 @@ impl Run<'_> {
                     .await
                     .map(|(digest, _)| digest);
             }
-            Err(e) => return Err(e.into()),
+            Err(e) => return Err(storage_failure(e)),
         };
         written(
             self.queue
@@ -634,20 +621,38 @@ impl Run<'_> {
         format: AudioFormat,
         upload: &str,
     ) -> Result<(Digest, Option<u64>), JobError> {
-        let Some((offset, length)) = self.p.storage.tus_offset(upload).await? else {
+        let Some((offset, length)) = self
+            .p
+            .storage
+            .tus_offset(upload)
+            .await
+            .map_err(storage_failure)?
+        else {
             warn!("resumable upload expired at the server; starting over");
             return self.restart_upload(path, format).await;
         };
         if length == Some(offset) {
             // Every byte arrived; the last PATCH's answer was lost. The server
             // commits the object with that PATCH, or discards the upload.
-            if self.p.storage.object_info(path).await?.is_some() {
+            if self
+                .p
+                .storage
+                .object_info(path)
+                .await
+                .map_err(storage_failure)?
+                .is_some()
+            {
                 return self.adopt_existing(path, format).await;
             }
             return self.restart_upload(path, format).await;
         }
         let url = self.download_url(format).await?;
-        let download = self.p.telnyx.download(&url, offset).await?;
+        let download = self
+            .p
+            .telnyx
+            .download(&url, offset)
+            .await
+            .map_err(telnyx_failure)?;
         let remaining = download.content_length().ok_or_else(|| {
             JobError::retryable("the recording download has no length; cannot resume")
         })?;
@@ -689,7 +694,12 @@ impl Run<'_> {
         while offset < total {
             let len = TUS_CHUNK.min(total - offset);
             let body = transfer::chunk_body(reader.clone(), len);
-            let acknowledged = self.p.storage.tus_patch(upload, offset, body, len).await?;
+            let acknowledged = self
+                .p
+                .storage
+                .tus_patch(upload, offset, body, len)
+                .await
+                .map_err(storage_failure)?;
             if acknowledged != offset + len {
                 return Err(JobError::retryable(format!(
                     "storage acknowledged offset {acknowledged}, expected {}",
@@ -714,14 +724,24 @@ impl Run<'_> {
         path: &str,
         format: AudioFormat,
     ) -> Result<(Digest, Option<u64>), JobError> {
-        let stored = self.p.storage.download(path).await?;
+        let stored = self
+            .p
+            .storage
+            .download(path)
+            .await
+            .map_err(storage_failure)?;
         let stored = transfer::digest_of(transfer::body_stream(stored))
             .await
             .map_err(|e| {
                 JobError::retryable(format!("reading back the stored object failed: {e}"))
             })?;
         let url = self.download_url(format).await?;
-        let source = self.p.telnyx.download(&url, 0).await?;
+        let source = self
+            .p
+            .telnyx
+            .download(&url, 0)
+            .await
+            .map_err(telnyx_failure)?;
         let source = transfer::digest_of(transfer::body_stream(source))
             .await
             .map_err(|e| {
@@ -751,7 +771,7 @@ impl Run<'_> {
         self.replaced = true;
         match self.p.storage.delete_object(path).await {
             Ok(()) | Err(StorageError::NotFound(_)) => {}
-            Err(e) => return Err(e.into()),
+            Err(e) => return Err(storage_failure(e)),
         }
         if self.job.tus_upload_url.is_some() {
             written(self.queue.save_tus_upload(&self.lease, None).await?)?;
@@ -770,9 +790,15 @@ impl Run<'_> {
         digest: Digest,
         source_size: Option<u64>,
     ) -> Result<(), JobError> {
-        let info = self.p.storage.object_info(path).await?.ok_or_else(|| {
-            JobError::retryable(format!("object {path} is missing right after its upload"))
-        })?;
+        let info = self
+            .p
+            .storage
+            .object_info(path)
+            .await
+            .map_err(storage_failure)?
+            .ok_or_else(|| {
+                JobError::retryable(format!("object {path} is missing right after its upload"))
+            })?;
         let expected = source_size.unwrap_or(digest.size);
         if info.size != digest.size || info.size != expected {
             if let Err(e) = self.p.storage.delete_object(path).await {
@@ -844,7 +870,11 @@ impl Run<'_> {
     /// Step 5.
     async fn delete_at_telnyx(&mut self) -> Result<(), JobError> {
         let recording_id = self.recording_id()?.to_owned();
-        self.p.telnyx.delete_recording(&recording_id).await?;
+        self.p
+            .telnyx
+            .delete_recording(&recording_id)
+            .await
+            .map_err(telnyx_failure)?;
         written(self.queue.save_telnyx_deleted(&self.lease).await?)?;
         info!("recording deleted at Telnyx");
         Ok(())

@@ -12,6 +12,7 @@ use recording_relay::pipeline::Pipeline;
 use recording_relay::sim::{
     SimRecording, StorageSim, StorageSimConfig, TelnyxSim, TelnyxSimConfig,
 };
+use recording_relay::storage::RECORDINGS_BUCKET;
 use recording_relay::testing;
 use sqlx::PgPool;
 use tokio::net::{TcpListener, TcpStream};
@@ -254,12 +255,8 @@ pub async fn spawn_pipeline(pool: PgPool, tweak: impl FnOnce(&mut Config)) -> Pi
     storage.create_bucket(
         &bucket,
         false,
-        Some(50 * 1024 * 1024),
-        Some(vec![
-            "audio/wav".into(),
-            "audio/x-wav".into(),
-            "audio/mpeg".into(),
-        ]),
+        Some(RECORDINGS_BUCKET.file_size_limit),
+        Some(RECORDINGS_BUCKET.mime_types()),
     );
     let key = testing::signing_key();
     let mut config = test_config(testing::database_url_of(&pool, None), &key);

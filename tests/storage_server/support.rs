@@ -22,7 +22,7 @@ use std::time::Duration;
 use recording_relay::app::App;
 use recording_relay::config::{Config, Role};
 use recording_relay::jobs::{Job, Queue};
-use recording_relay::pipeline::{Pipeline, storage_client};
+use recording_relay::pipeline::Pipeline;
 use recording_relay::sim::{SimRecording, TelnyxSim, TelnyxSimConfig};
 use recording_relay::storage::StorageClient;
 use recording_relay::{db, testing};
@@ -211,7 +211,7 @@ impl Suite {
     }
 
     pub fn storage(&self, bucket: &str) -> StorageClient {
-        storage_client(&self.config(bucket, &telnyx())).unwrap()
+        StorageClient::from_config(&self.config(bucket, &telnyx())).unwrap()
     }
 
     /// The daemon (listener + worker) on `config`.
