@@ -5,6 +5,8 @@
 //!
 //! - [`webhook`]: the hyper listener. Verifies Telnyx's Ed25519 signature on
 //!   the raw body, inserts one `recording_jobs` row, answers after COMMIT.
+//! - [`call`]: the facts of one recorded call, one struct wherever they
+//!   travel (the webhook's job, the job row, Telnyx's recording).
 //! - [`jobs`]: the durable queue. All queue SQL ([`jobs::queue`]), the retry
 //!   schedule ([`jobs::backoff`]) and the worker loop ([`jobs::worker`]:
 //!   LISTEN/NOTIFY + poll, `SKIP LOCKED` claims, leases, heartbeats, drain).
@@ -26,6 +28,7 @@
 
 pub mod alerts;
 pub mod app;
+pub mod call;
 pub mod check;
 pub mod cli;
 pub mod config;

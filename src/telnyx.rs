@@ -13,6 +13,7 @@ use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 use serde_json::Value;
 
+use crate::call::CallFacts;
 use crate::config::Config;
 use crate::urls::{encode_segment, redact_url};
 
@@ -80,19 +81,8 @@ fn transport(e: reqwest::Error) -> TelnyxError {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Recording {
     pub id: String,
-    pub call_session_id: Option<String>,
-    pub call_control_id: Option<String>,
-    pub call_leg_id: Option<String>,
-    /// The Telnyx application or SIP connection: the tenant, through
-    /// `pipeline.connection_organizations`.
-    pub connection_id: Option<String>,
-    pub channels: Option<String>,
-    pub duration_millis: Option<i64>,
-    /// Absent from the older schema and from Telnyx's own examples.
-    pub from: Option<String>,
-    pub to: Option<String>,
-    pub recording_started_at: Option<DateTime<Utc>>,
-    pub recording_ended_at: Option<DateTime<Utc>>,
+    /// Telnyx names the numbers `from` and `to`.
+    pub call: CallFacts,
     pub created_at: Option<DateTime<Utc>>,
     pub status: Option<String>,
     /// Only the format the recording was made in, as a rule.
@@ -111,16 +101,18 @@ impl Recording {
         let urls = v.get("download_urls");
         Some(Recording {
             id: text(v, "id")?,
-            call_session_id: text(v, "call_session_id"),
-            call_control_id: text(v, "call_control_id"),
-            call_leg_id: text(v, "call_leg_id"),
-            connection_id: text(v, "connection_id"),
-            channels: text(v, "channels"),
-            duration_millis: count(v, "duration_millis"),
-            from: text(v, "from"),
-            to: text(v, "to"),
-            recording_started_at: when(v, "recording_started_at"),
-            recording_ended_at: when(v, "recording_ended_at"),
+            call: CallFacts {
+                call_session_id: text(v, "call_session_id"),
+                call_control_id: text(v, "call_control_id"),
+                call_leg_id: text(v, "call_leg_id"),
+                connection_id: text(v, "connection_id"),
+                from_number: text(v, "from"),
+                to_number: text(v, "to"),
+                duration_millis: count(v, "duration_millis"),
+                channels: text(v, "channels"),
+                recording_started_at: when(v, "recording_started_at"),
+                recording_ended_at: when(v, "recording_ended_at"),
+            },
             created_at: when(v, "created_at"),
             status: text(v, "status"),
             download_urls: DownloadUrls {
@@ -766,17 +758,17 @@ mod tests {
         assert_eq!(ids, ["a1", "a3", "a5"]);
         assert_eq!(page.skipped, 2);
         let a1 = &page.data[0];
-        assert_eq!(a1.duration_millis, Some(60_000));
-        assert_eq!(a1.from.as_deref(), Some("15551230001"));
+        assert_eq!(a1.call.duration_millis, Some(60_000));
+        assert_eq!(a1.call.from_number.as_deref(), Some("15551230001"));
         assert_eq!(a1.download_urls.wav, None);
         assert_eq!(
             a1.download_urls.mp3.as_deref(),
             Some("https://x.invalid/a1.mp3")
         );
         let a3 = &page.data[1];
-        assert_eq!(a3.channels, None);
+        assert_eq!(a3.call.channels, None);
         assert_eq!(a3.created_at, None);
-        assert_eq!(a3.connection_id.as_deref(), Some("175237942907135762"));
+        assert_eq!(a3.call.connection_id.as_deref(), Some("175237942907135762"));
         assert_eq!(page.meta.total_pages, Some(1));
     }
 
@@ -801,7 +793,7 @@ mod tests {
                 "id": "r", "recording_started_at": text
             }))
             .unwrap_or_else(|e| panic!("{text}: {e}"));
-            assert_eq!(rec.recording_started_at, Some(want), "{text}");
+            assert_eq!(rec.call.recording_started_at, Some(want), "{text}");
         }
         let whole = "2019-01-23T18:10:02Z".parse::<DateTime<Utc>>().unwrap();
         for text in [
@@ -813,7 +805,7 @@ mod tests {
                 "id": "r", "recording_started_at": text
             }))
             .unwrap_or_else(|e| panic!("{text}: {e}"));
-            assert_eq!(rec.recording_started_at, Some(whole), "{text}");
+            assert_eq!(rec.call.recording_started_at, Some(whole), "{text}");
         }
         for text in [
             "",
@@ -825,7 +817,7 @@ mod tests {
                 "id": "r", "recording_started_at": text
             }))
             .unwrap_or_else(|e| panic!("{text}: {e}"));
-            assert_eq!(rec.recording_started_at, None, "{text}");
+            assert_eq!(rec.call.recording_started_at, None, "{text}");
         }
     }
 
@@ -837,9 +829,9 @@ mod tests {
                 "recording_started_at":"+15557650002"}}"#,
         )
         .unwrap();
-        assert_eq!(one.data.from, None);
-        assert_eq!(one.data.duration_millis, None);
-        assert_eq!(one.data.recording_started_at, None);
+        assert_eq!(one.data.call.from_number, None);
+        assert_eq!(one.data.call.duration_millis, None);
+        assert_eq!(one.data.call.recording_started_at, None);
         // What still fails (not JSON, no data, no id) names no value.
         for body in [
             r#"{"data":{"id":"r","to":"+15557650002""#,

@@ -44,14 +44,18 @@ impl Run<'_> {
         let opts = &self.p.opts;
         let j = &self.job;
         let around = j
+            .call
             .recording_started_at
             .or(j.occurred_at)
             .unwrap_or(j.created_at);
         let number = match opts.patient_party {
-            Party::To => j.to_number.as_deref(),
-            Party::From => j.from_number.as_deref(),
+            Party::To => j.call.to_number.as_deref(),
+            Party::From => j.call.from_number.as_deref(),
         };
-        let scope = Scope::of(j.connection_id.as_deref(), &opts.connection_organizations);
+        let scope = Scope::of(
+            j.call.connection_id.as_deref(),
+            &opts.connection_organizations,
+        );
         // Fail closed: a connection that maps to no tenant could be any
         // tenant's, and a phone number alone would then cross tenants.
         let by_phone = match scope {
@@ -61,7 +65,7 @@ impl Run<'_> {
         let input = MatchInput {
             job_id: j.id,
             recording_id: &recording_id,
-            call_session_id: j.call_session_id.as_deref(),
+            call_session_id: j.call.call_session_id.as_deref(),
             client_state: j.client_state.as_deref(),
             number: by_phone,
             party: opts.patient_party,
@@ -94,13 +98,15 @@ impl Run<'_> {
                     (Scope::Unknown, _) => format!(
                         "connection {} is not in pipeline.connection_organizations, so only \
                          client_state can match (no phone match across tenants), and {client_state}",
-                        j.connection_id.as_deref().unwrap_or("(none)")
+                        j.call.connection_id.as_deref().unwrap_or("(none)")
                     ),
-                    (_, None) if j.from_number.is_none() && j.to_number.is_none() => format!(
-                        "Telnyx gave no from/to numbers for this recording (older Recordings \
+                    (_, None) if j.call.from_number.is_none() && j.call.to_number.is_none() => {
+                        format!(
+                            "Telnyx gave no from/to numbers for this recording (older Recordings \
                          API schema), so only client_state can match, and {client_state}; set \
                          client_state to the intake id when dialing"
-                    ),
+                        )
+                    }
                     (_, None) => format!(
                         "the recording has no number for the patient's party \
                          (pipeline.patient_party), so only client_state can match, and \

@@ -156,7 +156,8 @@ impl Run<'_> {
 
 /// `intakes.recording_duration` is whole seconds.
 fn duration_secs(job: &Job) -> Option<i32> {
-    job.duration_millis
+    job.call
+        .duration_millis
         // The duration comes from Telnyx's API: a negative one is not
         // written, and an absurd one saturates instead of overflowing (a
         // panic in debug builds, a negative number in release).

@@ -7,14 +7,14 @@ use tracing::info;
 
 use super::errors::telnyx_failure;
 use super::{Run, written};
-use crate::jobs::{Job, JobError, Outcome, QueueError, Resolution};
+use crate::jobs::{Job, JobError, Outcome, QueueError};
 use crate::telemetry::mask_phone;
 use crate::telnyx::Recording;
 
 impl Run<'_> {
     /// Step 1. `Some(outcome)` ends the job early (a duplicate).
     pub(super) async fn resolve(&mut self) -> Result<Option<Outcome>, JobError> {
-        let recording = match (&self.job.recording_id, &self.job.call_session_id) {
+        let recording = match (&self.job.recording_id, &self.job.call.call_session_id) {
             (Some(id), _) => self
                 .p
                 .telnyx
@@ -50,17 +50,11 @@ impl Run<'_> {
                 ));
             }
         };
-        let resolution = Resolution {
-            recording_id: recording.id.clone(),
-            from_number: recording.from.clone(),
-            to_number: recording.to.clone(),
-            duration_millis: recording.duration_millis,
-            recording_started_at: recording.recording_started_at,
-            recording_ended_at: recording.recording_ended_at,
-            channels: recording.channels.clone(),
-            connection_id: recording.connection_id.clone(),
-        };
-        match self.queue.save_resolution(&self.lease, &resolution).await {
+        match self
+            .queue
+            .save_resolution(&self.lease, &recording.id, &recording.call)
+            .await
+        {
             Ok(ok) => written(ok)?,
             Err(QueueError::AlreadyOwned { recording, job_id }) => {
                 return Ok(Some(Outcome::Duplicate {
@@ -73,18 +67,12 @@ impl Run<'_> {
             tracing::Span::current().record("recording.id", recording.id.as_str());
         }
         let j = &mut self.job;
-        j.recording_id = Some(resolution.recording_id);
-        j.from_number = resolution.from_number.or(j.from_number.take());
-        j.to_number = resolution.to_number.or(j.to_number.take());
-        j.duration_millis = resolution.duration_millis.or(j.duration_millis);
-        j.recording_started_at = resolution.recording_started_at.or(j.recording_started_at);
-        j.recording_ended_at = resolution.recording_ended_at.or(j.recording_ended_at);
-        // The job's own (the webhook's) connection wins, as in the SQL.
-        j.connection_id = j.connection_id.take().or(resolution.connection_id);
+        j.recording_id = Some(recording.id.clone());
+        j.call.resolve_with(&recording.call);
         info!(
             recording.id = %recording.id,
-            to = %j.to_number.as_deref().map(mask_phone).unwrap_or_default(),
-            duration_ms = j.duration_millis,
+            to = %j.call.to_number.as_deref().map(mask_phone).unwrap_or_default(),
+            duration_ms = j.call.duration_millis,
             "recording resolved"
         );
         self.fresh = Some((Instant::now(), recording));
@@ -108,11 +96,11 @@ enum Pick {
 /// recording and drop this one as a duplicate of it.
 fn pick_recording(listed: Vec<Recording>, job: &Job) -> Pick {
     let fits = |r: &Recording| {
-        let same_leg = match (&job.call_leg_id, &r.call_leg_id) {
+        let same_leg = match (&job.call.call_leg_id, &r.call.call_leg_id) {
             (Some(a), Some(b)) => a == b,
             _ => true,
         };
-        let same_start = match (job.recording_started_at, r.recording_started_at) {
+        let same_start = match (job.call.recording_started_at, r.call.recording_started_at) {
             (Some(a), Some(b)) => (a - b).num_milliseconds().abs() <= 1000,
             _ => true,
         };
@@ -148,18 +136,14 @@ mod tests {
             occurred_at: None,
             event: serde_json::json!({}),
             recording_id: None,
-            call_session_id: Some("s".into()),
-            call_control_id: None,
-            call_leg_id: leg.map(str::to_owned),
-            connection_id: None,
+            call: crate::call::CallFacts {
+                call_session_id: Some("s".into()),
+                call_leg_id: leg.map(str::to_owned),
+                recording_started_at: start_secs
+                    .and_then(|s| chrono::DateTime::from_timestamp(1_700_000_000 + s, 0)),
+                ..Default::default()
+            },
             client_state: None,
-            from_number: None,
-            to_number: None,
-            duration_millis: None,
-            channels: None,
-            recording_started_at: start_secs
-                .and_then(|s| chrono::DateTime::from_timestamp(1_700_000_000 + s, 0)),
-            recording_ended_at: None,
             state: crate::jobs::JobState::Running,
             attempts: 1,
             max_attempts: 12,
