@@ -139,7 +139,7 @@ impl App {
             // Only deleting unresolved jobs' objects needs storage.
             let storage = match self.config.retention.unresolved_for {
                 Some(_) => Some(
-                    crate::pipeline::storage_client(&self.config)
+                    crate::storage::StorageClient::from_config(&self.config)
                         .map_err(|e| AppError::Config(e.to_string()))?,
                 ),
                 None => None,

@@ -5,8 +5,8 @@ use serde::Serialize;
 
 use crate::config::{Config, Role};
 use crate::db;
-use crate::pipeline::{storage_client, telnyx_client};
-use crate::telnyx::TelnyxError;
+use crate::storage::StorageClient;
+use crate::telnyx::{TelnyxClient, TelnyxError};
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Check {
@@ -96,7 +96,7 @@ async fn database(config: &Config) -> Vec<Check> {
 }
 
 async fn telnyx(config: &Config) -> Check {
-    let client = match telnyx_client(config) {
+    let client = match TelnyxClient::from_config(config) {
         Ok(c) => c,
         Err(e) => return fail("telnyx", e.to_string()),
     };
@@ -114,7 +114,7 @@ async fn telnyx(config: &Config) -> Check {
 }
 
 async fn storage(config: &Config) -> Check {
-    let client = match storage_client(config) {
+    let client = match StorageClient::from_config(config) {
         Ok(c) => c,
         Err(e) => return fail("storage", e.to_string()),
     };

@@ -11,7 +11,7 @@ use crate::config::{Config, ConfigError, ProcessEnv, Role};
 use crate::db;
 use crate::jobs::{Job, JobState, Queue};
 use crate::pipeline::Pipeline;
-use crate::storage::Bucket;
+use crate::storage::{BucketSpec, RECORDINGS_BUCKET, StorageClient};
 use crate::telemetry::LogFormat;
 use crate::telemetry::mask_phone;
 
@@ -45,7 +45,7 @@ pub enum Command {
     SetupBucket {
         /// Largest object the bucket accepts, in bytes (Supabase's free plan
         /// allows 50 MB in all).
-        #[arg(long, default_value_t = 50 * 1024 * 1024)]
+        #[arg(long, default_value_t = RECORDINGS_BUCKET.file_size_limit)]
         file_size_limit: u64,
     },
     /// Validate the configuration and test every dependency (one line each).
@@ -189,7 +189,8 @@ pub async fn run(cli: Cli, config: Config) -> Result<(), Failure> {
         }
         Command::Reconcile { since, json } => {
             let pool = db::pool(&config).map_err(anyhow::Error::from)?;
-            let telnyx = crate::pipeline::telnyx_client(&config).map_err(anyhow::Error::from)?;
+            let telnyx =
+                crate::telnyx::TelnyxClient::from_config(&config).map_err(anyhow::Error::from)?;
             let report = crate::reconcile::reconcile(
                 &Queue::new(pool),
                 &telnyx,
@@ -265,13 +266,13 @@ pub async fn run(cli: Cli, config: Config) -> Result<(), Failure> {
     }
 }
 
-/// The bucket the daemon needs: private, audio only, size-limited.
+/// The bucket the daemon needs: [`RECORDINGS_BUCKET`].
 pub async fn setup_bucket(config: &Config) -> anyhow::Result<()> {
-    ensure_bucket(config, 50 * 1024 * 1024).await
+    ensure_bucket(config, RECORDINGS_BUCKET.file_size_limit).await
 }
 
 async fn ensure_bucket(config: &Config, file_size_limit: u64) -> anyhow::Result<()> {
-    let client = crate::pipeline::storage_client(config)?;
+    let client = StorageClient::from_config(config)?;
     let id = client.bucket().to_owned();
     match client.get_bucket(&id).await? {
         Some(bucket) if bucket.public => anyhow::bail!(
@@ -290,19 +291,11 @@ async fn ensure_bucket(config: &Config, file_size_limit: u64) -> anyhow::Result<
             );
         }
         None => {
-            client
-                .create_bucket(&Bucket {
-                    id: id.clone(),
-                    name: id.clone(),
-                    public: false,
-                    file_size_limit: Some(file_size_limit),
-                    allowed_mime_types: Some(
-                        ["audio/wav", "audio/x-wav", "audio/mpeg"]
-                            .map(str::to_owned)
-                            .to_vec(),
-                    ),
-                })
-                .await?;
+            let spec = BucketSpec {
+                file_size_limit,
+                ..RECORDINGS_BUCKET
+            };
+            client.create_bucket(&spec.bucket(&id)).await?;
             println!(
                 "created private bucket {id} (file size limit {file_size_limit} bytes, audio only)"
             );
@@ -408,12 +401,12 @@ impl<'a> From<&'a Job> for JobView<'a> {
             attempts: j.attempts,
             max_attempts: j.max_attempts,
             recording_id: j.recording_id.as_deref(),
-            call_session_id: j.call_session_id.as_deref(),
+            call_session_id: j.call.call_session_id.as_deref(),
             intake_id: j.intake_id,
             match_method: j.match_method.as_deref(),
-            from: j.from_number.as_deref().map(mask_phone),
-            to: j.to_number.as_deref().map(mask_phone),
-            duration_millis: j.duration_millis,
+            from: j.call.from_number.as_deref().map(mask_phone),
+            to: j.call.to_number.as_deref().map(mask_phone),
+            duration_millis: j.call.duration_millis,
             object_path: j.object_path.as_deref(),
             object_size: j.object_size,
             object_sha256: j.object_sha256.as_deref(),
@@ -490,7 +483,7 @@ fn print_job(j: &Job) {
         ("state", j.state.as_str().to_owned()),
         ("attempts", format!("{}/{}", j.attempts, j.max_attempts)),
         ("recording", opt(j.recording_id.as_deref())),
-        ("call session", opt(j.call_session_id.as_deref())),
+        ("call session", opt(j.call.call_session_id.as_deref())),
         (
             "intake",
             j.intake_id.map_or("-".to_owned(), |i| i.to_string()),

@@ -9,6 +9,8 @@
 //!   Ed25519 signature on the raw body, [`webhook::event`] reads the
 //!   envelope leniently; one `recording_jobs` row is inserted and the answer
 //!   comes after COMMIT.
+//! - [`call`]: the facts of one recorded call, one struct wherever they
+//!   travel (the webhook's job, the job row, Telnyx's recording).
 //! - [`jobs`]: the durable queue. All queue SQL ([`jobs::queue`]), the retry
 //!   schedule ([`jobs::backoff`]) and the worker loop ([`jobs::worker`]:
 //!   LISTEN/NOTIFY + poll, `SKIP LOCKED` claims, fenced leases, heartbeats,
@@ -45,9 +47,14 @@
 //! - [`metrics`]: `GET /metrics` (counters and histograms per process, queue
 //!   gauges read from the database at scrape time).
 //! - [`telemetry`]: log set-up, and masking of phone numbers and URLs.
+//!
+//! The provider clients ([`telnyx`], [`storage`], and [`urls`] under both)
+//! are leaves: they know the configuration, not jobs or metrics. What a
+//! provider's error means for a job, and counting it, is the pipeline's.
 
 pub mod alerts;
 pub mod app;
+pub mod call;
 pub mod check;
 pub mod cli;
 pub mod config;
@@ -62,4 +69,5 @@ mod server;
 pub mod storage;
 pub mod telemetry;
 pub mod telnyx;
+pub mod urls;
 pub mod webhook;

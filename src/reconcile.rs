@@ -63,7 +63,7 @@ pub async fn reconcile(
         for recording in page.data {
             report.listed += 1;
             if queue
-                .has_job_for_recording(&recording.id, recording.call_session_id.as_deref())
+                .has_job_for_recording(&recording.id, recording.call.call_session_id.as_deref())
                 .await?
             {
                 report.known += 1;
@@ -101,27 +101,19 @@ fn job_for(r: &Recording, max_attempts: i32) -> NewJob {
             "source": "reconcile",
             "recording": {
                 "id": r.id,
-                "call_session_id": r.call_session_id,
-                "call_control_id": r.call_control_id,
-                "call_leg_id": r.call_leg_id,
-                "connection_id": r.connection_id,
+                "call_session_id": r.call.call_session_id,
+                "call_control_id": r.call.call_control_id,
+                "call_leg_id": r.call.call_leg_id,
+                "connection_id": r.call.connection_id,
                 "created_at": r.created_at,
-                "recording_started_at": r.recording_started_at,
+                "recording_started_at": r.call.recording_started_at,
             }
         }),
         recording_id: Some(r.id.clone()),
-        call_session_id: r.call_session_id.clone(),
-        call_control_id: r.call_control_id.clone(),
-        call_leg_id: r.call_leg_id.clone(),
-        // The tenant: without it, `pipeline.connection_organizations`
-        // could not scope the match of a reconciled recording.
-        connection_id: r.connection_id.clone(),
-        from_number: r.from.clone(),
-        to_number: r.to.clone(),
-        duration_millis: r.duration_millis,
-        channels: r.channels.clone(),
-        recording_started_at: r.recording_started_at,
-        recording_ended_at: r.recording_ended_at,
+        // All of it, the connection too: it is the tenant, without which
+        // `pipeline.connection_organizations` could not scope the match of
+        // a reconciled recording.
+        call: r.call.clone(),
         max_attempts,
         ..NewJob::default()
     }

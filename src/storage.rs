@@ -13,14 +13,16 @@ use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::jobs::JobError;
-use crate::telemetry::encode_segment;
+use crate::config::Config;
+use crate::urls::{encode_path, encode_segment};
 
 /// Every PATCH but the last carries exactly this much (the server enforces it).
 pub const TUS_CHUNK: u64 = 6 * 1024 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StorageError {
+    #[error("{0} is not configured")]
+    NotConfigured(&'static str),
     #[error("object already exists in storage")]
     Duplicate,
     #[error("not found in storage: {0}")]
@@ -53,11 +55,11 @@ impl StorageError {
                 | StorageError::OffsetConflict(_)
         )
     }
-}
 
-impl StorageError {
-    fn kind(&self) -> &'static str {
+    /// A short label for metrics.
+    pub fn kind(&self) -> &'static str {
         match self {
+            StorageError::NotConfigured(_) => "not_configured",
             StorageError::Duplicate => "duplicate",
             StorageError::NotFound(_) => "not_found",
             StorageError::Unauthorized(_) => "unauthorized",
@@ -68,17 +70,6 @@ impl StorageError {
             StorageError::Rejected { .. } => "rejected",
             StorageError::Transport(_) => "transport",
             StorageError::Decode(_) => "decode",
-        }
-    }
-}
-
-impl From<StorageError> for JobError {
-    fn from(e: StorageError) -> Self {
-        crate::metrics::metrics().provider_error("storage", e.kind());
-        if e.is_retryable() {
-            JobError::retryable(e.to_string())
-        } else {
-            JobError::permanent(e.to_string())
         }
     }
 }
@@ -141,6 +132,43 @@ pub struct Bucket {
     pub allowed_mime_types: Option<Vec<String>>,
 }
 
+/// The bucket recordings go into: private, audio only, size-limited.
+/// `setup-bucket` creates it from this, and the demo and the tests make
+/// their stand-in buckets from it too.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BucketSpec {
+    /// Largest object accepted, in bytes (Supabase's free plan allows 50 MB
+    /// in all).
+    pub file_size_limit: u64,
+    /// WAV under both names clients send, and MP3.
+    pub allowed_mime_types: &'static [&'static str],
+}
+
+pub const RECORDINGS_BUCKET: BucketSpec = BucketSpec {
+    file_size_limit: 50 * 1024 * 1024,
+    allowed_mime_types: &["audio/wav", "audio/x-wav", "audio/mpeg"],
+};
+
+impl BucketSpec {
+    pub fn mime_types(&self) -> Vec<String> {
+        self.allowed_mime_types
+            .iter()
+            .map(|m| (*m).to_owned())
+            .collect()
+    }
+
+    /// The private bucket `id` with this spec.
+    pub fn bucket(&self, id: &str) -> Bucket {
+        Bucket {
+            id: id.to_owned(),
+            name: id.to_owned(),
+            public: false,
+            file_size_limit: Some(self.file_size_limit),
+            allowed_mime_types: Some(self.mime_types()),
+        }
+    }
+}
+
 #[derive(Debug, Deserialize)]
 struct ErrorBody {
     #[serde(rename = "statusCode")]
@@ -171,6 +199,30 @@ pub struct StorageClient {
 }
 
 impl StorageClient {
+    /// The client `config` describes; the project URL and the service key
+    /// are required.
+    pub fn from_config(config: &Config) -> Result<Self, StorageError> {
+        let url = config
+            .supabase
+            .url
+            .as_deref()
+            .ok_or(StorageError::NotConfigured("supabase.url"))?;
+        let key = config
+            .supabase
+            .service_role_key
+            .clone()
+            .ok_or(StorageError::NotConfigured("supabase.service_role_key"))?;
+        let http = &config.http;
+        Self::new(
+            url,
+            key,
+            &config.supabase.bucket,
+            http.connect_timeout,
+            http.request_timeout,
+            http.read_idle_timeout,
+        )
+    }
+
     pub fn new(
         base: &str,
         key: SecretString,
@@ -509,13 +561,6 @@ fn base64_encode(s: &str) -> String {
     base64::engine::general_purpose::STANDARD.encode(s)
 }
 
-fn encode_path(path: &str) -> String {
-    path.split('/')
-        .map(encode_segment)
-        .collect::<Vec<_>>()
-        .join("/")
-}
-
 #[cfg(test)]
 mod tests {
     use serde_json::json;
@@ -552,10 +597,5 @@ mod tests {
             error_chain(&e),
             "error sending request: connection reset by peer"
         );
-    }
-
-    #[test]
-    fn paths_are_escaped_per_segment() {
-        assert_eq!(encode_path("intakes/a b/x.wav"), "intakes/a%20b/x.wav");
     }
 }

@@ -2,7 +2,6 @@
 
 use std::io::IsTerminal;
 
-use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
 use tracing_subscriber::EnvFilter;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -46,22 +45,6 @@ pub fn mask_phone(number: &str) -> String {
     format!("***{tail}")
 }
 
-/// Cuts the query string off a URL: presigned and signed URLs carry their
-/// credentials there.
-pub fn redact_url(url: &str) -> &str {
-    url.split(['?', '#']).next().unwrap_or(url)
-}
-
-/// Escapes one URL path segment (ids and object names come from outside).
-pub fn encode_segment(segment: &str) -> String {
-    const SEGMENT: &AsciiSet = &NON_ALPHANUMERIC
-        .remove(b'-')
-        .remove(b'_')
-        .remove(b'.')
-        .remove(b'~');
-    utf8_percent_encode(segment, SEGMENT).to_string()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -71,19 +54,5 @@ mod tests {
         assert_eq!(mask_phone("+1 (971) 265-6795"), "***95");
         assert_eq!(mask_phone("12"), "***");
         assert!(!mask_phone("+19712656795").contains("9712"));
-    }
-
-    #[test]
-    fn path_segments_are_escaped() {
-        assert_eq!(encode_segment("d8991cb0-c531"), "d8991cb0-c531");
-        assert_eq!(encode_segment("../x?y"), "..%2Fx%3Fy");
-    }
-
-    #[test]
-    fn urls_lose_their_query() {
-        assert_eq!(
-            redact_url("https://s3/x.wav?X-Amz-Signature=abc"),
-            "https://s3/x.wav"
-        );
     }
 }

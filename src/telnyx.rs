@@ -13,11 +13,14 @@ use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 use serde_json::Value;
 
-use crate::jobs::JobError;
-use crate::telemetry::{encode_segment, redact_url};
+use crate::call::CallFacts;
+use crate::config::Config;
+use crate::urls::{encode_segment, redact_url};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TelnyxError {
+    #[error("{0} is not configured")]
+    NotConfigured(&'static str),
     #[error("Telnyx rejected the API key ({status}): check TELNYX_API_KEY")]
     Unauthorized { status: u16 },
     #[error("not found at Telnyx: {what}")]
@@ -45,11 +48,11 @@ impl TelnyxError {
     pub fn is_not_found(&self) -> bool {
         matches!(self, TelnyxError::NotFound { .. })
     }
-}
 
-impl TelnyxError {
-    fn kind(&self) -> &'static str {
+    /// A short label for metrics.
+    pub fn kind(&self) -> &'static str {
         match self {
+            TelnyxError::NotConfigured(_) => "not_configured",
             TelnyxError::Unauthorized { .. } => "unauthorized",
             TelnyxError::NotFound { .. } => "not_found",
             TelnyxError::RateLimited { .. } => "rate_limited",
@@ -58,28 +61,6 @@ impl TelnyxError {
             TelnyxError::DownloadDenied { .. } => "download_denied",
             TelnyxError::Transport(_) => "transport",
             TelnyxError::Decode(_) => "decode",
-        }
-    }
-}
-
-impl From<TelnyxError> for JobError {
-    fn from(e: TelnyxError) -> Self {
-        crate::metrics::metrics().provider_error("telnyx", e.kind());
-        match e {
-            TelnyxError::RateLimited { retry_after } => JobError::Retryable {
-                message: e.to_string(),
-                retry_after: Some(retry_after),
-            },
-            TelnyxError::Server { retry_after, .. } => JobError::Retryable {
-                message: e.to_string(),
-                retry_after,
-            },
-            TelnyxError::Transport(_)
-            | TelnyxError::DownloadDenied { .. }
-            | TelnyxError::Decode(_) => JobError::retryable(e.to_string()),
-            TelnyxError::Unauthorized { .. }
-            | TelnyxError::NotFound { .. }
-            | TelnyxError::Rejected { .. } => JobError::permanent(e.to_string()),
         }
     }
 }
@@ -100,19 +81,8 @@ fn transport(e: reqwest::Error) -> TelnyxError {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Recording {
     pub id: String,
-    pub call_session_id: Option<String>,
-    pub call_control_id: Option<String>,
-    pub call_leg_id: Option<String>,
-    /// The Telnyx application or SIP connection: the tenant, through
-    /// `pipeline.connection_organizations`.
-    pub connection_id: Option<String>,
-    pub channels: Option<String>,
-    pub duration_millis: Option<i64>,
-    /// Absent from the older schema and from Telnyx's own examples.
-    pub from: Option<String>,
-    pub to: Option<String>,
-    pub recording_started_at: Option<DateTime<Utc>>,
-    pub recording_ended_at: Option<DateTime<Utc>>,
+    /// Telnyx names the numbers `from` and `to`.
+    pub call: CallFacts,
     pub created_at: Option<DateTime<Utc>>,
     pub status: Option<String>,
     /// Only the format the recording was made in, as a rule.
@@ -131,16 +101,18 @@ impl Recording {
         let urls = v.get("download_urls");
         Some(Recording {
             id: text(v, "id")?,
-            call_session_id: text(v, "call_session_id"),
-            call_control_id: text(v, "call_control_id"),
-            call_leg_id: text(v, "call_leg_id"),
-            connection_id: text(v, "connection_id"),
-            channels: text(v, "channels"),
-            duration_millis: count(v, "duration_millis"),
-            from: text(v, "from"),
-            to: text(v, "to"),
-            recording_started_at: when(v, "recording_started_at"),
-            recording_ended_at: when(v, "recording_ended_at"),
+            call: CallFacts {
+                call_session_id: text(v, "call_session_id"),
+                call_control_id: text(v, "call_control_id"),
+                call_leg_id: text(v, "call_leg_id"),
+                connection_id: text(v, "connection_id"),
+                from_number: text(v, "from"),
+                to_number: text(v, "to"),
+                duration_millis: count(v, "duration_millis"),
+                channels: text(v, "channels"),
+                recording_started_at: when(v, "recording_started_at"),
+                recording_ended_at: when(v, "recording_ended_at"),
+            },
             created_at: when(v, "created_at"),
             status: text(v, "status"),
             download_urls: DownloadUrls {
@@ -332,6 +304,25 @@ pub struct Timeouts {
 }
 
 impl TelnyxClient {
+    /// The client `config` describes; the API key is required.
+    pub fn from_config(config: &Config) -> Result<Self, TelnyxError> {
+        let key = config
+            .telnyx
+            .api_key
+            .clone()
+            .ok_or(TelnyxError::NotConfigured("telnyx.api_key"))?;
+        let http = &config.http;
+        Self::new(
+            &config.telnyx.api_url,
+            key,
+            Timeouts {
+                connect: http.connect_timeout,
+                request: http.request_timeout,
+                read_idle: http.read_idle_timeout,
+            },
+        )
+    }
+
     pub fn new(base: &str, api_key: SecretString, timeouts: Timeouts) -> Result<Self, TelnyxError> {
         let http = reqwest::Client::builder()
             .connect_timeout(timeouts.connect)
@@ -635,24 +626,6 @@ async fn error_detail(res: reqwest::Response) -> String {
 mod tests {
     use super::*;
 
-    #[test]
-    fn error_classes_map_to_job_errors() {
-        let retry: JobError = TelnyxError::RateLimited {
-            retry_after: Duration::from_secs(7),
-        }
-        .into();
-        assert!(
-            matches!(retry, JobError::Retryable { retry_after: Some(d), .. } if d.as_secs() == 7)
-        );
-        let gone: JobError = TelnyxError::NotFound {
-            what: "recording x".into(),
-        }
-        .into();
-        assert!(matches!(gone, JobError::Permanent { .. }));
-        let key: JobError = TelnyxError::Unauthorized { status: 401 }.into();
-        assert!(key.to_string().contains("TELNYX_API_KEY"));
-    }
-
     /// Found by the chaos test: a resumed (ranged) download that got an
     /// error answer was reported as "ignored the Range request", as a
     /// retryable server error whatever the status: a 429 lost its
@@ -682,7 +655,6 @@ mod tests {
         sim.fail_next_downloads(1, Fault::Status(404));
         let err = client.download(&url, 1000).await.unwrap_err();
         assert!(err.is_not_found(), "{err}");
-        assert!(matches!(JobError::from(err), JobError::Permanent { .. }));
 
         sim.fail_next_downloads(1, Fault::Status(500));
         let err = client.download(&url, 1000).await.unwrap_err();
@@ -763,17 +735,6 @@ mod tests {
             rate_limited(Some("soon".into()), Some("4")).await,
             Duration::from_secs(4)
         );
-        // A 503 with Retry-After keeps its hint into the job's backoff.
-        sim.set_behaviour(TelnyxSimBehaviour::default());
-        let err = TelnyxError::Server {
-            status: 503,
-            detail: String::new(),
-            retry_after: Some(Duration::from_secs(5)),
-        };
-        assert!(matches!(
-            JobError::from(err),
-            JobError::Retryable { retry_after: Some(d), .. } if d.as_secs() == 5
-        ));
     }
 
     /// The spec requires no field of a recording. One record with odd
@@ -799,17 +760,17 @@ mod tests {
         assert_eq!(ids, ["a1", "a3", "a5"]);
         assert_eq!(page.skipped, 2);
         let a1 = &page.data[0];
-        assert_eq!(a1.duration_millis, Some(60_000));
-        assert_eq!(a1.from.as_deref(), Some("15551230001"));
+        assert_eq!(a1.call.duration_millis, Some(60_000));
+        assert_eq!(a1.call.from_number.as_deref(), Some("15551230001"));
         assert_eq!(a1.download_urls.wav, None);
         assert_eq!(
             a1.download_urls.mp3.as_deref(),
             Some("https://x.invalid/a1.mp3")
         );
         let a3 = &page.data[1];
-        assert_eq!(a3.channels, None);
+        assert_eq!(a3.call.channels, None);
         assert_eq!(a3.created_at, None);
-        assert_eq!(a3.connection_id.as_deref(), Some("175237942907135762"));
+        assert_eq!(a3.call.connection_id.as_deref(), Some("175237942907135762"));
         assert_eq!(page.meta.total_pages, Some(1));
     }
 
@@ -834,7 +795,7 @@ mod tests {
                 "id": "r", "recording_started_at": text
             }))
             .unwrap_or_else(|e| panic!("{text}: {e}"));
-            assert_eq!(rec.recording_started_at, Some(want), "{text}");
+            assert_eq!(rec.call.recording_started_at, Some(want), "{text}");
         }
         let whole = "2019-01-23T18:10:02Z".parse::<DateTime<Utc>>().unwrap();
         for text in [
@@ -846,7 +807,7 @@ mod tests {
                 "id": "r", "recording_started_at": text
             }))
             .unwrap_or_else(|e| panic!("{text}: {e}"));
-            assert_eq!(rec.recording_started_at, Some(whole), "{text}");
+            assert_eq!(rec.call.recording_started_at, Some(whole), "{text}");
         }
         for text in [
             "",
@@ -858,7 +819,7 @@ mod tests {
                 "id": "r", "recording_started_at": text
             }))
             .unwrap_or_else(|e| panic!("{text}: {e}"));
-            assert_eq!(rec.recording_started_at, None, "{text}");
+            assert_eq!(rec.call.recording_started_at, None, "{text}");
         }
     }
 
@@ -870,9 +831,9 @@ mod tests {
                 "recording_started_at":"+15557650002"}}"#,
         )
         .unwrap();
-        assert_eq!(one.data.from, None);
-        assert_eq!(one.data.duration_millis, None);
-        assert_eq!(one.data.recording_started_at, None);
+        assert_eq!(one.data.call.from_number, None);
+        assert_eq!(one.data.call.duration_millis, None);
+        assert_eq!(one.data.call.recording_started_at, None);
         // What still fails (not JSON, no data, no id) names no value.
         for body in [
             r#"{"data":{"id":"r","to":"+15557650002""#,

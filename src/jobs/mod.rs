@@ -17,7 +17,9 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
-pub use queue::{Enqueued, Queue, QueueError, Resolution};
+use crate::call::CallFacts;
+
+pub use queue::{Enqueued, Queue, QueueError};
 pub use worker::{Worker, WorkerOptions};
 
 /// Mirrors the `recording_job_state` Postgres enum.
@@ -81,17 +83,9 @@ pub struct Job {
     pub occurred_at: Option<DateTime<Utc>>,
     pub event: serde_json::Value,
     pub recording_id: Option<String>,
-    pub call_session_id: Option<String>,
-    pub call_control_id: Option<String>,
-    pub call_leg_id: Option<String>,
-    pub connection_id: Option<String>,
+    #[sqlx(flatten)]
+    pub call: CallFacts,
     pub client_state: Option<String>,
-    pub from_number: Option<String>,
-    pub to_number: Option<String>,
-    pub duration_millis: Option<i64>,
-    pub channels: Option<String>,
-    pub recording_started_at: Option<DateTime<Utc>>,
-    pub recording_ended_at: Option<DateTime<Utc>>,
     pub state: JobState,
     pub attempts: i32,
     pub max_attempts: i32,
@@ -155,17 +149,8 @@ pub struct NewJob {
     pub occurred_at: Option<DateTime<Utc>>,
     pub event: serde_json::Value,
     pub recording_id: Option<String>,
-    pub call_session_id: Option<String>,
-    pub call_control_id: Option<String>,
-    pub call_leg_id: Option<String>,
-    pub connection_id: Option<String>,
+    pub call: CallFacts,
     pub client_state: Option<String>,
-    pub from_number: Option<String>,
-    pub to_number: Option<String>,
-    pub duration_millis: Option<i64>,
-    pub channels: Option<String>,
-    pub recording_started_at: Option<DateTime<Utc>>,
-    pub recording_ended_at: Option<DateTime<Utc>>,
     pub max_attempts: i32,
 }
 

@@ -13,6 +13,7 @@ use sqlx::query::Query;
 use sqlx::{PgPool, Postgres};
 
 use super::{Job, JobError, JobState, Lease, NewJob};
+use crate::call::CallFacts;
 
 /// The channel the `recording_jobs_notify` trigger sends on.
 pub const NOTIFY_CHANNEL: &str = "recording_jobs";
@@ -34,21 +35,6 @@ impl From<QueueError> for super::JobError {
     fn from(e: QueueError) -> Self {
         super::JobError::retryable(e.to_string())
     }
-}
-
-/// Recording details learned from the Recordings API. `None` keeps what the
-/// webhook already said.
-#[derive(Debug, Clone, Default)]
-pub struct Resolution {
-    pub recording_id: String,
-    pub from_number: Option<String>,
-    pub to_number: Option<String>,
-    pub duration_millis: Option<i64>,
-    pub recording_started_at: Option<chrono::DateTime<chrono::Utc>>,
-    pub recording_ended_at: Option<chrono::DateTime<chrono::Utc>>,
-    pub channels: Option<String>,
-    /// Fills in a connection the job lacks (the tenant, for scoping).
-    pub connection_id: Option<String>,
 }
 
 /// Operator functions RAISE with an explanation (SQLSTATE P0001).
@@ -206,17 +192,17 @@ impl Queue {
         .bind(job.occurred_at)
         .bind(&job.event)
         .bind(&job.recording_id)
-        .bind(&job.call_session_id)
-        .bind(&job.call_control_id)
-        .bind(&job.call_leg_id)
-        .bind(&job.connection_id)
+        .bind(&job.call.call_session_id)
+        .bind(&job.call.call_control_id)
+        .bind(&job.call.call_leg_id)
+        .bind(&job.call.connection_id)
         .bind(&job.client_state)
-        .bind(&job.from_number)
-        .bind(&job.to_number)
-        .bind(job.duration_millis)
-        .bind(&job.channels)
-        .bind(job.recording_started_at)
-        .bind(job.recording_ended_at)
+        .bind(&job.call.from_number)
+        .bind(&job.call.to_number)
+        .bind(job.call.duration_millis)
+        .bind(&job.call.channels)
+        .bind(job.call.recording_started_at)
+        .bind(job.call.recording_ended_at)
         .bind(job.max_attempts)
         .fetch_optional(executor)
         .await?;
@@ -430,9 +416,18 @@ impl Queue {
         Ok(done.rows_affected())
     }
 
-    /// Step 1 done: the recording id and details are known. Fails with
-    /// `AlreadyOwned` when another live job has the same recording.
-    pub async fn save_resolution(&self, lease: &Lease, r: &Resolution) -> Result<bool, QueueError> {
+    /// Step 1 done: the recording id and what the Recordings API said about
+    /// the call are known. A fact it does not have keeps what the webhook
+    /// said; which call and leg it was are not touched, and the job's own
+    /// connection wins ([`CallFacts::resolve_with`] does the same in
+    /// memory). Fails with `AlreadyOwned` when another live job has the
+    /// same recording.
+    pub async fn save_resolution(
+        &self,
+        lease: &Lease,
+        recording_id: &str,
+        r: &CallFacts,
+    ) -> Result<bool, QueueError> {
         let done = fenced(
             fenced_update!(
                 "recording_id = $4,
@@ -447,7 +442,7 @@ impl Queue {
             ),
             lease,
         )
-        .bind(&r.recording_id)
+        .bind(recording_id)
         .bind(&r.from_number)
         .bind(&r.to_number)
         .bind(r.duration_millis)
@@ -460,7 +455,7 @@ impl Queue {
         match done {
             Ok(done) => Ok(done.rows_affected() == 1),
             Err(e) if is_unique_violation(&e, "recording_jobs_recording_id_key") => {
-                Err(self.owner_of(&r.recording_id, lease.job_id).await)
+                Err(self.owner_of(recording_id, lease.job_id).await)
             }
             Err(e) => Err(e.into()),
         }
@@ -876,7 +871,10 @@ mod tests {
             event_id: event_id.to_owned(),
             event_type: "call.recording.saved".to_owned(),
             event: serde_json::json!({"data": {"id": event_id}}),
-            call_session_id: Some(format!("session-{event_id}")),
+            call: CallFacts {
+                call_session_id: Some(format!("session-{event_id}")),
+                ..CallFacts::default()
+            },
             max_attempts: 3,
             ..NewJob::default()
         }
@@ -890,11 +888,11 @@ mod tests {
     /// None): what a stale lease must amount to.
     async fn assert_every_write_is_refused(q: &Queue, stale: &Lease) {
         assert!(!q.heartbeat(stale, LEASE).await.unwrap());
-        let resolution = Resolution {
-            recording_id: "rec-1".into(),
-            ..Resolution::default()
-        };
-        assert!(!q.save_resolution(stale, &resolution).await.unwrap());
+        assert!(
+            !q.save_resolution(stale, "rec-1", &CallFacts::default())
+                .await
+                .unwrap()
+        );
         assert!(
             !q.plan_object(stale, "intakes/x/rec-1.wav", "audio/wav", None)
                 .await
@@ -1398,7 +1396,7 @@ mod tests {
     async fn an_ended_unresolved_job_does_not_hide_its_sessions_recordings(pool: PgPool) {
         let q = queue(pool).await;
         let mut job = new_job("ev-session");
-        job.call_session_id = Some("sess-1".into());
+        job.call.call_session_id = Some("sess-1".into());
         q.enqueue(&job).await.unwrap();
         assert!(
             q.has_job_for_recording("rec-a", Some("sess-1"))
@@ -1436,7 +1434,7 @@ mod tests {
         // A job that knows its recording covers it whatever its state.
         let mut known = new_job("ev-known");
         known.recording_id = Some("rec-b".into());
-        known.call_session_id = Some("sess-1".into());
+        known.call.call_session_id = Some("sess-1".into());
         q.enqueue(&known).await.unwrap();
         let lease = one_claimed(&q, "w").await.lease().unwrap();
         q.finish_unsuccessfully(&lease, JobState::Failed, "permanent", "boom")

@@ -89,7 +89,7 @@ impl PlaybackState {
             .url
             .as_deref()
             .ok_or(PlaybackError::Missing("supabase.url"))?;
-        let storage = crate::pipeline::storage_client(config)
+        let storage = StorageClient::from_config(config)
             .map_err(|_| PlaybackError::Missing("supabase.url and supabase.service_role_key"))?;
         let media_origin = reqwest::Url::parse(storage_url)
             .map_err(|e| PlaybackError::BadStorageUrl(e.to_string()))?

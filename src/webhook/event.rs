@@ -20,6 +20,7 @@ use chrono::{DateTime, Utc};
 use serde::de::{self, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde_json::Value;
 
+use crate::call::CallFacts;
 use crate::jobs::NewJob;
 
 pub const RECORDING_SAVED: &str = "call.recording.saved";
@@ -81,17 +82,19 @@ impl Envelope {
         NewJob {
             occurred_at: timestamp(data, "occurred_at"),
             recording_id: non_empty_str(p, "recording_id"),
-            call_session_id: non_empty_str(p, "call_session_id"),
-            call_control_id: non_empty_str(p, "call_control_id"),
-            call_leg_id: non_empty_str(p, "call_leg_id"),
-            connection_id: non_empty_str(p, "connection_id"),
+            call: CallFacts {
+                call_session_id: non_empty_str(p, "call_session_id"),
+                call_control_id: non_empty_str(p, "call_control_id"),
+                call_leg_id: non_empty_str(p, "call_leg_id"),
+                connection_id: non_empty_str(p, "connection_id"),
+                from_number: non_empty_str(p, "from").or_else(|| non_empty_str(p, "from_number")),
+                to_number: non_empty_str(p, "to").or_else(|| non_empty_str(p, "to_number")),
+                duration_millis: integer(p, "duration_millis"),
+                channels: non_empty_str(p, "channels"),
+                recording_started_at: timestamp(p, "recording_started_at"),
+                recording_ended_at: timestamp(p, "recording_ended_at"),
+            },
             client_state: non_empty_str(p, "client_state"),
-            from_number: non_empty_str(p, "from").or_else(|| non_empty_str(p, "from_number")),
-            to_number: non_empty_str(p, "to").or_else(|| non_empty_str(p, "to_number")),
-            duration_millis: integer(p, "duration_millis"),
-            channels: non_empty_str(p, "channels"),
-            recording_started_at: timestamp(p, "recording_started_at"),
-            recording_ended_at: timestamp(p, "recording_ended_at"),
             max_attempts,
             event_id: self.id,
             event_type: self.event_type,
@@ -258,7 +261,7 @@ mod tests {
             .unwrap()
             .into_job(12);
         assert_eq!(
-            job.recording_started_at,
+            job.call.recording_started_at,
             "2025-11-19T10:30:00Z".parse::<DateTime<Utc>>().ok()
         );
         assert_eq!(
@@ -272,14 +275,14 @@ mod tests {
         let job = parse(&official()).unwrap().into_job(12);
         assert_eq!(job.event_id, "0ccc7b54-4df3-4bca-a65a-3da1ecc777f0");
         assert_eq!(
-            job.call_session_id.as_deref(),
+            job.call.call_session_id.as_deref(),
             Some("84a97d76-e40f-11ed-9074-02420a0daa69")
         );
         assert_eq!(job.recording_id, None);
-        assert_eq!(job.to_number, None);
-        assert_eq!(job.duration_millis, None);
+        assert_eq!(job.call.to_number, None);
+        assert_eq!(job.call.duration_millis, None);
         assert_eq!(
-            job.recording_started_at.unwrap().to_rfc3339(),
+            job.call.recording_started_at.unwrap().to_rfc3339(),
             "2025-11-19T10:30:00+00:00"
         );
         assert_eq!(job.max_attempts, 12);
@@ -295,9 +298,9 @@ mod tests {
         p["duration_millis"] = json!(180000);
         let job = parse(&v).unwrap().into_job(12);
         assert_eq!(job.recording_id.as_deref(), Some("rec-1"));
-        assert_eq!(job.from_number.as_deref(), Some("+19712656795"));
-        assert_eq!(job.to_number.as_deref(), Some("+1234567890"));
-        assert_eq!(job.duration_millis, Some(180_000));
+        assert_eq!(job.call.from_number.as_deref(), Some("+19712656795"));
+        assert_eq!(job.call.to_number.as_deref(), Some("+1234567890"));
+        assert_eq!(job.call.duration_millis, Some(180_000));
     }
 
     #[test]
@@ -308,9 +311,9 @@ mod tests {
         p["recording_started_at"] = json!(12);
         p["call_leg_id"] = json!({"nested": true});
         let job = parse(&v).unwrap().into_job(12);
-        assert_eq!(job.duration_millis, None);
-        assert_eq!(job.recording_started_at, None);
-        assert_eq!(job.call_leg_id, None);
+        assert_eq!(job.call.duration_millis, None);
+        assert_eq!(job.call.recording_started_at, None);
+        assert_eq!(job.call.call_leg_id, None);
     }
 
     #[test]

@@ -119,7 +119,7 @@ proptest! {
         };
         prop_assert!(!envelope.id.trim().is_empty());
         let job = envelope.into_job(12);
-        prop_assert!(job.duration_millis.is_none_or(|d| d >= 0));
+        prop_assert!(job.call.duration_millis.is_none_or(|d| d >= 0));
         prop_assert_eq!(job.max_attempts, 12);
     }
 

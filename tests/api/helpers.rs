@@ -9,6 +9,7 @@ use recording_relay::app::{App, NoJobs};
 use recording_relay::config::{Config, Role};
 use recording_relay::jobs::{Job, JobHandler, Queue};
 use recording_relay::pipeline::Pipeline;
+use recording_relay::storage::RECORDINGS_BUCKET;
 use recording_relay_dev_tools::testing;
 use recording_relay_sim::{SimRecording, StorageSim, StorageSimConfig, TelnyxSim, TelnyxSimConfig};
 use sqlx::PgPool;
@@ -252,12 +253,8 @@ pub(crate) async fn spawn_pipeline(pool: PgPool, tweak: impl FnOnce(&mut Config)
     storage.create_bucket(
         &bucket,
         false,
-        Some(50 * 1024 * 1024),
-        Some(vec![
-            "audio/wav".into(),
-            "audio/x-wav".into(),
-            "audio/mpeg".into(),
-        ]),
+        Some(RECORDINGS_BUCKET.file_size_limit),
+        Some(RECORDINGS_BUCKET.mime_types()),
     );
     let key = testing::signing_key();
     let mut config = test_config(testing::database_url_of(&pool, None), &key);

@@ -2,6 +2,7 @@
 
 use std::time::{Duration, Instant};
 
+use recording_relay::call::CallFacts;
 use recording_relay::jobs::{JobState, NewJob, Queue};
 use recording_relay_dev_tools::testing;
 use recording_relay_sim::SimRecording;
@@ -113,7 +114,10 @@ async fn reconcile_enqueues_exactly_the_missing_recordings_once(pool: PgPool) {
         event_type: "call.recording.saved".into(),
         event: serde_json::json!({}),
         recording_id: recording.map(str::to_owned),
-        call_session_id: Some(session.to_owned()),
+        call: CallFacts {
+            call_session_id: Some(session.to_owned()),
+            ..CallFacts::default()
+        },
         max_attempts: 5,
         ..NewJob::default()
     };
@@ -529,7 +533,10 @@ async fn reconcile_enqueues_the_recordings_of_a_session_whose_job_gave_up(pool: 
             event_id: "ev-ambiguous".into(),
             event_type: "call.recording.saved".into(),
             event: serde_json::json!({}),
-            call_session_id: Some(first.call_session_id.clone()),
+            call: CallFacts {
+                call_session_id: Some(first.call_session_id.clone()),
+                ..CallFacts::default()
+            },
             max_attempts: 5,
             ..NewJob::default()
         })

@@ -63,7 +63,7 @@ async fn an_official_webhook_ends_as_one_verified_linked_object(pool: PgPool) {
     assert_eq!(job.intake_id, Some(intake));
     assert_eq!(job.match_method.as_deref(), Some("phone_and_time"));
     assert_eq!(
-        job.to_number.as_deref(),
+        job.call.to_number.as_deref(),
         Some("+15557650002"),
         "resolved from the API"
     );

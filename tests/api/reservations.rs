@@ -4,7 +4,8 @@
 
 use std::time::Duration;
 
-use recording_relay::jobs::{JobError, JobState, Lease, NewJob, Queue, Resolution};
+use recording_relay::call::CallFacts;
+use recording_relay::jobs::{JobError, JobState, Lease, NewJob, Queue};
 use recording_relay::pipeline::intakes::{Claim, MatchMethod, claim_intake};
 use recording_relay_dev_tools::testing;
 use recording_relay_sim::{Fault, SimRecording};
@@ -48,11 +49,11 @@ async fn matched_job(q: &Queue, event: &str, recording: &str, intake: Uuid) -> L
         .remove(0)
         .lease()
         .unwrap();
-    let resolution = Resolution {
-        recording_id: recording.into(),
-        ..Resolution::default()
-    };
-    assert!(q.save_resolution(&lease, &resolution).await.unwrap());
+    assert!(
+        q.save_resolution(&lease, recording, &CallFacts::default())
+            .await
+            .unwrap()
+    );
     let claim = claim_intake(
         q,
         &lease,

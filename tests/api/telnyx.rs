@@ -126,7 +126,7 @@ async fn without_numbers_only_client_state_matches_and_the_reason_says_so(pool: 
         reason.contains("no from/to numbers") && reason.contains("client_state"),
         "{reason}"
     );
-    assert_eq!(job.to_number, None);
+    assert_eq!(job.call.to_number, None);
     assert_eq!(job.attempts, 1, "retrying cannot find numbers: {reason}");
 
     let rec = recording();
@@ -228,7 +228,7 @@ async fn reconciled_jobs_carry_the_connection_from_the_api(pool: PgPool) {
     assert_eq!(report.enqueued, [rec.id.as_str()]);
     let event_id = format!("reconcile:{}", rec.id);
     let job = p.finished_job(&event_id).await;
-    assert_eq!(job.connection_id.as_deref(), Some(connection.as_str()));
+    assert_eq!(job.call.connection_id.as_deref(), Some(connection.as_str()));
     assert_eq!(job.state, JobState::Succeeded, "{:?}", job.last_error);
     assert_eq!(job.intake_id, Some(ours));
     p.stop().await;
@@ -263,7 +263,7 @@ async fn timestamps_in_other_iso_8601_shapes_are_read(pool: PgPool) {
             job.last_error
         );
         assert_eq!(
-            job.recording_started_at,
+            job.call.recording_started_at,
             Some(rec.recording_started_at),
             "{shape:?}"
         );

@@ -310,7 +310,7 @@ async fn a_bad_key_is_unauthorized() {
             .to_owned()
             .into(),
     );
-    let storage = recording_relay::pipeline::storage_client(&config).unwrap();
+    let storage = StorageClient::from_config(&config).unwrap();
     let err = refused(&storage, "a.wav", "audio/wav", 2 * MIB).await;
     assert!(matches!(err, StorageError::Unauthorized(_)), "{err:?}");
     assert!(

@@ -23,7 +23,7 @@ use recording_relay::app::App;
 use recording_relay::config::{Config, Role};
 use recording_relay::db;
 use recording_relay::jobs::{Job, Queue};
-use recording_relay::pipeline::{Pipeline, storage_client};
+use recording_relay::pipeline::Pipeline;
 use recording_relay::storage::StorageClient;
 use recording_relay_dev_tools::testing;
 use recording_relay_sim::{SimRecording, TelnyxSim, TelnyxSimConfig};
@@ -214,7 +214,7 @@ impl Suite {
     }
 
     pub(crate) fn storage(&self, bucket: &str) -> StorageClient {
-        storage_client(&self.config(bucket, &telnyx())).unwrap()
+        StorageClient::from_config(&self.config(bucket, &telnyx())).unwrap()
     }
 
     /// The daemon (listener + worker) on `config`.

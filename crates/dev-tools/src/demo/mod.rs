@@ -575,6 +575,7 @@ async fn report(
                 .map_or("-".to_owned(), |i| i.simple().to_string()[..8].to_owned()),
             recording: job.recording_id.clone().unwrap_or_else(|| "-".to_owned()),
             duration: job
+                .call
                 .duration_millis
                 .map_or("-".to_owned(), |ms| m_ss(ms / 1000)),
             state: job.state.as_str().to_owned(),

@@ -154,7 +154,10 @@ impl DaemonEnv {
 
 /// SIGTERM every daemon and wait for each (bounded). Returns the exit
 /// status of each, `None` when it had to be killed.
-pub(crate) async fn stop_all(daemons: &mut [Daemon], patience: Duration) -> Vec<(usize, Option<i32>)> {
+pub(crate) async fn stop_all(
+    daemons: &mut [Daemon],
+    patience: Duration,
+) -> Vec<(usize, Option<i32>)> {
     for d in daemons.iter() {
         if d.child.is_some() {
             let _ = Command::new("kill")

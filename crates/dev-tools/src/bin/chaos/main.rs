@@ -43,6 +43,7 @@ use anyhow::{Context, bail};
 use clap::Parser;
 use recording_relay::db;
 use recording_relay::jobs::Job;
+use recording_relay::storage::RECORDINGS_BUCKET;
 use recording_relay_dev_tools::testing;
 use recording_relay_sim::{Fault, StorageSim, StorageSimConfig, TelnyxSim, TelnyxSimConfig};
 use sqlx::PgPool;
@@ -405,12 +406,8 @@ async fn run(args: Args) -> anyhow::Result<bool> {
     storage.create_bucket(
         BUCKET,
         false,
-        Some(50 * 1024 * 1024),
-        Some(vec![
-            "audio/wav".into(),
-            "audio/x-wav".into(),
-            "audio/mpeg".into(),
-        ]),
+        Some(RECORDINGS_BUCKET.file_size_limit),
+        Some(RECORDINGS_BUCKET.mime_types()),
     );
     for call in calls.iter() {
         telnyx.add_recording(call.recording.clone());

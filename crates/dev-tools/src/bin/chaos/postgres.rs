@@ -97,7 +97,11 @@ async fn pg_ctlcluster(cluster: &str, action: &str) -> anyhow::Result<()> {
 /// `pg_ctlcluster --skip-systemctl-redirect VERSION NAME restart` (or, with
 /// `down_for`, stop, wait, start), then waits until a new connection to
 /// `db_url` works.
-pub(crate) async fn restart(cluster: &str, db_url: &str, down_for: Duration) -> anyhow::Result<Restart> {
+pub(crate) async fn restart(
+    cluster: &str,
+    db_url: &str,
+    down_for: Duration,
+) -> anyhow::Result<Restart> {
     let started = Utc::now();
     let t0 = Instant::now();
     if down_for.is_zero() {

@@ -1,0 +1,52 @@
+//! Step 4: point the intake at the stored object.
+
+use tracing::info;
+
+use super::intakes;
+use super::{Run, duration_secs, lease_lost};
+use crate::jobs::JobError;
+
+impl Run<'_> {
+    pub(super) async fn link(&mut self) -> Result<(), JobError> {
+        let (Some(intake), Some(path)) = (self.job.intake_id, self.job.object_path.clone()) else {
+            return Err(JobError::permanent(
+                "cannot link: no intake or no stored object",
+            ));
+        };
+        let recording_id = self.recording_id()?.to_owned();
+        let url = self.p.storage.authenticated_url(&path);
+        let duration = duration_secs(&self.job);
+        // Retrying cannot bring an intake back or take it from another
+        // recording: stop at once and say where the recording is.
+        match intakes::link(
+            &self.queue,
+            &self.lease,
+            intake,
+            &recording_id,
+            duration,
+            &path,
+            &url,
+        )
+        .await?
+        {
+            intakes::Linked::Linked => {}
+            intakes::Linked::LeaseLost => return Err(lease_lost()),
+            intakes::Linked::Gone => {
+                return Err(JobError::permanent(format!(
+                    "cannot link: intake {intake} was deleted after the match; \
+                     the recording is stored at {path}"
+                )));
+            }
+            intakes::Linked::TakenBy(other) => {
+                return Err(JobError::permanent(format!(
+                    "cannot link: intake {intake} now holds recording {other}; \
+                     this recording is stored at {path}"
+                )));
+            }
+        }
+        self.job.linked_at = Some(chrono::Utc::now());
+        crate::metrics::metrics().recording_linked(self.job.created_at);
+        info!(intake.id = %intake, "intake linked to the recording");
+        Ok(())
+    }
+}

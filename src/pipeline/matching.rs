@@ -1,0 +1,192 @@
+//! Step 2: the intake the recording belongs to, by `client_state` or by
+//! phone number and call time, within the call's tenant.
+
+use tracing::{info, warn};
+use uuid::Uuid;
+
+use super::intakes::{self, Claim, Found, MatchInput};
+use super::{Run, duration_secs, lease_lost};
+use crate::config::Party;
+use crate::jobs::{JobError, QueueError};
+use crate::telemetry::mask_phone;
+
+/// Which tenant's intakes a job may match.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Scope {
+    /// `pipeline.connection_organizations` is empty: no tenants.
+    Unscoped,
+    Organization(Uuid),
+    /// Tenants are configured and this call's connection is none of theirs
+    /// (or the job has none).
+    Unknown,
+}
+
+impl Scope {
+    fn of(
+        connection: Option<&str>,
+        organizations: &std::collections::HashMap<String, Uuid>,
+    ) -> Scope {
+        if organizations.is_empty() {
+            return Scope::Unscoped;
+        }
+        connection
+            .and_then(|c| organizations.get(c))
+            .map_or(Scope::Unknown, |org| Scope::Organization(*org))
+    }
+}
+
+impl Run<'_> {
+    /// Step 2. `Ok(None)`: matched. `Ok(Some(reason))`: store as unmatched
+    /// (no intake after the configured attempts, or an ambiguous one).
+    /// Retryable error before that.
+    pub(super) async fn match_intake(&mut self) -> Result<Option<String>, JobError> {
+        let recording_id = self.recording_id()?.to_owned();
+        let opts = &self.p.opts;
+        let j = &self.job;
+        let around = j
+            .call
+            .recording_started_at
+            .or(j.occurred_at)
+            .unwrap_or(j.created_at);
+        let number = match opts.patient_party {
+            Party::To => j.call.to_number.as_deref(),
+            Party::From => j.call.from_number.as_deref(),
+        };
+        let scope = Scope::of(
+            j.call.connection_id.as_deref(),
+            &opts.connection_organizations,
+        );
+        // Fail closed: a connection that maps to no tenant could be any
+        // tenant's, and a phone number alone would then cross tenants.
+        let by_phone = match scope {
+            Scope::Unknown => None,
+            Scope::Unscoped | Scope::Organization(_) => number,
+        };
+        let input = MatchInput {
+            job_id: j.id,
+            recording_id: &recording_id,
+            call_session_id: j.call.call_session_id.as_deref(),
+            client_state: j.client_state.as_deref(),
+            number: by_phone,
+            party: opts.patient_party,
+            organization: match scope {
+                Scope::Organization(org) => Some(org),
+                Scope::Unscoped | Scope::Unknown => None,
+            },
+            around,
+            window: opts.match_window,
+        };
+        let found = intakes::find_intake(self.queue.pool(), &input)
+            .await
+            .map_err(QueueError::from)?;
+        let (intake, method) = match found {
+            Found::Intake(intake, method) => (intake, method),
+            Found::Ambiguous(why) => return Ok(Some(why)),
+            Found::Nothing(detail) => {
+                let named = j
+                    .client_state
+                    .as_deref()
+                    .and_then(intakes::intake_id_from_client_state);
+                let client_state = match (&j.client_state, named) {
+                    (None, _) => "the call has no client_state".to_owned(),
+                    (Some(_), None) => "its client_state names no intake id".to_owned(),
+                    (Some(_), Some(id)) => {
+                        format!("its client_state names intake {id}, which does not exist")
+                    }
+                };
+                let why = match (scope, by_phone) {
+                    (Scope::Unknown, _) => format!(
+                        "connection {} is not in pipeline.connection_organizations, so only \
+                         client_state can match (no phone match across tenants), and {client_state}",
+                        j.call.connection_id.as_deref().unwrap_or("(none)")
+                    ),
+                    (_, None) if j.call.from_number.is_none() && j.call.to_number.is_none() => {
+                        format!(
+                            "Telnyx gave no from/to numbers for this recording (older Recordings \
+                         API schema), so only client_state can match, and {client_state}; set \
+                         client_state to the intake id when dialing"
+                        )
+                    }
+                    (_, None) => format!(
+                        "the recording has no number for the patient's party \
+                         (pipeline.patient_party), so only client_state can match, and \
+                         {client_state}"
+                    ),
+                    (_, Some(number)) => format!(
+                        "no intake matches (patient number {}, created within {} of {around}): {detail}",
+                        mask_phone(number),
+                        humantime::format_duration(opts.match_window)
+                    ),
+                };
+                // An intake a client_state names may not be committed yet;
+                // with nothing else to go on, no later attempt can match.
+                if by_phone.is_none() && named.is_none() {
+                    warn!(reason = %why, "storing the recording as unmatched");
+                    return Ok(Some(why));
+                }
+                return self.unmatched_or_retry(why);
+            }
+            Found::Undecided(why) => {
+                return self.unmatched_or_retry(format!(
+                    "no unambiguous intake (patient number {}): {why}",
+                    number
+                        .map(mask_phone)
+                        .unwrap_or_else(|| "unknown".to_owned()),
+                ));
+            }
+        };
+        let duration = duration_secs(j);
+        match intakes::claim_intake(
+            &self.queue,
+            &self.lease,
+            intake,
+            method,
+            &recording_id,
+            duration,
+        )
+        .await?
+        {
+            Claim::Claimed => {}
+            Claim::LeaseLost => return Err(lease_lost()),
+            Claim::TakenBy(other) => {
+                return self.unmatched_or_retry(format!(
+                    "intake {intake} already holds recording {other}"
+                ));
+            }
+            Claim::Gone => return self.unmatched_or_retry(format!("intake {intake} was deleted")),
+        }
+        self.job.intake_id = Some(intake);
+        info!(intake.id = %intake, method = method.as_str(), "intake matched");
+        Ok(None)
+    }
+
+    /// Retries matching a few times (the intake may not be saved yet), then
+    /// gives up so the recording is stored as unmatched.
+    fn unmatched_or_retry(&self, why: String) -> Result<Option<String>, JobError> {
+        if self.job.attempts < self.p.opts.match_attempts {
+            return Err(JobError::Retryable {
+                message: format!("{why}; trying again"),
+                retry_after: Some(self.p.opts.match_retry_delay),
+            });
+        }
+        warn!(reason = %why, "storing the recording as unmatched");
+        Ok(Some(why))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_unlisted_connection_is_an_unknown_tenant() {
+        let org = Uuid::new_v4();
+        let none = std::collections::HashMap::new();
+        let some = std::collections::HashMap::from([("conn-a".to_owned(), org)]);
+        assert_eq!(Scope::of(Some("conn-a"), &none), Scope::Unscoped);
+        assert_eq!(Scope::of(None, &none), Scope::Unscoped);
+        assert_eq!(Scope::of(Some("conn-a"), &some), Scope::Organization(org));
+        assert_eq!(Scope::of(Some("conn-b"), &some), Scope::Unknown);
+        assert_eq!(Scope::of(None, &some), Scope::Unknown);
+    }
+}
