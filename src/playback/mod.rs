@@ -182,6 +182,7 @@ fn router(state: Arc<PlaybackState>) -> Router {
             StatusCode::SERVICE_UNAVAILABLE,
             REQUEST_TIMEOUT,
         ))
+        // Answers any OPTIONS on an API path as a preflight, before routing.
         .layer(cors)
         .layer(middleware::from_fn(preflight_no_content))
         // Answers carry signed URLs: no cache may keep them.
@@ -203,7 +204,7 @@ fn router(state: Arc<PlaybackState>) -> Router {
                 .head_service(api.clone())
                 .fallback_service(api.clone()),
         )
-        .fallback_service(api.clone())
+        .fallback_service(api)
         .with_state(state)
         .layer(SetResponseHeaderLayer::overriding(
             HeaderName::from_static("x-content-type-options"),
