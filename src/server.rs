@@ -3,13 +3,12 @@
 //! graceful shutdown.
 
 use std::convert::Infallible;
+use std::error::Error as StdError;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
-use http_body_util::Full;
-use hyper::body::Incoming;
+use hyper::body::{Body, Incoming};
 use hyper::server::conn::http1;
 use hyper::service::Service;
 use hyper::{Request, Response};
@@ -32,7 +31,7 @@ pub struct Limits {
 
 /// Serves `listener` until `shutdown` is cancelled; `service_for` builds the
 /// service of one connection from its peer address.
-pub(crate) async fn serve<F, S>(
+pub(crate) async fn serve<F, S, B>(
     name: &'static str,
     listener: TcpListener,
     limits: Limits,
@@ -40,10 +39,11 @@ pub(crate) async fn serve<F, S>(
     service_for: F,
 ) where
     F: Fn(SocketAddr) -> S,
-    S: Service<Request<Incoming>, Response = Response<Full<Bytes>>, Error = Infallible>
-        + Send
-        + 'static,
+    S: Service<Request<Incoming>, Response = Response<B>, Error = Infallible> + Send + 'static,
     S::Future: Send + 'static,
+    B: Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn StdError + Send + Sync>>,
 {
     let connections = Arc::new(Semaphore::new(limits.max_connections));
     let graceful = GracefulShutdown::new();

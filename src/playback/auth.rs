@@ -15,7 +15,7 @@ use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use secrecy::ExposeSecret;
 use serde_json::Value;
 
-use super::jwks::Jwks;
+use super::jwks::{Jwks, JwksError};
 use crate::config::Config;
 
 #[derive(Debug, thiserror::Error)]
@@ -90,7 +90,13 @@ impl Authenticator {
                 let jwks = self.jwks.as_ref().ok_or_else(|| {
                     AuthError::Rejected(format!("{alg:?} tokens are not accepted here"))
                 })?;
-                let key: Arc<DecodingKey> = jwks.key(header.kid.as_deref(), alg).await?;
+                let key: Arc<DecodingKey> =
+                    jwks.key(header.kid.as_deref(), alg)
+                        .await
+                        .map_err(|e| match e {
+                            JwksError::Unavailable(e) => AuthError::KeysUnavailable(e),
+                            e => AuthError::Rejected(e.to_string()),
+                        })?;
                 self.decode(token, &key, alg)?
             }
         };

@@ -16,7 +16,24 @@ use serde_json::Value;
 use tokio::sync::Mutex;
 use tracing::{info, warn};
 
-use super::auth::AuthError;
+/// Why no key could be had for a token; [`super::auth`] decides what each
+/// means to the caller.
+#[derive(Debug, thiserror::Error)]
+pub enum JwksError {
+    #[error("token names no key (kid)")]
+    NoKid,
+    #[error("unknown signing key {0}")]
+    UnknownKey(String),
+    #[error("key {kid} is for {key:?}, not {token:?}")]
+    WrongAlgorithm {
+        kid: String,
+        key: Algorithm,
+        token: Algorithm,
+    },
+    /// The JWKS could not be fetched and no key is cached.
+    #[error("{0}")]
+    Unavailable(String),
+}
 
 /// Keys are refetched this often even when every kid is known, so a revoked
 /// key stops working within this time.
@@ -59,8 +76,8 @@ impl Jwks {
         &self,
         kid: Option<&str>,
         alg: Algorithm,
-    ) -> Result<Arc<DecodingKey>, AuthError> {
-        let kid = kid.ok_or_else(|| AuthError::Rejected("token names no key (kid)".to_owned()))?;
+    ) -> Result<Arc<DecodingKey>, JwksError> {
+        let kid = kid.ok_or(JwksError::NoKid)?;
         let mut cache = self.cache.lock().await;
         let since = cache.attempted_at.map(|t| t.elapsed());
         let stale = since.is_none_or(|s| s > MAX_AGE);
@@ -72,7 +89,7 @@ impl Jwks {
                     info!(keys = keys.len(), "signing keys fetched");
                     cache.keys = keys;
                 }
-                Err(e) if cache.keys.is_empty() => return Err(AuthError::KeysUnavailable(e)),
+                Err(e) if cache.keys.is_empty() => return Err(JwksError::Unavailable(e)),
                 Err(e) => {
                     warn!(error = %e, "signing keys could not be refreshed; keeping the known ones")
                 }
@@ -80,10 +97,12 @@ impl Jwks {
         }
         match cache.keys.get(kid) {
             Some((key_alg, key)) if *key_alg == alg => Ok(key.clone()),
-            Some((key_alg, _)) => Err(AuthError::Rejected(format!(
-                "key {kid} is for {key_alg:?}, not {alg:?}"
-            ))),
-            None => Err(AuthError::Rejected(format!("unknown signing key {kid}"))),
+            Some((key_alg, _)) => Err(JwksError::WrongAlgorithm {
+                kid: kid.to_owned(),
+                key: *key_alg,
+                token: alg,
+            }),
+            None => Err(JwksError::UnknownKey(kid.to_owned())),
         }
     }
 

@@ -10,6 +10,10 @@
 //!   ids cannot be probed.
 //! - `GET /play/{id}`: the player page (`web/player.html`, `web/player.js`).
 //!
+//! Routing is axum's; CORS (an exact-origin allow-list), the request
+//! timeout, the common response headers and the request log are tower-http
+//! layers ([`router`]); connections are accepted by [`crate::server`].
+//!
 //! Neither tokens nor signed URLs are logged: each is a credential. Every
 //! signed URL handed out is recorded in the access audit first
 //! ([`audit`]); when that write fails the URL is refused.
@@ -19,28 +23,35 @@ pub mod auth;
 pub mod jwks;
 pub mod recording;
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use axum::Router;
+use axum::body::Body;
+use axum::extract::rejection::PathRejection;
+use axum::extract::{ConnectInfo, Path, Request, State};
+use axum::http::header::{
+    ALLOW, AUTHORIZATION, CACHE_CONTROL, CONTENT_SECURITY_POLICY, CONTENT_TYPE, DATE, HeaderMap,
+    HeaderName, HeaderValue, ORIGIN, USER_AGENT, WWW_AUTHENTICATE,
+};
+use axum::http::{Method, Response, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::IntoResponse;
+use axum::routing::get;
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
-use http_body_util::Full;
-use hyper::body::Incoming;
-use hyper::header::{
-    ACCESS_CONTROL_ALLOW_HEADERS, ACCESS_CONTROL_ALLOW_METHODS, ACCESS_CONTROL_ALLOW_ORIGIN,
-    ACCESS_CONTROL_EXPOSE_HEADERS, ACCESS_CONTROL_MAX_AGE, ALLOW, AUTHORIZATION, CACHE_CONTROL,
-    CONTENT_SECURITY_POLICY, CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue, ORIGIN, USER_AGENT,
-    VARY, WWW_AUTHENTICATE,
-};
-use hyper::service::service_fn;
-use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::service::TowerToHyperService;
 use serde::Serialize;
 use sqlx::PgPool;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-use tracing::{error, info, warn};
+use tower::Layer;
+use tower_http::cors::{AllowOrigin, CorsLayer};
+use tower_http::set_header::SetResponseHeaderLayer;
+use tower_http::timeout::TimeoutLayer;
+use tower_http::trace::TraceLayer;
+use tracing::{Span, error, info, warn};
 use uuid::Uuid;
 
 use self::auth::{AuthError, Authenticator};
@@ -53,6 +64,11 @@ const SCRIPT: &str = include_str!("../../web/player.js");
 
 /// Bound on the database lookup and on minting one signed URL.
 const STEP_TIMEOUT: Duration = Duration::from_secs(5);
+/// A backstop over a whole request, above the sum of its steps' own bounds
+/// (token keys, lookup, signing, audit), so it never pre-empts their answers.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a browser may reuse a preflight's answer.
+const PREFLIGHT_MAX_AGE: Duration = Duration::from_secs(600);
 const MAX_CONNECTIONS: usize = 512;
 
 #[derive(Debug, thiserror::Error)]
@@ -110,6 +126,7 @@ impl PlaybackState {
             auth: Authenticator::from_config(config).map_err(PlaybackError::Auth)?,
             storage,
             signed_url_ttl: p.signed_url_ttl,
+            // The config check refuses `*`, which CorsLayer's list would panic on.
             allowed_origins: p
                 .allowed_origins
                 .iter()
@@ -122,38 +139,156 @@ impl PlaybackState {
 }
 
 /// Serves until `shutdown` is cancelled, then lets open requests finish
-/// (bounded) and returns.
+/// (bounded) and returns. The accept loop is the listener's: axum's own
+/// `serve` has no connection bound, header-read timeout or bounded drain.
 pub async fn run(listener: TcpListener, state: Arc<PlaybackState>, shutdown: CancellationToken) {
     let limits = crate::server::Limits {
         header_read_timeout: state.header_read_timeout,
         max_connections: MAX_CONNECTIONS,
     };
+    let app = router(state);
     crate::server::serve("playback server", listener, limits, shutdown, move |peer| {
-        let state = state.clone();
-        service_fn(move |req| handle(req, state.clone(), peer))
+        // The audit records the client address, which axum reads from here.
+        TowerToHyperService::new(axum::Extension(ConnectInfo(peer)).layer(app.clone()))
     })
     .await;
 }
 
-async fn handle(
-    req: Request<Incoming>,
-    state: Arc<PlaybackState>,
-    peer: SocketAddr,
-) -> Result<Response<Full<Bytes>>, Infallible> {
-    let started = Instant::now();
-    let method = req.method().clone();
-    let path = req.uri().path().to_owned();
-    let reply = route(&req, &state, peer).await;
-    let latency_ms = (started.elapsed().as_secs_f64() * 100_000.0).round() / 100.0;
-    let status = reply.status.as_u16();
-    if reply.status.is_server_error() {
-        error!(%method, %path, %peer, status, outcome = reply.outcome, latency_ms, detail = %reply.detail, "playback request");
-    } else if reply.status.is_client_error() {
-        warn!(%method, %path, %peer, status, outcome = reply.outcome, latency_ms, detail = %reply.detail, "playback request");
-    } else if reply.kind == Kind::Api {
-        info!(%method, %path, status, outcome = reply.outcome, latency_ms, "playback request");
+/// The routes. API answers (everything but the page and its script, which
+/// includes unknown paths and wrong methods) are never cached and carry
+/// CORS headers; the page and script carry neither.
+fn router(state: Arc<PlaybackState>) -> Router {
+    let cors = CorsLayer::new()
+        .allow_origin(AllowOrigin::list(state.allowed_origins.iter().cloned()))
+        .allow_methods([Method::GET])
+        .allow_headers([AUTHORIZATION])
+        // The player reads Date to correct for clock skew when it schedules
+        // the renewal of a signed URL.
+        .expose_headers([DATE])
+        .max_age(PREFLIGHT_MAX_AGE)
+        .vary([ORIGIN]);
+    let api = Router::new()
+        .route(
+            "/v1/intakes/{id}/recording",
+            // HEAD too: axum would otherwise run GET for it.
+            get(recording)
+                .head(method_not_allowed)
+                .fallback(method_not_allowed),
+        )
+        .route("/healthz", get(healthz).fallback(not_found))
+        .fallback(not_found)
+        .with_state(state.clone())
+        .layer(TimeoutLayer::with_status_code(
+            StatusCode::SERVICE_UNAVAILABLE,
+            REQUEST_TIMEOUT,
+        ))
+        // Answers any OPTIONS on an API path as a preflight, before routing.
+        .layer(cors)
+        .layer(middleware::from_fn(preflight_no_content))
+        // Answers carry signed URLs: no cache may keep them.
+        .layer(SetResponseHeaderLayer::overriding(
+            CACHE_CONTROL,
+            HeaderValue::from_static("no-store"),
+        ));
+    // Any other method on the page's paths is an API 404, as for any unknown path.
+    Router::new()
+        .route(
+            "/play/{id}",
+            get(player_page)
+                .head_service(api.clone())
+                .fallback_service(api.clone()),
+        )
+        .route(
+            "/assets/player.js",
+            get(player_script)
+                .head_service(api.clone())
+                .fallback_service(api.clone()),
+        )
+        .fallback_service(api)
+        .with_state(state)
+        .layer(SetResponseHeaderLayer::overriding(
+            HeaderName::from_static("x-content-type-options"),
+            HeaderValue::from_static("nosniff"),
+        ))
+        .layer(SetResponseHeaderLayer::overriding(
+            HeaderName::from_static("referrer-policy"),
+            HeaderValue::from_static("no-referrer"),
+        ))
+        .layer(
+            TraceLayer::new_for_http()
+                .make_span_with(request_span)
+                .on_request(())
+                .on_response(log_response)
+                .on_eos(())
+                .on_failure(()),
+        )
+}
+
+/// ERROR level so the span, and the request's method and path, stay on
+/// its log line whatever level `RUST_LOG` keeps.
+fn request_span(req: &Request) -> Span {
+    let peer = req
+        .extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|ConnectInfo(peer)| *peer);
+    tracing::error_span!(
+        "playback",
+        method = %req.method(),
+        path = %req.uri().path(),
+        peer = peer.map(tracing::field::display),
+    )
+}
+
+/// One line per request: problems always, successful API calls at info.
+fn log_response(res: &Response<Body>, latency: Duration, _span: &Span) {
+    let latency_ms = (latency.as_secs_f64() * 100_000.0).round() / 100.0;
+    let status = res.status().as_u16();
+    let (kind, outcome, detail) = match res.extensions().get::<Log>() {
+        Some(log) => (log.kind, log.outcome, log.detail.as_str()),
+        // Only the layers answer without one: CorsLayer's preflights, and
+        // TimeoutLayer when a request overran.
+        None if res.status().is_success() => (Kind::Preflight, "preflight", ""),
+        None => (Kind::Api, "timed_out", "the request overran its time"),
+    };
+    if res.status().is_server_error() {
+        error!(status, outcome, latency_ms, %detail, "playback request");
+    } else if res.status().is_client_error() {
+        warn!(status, outcome, latency_ms, %detail, "playback request");
+    } else if kind == Kind::Api {
+        info!(status, outcome, latency_ms, "playback request");
     }
-    Ok(reply.into_response(&state, req.headers()))
+}
+
+/// CorsLayer answers a preflight 200; ours were 204 (no content), and stay so.
+async fn preflight_no_content(req: Request, next: Next) -> Response<Body> {
+    let preflight = req.method() == Method::OPTIONS;
+    let mut res = next.run(req).await;
+    if preflight && res.status() == StatusCode::OK {
+        *res.status_mut() = StatusCode::NO_CONTENT;
+    }
+    res
+}
+
+async fn healthz() -> Reply {
+    Reply::json(StatusCode::OK, "ok", &serde_json::json!({ "status": "ok" }))
+}
+
+async fn not_found() -> Reply {
+    Reply::error(StatusCode::NOT_FOUND, "not_found", "no such route")
+}
+
+async fn method_not_allowed() -> Reply {
+    Reply::error(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "")
+        .header(ALLOW, HeaderValue::from_static("GET, OPTIONS"))
+}
+
+async fn player_page(State(state): State<Arc<PlaybackState>>) -> Reply {
+    Reply::asset("text/html; charset=utf-8", PAGE)
+        .header(CONTENT_SECURITY_POLICY, state.page_policy.clone())
+}
+
+async fn player_script() -> Reply {
+    Reply::asset("text/javascript; charset=utf-8", SCRIPT)
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -163,14 +298,21 @@ enum Kind {
     Static,
 }
 
-/// The answer to one request plus what the request log says about it.
-struct Reply {
-    status: StatusCode,
+/// What the request log says about an answer, carried to [`log_response`]
+/// as a response extension.
+#[derive(Debug, Clone)]
+struct Log {
     kind: Kind,
     /// A short machine-readable word for logs and error bodies.
     outcome: &'static str,
     /// For the log only (never a token or a signed URL).
     detail: String,
+}
+
+/// The answer to one request plus what the request log says about it.
+struct Reply {
+    status: StatusCode,
+    log: Log,
     body: Bytes,
     headers: Vec<(HeaderName, HeaderValue)>,
 }
@@ -179,9 +321,11 @@ impl Reply {
     fn new(status: StatusCode, kind: Kind, outcome: &'static str, body: Bytes) -> Self {
         Self {
             status,
-            kind,
-            outcome,
-            detail: String::new(),
+            log: Log {
+                kind,
+                outcome,
+                detail: String::new(),
+            },
             body,
             headers: Vec::new(),
         }
@@ -202,7 +346,7 @@ impl Reply {
     }
 
     fn detail(mut self, detail: impl Into<String>) -> Self {
-        self.detail = detail.into();
+        self.log.detail = detail.into();
         self
     }
 
@@ -217,94 +361,19 @@ impl Reply {
             .header(CONTENT_TYPE, HeaderValue::from_static(content_type))
             .header(CACHE_CONTROL, HeaderValue::from_static("no-cache"))
     }
+}
 
-    fn into_response(self, state: &PlaybackState, request: &HeaderMap) -> Response<Full<Bytes>> {
-        let mut response = Response::new(Full::new(self.body));
+impl IntoResponse for Reply {
+    fn into_response(self) -> axum::response::Response {
+        let mut response = Response::new(Body::from(self.body));
         *response.status_mut() = self.status;
         let headers = response.headers_mut();
-        headers.insert(
-            HeaderName::from_static("x-content-type-options"),
-            HeaderValue::from_static("nosniff"),
-        );
-        headers.insert(
-            HeaderName::from_static("referrer-policy"),
-            HeaderValue::from_static("no-referrer"),
-        );
-        if self.kind != Kind::Static {
-            // Answers carry signed URLs: no cache may keep them.
-            headers.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
-            if !state.allowed_origins.is_empty() {
-                headers.append(VARY, HeaderValue::from_static("origin"));
-            }
-            if let Some(origin) = allowed_origin(state, request) {
-                headers.insert(ACCESS_CONTROL_ALLOW_ORIGIN, origin);
-                // The player reads Date to correct for clock skew when it
-                // schedules the renewal of a signed URL.
-                headers.insert(
-                    ACCESS_CONTROL_EXPOSE_HEADERS,
-                    HeaderValue::from_static("date"),
-                );
-            }
-        }
         for (name, value) in self.headers {
             headers.insert(name, value);
         }
+        response.extensions_mut().insert(self.log);
         response
     }
-}
-
-fn allowed_origin(state: &PlaybackState, request: &HeaderMap) -> Option<HeaderValue> {
-    let origin = request.get(ORIGIN)?;
-    state
-        .allowed_origins
-        .iter()
-        .any(|allowed| allowed == origin)
-        .then(|| origin.clone())
-}
-
-async fn route(req: &Request<Incoming>, state: &PlaybackState, peer: SocketAddr) -> Reply {
-    let path = req.uri().path();
-    let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
-    let method = req.method();
-    match segments.as_slice() {
-        ["healthz"] if matches!(*method, Method::GET | Method::HEAD) => {
-            Reply::json(StatusCode::OK, "ok", &serde_json::json!({ "status": "ok" }))
-        }
-        ["v1", "intakes", id, "recording"] => match *method {
-            Method::GET => recording(req.headers(), id, state, peer).await,
-            Method::OPTIONS => preflight(),
-            _ => Reply::error(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "")
-                .header(ALLOW, HeaderValue::from_static("GET, OPTIONS")),
-        },
-        ["play", id] if *method == Method::GET && !id.is_empty() => {
-            Reply::asset("text/html; charset=utf-8", PAGE)
-                .header(CONTENT_SECURITY_POLICY, state.page_policy.clone())
-        }
-        ["assets", "player.js"] if *method == Method::GET => {
-            Reply::asset("text/javascript; charset=utf-8", SCRIPT)
-        }
-        _ => Reply::error(StatusCode::NOT_FOUND, "not_found", "no such route"),
-    }
-}
-
-/// CORS preflight: the origin headers are added (or not) like on every API
-/// answer, so a disallowed origin gets a 204 the browser will not act on.
-fn preflight() -> Reply {
-    Reply::new(
-        StatusCode::NO_CONTENT,
-        Kind::Preflight,
-        "preflight",
-        Bytes::new(),
-    )
-    .header(
-        ACCESS_CONTROL_ALLOW_METHODS,
-        HeaderValue::from_static("GET"),
-    )
-    .header(
-        ACCESS_CONTROL_ALLOW_HEADERS,
-        HeaderValue::from_static("authorization"),
-    )
-    .header(ACCESS_CONTROL_MAX_AGE, HeaderValue::from_static("600"))
 }
 
 /// The API's answer for one intake.
@@ -318,10 +387,10 @@ pub struct RecordingResponse {
 }
 
 async fn recording(
-    headers: &HeaderMap,
-    id: &str,
-    state: &PlaybackState,
-    peer: SocketAddr,
+    State(state): State<Arc<PlaybackState>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    id: Result<Path<String>, PathRejection>,
+    headers: HeaderMap,
 ) -> Reply {
     // Authentication comes first, so nothing about intakes is revealed to
     // a caller without a valid token.
@@ -330,7 +399,8 @@ async fn recording(
         Err(e) => return auth_failure(e),
     };
     let not_found = || Reply::error(StatusCode::NOT_FOUND, "not_found", "no such recording");
-    let Ok(intake) = Uuid::parse_str(id) else {
+    // An id that does not decode is as unknown as any other.
+    let Some(Ok(intake)) = id.ok().map(|Path(id)| Uuid::parse_str(&id)) else {
         return not_found().detail("malformed intake id");
     };
     let found = tokio::time::timeout(

@@ -381,6 +381,26 @@ async fn cors_is_granted_to_configured_origins_only(pool: PgPool) {
         "https://app.zscribe.example"
     );
     assert_eq!(h["access-control-allow-headers"], "authorization");
+    assert_eq!(h["access-control-allow-methods"], "GET");
+    assert_eq!(h["access-control-max-age"], "600");
+    assert_eq!(h["vary"], "origin");
+    assert_eq!(h["cache-control"], "no-store");
+    // Another origin's preflight is answered, but grants nothing.
+    let refused = s
+        .client
+        .request(reqwest::Method::OPTIONS, s.url(&path))
+        .header("origin", "https://evil.example")
+        .header("access-control-request-method", "GET")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 204);
+    assert!(
+        refused
+            .headers()
+            .get("access-control-allow-origin")
+            .is_none()
+    );
 
     let res = s
         .client
@@ -396,6 +416,10 @@ async fn cors_is_granted_to_configured_origins_only(pool: PgPool) {
         "https://app.zscribe.example"
     );
     assert_eq!(res.headers()["cache-control"], "no-store");
+    assert_eq!(res.headers()["access-control-expose-headers"], "date");
+    // The answer depends on Origin: a shared cache must not serve one
+    // origin's answer to another.
+    assert_eq!(res.headers()["vary"], "origin");
 
     let res = s
         .client
@@ -406,6 +430,18 @@ async fn cors_is_granted_to_configured_origins_only(pool: PgPool) {
         .await
         .unwrap();
     assert!(res.headers().get("access-control-allow-origin").is_none());
+    assert_eq!(res.headers()["vary"], "origin");
+
+    // The page is not an API answer: no CORS grant.
+    let page = s
+        .client
+        .get(s.url(&format!("/play/{intake}")))
+        .header("origin", "https://app.zscribe.example")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(page.status(), 200);
+    assert!(page.headers().get("access-control-allow-origin").is_none());
     s.stop().await;
 }
 
@@ -447,6 +483,69 @@ async fn the_player_page_is_served_with_a_strict_policy(pool: PgPool) {
         s.client.get(s.url("/nope")).send().await.unwrap().status(),
         404
     );
+    s.stop().await;
+}
+
+#[sqlx::test(migrations = false)]
+async fn wrong_methods_and_unknown_paths_get_api_answers(pool: PgPool) {
+    let s = Playback::start(pool, |_| {}).await;
+    let recording = format!("/v1/intakes/{}/recording", Uuid::new_v4());
+    let page = format!("/play/{}", Uuid::new_v4());
+    let send = |method: reqwest::Method, path: &str| s.client.request(method, s.url(path)).send();
+
+    for method in [reqwest::Method::POST, reqwest::Method::HEAD] {
+        let res = send(method.clone(), &recording).await.unwrap();
+        assert_eq!(res.status(), 405, "{method}");
+        assert_eq!(res.headers()["allow"], "GET, OPTIONS", "{method}");
+        assert_eq!(res.headers()["cache-control"], "no-store", "{method}");
+    }
+    let res = send(reqwest::Method::DELETE, &recording).await.unwrap();
+    assert_eq!(
+        res.json::<Value>().await.unwrap(),
+        json!({"error": "method_not_allowed", "message": ""})
+    );
+
+    // The page's paths answer GET only; anything else is an unknown route.
+    let unknown = json!({"error": "not_found", "message": "no such route"});
+    for (method, path) in [
+        (reqwest::Method::POST, page.as_str()),
+        (reqwest::Method::HEAD, page.as_str()),
+        (reqwest::Method::PUT, "/assets/player.js"),
+        (reqwest::Method::POST, "/healthz"),
+        (reqwest::Method::GET, "/play/"),
+        (reqwest::Method::GET, "/healthz/"),
+        (reqwest::Method::GET, "/v1/intakes/recording"),
+    ] {
+        let res = send(method.clone(), path).await.unwrap();
+        assert_eq!(res.status(), 404, "{method} {path}");
+        assert_eq!(
+            res.headers()["cache-control"],
+            "no-store",
+            "{method} {path}"
+        );
+        assert_eq!(res.headers()["x-content-type-options"], "nosniff");
+        if method != reqwest::Method::HEAD {
+            assert_eq!(
+                res.json::<Value>().await.unwrap(),
+                unknown,
+                "{method} {path}"
+            );
+        }
+    }
+
+    let res = send(reqwest::Method::HEAD, "/healthz").await.unwrap();
+    assert_eq!(res.status(), 200);
+    let res = send(reqwest::Method::GET, "/healthz").await.unwrap();
+    assert_eq!(res.headers()["cache-control"], "no-store");
+    assert_eq!(res.json::<Value>().await.unwrap(), json!({"status": "ok"}));
+
+    // The page and script may be revalidated, not stored blindly.
+    for path in [page.as_str(), "/assets/player.js"] {
+        let res = send(reqwest::Method::GET, path).await.unwrap();
+        assert_eq!(res.status(), 200, "{path}");
+        assert_eq!(res.headers()["cache-control"], "no-cache", "{path}");
+        assert_eq!(res.headers()["referrer-policy"], "no-referrer", "{path}");
+    }
     s.stop().await;
 }
 
