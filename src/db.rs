@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use backon::{BackoffBuilder, ExponentialBuilder, Retryable};
 use sqlx::migrate::{MigrateError, Migration, Migrator};
-use sqlx::postgres::{PgConnectOptions, PgListener, PgPoolOptions};
+use sqlx::postgres::{PgConnectOptions, PgConnection, PgListener, PgPoolOptions};
 use sqlx::{AssertSqlSafe, ConnectOptions, PgPool, SqlSafeStr};
 use tracing::{info, warn};
 
@@ -206,12 +206,34 @@ impl DbError {
     /// stopping, not that it is set up wrongly.
     fn is_transient(&self) -> bool {
         match self {
-            DbError::Unreachable(_) => true,
+            DbError::Unreachable(e) => !is_refused_login(e),
             DbError::Query(e) => is_connection_lost(e),
             _ => false,
         }
     }
 }
+
+/// The server answered and refused us: class 28 (wrong password, no such
+/// role, pg_hba), 3D000 (no such database). Waiting mends neither, so the
+/// daemon says so at once instead of after its whole patience.
+fn is_refused_login(e: &sqlx::Error) -> bool {
+    matches!(e, sqlx::Error::Database(db)
+        if db.code().is_some_and(|c| c.starts_with("28") || &*c == "3D000"))
+}
+
+/// A connection of its own (the session checks), bounded: a host that drops
+/// packets would otherwise hold start-up for the kernel's TCP timeout.
+async fn connect_bounded(options: &PgConnectOptions) -> Result<PgConnection, DbError> {
+    match tokio::time::timeout(CONNECT_TIMEOUT, options.connect()).await {
+        Ok(result) => result.map_err(DbError::Unreachable),
+        Err(_) => Err(DbError::Unreachable(sqlx::Error::Io(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!("no connection within {CONNECT_TIMEOUT:?}"),
+        )))),
+    }
+}
+
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The connection broke or could not be had, rather than the query being
 /// refused: class 08 (connection exception), 57P01–57P03 (the server
@@ -270,8 +292,8 @@ impl SessionReport {
 pub async fn check_session(config: &Config) -> Result<SessionReport, DbError> {
     let options = connect_options(config)?;
     let url_port = options.get_port();
-    let mut first = options.connect().await.map_err(DbError::Unreachable)?;
-    let mut second = options.connect().await.map_err(DbError::Unreachable)?;
+    let mut first = connect_bounded(&options).await?;
+    let mut second = connect_bounded(&options).await?;
     let mark = format!("{:016x}", fastrand::u64(..));
     sqlx::raw_sql(AssertSqlSafe(format!(
         "SELECT set_config('recording_relay.session_probe', '{mark}', false)"
@@ -641,6 +663,33 @@ async fn ensure_indexes_valid(pool: &PgPool) -> Result<(), DbError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn start_up_waits_out_an_absent_server_but_not_a_wrong_set_up() {
+        let io = || sqlx::Error::Io(std::io::ErrorKind::ConnectionRefused.into());
+        assert!(DbError::Unreachable(io()).is_transient());
+        assert!(DbError::Query(io()).is_transient());
+        assert!(DbError::Query(sqlx::Error::PoolTimedOut).is_transient());
+        assert!(!DbError::Query(sqlx::Error::RowNotFound).is_transient());
+        assert!(!DbError::TransactionPooler("x".into()).is_transient());
+        assert!(!DbError::NotMigrated("1".into()).is_transient());
+        assert!(!DbError::ChecksumMismatch("1".into()).is_transient());
+        assert!(!DbError::RelayObjectsInPublic.is_transient());
+    }
+
+    /// A real refusal from the server (3D000), not a made-up error.
+    #[tokio::test]
+    async fn a_missing_database_is_not_waited_for() {
+        let base = std::env::var("DATABASE_URL").expect("DATABASE_URL");
+        let mut options: PgConnectOptions = base.parse().unwrap();
+        options = options.database("recording_relay_no_such_database");
+        let err = connect_bounded(&options).await.unwrap_err();
+        assert!(
+            matches!(&err, DbError::Unreachable(e) if is_refused_login(e)),
+            "{err}"
+        );
+        assert!(!err.is_transient());
+    }
 
     /// Every landed migration's checksum, as it first landed. Adding a
     /// migration adds its line; no line ever changes.

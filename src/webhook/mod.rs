@@ -17,8 +17,8 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper::header::{
-    ACCEPT_ENCODING, ALLOW, CONNECTION, CONTENT_ENCODING, CONTENT_LENGTH, CONTENT_TYPE, HeaderMap,
-    HeaderValue, RETRY_AFTER,
+    ACCEPT_ENCODING, ALLOW, CONTENT_ENCODING, CONTENT_LENGTH, CONTENT_TYPE, HeaderMap, HeaderValue,
+    RETRY_AFTER,
 };
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
@@ -117,7 +117,10 @@ async fn handle(
     }
     let status = reply.status.as_u16();
     let event_id = reply.event_id.as_deref().unwrap_or("");
-    if reply.status.is_server_error() {
+    if reply.outcome == SHED {
+        // Expected under overload, and one line per request: not an error.
+        warn!(%method, %path, %peer, status, outcome = reply.outcome, event.id = event_id, latency_ms, detail = %reply.detail, "webhook request");
+    } else if reply.status.is_server_error() {
         error!(%method, %path, %peer, status, outcome = reply.outcome, event.id = event_id, latency_ms, detail = %reply.detail, "webhook request");
     } else if reply.status.is_client_error() {
         warn!(%method, %path, %peer, status, outcome = reply.outcome, event.id = event_id, latency_ms, detail = %reply.detail, "webhook request");
@@ -191,10 +194,6 @@ impl Reply {
         }
         if self.retry_later {
             headers.insert(RETRY_AFTER, HeaderValue::from_static("1"));
-            // The body was never read: a connection kept alive would hand
-            // its bytes to the next request, or stall it (the real storage
-            // server's lesson, from the other side).
-            headers.insert(CONNECTION, HeaderValue::from_static("close"));
         }
         response
     }
@@ -204,10 +203,7 @@ async fn route(req: Request<Incoming>, state: &WebhookState) -> Reply {
     let path = req.uri().path();
     let is_webhook = WEBHOOK_PATHS.contains(&path);
     match (req.method(), path) {
-        (&Method::POST, _) if is_webhook => match state.in_flight.clone().try_acquire_owned() {
-            Ok(_permit) => receive(req, state).await,
-            Err(_) => shed("webhooks in flight at the limit (listener.max_in_flight)"),
-        },
+        (&Method::POST, _) if is_webhook => receive(req, state).await,
         (&Method::GET | &Method::HEAD, "/healthz") => Reply::new(StatusCode::OK, "ok", ""),
         (&Method::GET | &Method::HEAD, "/readyz") => readiness(state).await,
         (&Method::GET, "/metrics") if state.serve_metrics => Reply {
@@ -308,6 +304,11 @@ async fn receive(req: Request<Incoming>, state: &WebhookState) -> Reply {
         Err(e) => return Reply::new(StatusCode::UNAUTHORIZED, "unauthorized", e.to_string()),
     };
 
+    // Only now, so that requests nobody signed cannot take the room: a
+    // permit per webhook being stored, for as long as it is.
+    let Ok(_permit) = state.in_flight.clone().try_acquire_owned() else {
+        return shed("webhooks being stored at the limit (listener.max_in_flight)");
+    };
     let envelope = match Envelope::parse(&body) {
         Ok(envelope) => envelope,
         Err(e) => return quarantine(state, deadline, &e.to_string(), signed_at, &body).await,
@@ -340,14 +341,23 @@ async fn receive(req: Request<Incoming>, state: &WebhookState) -> Reply {
     }
 }
 
-/// A pooled connection within `listener.connection_wait`; past it the
-/// webhook is shed: when every connection is busy for that long, waiting
-/// longer only turns overload into timeouts.
+/// A pooled connection. When every connection is busy, within
+/// `listener.connection_wait`, past which the webhook is shed: waiting longer
+/// only turns overload into timeouts. Otherwise within the request's
+/// deadline: the acquire may have to open a connection (TLS and SCRAM to a
+/// distant database can take longer than the wait), and cancelling that
+/// would shed every webhook of a cold pool.
 async fn connection_within(
     state: &WebhookState,
     deadline: Instant,
 ) -> Result<sqlx::pool::PoolConnection<sqlx::Postgres>, Reply> {
-    let wait = (Instant::now() + state.connection_wait).min(deadline);
+    let pool = state.queue.pool();
+    let saturated = pool.size() >= pool.options().get_max_connections() && pool.num_idle() == 0;
+    let wait = if saturated {
+        (Instant::now() + state.connection_wait).min(deadline)
+    } else {
+        deadline
+    };
     match tokio::time::timeout_at(wait.into(), state.queue.pool().acquire()).await {
         Ok(Ok(conn)) => Ok(conn),
         Ok(Err(e)) => Err(unavailable(e.to_string())),
@@ -409,14 +419,17 @@ fn too_large(state: &WebhookState) -> Reply {
     )
 }
 
-/// Load shedding: a 503 that costs nothing (no body read, no database), so
-/// an overloaded listener answers at once and Telnyx retries later, instead
-/// of every request waiting past its deadline. Nothing is lost: the event
-/// was not acknowledged.
+/// The outcome of a shed webhook, in the answer, the log and the metrics.
+const SHED: &str = "shed";
+
+/// Load shedding: a 503 that costs no database work, so an overloaded
+/// listener answers at once and Telnyx retries later, instead of every
+/// request waiting past its deadline. Nothing is lost: the event was not
+/// acknowledged.
 fn shed(detail: &'static str) -> Reply {
     Reply {
         retry_later: true,
-        ..Reply::new(StatusCode::SERVICE_UNAVAILABLE, "shed", detail)
+        ..Reply::new(StatusCode::SERVICE_UNAVAILABLE, SHED, detail)
     }
 }
 

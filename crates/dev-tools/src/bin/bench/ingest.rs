@@ -128,27 +128,69 @@ pub(super) fn signed_requests(
 
 #[derive(Default)]
 pub(super) struct Outcomes {
+    /// Of the requests answered 200.
     pub(super) latencies: Vec<Duration>,
     pub(super) errors: usize,
+    /// Of these errors, the 503s a saturated listener sheds.
+    pub(super) shed: usize,
     pub(super) over_2s: usize,
+    /// The slowest answer of any kind (a shed 503 too).
+    pub(super) slowest: Duration,
+}
+
+/// How one request ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Sent {
+    Stored,
+    Shed,
+    Failed,
 }
 
 pub(super) async fn send(
     http: &reqwest::Client,
     url: &str,
     (body, headers): (Bytes, [(&'static str, String); 2]),
-) -> bool {
+) -> Sent {
     let mut req = http.post(url).header("content-type", "application/json");
     for (name, value) in headers {
         req = req.header(name, value);
     }
     match req.body(body).send().await {
         Ok(r) => {
-            let ok = r.status() == reqwest::StatusCode::OK;
+            let status = r.status();
             let _ = r.bytes().await;
-            ok
+            match status {
+                reqwest::StatusCode::OK => Sent::Stored,
+                reqwest::StatusCode::SERVICE_UNAVAILABLE => Sent::Shed,
+                _ => Sent::Failed,
+            }
         }
-        Err(_) => false,
+        Err(_) => Sent::Failed,
+    }
+}
+
+impl Outcomes {
+    fn record(&mut self, sent: Sent, took: Duration) {
+        match sent {
+            Sent::Stored => self.latencies.push(took),
+            Sent::Shed => {
+                self.errors += 1;
+                self.shed += 1;
+            }
+            Sent::Failed => self.errors += 1,
+        }
+        if took > Duration::from_secs(2) {
+            self.over_2s += 1;
+        }
+        self.slowest = self.slowest.max(took);
+    }
+
+    fn merge(&mut self, other: Outcomes) {
+        self.latencies.extend(other.latencies);
+        self.errors += other.errors;
+        self.shed += other.shed;
+        self.over_2s += other.over_2s;
+        self.slowest = self.slowest.max(other.slowest);
     }
 }
 
@@ -185,26 +227,15 @@ pub(super) async fn closed_loop(
                     break;
                 }
                 let t = Instant::now();
-                let ok = send(&http, &url, req).await;
-                let took = t.elapsed();
-                if ok {
-                    out.latencies.push(took);
-                } else {
-                    out.errors += 1;
-                }
-                if took > Duration::from_secs(2) {
-                    out.over_2s += 1;
-                }
+                let sent = send(&http, &url, req).await;
+                out.record(sent, t.elapsed());
             }
             out
         }));
     }
     let mut all = Outcomes::default();
     for t in tasks {
-        let o = t.await?;
-        all.latencies.extend(o.latencies);
-        all.errors += o.errors;
-        all.over_2s += o.over_2s;
+        all.merge(t.await?);
     }
     let rate = all.latencies.len() as f64 / t0.elapsed().as_secs_f64();
     Ok((rate, all))
@@ -229,21 +260,14 @@ pub(super) async fn fixed_rate(
         tokio::time::sleep_until(at).await;
         let (http, url) = (http.clone(), url.clone());
         tasks.push(tokio::spawn(async move {
-            let ok = send(&http, &url, req).await;
-            (ok, at.elapsed())
+            let sent = send(&http, &url, req).await;
+            (sent, at.elapsed())
         }));
     }
     let mut out = Outcomes::default();
     for t in tasks {
-        let (ok, took) = t.await?;
-        if ok {
-            out.latencies.push(took);
-        } else {
-            out.errors += 1;
-        }
-        if took > Duration::from_secs(2) {
-            out.over_2s += 1;
-        }
+        let (sent, took) = t.await?;
+        out.record(sent, took);
     }
     let achieved = out.latencies.len() as f64 / t0.elapsed().as_secs_f64();
     Ok((achieved, out))
@@ -256,6 +280,46 @@ pub(super) fn summarize(o: &mut Outcomes) -> (Duration, Duration, Duration) {
         percentile(&o.latencies, 99.0),
         o.latencies.last().copied().unwrap_or_default(),
     )
+}
+
+/// Twice the capacity just measured, offered open-loop: the listener must
+/// shed what it cannot take (503 at once, Telnyx retries) and keep taking
+/// what it can, every answer inside Telnyx's 2 s.
+async fn overload(
+    listener: &Listener,
+    key: &SigningKey,
+    sustained: f64,
+    secs: u64,
+) -> anyhow::Result<()> {
+    let offered = (2.0 * sustained).round().max(1.0) as u32;
+    let (achieved, o) = fixed_rate(&listener.addr, key, offered, secs).await?;
+    let share = if sustained > 0.0 {
+        achieved / sustained
+    } else {
+        0.0
+    };
+    say(format!(
+        "ingest: 2x capacity, {offered} req/s offered for {secs} s: {achieved:.0} req/s answered 200 \
+         ({share:.2}x the sustained {sustained:.0}), {} shed, {} other errors, slowest answer {} ms, {} over 2 s",
+        o.shed,
+        o.errors - o.shed,
+        ms(o.slowest),
+        o.over_2s
+    ));
+    table_row(
+        "ingest",
+        &format!("2x capacity offered ({offered} req/s): shedding"),
+        &format!(
+            "{achieved:.0} req/s 200 ({share:.2}x sustained), {} shed, slowest {} ms, {} > 2 s",
+            o.shed,
+            ms(o.slowest),
+            o.over_2s
+        ),
+        &format!("{sustained:.0}"),
+        &ratio(achieved, sustained),
+        ">= 0.90, none > 2 s",
+    );
+    Ok(())
 }
 
 pub(super) async fn ingest(server: &str, a: &IngestArgs) -> anyhow::Result<()> {
@@ -317,6 +381,7 @@ pub(super) async fn ingest(server: &str, a: &IngestArgs) -> anyhow::Result<()> {
         ">= 0.70",
     );
 
+    overload(&listener, &key, rate, a.step_secs).await?;
     for &r in &a.rates {
         let (achieved, mut o) = fixed_rate(&listener.addr, &key, r, a.step_secs).await?;
         let (p50, p99, max) = summarize(&mut o);
