@@ -15,7 +15,40 @@ impl JobHandler for Starts {
 
 pub(super) async fn latency(server: &str, samples: usize) -> anyhow::Result<()> {
     let url = fresh_database(server, "bench_latency").await?;
-    let config = config_for(&url);
+    let (p50, p99, max) = pickups(&url, samples).await?;
+    table_row(
+        "latency",
+        "pickup p50",
+        &format!("{} ms", ms(p50)),
+        "-",
+        "-",
+        "< 5 ms",
+    );
+    table_row(
+        "latency",
+        "pickup p99",
+        &format!("{} ms", ms(p99)),
+        "-",
+        "-",
+        "< 20 ms",
+    );
+    table_row(
+        "latency",
+        "pickup max",
+        &format!("{} ms", ms(max)),
+        "-",
+        "-",
+        "-",
+    );
+    Ok(())
+}
+
+/// `samples` sequential enqueue → handler start on `url`: (p50, p99, max).
+pub(super) async fn pickups(
+    url: &str,
+    samples: usize,
+) -> anyhow::Result<(Duration, Duration, Duration)> {
+    let config = config_for(url);
     let pool = db::pool(&config)?;
     let queue = Queue::new(pool.clone());
     let (tx, mut rx) = mpsc::unbounded_channel();
@@ -58,29 +91,5 @@ pub(super) async fn latency(server: &str, samples: usize) -> anyhow::Result<()> 
         ms(p99),
         ms(max)
     ));
-    table_row(
-        "latency",
-        "pickup p50",
-        &format!("{} ms", ms(p50)),
-        "-",
-        "-",
-        "< 5 ms",
-    );
-    table_row(
-        "latency",
-        "pickup p99",
-        &format!("{} ms", ms(p99)),
-        "-",
-        "-",
-        "< 20 ms",
-    );
-    table_row(
-        "latency",
-        "pickup max",
-        &format!("{} ms", ms(max)),
-        "-",
-        "-",
-        "-",
-    );
-    Ok(())
+    Ok((p50, p99, max))
 }

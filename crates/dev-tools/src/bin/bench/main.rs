@@ -81,6 +81,9 @@ enum Scenario {
     Relay(RelayArgs),
     /// Every scenario, small: proves the harness works in seconds.
     Smoke,
+    /// The queue with millions of finished jobs and retention running, vs
+    /// an empty table.
+    History(HistoryArgs),
     /// One worker process of the `queue` scenario (internal).
     #[command(hide = true)]
     QueueWorker {
@@ -110,6 +113,19 @@ struct QueueArgs {
     /// set-wise UPDATEs, no worker.
     #[arg(long)]
     floor: bool,
+}
+
+#[derive(clap::Args, Clone)]
+struct HistoryArgs {
+    /// Finished jobs in the table before the measures.
+    #[arg(long, default_value_t = 5_000_000)]
+    rows: u64,
+    /// No-op jobs claimed for the throughput measure (each table).
+    #[arg(long, default_value_t = 100_000)]
+    jobs: u64,
+    /// Sequential pickups for the latency measure (each table).
+    #[arg(long, default_value_t = 1000)]
+    samples: usize,
 }
 
 #[derive(clap::Args, Clone)]
@@ -153,6 +169,7 @@ fn main() -> anyhow::Result<()> {
             Scenario::Ingest(a) => ingest(&server, &a).await,
             Scenario::Relay(a) => relay(&server, &a).await,
             Scenario::Smoke => smoke(&server).await,
+            Scenario::History(a) => history(&server, &a).await,
             Scenario::QueueWorker {
                 database_url,
                 concurrency,
@@ -163,12 +180,14 @@ fn main() -> anyhow::Result<()> {
 }
 
 mod common;
+mod history;
 mod ingest;
 mod latency;
 mod queue;
 mod relay;
 mod smoke;
 use self::common::*;
+use self::history::*;
 use self::ingest::*;
 use self::latency::*;
 use self::queue::*;

@@ -65,6 +65,13 @@ pub(super) async fn queue(server: &str, a: &QueueArgs) -> anyhow::Result<()> {
 /// Returns jobs per second.
 pub(super) async fn queue_run(server: &str, a: &QueueArgs) -> anyhow::Result<f64> {
     let url = fresh_database(server, "bench_queue").await?;
+    queue_run_on(server, &url, a).await
+}
+
+/// [`queue_run`] on a database that already exists: its other jobs stay,
+/// and only this run's (`bench-*`) are counted.
+pub(super) async fn queue_run_on(server: &str, url: &str, a: &QueueArgs) -> anyhow::Result<f64> {
+    let url = url.to_owned();
     let pool = PgPool::connect(&url).await?;
     let t0 = Instant::now();
     sqlx::query(
@@ -137,7 +144,8 @@ pub(super) async fn queue_run(server: &str, a: &QueueArgs) -> anyhow::Result<f64
         w.wait().await?;
     }
     let (succeeded, max_attempts): (i64, Option<i32>) = sqlx::query_as(
-        "SELECT count(*) FILTER (WHERE state = 'succeeded'), max(attempts) FROM recording_relay.recording_jobs",
+        "SELECT count(*) FILTER (WHERE state = 'succeeded'), max(attempts)
+         FROM recording_relay.recording_jobs WHERE event_id LIKE 'bench-%'",
     )
     .fetch_one(&pool)
     .await?;
