@@ -649,7 +649,8 @@ async fn ensure_indexes_valid(pool: &PgPool) -> Result<(), DbError> {
          JOIN pg_catalog.pg_class c ON c.oid = i.indexrelid
          WHERE NOT i.indisvalid
            AND c.relname IN ('idx_intakes_recording_id', 'idx_intakes_recording_object_path',
-                             'idx_patients_recording_relay_phone_key')",
+                             'idx_patients_recording_relay_phone_key',
+                             'recording_jobs_finished_idx')",
     )
     .fetch_all(pool)
     .await?;
