@@ -5,6 +5,7 @@
 
 use std::time::Duration;
 
+use recording_relay::config::Config;
 use recording_relay_dev_tools::testing;
 use serde_json::Value;
 use sqlx::{PgPool, Postgres, Transaction};
@@ -72,11 +73,29 @@ async fn one_held_then_one_more(app: &TestApp, held: &str, next: &str) -> [(u16,
     [(status, body), second]
 }
 
-#[sqlx::test(migrations = false)]
-async fn a_webhook_beyond_the_in_flight_bound_is_shed_and_lands_on_its_retry(pool: PgPool) {
+/// While one webhook is held in the database, the next is shed; its retry,
+/// once there is room, is stored, and nothing acknowledged is lost.
+async fn assert_the_next_is_shed_and_its_retry_stored(app: &TestApp) {
+    let [(held, held_body), (next, next_body)] =
+        one_held_then_one_more(app, "ev-held", "ev-next").await;
+    assert_eq!((held, &held_body["status"]), (200, &"stored".into()));
+    assert_eq!((next, &next_body["status"]), (503, &"shed".into()));
+    // Telnyx's retry of the shed event, once there is room.
+    let (status, body, _) = answer(app.post_signed(&event("ev-next")).await).await;
+    assert_eq!((status, &body["status"]), (200, &"stored".into()));
+    assert_eq!(app.job_count().await, 2, "nothing acknowledged is lost");
+}
+
+/// The listener on a fresh database, with the bounds `tweak` sets.
+async fn spawn_bounded(pool: PgPool, tweak: impl FnOnce(&mut Config)) -> TestApp {
     let pool = testing::prepare(pool).await;
     let url = testing::database_url_of(&pool, None);
-    let app = spawn_with(pool, url, |c| {
+    spawn_with(pool, url, tweak).await
+}
+
+#[sqlx::test(migrations = false)]
+async fn a_webhook_beyond_the_in_flight_bound_is_shed_and_lands_on_its_retry(pool: PgPool) {
+    let app = spawn_bounded(pool, |c| {
         c.listener.max_in_flight = 1;
         // Generous, so only the bound under test can refuse a request.
         c.listener.request_timeout = Duration::from_secs(60);
@@ -84,23 +103,13 @@ async fn a_webhook_beyond_the_in_flight_bound_is_shed_and_lands_on_its_retry(poo
         c.database.acquire_timeout = Duration::from_secs(30);
     })
     .await;
-
-    let [(held, held_body), (next, next_body)] =
-        one_held_then_one_more(&app, "ev-held", "ev-next").await;
-    assert_eq!((held, &held_body["status"]), (200, &"stored".into()));
-    assert_eq!((next, &next_body["status"]), (503, &"shed".into()));
-    // Telnyx's retry of the shed event, once there is room.
-    let (status, body, _) = answer(app.post_signed(&event("ev-next")).await).await;
-    assert_eq!((status, &body["status"]), (200, &"stored".into()));
-    assert_eq!(app.job_count().await, 2, "nothing acknowledged is lost");
+    assert_the_next_is_shed_and_its_retry_stored(&app).await;
     app.stop().await;
 }
 
 #[sqlx::test(migrations = false)]
 async fn a_webhook_that_finds_the_only_connection_busy_is_shed_not_queued(pool: PgPool) {
-    let pool = testing::prepare(pool).await;
-    let url = testing::database_url_of(&pool, None);
-    let app = spawn_with(pool, url, |c| {
+    let app = spawn_bounded(pool, |c| {
         c.database.max_connections = 1;
         // The pool's own patience is long: only the listener's shorter
         // connection wait can answer the second webhook.
@@ -109,14 +118,7 @@ async fn a_webhook_that_finds_the_only_connection_busy_is_shed_not_queued(pool: 
         c.listener.connection_wait = Duration::from_millis(100);
     })
     .await;
-
-    let [(held, held_body), (next, next_body)] =
-        one_held_then_one_more(&app, "ev-held", "ev-next").await;
-    assert_eq!((held, &held_body["status"]), (200, &"stored".into()));
-    assert_eq!((next, &next_body["status"]), (503, &"shed".into()));
-    let (status, body, _) = answer(app.post_signed(&event("ev-next")).await).await;
-    assert_eq!((status, &body["status"]), (200, &"stored".into()));
-    assert_eq!(app.job_count().await, 2, "nothing acknowledged is lost");
+    assert_the_next_is_shed_and_its_retry_stored(&app).await;
     let metrics = app
         .client
         .get(app.url("/metrics"))
