@@ -71,8 +71,7 @@ pub(super) async fn queue_run(server: &str, a: &QueueArgs) -> anyhow::Result<f64
 /// [`queue_run`] on a database that already exists: its other jobs stay,
 /// and only this run's (`bench-*`) are counted.
 pub(super) async fn queue_run_on(server: &str, url: &str, a: &QueueArgs) -> anyhow::Result<f64> {
-    let url = url.to_owned();
-    let pool = PgPool::connect(&url).await?;
+    let pool = PgPool::connect(url).await?;
     let t0 = Instant::now();
     sqlx::query(
         "INSERT INTO recording_relay.recording_jobs (event_id, event_type, event)
@@ -89,7 +88,7 @@ pub(super) async fn queue_run_on(server: &str, url: &str, a: &QueueArgs) -> anyh
         ms(added),
         a.jobs as f64 / added.as_secs_f64()
     ));
-    vacuum_analyze(&url).await?;
+    vacuum_analyze(url).await?;
 
     let me = std::env::current_exe()?;
     let t0 = Instant::now();
@@ -97,7 +96,7 @@ pub(super) async fn queue_run_on(server: &str, url: &str, a: &QueueArgs) -> anyh
     for _ in 0..a.processes {
         workers.push(
             Command::new(&me)
-                .args(["--server", server, "queue-worker", "--database-url", &url])
+                .args(["--server", server, "queue-worker", "--database-url", url])
                 .args(["--concurrency", &a.concurrency.to_string()])
                 .args(["--pool", &a.pool.to_string()])
                 .stdin(Stdio::piped())
