@@ -876,7 +876,7 @@ mod tests {
     use sqlx::PgPool;
 
     use super::*;
-    use recording_relay_dev_tools::testing;
+    use recording_relay_dev_tools::testing::{self, Plan};
 
     const LEASE: Duration = Duration::from_secs(30);
 
@@ -1340,18 +1340,13 @@ mod tests {
             .await
             .unwrap();
         let mut conn = q.pool().acquire().await.unwrap();
-        sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
-            "PREPARE claim(bigint, text, bigint) AS {CLAIM_SQL}"
-        )))
-        .execute(&mut *conn)
-        .await
-        .unwrap();
-        // EXPLAIN without ANALYZE plans the UPDATE without running it.
-        let plan: Vec<(String,)> = sqlx::query_as("EXPLAIN EXECUTE claim(10, 'w', 1000)")
-            .fetch_all(&mut *conn)
-            .await
-            .unwrap();
-        let plan = plan.into_iter().map(|r| r.0).collect::<Vec<_>>().join("\n");
+        let plan = testing::explain(
+            &mut conn,
+            &format!("PREPARE claim(bigint, text, bigint) AS {CLAIM_SQL}"),
+            "EXECUTE claim(10, 'w', 1000)",
+            Plan::Chosen,
+        )
+        .await;
         assert!(plan.contains("recording_jobs_claim_idx"), "{plan}");
         assert!(
             !plan.contains("Sort"),
@@ -1380,22 +1375,13 @@ mod tests {
             .await
             .unwrap();
         let mut conn = q.pool().acquire().await.unwrap();
-        sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
-            "PREPARE known(text, text) AS {HAS_JOB_FOR_RECORDING_SQL}"
-        )))
-        .execute(&mut *conn)
-        .await
-        .unwrap();
-        // A generic plan, as a long-lived prepared statement gets.
-        sqlx::query("SET plan_cache_mode = force_generic_plan")
-            .execute(&mut *conn)
-            .await
-            .unwrap();
-        let plan: Vec<(String,)> = sqlx::query_as("EXPLAIN EXECUTE known('rec-42', 'sess-42')")
-            .fetch_all(&mut *conn)
-            .await
-            .unwrap();
-        let plan = plan.into_iter().map(|r| r.0).collect::<Vec<_>>().join("\n");
+        let plan = testing::explain(
+            &mut conn,
+            &format!("PREPARE known(text, text) AS {HAS_JOB_FOR_RECORDING_SQL}"),
+            "EXECUTE known('rec-42', 'sess-42')",
+            Plan::Generic,
+        )
+        .await;
         assert!(plan.contains("recording_jobs_recording_id_key"), "{plan}");
         assert!(!plan.contains("Seq Scan"), "{plan}");
         drop(conn);
@@ -1423,27 +1409,17 @@ mod tests {
             .await
             .unwrap();
         let mut conn = q.pool().acquire().await.unwrap();
-        sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
-            "PREPARE prune(bigint, bigint, bigint) AS {}",
-            prune_finished_sql()
-        )))
-        .execute(&mut *conn)
-        .await
-        .unwrap();
-        sqlx::query("SET plan_cache_mode = force_generic_plan")
-            .execute(&mut *conn)
-            .await
-            .unwrap();
         let day: i64 = 86_400_000;
-        let plan: Vec<(String,)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-            "EXPLAIN EXECUTE prune({}, {}, 500)",
-            30 * day,
-            90 * day
-        )))
-        .fetch_all(&mut *conn)
-        .await
-        .unwrap();
-        let plan = plan.into_iter().map(|r| r.0).collect::<Vec<_>>().join("\n");
+        let plan = testing::explain(
+            &mut conn,
+            &format!(
+                "PREPARE prune(bigint, bigint, bigint) AS {}",
+                prune_finished_sql()
+            ),
+            &format!("EXECUTE prune({}, {}, 500)", 30 * day, 90 * day),
+            Plan::Generic,
+        )
+        .await;
         assert!(plan.contains("recording_jobs_finished_idx"), "{plan}");
         assert!(!plan.contains("Seq Scan"), "{plan}");
         drop(conn);

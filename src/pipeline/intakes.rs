@@ -547,7 +547,7 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
-    use recording_relay_dev_tools::testing;
+    use recording_relay_dev_tools::testing::{self, Plan};
 
     #[test]
     fn client_state_forms() {
@@ -989,22 +989,18 @@ mod tests {
             .await
             .unwrap();
         let mut conn = pool.acquire().await.unwrap();
-        sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
-            "PREPARE match_by_phone(text, timestamptz, timestamptz, uuid) AS {INTAKES_BY_PHONE_SQL}"
-        )))
-        .execute(&mut *conn)
-        .await
-        .unwrap();
-        let plan: Vec<String> = sqlx::query_scalar(
-            "EXPLAIN EXECUTE match_by_phone('+1 555 000 1234', now() - interval '30 minutes', now(), NULL)",
+        let plan = testing::explain(
+            &mut conn,
+            &format!(
+                "PREPARE match_by_phone(text, timestamptz, timestamptz, uuid) AS {INTAKES_BY_PHONE_SQL}"
+            ),
+            "EXECUTE match_by_phone('+1 555 000 1234', now() - interval '30 minutes', now(), NULL)",
+            Plan::Chosen,
         )
-        .fetch_all(&mut *conn)
-        .await
-        .unwrap();
+        .await;
         assert!(
-            plan.join("\n")
-                .contains("idx_patients_recording_relay_phone_key"),
-            "{plan:?}"
+            plan.contains("idx_patients_recording_relay_phone_key"),
+            "{plan}"
         );
     }
 
@@ -1038,19 +1034,17 @@ mod tests {
                 "recording_jobs_from_number_key_idx",
             ),
         ] {
-            sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
-                "PREPARE {name}(text, bigint, text, timestamptz, timestamptz, text) AS {sql}"
-            )))
-            .execute(&mut *conn)
-            .await
-            .unwrap();
-            let plan: Vec<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
-                "EXPLAIN EXECUTE {name}('+1 555 000 1234', 1, 'rec', now() - interval '30 minutes', now(), NULL)"
-            )))
-            .fetch_all(&mut *conn)
-            .await
-            .unwrap();
-            let plan = plan.join("\n");
+            let plan = testing::explain(
+                &mut conn,
+                &format!(
+                    "PREPARE {name}(text, bigint, text, timestamptz, timestamptz, text) AS {sql}"
+                ),
+                &format!(
+                    "EXECUTE {name}('+1 555 000 1234', 1, 'rec', now() - interval '30 minutes', now(), NULL)"
+                ),
+                Plan::Chosen,
+            )
+            .await;
             assert!(plan.contains(index), "{plan}");
             assert!(!plan.contains("Seq Scan"), "{plan}");
         }

@@ -13,12 +13,7 @@ use crate::helpers::{Providers, STORAGE_KEY, TELNYX_KEY, eventually, intake_for,
 
 /// The real binary, with nothing of the test's environment but PATH.
 pub(crate) fn binary() -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_recording-relay"));
-    cmd.env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .stdin(Stdio::null())
-        .kill_on_drop(true);
-    cmd
+    testing::bare_command(env!("CARGO_BIN_EXE_recording-relay"))
 }
 
 #[tokio::test]

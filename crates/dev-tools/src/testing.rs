@@ -2,7 +2,7 @@
 //! the demo, the bench and the chaos run. Not part of the daemon.
 
 use ed25519_dalek::SigningKey;
-use sqlx::PgPool;
+use sqlx::{PgConnection, PgPool};
 
 use recording_relay::db;
 use recording_relay::webhook::verify;
@@ -23,6 +23,86 @@ pub const HOST_SCHEMA: &str = include_str!("../../../tests/fixtures/host_schema.
 pub async fn create_host_schema(pool: &PgPool) -> Result<(), sqlx::Error> {
     sqlx::raw_sql(HOST_SCHEMA).execute(pool).await?;
     Ok(())
+}
+
+/// The same URL naming another database, its query string (sslmode, a
+/// socket directory) kept.
+pub fn with_database(server_url: &str, database: &str) -> String {
+    let (base, query) = match server_url.split_once('?') {
+        Some((b, q)) => (b, Some(q)),
+        None => (server_url, None),
+    };
+    let scheme_end = base.find("://").map_or(0, |i| i + 3);
+    let authority = match base[scheme_end..].find('/') {
+        Some(i) => &base[..scheme_end + i],
+        None => base,
+    };
+    match query {
+        Some(q) => format!("{authority}/{database}?{q}"),
+        None => format!("{authority}/{database}"),
+    }
+}
+
+/// `DROP DATABASE IF EXISTS … WITH (FORCE)`: whoever holds it open is
+/// disconnected.
+pub async fn drop_database(admin: &mut PgConnection, name: &str) -> Result<(), sqlx::Error> {
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
+    )))
+    .execute(&mut *admin)
+    .await?;
+    Ok(())
+}
+
+/// `name` dropped if it exists, then created empty.
+pub async fn recreate_database(admin: &mut PgConnection, name: &str) -> Result<(), sqlx::Error> {
+    drop_database(admin, name).await?;
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+        .execute(&mut *admin)
+        .await?;
+    Ok(())
+}
+
+/// `program` as a process with nothing of the test's environment but
+/// `PATH`, no stdin, killed when dropped: what a test of a real binary
+/// starts from.
+pub fn bare_command(program: impl AsRef<std::ffi::OsStr>) -> tokio::process::Command {
+    let mut cmd = tokio::process::Command::new(program);
+    cmd.env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true);
+    cmd
+}
+
+/// Which plan [`explain`] shows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Plan {
+    /// What the server picks for this execution.
+    Chosen,
+    /// The generic plan, as a long-lived prepared statement gets it.
+    Generic,
+}
+
+/// The plan, as text, of `execute` (`EXECUTE name(…)`) after `prepare`
+/// (`PREPARE name(…) AS …`), on one connection. `EXPLAIN` without ANALYZE:
+/// nothing is run, an UPDATE or DELETE changes no row.
+pub async fn explain(conn: &mut PgConnection, prepare: &str, execute: &str, plan: Plan) -> String {
+    sqlx::raw_sql(sqlx::AssertSqlSafe(prepare.to_owned()))
+        .execute(&mut *conn)
+        .await
+        .expect("PREPARE");
+    if plan == Plan::Generic {
+        sqlx::raw_sql("SET plan_cache_mode = force_generic_plan")
+            .execute(&mut *conn)
+            .await
+            .expect("SET plan_cache_mode");
+    }
+    let lines: Vec<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!("EXPLAIN {execute}")))
+        .fetch_all(&mut *conn)
+        .await
+        .expect("EXPLAIN");
+    lines.join("\n")
 }
 
 /// A signing key from a random seed, standing in for Telnyx's private key.
@@ -98,5 +178,43 @@ fn url_without_path(url: &str) -> String {
     match url[scheme_end..].find('/') {
         Some(i) => url[..scheme_end + i].to_owned(),
         None => url.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_name_another_database_and_keep_their_query() {
+        assert_eq!(
+            with_database("postgres://u:p@h:5432/postgres", "demo"),
+            "postgres://u:p@h:5432/demo"
+        );
+        assert_eq!(
+            with_database("postgres://u@h/postgres?sslmode=require", "demo"),
+            "postgres://u@h/demo?sslmode=require"
+        );
+        assert_eq!(with_database("postgres://h", "demo"), "postgres://h/demo");
+        assert_eq!(
+            with_database(
+                "postgres://postgres@localhost:5432/postgres?host=%2Ftmp%2Fs",
+                "d"
+            ),
+            "postgres://postgres@localhost:5432/d?host=%2Ftmp%2Fs"
+        );
+    }
+
+    #[test]
+    fn the_database_is_replaced_or_added() {
+        assert_eq!(
+            with_database("postgres://postgres@127.0.0.1:5432/postgres", "chaos_1"),
+            "postgres://postgres@127.0.0.1:5432/chaos_1"
+        );
+        assert_eq!(with_database("postgres://u@h:1", "c"), "postgres://u@h:1/c");
+        assert_eq!(
+            with_database("postgres://u@h/d?sslmode=disable", "c"),
+            "postgres://u@h/c?sslmode=disable"
+        );
     }
 }

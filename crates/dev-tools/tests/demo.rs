@@ -4,16 +4,12 @@
 use std::process::Stdio;
 use std::time::Duration;
 
+use recording_relay_dev_tools::testing;
 use tokio::process::Command;
 
 /// The demo binary, with nothing of the test's environment but PATH.
 fn binary() -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_demo"));
-    cmd.env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .stdin(Stdio::null())
-        .kill_on_drop(true);
-    cmd
+    testing::bare_command(env!("CARGO_BIN_EXE_demo"))
 }
 
 #[tokio::test]
@@ -30,12 +26,7 @@ async fn the_demo_runs_end_to_end() {
     let mut admin = <sqlx::PgConnection as sqlx::Connection>::connect(&server)
         .await
         .unwrap();
-    sqlx::query(sqlx::AssertSqlSafe(format!(
-        "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
-    )))
-    .execute(&mut admin)
-    .await
-    .unwrap();
+    testing::drop_database(&mut admin, &name).await.unwrap();
     assert_eq!(
         out.status.code(),
         Some(0),
@@ -266,12 +257,8 @@ async fn the_demo_uses_a_throwaway_cluster_when_nothing_answers_on_the_default_a
         return;
     }
     let script = format!("ip link set lo up && exec {}", env!("CARGO_BIN_EXE_demo"));
-    let mut cmd = Command::new("unshare");
-    cmd.env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .args(["-n", "sh", "-c", &script])
-        .stdin(Stdio::null())
-        .kill_on_drop(true);
+    let mut cmd = testing::bare_command("unshare");
+    cmd.args(["-n", "sh", "-c", &script]);
     let out = tokio::time::timeout(Duration::from_secs(240), cmd.output())
         .await
         .expect("the demo finishes")

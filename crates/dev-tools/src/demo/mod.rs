@@ -391,33 +391,9 @@ async fn recreate_database(server_url: &str, database: &str) -> anyhow::Result<S
     let mut conn = PgConnection::connect(server_url)
         .await
         .with_context(|| format!("connecting to PostgreSQL at {}", redact_db_url(server_url)))?;
-    sqlx::query(sqlx::AssertSqlSafe(format!(
-        "DROP DATABASE IF EXISTS {database} WITH (FORCE)"
-    )))
-    .execute(&mut conn)
-    .await?;
-    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {database}")))
-        .execute(&mut conn)
-        .await?;
+    testing::recreate_database(&mut conn, database).await?;
     let _ = conn.close().await;
-    Ok(with_database(server_url, database))
-}
-
-/// The same URL naming another database, query string (sslmode, a socket
-/// directory) kept.
-fn with_database(server_url: &str, database: &str) -> String {
-    let (url, query) = match server_url.split_once('?') {
-        Some((url, query)) => (url, Some(query)),
-        None => (server_url, None),
-    };
-    let authority_end = url.find("://").map_or(0, |i| {
-        i + 3 + url[i + 3..].find('/').unwrap_or(url.len() - i - 3)
-    });
-    let base = &url[..authority_end];
-    match query {
-        Some(q) => format!("{base}/{database}?{q}"),
-        None => format!("{base}/{database}"),
-    }
+    Ok(testing::with_database(server_url, database))
 }
 
 fn demo_config(
@@ -694,26 +670,6 @@ fn print_table(rows: &[Row]) {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn urls_name_another_database_and_keep_their_query() {
-        assert_eq!(
-            with_database("postgres://u:p@h:5432/postgres", "demo"),
-            "postgres://u:p@h:5432/demo"
-        );
-        assert_eq!(
-            with_database("postgres://u@h/postgres?sslmode=require", "demo"),
-            "postgres://u@h/demo?sslmode=require"
-        );
-        assert_eq!(with_database("postgres://h", "demo"), "postgres://h/demo");
-        assert_eq!(
-            with_database(
-                "postgres://postgres@localhost:5432/postgres?host=%2Ftmp%2Fs",
-                "d"
-            ),
-            "postgres://postgres@localhost:5432/d?host=%2Ftmp%2Fs"
-        );
-    }
 
     #[test]
     fn the_server_is_chosen_from_the_flags() {

@@ -25,14 +25,7 @@ pub(super) async fn fresh_database(server: &str, name: &str) -> anyhow::Result<S
     let mut admin = PgConnection::connect(&format!("{server}/postgres"))
         .await
         .context("connecting to PostgreSQL")?;
-    sqlx::query(sqlx::AssertSqlSafe(format!(
-        "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
-    )))
-    .execute(&mut admin)
-    .await?;
-    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
-        .execute(&mut admin)
-        .await?;
+    recording_relay_dev_tools::testing::recreate_database(&mut admin, name).await?;
     let url = format!("{server}/{name}");
     let pool = PgPool::connect(&url).await?;
     recording_relay_dev_tools::testing::create_host_schema(&pool).await?;

@@ -4,25 +4,9 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use chrono::{DateTime, Utc};
+use recording_relay_dev_tools::testing;
 use sqlx::{Connection, PgConnection};
 use tokio::time::Instant;
-
-/// `postgres://user@host:port/db?x` with the database replaced by `db`.
-pub(crate) fn with_database(server_url: &str, db: &str) -> String {
-    let (base, query) = match server_url.split_once('?') {
-        Some((b, q)) => (b, Some(q)),
-        None => (server_url, None),
-    };
-    let scheme_end = base.find("://").map_or(0, |i| i + 3);
-    let authority = match base[scheme_end..].find('/') {
-        Some(i) => &base[..scheme_end + i],
-        None => base,
-    };
-    match query {
-        Some(q) => format!("{authority}/{db}?{q}"),
-        None => format!("{authority}/{db}"),
-    }
-}
 
 /// Creates `chaos_<random>` on the server of `server_url`; returns its name
 /// and URL.
@@ -36,17 +20,13 @@ pub(crate) async fn create_database(server_url: &str) -> anyhow::Result<(String,
         .await
         .with_context(|| format!("creating database {name}"))?;
     conn.close().await.ok();
-    let url = with_database(server_url, &name);
+    let url = testing::with_database(server_url, &name);
     Ok((name, url))
 }
 
 pub(crate) async fn drop_database(server_url: &str, name: &str) -> anyhow::Result<()> {
     let mut conn = PgConnection::connect(server_url).await?;
-    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
-        "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
-    )))
-    .execute(&mut conn)
-    .await?;
+    testing::drop_database(&mut conn, name).await?;
     conn.close().await.ok();
     Ok(())
 }
@@ -131,22 +111,4 @@ pub(crate) async fn restart(
         unavailable: t0.elapsed(),
         ended: Utc::now(),
     })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_database_is_replaced_or_added() {
-        assert_eq!(
-            with_database("postgres://postgres@127.0.0.1:5432/postgres", "chaos_1"),
-            "postgres://postgres@127.0.0.1:5432/chaos_1"
-        );
-        assert_eq!(with_database("postgres://u@h:1", "c"), "postgres://u@h:1/c");
-        assert_eq!(
-            with_database("postgres://u@h/d?sslmode=disable", "c"),
-            "postgres://u@h/c?sslmode=disable"
-        );
-    }
 }
