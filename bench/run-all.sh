@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every benchmark scenario in sequence on this machine, then the results
 # table (markdown). Each scenario makes its own fresh bench_* database and
-# runs VACUUM ANALYZE first. Takes about 10 minutes; the full log goes to
+# runs VACUUM ANALYZE first. Takes about 15 minutes; the full log goes to
 # bench/last-run.log.
 #
 # bench/run-all.sh              everything (see BENCHMARKS.md)
@@ -32,6 +32,7 @@ step bench/queue.sh
 step target/release/bench latency
 step target/release/bench ingest
 step target/release/bench relay
+step target/release/bench history
 echo "load average after: $(cut -d' ' -f1-3 /proc/loadavg)" | tee -a "$log"
 
 # The scenarios' databases, unless asked to keep them for a look.

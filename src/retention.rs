@@ -36,6 +36,33 @@ pub struct Report {
     pub deleted: usize,
 }
 
+/// Rows per retention DELETE: a short transaction each.
+const PRUNE_BATCH: i64 = 500;
+
+/// After each full batch, retention rests this many times as long as the
+/// batch took, so it uses at most a fifth of one connection's time however
+/// large the backlog. Back to back, deleting the 100,000 jobs a day of
+/// history makes due took the queue's claims from 0.86x to 0.71x an empty
+/// table's while it ran (`bench history`): every deleted row dirties a page
+/// of the history and writes it to the WAL.
+const REST_PER_BATCH_TIME: u32 = 4;
+
+/// Deletes every due finished job, batch after paced batch.
+async fn prune_finished_paced(queue: &Queue, config: &RetentionConfig) -> Result<u64, QueueError> {
+    let mut total = 0;
+    loop {
+        let started = std::time::Instant::now();
+        let deleted = queue
+            .prune_finished_batch(config.succeeded_for, config.failed_for, PRUNE_BATCH)
+            .await?;
+        total += deleted;
+        if deleted < PRUNE_BATCH.unsigned_abs() {
+            return Ok(total);
+        }
+        tokio::time::sleep(started.elapsed() * REST_PER_BATCH_TIME).await;
+    }
+}
+
 /// One retention pass. `storage` and `alerter` are needed only when
 /// `unresolved_for` is set.
 pub async fn run_once(
@@ -45,9 +72,7 @@ pub async fn run_once(
     alerter: Option<&Alerter>,
 ) -> Result<Report, RetentionError> {
     let mut report = Report {
-        pruned: queue
-            .prune_finished(config.succeeded_for, config.failed_for, 500)
-            .await?,
+        pruned: prune_finished_paced(queue, config).await?,
         ..Report::default()
     };
     let Some(period) = config.unresolved_for else {
