@@ -2,17 +2,17 @@
 --
 -- PostgreSQL's defaults vacuum a table once a fifth of its rows are dead
 -- and analyze it once a tenth changed. The job table is a small hot queue
--- (pending and running jobs, each claim and completion a new row version)
--- inside a large history (finished jobs kept for retention): at 5 million
--- finished jobs the defaults waited for a million dead versions, which the
--- claim's and the lease's partial indexes carry until a vacuum, and kept
--- statistics half a million changes old, from which the planner picks the
--- claim's and the fences' plans. Counts instead: a vacuum after 10,000
--- dead versions (about 5,000 jobs through the queue), an analyze after
--- 10,000 changes, whatever the history holds. A vacuum of the table skips
--- the pages the visibility map marks all-visible (the history, after its
--- first vacuum), and skips its index pass while few pages have dead rows,
--- so a frequent vacuum costs the hot part, not the 6 GB.
+-- (pending and running jobs; each claim, pipeline step and completion is a
+-- new row version) inside a large history (finished jobs kept for
+-- retention): at 5 million finished jobs the defaults waited for a million
+-- dead versions, which the claim's and the lease's partial indexes carry
+-- until a vacuum removes them or a scan marks them dead. Counts instead: a
+-- vacuum after 10,000 dead versions (a thousand or so real jobs, each
+-- writing seven to nine versions) and an analyze after 10,000 changes,
+-- whatever the history holds. A vacuum skips the pages the visibility map
+-- marks all-visible (the history, after its first vacuum), so most of its
+-- work is the hot part; its pass over the indexes is skipped while fewer
+-- than 2 % of the pages have dead rows, and then a later vacuum catches up.
 --
 -- Only these storage parameters change: SHARE UPDATE EXCLUSIVE, which
 -- blocks neither the listener's inserts nor the workers' updates.

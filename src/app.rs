@@ -201,17 +201,17 @@ async fn prune_periodically(
             () = shutdown.cancelled() => return,
             _ = every.tick() => {}
         }
-        // A paced pass through a large backlog can take minutes; shutdown
-        // does not wait for it. Each batch commits on its own, and an
-        // unresolved job whose object went but whose row did not is
-        // finished by the next pass (a missing object counts as deleted).
-        let pass =
-            crate::retention::run_once(&queue, &retention, storage.as_ref(), alerter.as_ref());
-        let outcome = tokio::select! {
-            () = shutdown.cancelled() => return,
-            outcome = pass => outcome,
-        };
-        match outcome {
+        // A paced pass through a large backlog can take minutes: it ends
+        // at the next batch when shut down.
+        match crate::retention::run_once(
+            &queue,
+            &retention,
+            storage.as_ref(),
+            alerter.as_ref(),
+            &shutdown,
+        )
+        .await
+        {
             Ok(r) if r == crate::retention::Report::default() => {}
             Ok(r) => info!(
                 pruned = r.pruned,

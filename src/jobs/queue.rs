@@ -99,9 +99,10 @@ pub const CLAIM_SQL: &str = "WITH picked AS (
 /// concurrent batches lock rows in the same order). Returns `(id, token)` of
 /// each row that matched; a lease that was lost matches nothing.
 ///
-/// No fence says `state = 'running'`: `locked_by` is set exactly while a
-/// job runs (CHECK `recording_jobs_lease_iff_running`), so matching it is
-/// that test already. The state condition let the planner, with statistics
+/// No fence says `state = 'running'`: a row may carry a lease only while
+/// it runs (CHECKs `recording_jobs_lease_iff_running` and
+/// `recording_jobs_lease_fields_together`, tested), so matching `locked_by`
+/// is that test already. The state condition let the planner, with statistics
 /// taken while nothing ran, read the whole running part of an index on
 /// `state` (dead entries too) for every write instead of the job's row by
 /// primary key. The plans are tested.
@@ -1343,6 +1344,30 @@ mod tests {
         }
     }
 
+    /// The fences match `locked_by` and not `state`: that holds only while
+    /// no row outside `running` can carry a lease, which these two
+    /// constraints guarantee together.
+    #[sqlx::test(migrations = false)]
+    async fn only_a_running_job_can_carry_a_lease(pool: PgPool) {
+        let q = queue(pool).await;
+        q.enqueue(&new_job("ev-1")).await.unwrap();
+        for (bad, constraint) in [
+            (
+                "UPDATE recording_relay.recording_jobs
+                 SET locked_by = 'w', locked_until = now() + interval '1 minute'",
+                "recording_jobs_lease_iff_running",
+            ),
+            (
+                "UPDATE recording_relay.recording_jobs SET locked_by = 'w'",
+                "recording_jobs_lease_fields_together",
+            ),
+        ] {
+            let err = sqlx::query(bad).execute(q.pool()).await.unwrap_err();
+            let violated = err.as_database_error().and_then(|e| e.constraint());
+            assert_eq!(violated, Some(constraint), "{bad}: {err}");
+        }
+    }
+
     #[sqlx::test(migrations = false)]
     async fn the_claim_uses_the_partial_index(pool: PgPool) {
         let q = queue(pool).await;
@@ -1457,11 +1482,11 @@ mod tests {
         assert!(!q.has_job_for_recording("rec-none", None).await.unwrap());
     }
 
-    /// PostgreSQL's defaults vacuum a table after a fifth of it changed and
-    /// analyze it after a tenth: at 5 million finished jobs, a million dead
-    /// row versions of the few live jobs piled up in the claim's indexes
-    /// before a vacuum, and the statistics that pick the claim's plan were
-    /// half a million changes old. The job table's thresholds are counts.
+    /// PostgreSQL's defaults vacuum a table after a fifth of it is dead and
+    /// analyze it after a tenth changed: at 5 million finished jobs, a
+    /// million dead row versions of the few live jobs could pile up in the
+    /// claim's indexes before a vacuum. The job table's thresholds are
+    /// counts.
     #[sqlx::test(migrations = false)]
     async fn the_job_table_is_vacuumed_by_its_churn_not_its_size(pool: PgPool) {
         let q = queue(pool).await;

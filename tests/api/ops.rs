@@ -417,12 +417,14 @@ async fn retention_deletes_an_unresolved_job_with_its_object_only_after_an_alert
     use recording_relay::config::RetentionConfig;
     use recording_relay::retention::run_once;
     use recording_relay::storage::StorageClient;
+    use tokio_util::sync::CancellationToken;
 
     let pool = testing::prepare(pool).await;
     let queue = Queue::new(pool.clone());
     let p = providers(true);
     let sink = crate::helpers::AlertSink::start().await;
     let timeout = Duration::from_secs(5);
+    let running = CancellationToken::new();
     let storage = StorageClient::new(
         &p.storage.base_url(),
         STORAGE_KEY.to_owned().into(),
@@ -459,7 +461,7 @@ async fn retention_deletes_an_unresolved_job_with_its_object_only_after_an_alert
     let day = Duration::from_secs(86_400);
 
     // By default: kept, however old.
-    let report = run_once(&queue, &RetentionConfig::default(), None, None)
+    let report = run_once(&queue, &RetentionConfig::default(), None, None, &running)
         .await
         .unwrap();
     assert_eq!(report.deleted + report.pruned as usize, 0);
@@ -472,7 +474,7 @@ async fn retention_deletes_an_unresolved_job_with_its_object_only_after_an_alert
     };
     let alerter = Alerter::new(&sink.url(), timeout).unwrap();
     // First pass: an alert, nothing deleted (it was never announced).
-    let report = run_once(&queue, &config, Some(&storage), Some(&alerter))
+    let report = run_once(&queue, &config, Some(&storage), Some(&alerter), &running)
         .await
         .unwrap();
     assert_eq!((report.alerted, report.deleted), (1, 0));
@@ -488,7 +490,7 @@ async fn retention_deletes_an_unresolved_job_with_its_object_only_after_an_alert
     );
     assert!(p.storage.object("call-recordings", path).is_some());
     // Again at once: no second alert, still nothing deleted.
-    let report = run_once(&queue, &config, Some(&storage), Some(&alerter))
+    let report = run_once(&queue, &config, Some(&storage), Some(&alerter), &running)
         .await
         .unwrap();
     assert_eq!((report.alerted, report.deleted), (0, 0));
@@ -502,7 +504,7 @@ async fn retention_deletes_an_unresolved_job_with_its_object_only_after_an_alert
     .execute(&pool)
     .await
     .unwrap();
-    let report = run_once(&queue, &config, Some(&storage), Some(&alerter))
+    let report = run_once(&queue, &config, Some(&storage), Some(&alerter), &running)
         .await
         .unwrap();
     assert_eq!((report.alerted, report.deleted), (0, 1));

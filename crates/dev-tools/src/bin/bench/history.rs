@@ -135,9 +135,14 @@ impl RetentionLoop {
         let task = tokio::spawn(async move {
             let (mut passes, mut pruned) = (0, 0);
             while !token.is_cancelled() {
-                let report =
-                    recording_relay::retention::run_once(&queue, &config.retention, None, None)
-                        .await?;
+                let report = recording_relay::retention::run_once(
+                    &queue,
+                    &config.retention,
+                    None,
+                    None,
+                    &token,
+                )
+                .await?;
                 passes += 1;
                 pruned += report.pruned;
                 tokio::select! {
