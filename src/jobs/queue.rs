@@ -98,14 +98,7 @@ pub const CLAIM_SQL: &str = "WITH picked AS (
 /// `$2` lease tokens, `$3` workers (parallel arrays, sorted by id so
 /// concurrent batches lock rows in the same order). Returns `(id, token)` of
 /// each row that matched; a lease that was lost matches nothing.
-///
-/// No fence says `state = 'running'`: a row may carry a lease only while
-/// it runs (CHECKs `recording_jobs_lease_iff_running` and
-/// `recording_jobs_lease_fields_together`, tested), so matching `locked_by`
-/// is that test already. The state condition let the planner, with statistics
-/// taken while nothing ran, read the whole running part of an index on
-/// `state` (dead entries too) for every write instead of the job's row by
-/// primary key. The plans are tested.
+/// Matched like `lease_fence!`, per row: no `state = 'running'`.
 pub const COMPLETE_BATCH_SQL: &str = "UPDATE recording_relay.recording_jobs j
      SET state = 'succeeded', finished_at = now(), locked_by = NULL, locked_until = NULL,
          updated_at = now()
@@ -163,14 +156,31 @@ fn prune_finished_sql() -> String {
     )
 }
 
-/// An UPDATE of one claimed job, fenced on its lease: `$1` id, `$2` lease
-/// token, `$3` worker. A worker that lost the lease matches no row.
+/// The condition that finds one claimed job through its lease: `$1` id,
+/// `$2` lease token, `$3` worker. A worker that lost the lease matches no
+/// row.
+///
+/// No `state = 'running'`: a row may carry a lease only while it runs
+/// (CHECKs `recording_jobs_lease_iff_running` and
+/// `recording_jobs_lease_fields_together`, tested), so matching `locked_by`
+/// is that test already. The state condition let the planner, with
+/// statistics taken while nothing ran, read the whole running part of an
+/// index on `state` (dead entries too) for every write instead of the
+/// job's row by primary key. The plans are tested.
+macro_rules! lease_fence {
+    () => {
+        "id = $1 AND lease_id = $2 AND locked_by = $3"
+    };
+}
+
+/// An UPDATE of one claimed job, fenced on its lease (`lease_fence!`).
 macro_rules! fenced_update {
     ($set:literal) => {
         concat!(
             "UPDATE recording_relay.recording_jobs SET ",
             $set,
-            ", updated_at = now() WHERE id = $1 AND lease_id = $2 AND locked_by = $3"
+            ", updated_at = now() WHERE ",
+            lease_fence!()
         )
     };
 }
@@ -345,7 +355,7 @@ impl Queue {
         error: &JobError,
         delay: Duration,
     ) -> Result<Option<JobState>, QueueError> {
-        let state = sqlx::query_scalar(
+        let state = sqlx::query_scalar(concat!(
             "UPDATE recording_relay.recording_jobs
              SET state = CASE WHEN attempts >= max_attempts
                               THEN 'failed' ELSE 'pending' END::recording_relay.recording_job_state,
@@ -359,9 +369,11 @@ impl Queue {
                      'attempt', attempts, 'at', now(), 'worker', locked_by,
                      'kind', $6::text, 'error', $4::text)),
                  locked_by = NULL, locked_until = NULL, updated_at = now()
-             WHERE id = $1 AND lease_id = $2 AND locked_by = $3
-             RETURNING state",
-        )
+             WHERE ",
+            lease_fence!(),
+            "
+             RETURNING state"
+        ))
         .bind(lease.job_id)
         .bind(lease.token)
         .bind(&lease.worker)
@@ -521,11 +533,11 @@ impl Queue {
         tx: &mut sqlx::PgConnection,
         lease: &Lease,
     ) -> Result<bool, QueueError> {
-        let held: Option<i64> = sqlx::query_scalar(
-            "SELECT id FROM recording_relay.recording_jobs
-             WHERE id = $1 AND lease_id = $2 AND locked_by = $3
-             FOR UPDATE",
-        )
+        let held: Option<i64> = sqlx::query_scalar(concat!(
+            "SELECT id FROM recording_relay.recording_jobs WHERE ",
+            lease_fence!(),
+            " FOR UPDATE"
+        ))
         .bind(lease.job_id)
         .bind(lease.token)
         .bind(&lease.worker)
@@ -962,6 +974,17 @@ mod tests {
         }
     }
 
+    /// Runs `insert` and ANALYZEs the job table, so that a plan test's
+    /// statistics are the ones it describes.
+    async fn fill_and_analyze(q: &Queue, insert: &str) {
+        for sql in [insert, "ANALYZE recording_relay.recording_jobs"] {
+            sqlx::raw_sql(sqlx::AssertSqlSafe(sql.to_owned()))
+                .execute(q.pool())
+                .await
+                .unwrap();
+        }
+    }
+
     async fn one_claimed(q: &Queue, worker: &str) -> Job {
         let mut jobs = q.claim(worker, 1, LEASE).await.unwrap();
         assert_eq!(jobs.len(), 1, "expected one claimable job");
@@ -1371,19 +1394,14 @@ mod tests {
     #[sqlx::test(migrations = false)]
     async fn the_claim_uses_the_partial_index(pool: PgPool) {
         let q = queue(pool).await;
-        sqlx::query(
-            "INSERT INTO recording_relay.recording_jobs (event_id, event_type, event, state, finished_at)
-             SELECT 'done-' || g, 'call.recording.saved', '{}', 'succeeded', now()
-             FROM generate_series(1, 5000) g",
-        )
-        .execute(q.pool())
-        .await
-        .unwrap();
         q.enqueue(&new_job("ev-1")).await.unwrap();
-        sqlx::query("ANALYZE recording_relay.recording_jobs")
-            .execute(q.pool())
-            .await
-            .unwrap();
+        fill_and_analyze(
+            &q,
+            "INSERT INTO recording_relay.recording_jobs (event_id, event_type, event, state, finished_at)
+                 SELECT 'done-' || g, 'call.recording.saved', '{}', 'succeeded', now()
+                 FROM generate_series(1, 5000) g",
+        )
+        .await;
         let mut conn = q.pool().acquire().await.unwrap();
         let plan = testing::explain(
             &mut conn,
@@ -1408,17 +1426,12 @@ mod tests {
     #[sqlx::test(migrations = false)]
     async fn completions_find_their_rows_by_primary_key_whatever_the_statistics(pool: PgPool) {
         let q = queue(pool).await;
-        sqlx::query(
+        fill_and_analyze(
+            &q,
             "INSERT INTO recording_relay.recording_jobs (event_id, event_type, event)
-             SELECT 'ev-' || g, 'call.recording.saved', '{}' FROM generate_series(1, 5000) g",
+                 SELECT 'ev-' || g, 'call.recording.saved', '{}' FROM generate_series(1, 5000) g",
         )
-        .execute(q.pool())
-        .await
-        .unwrap();
-        sqlx::query("ANALYZE recording_relay.recording_jobs")
-            .execute(q.pool())
-            .await
-            .unwrap();
+        .await;
         let claimed = q.claim("w", 250, LEASE).await.unwrap();
         assert_eq!(claimed.len(), 250);
         let mut conn = q.pool().acquire().await.unwrap();
@@ -1453,20 +1466,15 @@ mod tests {
     #[sqlx::test(migrations = false)]
     async fn reconciles_lookup_uses_the_recording_id_index(pool: PgPool) {
         let q = queue(pool).await;
-        sqlx::query(
+        fill_and_analyze(
+            &q,
             "INSERT INTO recording_relay.recording_jobs
-                 (event_id, event_type, event, state, finished_at, recording_id, call_session_id)
-             SELECT 'done-' || g, 'call.recording.saved', '{}', 'succeeded', now(),
-                    'rec-' || g, 'sess-' || g
-             FROM generate_series(1, 5000) g",
+                     (event_id, event_type, event, state, finished_at, recording_id, call_session_id)
+                 SELECT 'done-' || g, 'call.recording.saved', '{}', 'succeeded', now(),
+                        'rec-' || g, 'sess-' || g
+                 FROM generate_series(1, 5000) g",
         )
-        .execute(q.pool())
-        .await
-        .unwrap();
-        sqlx::query("ANALYZE recording_relay.recording_jobs")
-            .execute(q.pool())
-            .await
-            .unwrap();
+        .await;
         let mut conn = q.pool().acquire().await.unwrap();
         let plan = testing::explain(
             &mut conn,
@@ -1520,20 +1528,15 @@ mod tests {
     #[sqlx::test(migrations = false)]
     async fn retention_batches_use_the_finished_index(pool: PgPool) {
         let q = queue(pool).await;
-        sqlx::query(
+        fill_and_analyze(
+            &q,
             "INSERT INTO recording_relay.recording_jobs
-                 (event_id, event_type, event, state, finished_at)
-             SELECT 'done-' || g, 'call.recording.saved', '{}', 'succeeded',
-                    now() - (g % 60) * interval '1 day'
-             FROM generate_series(1, 20000) g",
+                     (event_id, event_type, event, state, finished_at)
+                 SELECT 'done-' || g, 'call.recording.saved', '{}', 'succeeded',
+                        now() - (g % 60) * interval '1 day'
+                 FROM generate_series(1, 20000) g",
         )
-        .execute(q.pool())
-        .await
-        .unwrap();
-        sqlx::query("ANALYZE recording_relay.recording_jobs")
-            .execute(q.pool())
-            .await
-            .unwrap();
+        .await;
         let mut conn = q.pool().acquire().await.unwrap();
         let day: i64 = 86_400_000;
         let plan = testing::explain(
