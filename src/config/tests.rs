@@ -1,0 +1,327 @@
+//! The configuration as an operator meets it: the example file, the
+//! environment, and the messages each mistake gets.
+use std::collections::HashMap;
+
+use std::time::Duration;
+
+use super::overrides::read_credential;
+use super::providers::check_provider_url;
+use super::*;
+
+struct MapEnv(HashMap<&'static str, &'static str>);
+
+impl Env for MapEnv {
+    fn var(&self, name: &str) -> Option<String> {
+        self.0.get(name).map(|v| (*v).to_owned())
+    }
+}
+
+fn env(pairs: &[(&'static str, &'static str)]) -> MapEnv {
+    MapEnv(pairs.iter().copied().collect())
+}
+
+const KEY: &str = "O2onvM62pC1io6jQKm8Nc2UyFXcd4kOmOsBIoYtZ2ik=";
+
+#[test]
+fn the_example_config_parses_and_matches_the_defaults() {
+    let text = include_str!("../../config.toml.example");
+    let parsed = Config::from_toml(text).expect("example parses");
+    let defaults = Config::default();
+    assert_eq!(parsed.worker.lease, defaults.worker.lease);
+    assert_eq!(parsed.retry.cap, defaults.retry.cap);
+    assert_eq!(parsed.listener.addr, defaults.listener.addr);
+    assert_eq!(parsed.playback.addr, defaults.playback.addr);
+    assert_eq!(
+        parsed.playback.signed_url_ttl,
+        defaults.playback.signed_url_ttl
+    );
+    assert_eq!(
+        parsed.playback.organization_claim,
+        defaults.playback.organization_claim
+    );
+    let (r, d) = (&parsed.retention, &defaults.retention);
+    assert_eq!(
+        (r.succeeded_for, r.failed_for, r.unresolved_for, r.interval),
+        (d.succeeded_for, d.failed_for, d.unresolved_for, d.interval)
+    );
+    assert_eq!(r.unresolved_alert_before, d.unresolved_alert_before);
+    assert_eq!(r.playback_audit_for, d.playback_audit_for);
+}
+
+#[test]
+fn environment_overrides_the_file() {
+    let mut c = Config::from_toml("[supabase]\nbucket = \"from-file\"\n").unwrap();
+    c.apply_overrides(&env(&[
+        ("STORAGE_BUCKET", "from-env"),
+        ("LISTEN_ADDR", "0.0.0.0:9000"),
+    ]))
+    .unwrap();
+    assert_eq!(c.supabase.bucket, "from-env");
+    assert_eq!(c.listener.addr.port(), 9000);
+}
+
+#[test]
+fn every_problem_is_reported_at_once() {
+    let c = Config::from_toml("[worker]\nconcurrency = 0\n").unwrap();
+    let Err(ConfigError::Invalid(problems)) = c.validate(Role::Serve) else {
+        panic!("expected invalid");
+    };
+    let all = problems.join("\n");
+    assert!(all.contains("database.url"), "{all}");
+    assert!(all.contains("telnyx.public_key is not set"), "{all}");
+    assert!(all.contains("worker.concurrency"), "{all}");
+}
+
+#[test]
+fn malformed_public_keys_are_explained() {
+    for (key, expected) in [
+        ("not base64!!", "not valid base64"),
+        ("AAAA", "must decode to 32 bytes"),
+    ] {
+        let mut c = Config::default();
+        c.telnyx.public_key = Some(key.to_owned());
+        let err = c.telnyx_public_key().unwrap_err();
+        assert!(err.contains(expected), "{key}: {err}");
+        assert!(!err.contains(key), "the key must not be echoed: {err}");
+    }
+    let mut c = Config::default();
+    c.telnyx.public_key = Some(KEY.to_owned());
+    assert!(c.telnyx_public_key().is_ok());
+}
+
+#[test]
+fn bad_durations_and_unknown_keys_name_the_setting() {
+    let err = Config::from_toml("[worker]\nlease = \"sixty\"\n").unwrap_err();
+    assert!(err.contains("lease"), "{err}");
+    let err = Config::from_toml("[worker]\nleese = \"60s\"\n").unwrap_err();
+    assert!(err.contains("leese"), "{err}");
+}
+
+#[test]
+fn migrate_needs_only_the_database() {
+    let mut c = Config::default();
+    c.database.url = Some("postgres://localhost/x".to_owned().into());
+    assert!(c.validate(Role::Admin).is_ok());
+    assert!(c.validate(Role::Listen).is_err());
+}
+
+#[test]
+fn secrets_do_not_appear_in_debug_output() {
+    let mut c = Config::default();
+    c.telnyx.api_key = Some("KEYsecret123".to_owned().into());
+    assert!(!format!("{c:?}").contains("KEYsecret123"));
+}
+
+#[test]
+fn provider_urls_need_tls_outside_loopback() {
+    let check = |url: &str| {
+        let mut p = Vec::new();
+        check_provider_url("x", url, &mut p);
+        p.is_empty()
+    };
+    assert!(check("https://abc.supabase.co"));
+    assert!(check("http://127.0.0.1:5000/v2"));
+    assert!(check("http://localhost:9"));
+    assert!(check("http://[::1]:9/v2"));
+    assert!(!check("http://abc.supabase.co"));
+    assert!(!check("http://127.0.0.1.evil.com/"));
+    assert!(!check("ftp://x"));
+    assert!(!check("abc.supabase.co"));
+}
+
+#[test]
+fn the_worker_needs_provider_credentials() {
+    let mut c = Config::default();
+    c.database.url = Some("postgres://localhost/x".to_owned().into());
+    let Err(ConfigError::Invalid(problems)) = c.validate(Role::Work) else {
+        panic!("expected invalid");
+    };
+    let all = problems.join("\n");
+    for needed in [
+        "telnyx.api_key",
+        "supabase.url",
+        "supabase.service_role_key",
+    ] {
+        assert!(all.contains(needed), "{all}");
+    }
+    assert!(
+        !all.contains("public_key"),
+        "the worker does not verify webhooks"
+    );
+}
+
+#[test]
+fn deleting_unresolved_jobs_needs_an_alert_and_a_notice_period() {
+    let mut c = Config::default();
+    c.database.url = Some("postgres://localhost/x".to_owned().into());
+    c.retention.unresolved_for = Some(Duration::from_secs(3 * 86_400));
+    c.retention.unresolved_alert_before = Duration::from_secs(7 * 86_400);
+    let Err(ConfigError::Invalid(problems)) = c.validate(Role::Work) else {
+        panic!("expected invalid");
+    };
+    let all = problems.join("\n");
+    assert!(
+        all.contains("retention.unresolved_for needs pipeline.alert_webhook_url"),
+        "{all}"
+    );
+    assert!(
+        all.contains("retention.unresolved_alert_before must be"),
+        "{all}"
+    );
+    let parsed: Config = toml::from_str(
+        "[retention]\nunresolved_for = \"365d\"\nunresolved_alert_before = \"14d\"\n",
+    )
+    .unwrap();
+    assert_eq!(
+        parsed.retention.unresolved_for,
+        Some(Duration::from_secs(365 * 86_400))
+    );
+    assert_eq!(
+        Config::default().retention.unresolved_for,
+        None,
+        "kept by default"
+    );
+}
+
+fn playback_problems(tweak: impl FnOnce(&mut Config)) -> String {
+    let mut c = Config::default();
+    c.database.url = Some("postgres://localhost/x".to_owned().into());
+    c.telnyx.public_key = Some(KEY.to_owned());
+    c.supabase.url = Some("https://abc.supabase.co".to_owned());
+    c.supabase.service_role_key = Some("service".to_owned().into());
+    c.playback.addr = Some("127.0.0.1:8081".parse().unwrap());
+    c.playback.jwt_secret = Some("s".repeat(40).into());
+    tweak(&mut c);
+    match c.validate(Role::Listen) {
+        Ok(()) => String::new(),
+        Err(ConfigError::Invalid(problems)) => problems.join("\n"),
+        Err(e) => panic!("{e}"),
+    }
+}
+
+#[test]
+fn playback_is_off_by_default_and_checked_when_on() {
+    assert!(Config::default().playback.addr.is_none());
+    assert_eq!(playback_problems(|_| {}), "");
+    let all = playback_problems(|c| {
+        c.playback.jwt_secret = None;
+        c.supabase.service_role_key = None;
+    });
+    assert!(all.contains("SUPABASE_JWT_SECRET"), "{all}");
+    assert!(all.contains("service_role_key"), "{all}");
+    let all = playback_problems(|c| c.playback.jwt_secret = Some("short".to_owned().into()));
+    assert!(all.contains("at least 32"), "{all}");
+    assert!(
+        !all.contains("short"),
+        "the secret must not be echoed: {all}"
+    );
+    let all = playback_problems(|c| c.playback.signed_url_ttl = Duration::ZERO);
+    assert!(all.contains("signed_url_ttl"), "{all}");
+}
+
+#[test]
+fn the_organization_claim_cannot_come_from_user_metadata() {
+    for bad in ["user_metadata.organization_id", "app_metadata..org", ""] {
+        let all = playback_problems(|c| c.playback.organization_claim = bad.to_owned());
+        assert!(all.contains("organization_claim"), "{bad}: {all}");
+    }
+    let all = playback_problems(|c| c.playback.organization_claim = "org_id".to_owned());
+    assert_eq!(all, "");
+}
+
+#[test]
+fn allowed_origins_are_bare_origins() {
+    assert_eq!(
+        playback_problems(|c| c.playback.allowed_origins = vec![
+            "https://app.example.com".into(),
+            "http://localhost:5173".into()
+        ]),
+        ""
+    );
+    for bad in [
+        "*",
+        "https://app.example.com/",
+        "app.example.com",
+        "https://*.x.com",
+    ] {
+        let all = playback_problems(|c| c.playback.allowed_origins = vec![bad.to_owned()]);
+        assert!(all.contains("allowed_origins"), "{bad}: {all}");
+    }
+}
+
+#[test]
+fn playback_settings_come_from_the_environment() {
+    let mut c = Config::default();
+    c.apply_overrides(&env(&[
+        ("PLAYBACK_ADDR", "127.0.0.1:9001"),
+        ("SUPABASE_JWT_SECRET", "jwt-secret-from-env"),
+    ]))
+    .unwrap();
+    assert_eq!(c.playback.addr.map(|a| a.port()), Some(9001));
+    assert!(c.playback.jwt_secret.is_some());
+    assert!(!format!("{c:?}").contains("jwt-secret-from-env"));
+    let err = Config::default()
+        .apply_overrides(&env(&[("PLAYBACK_ADDR", "on")]))
+        .unwrap_err();
+    assert!(err.to_string().contains("PLAYBACK_ADDR"), "{err}");
+}
+
+#[test]
+fn credentials_are_read_without_trailing_newline() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("TELNYX_API_KEY"), "KEYabc\n").unwrap();
+    assert_eq!(
+        read_credential(dir.path(), "TELNYX_API_KEY").as_deref(),
+        Some("KEYabc")
+    );
+    assert_eq!(read_credential(dir.path(), "MISSING"), None);
+}
+
+#[cfg(unix)]
+#[test]
+fn a_readable_config_file_with_secrets_is_warned_about() {
+    use std::os::unix::fs::PermissionsExt as _;
+
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("config.toml");
+    let chmod =
+        |mode| std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+    let warning = |text: &str, mode| {
+        std::fs::write(&path, text).unwrap();
+        chmod(mode);
+        let config = Config::from_toml(text).unwrap();
+        permission_warning(&path, &config)
+    };
+    let with_key = "[telnyx]\napi_key = \"KEYsecret123\"\n";
+    for mode in [0o644, 0o640, 0o604, 0o666] {
+        let w = warning(with_key, mode).expect("warned");
+        assert!(w.contains("telnyx.api_key"), "{w}");
+        assert!(w.contains(&format!("{:03o}", mode)), "{w}");
+        assert!(!w.contains("KEYsecret123"), "never the secret itself: {w}");
+    }
+    assert!(
+        warning(with_key, 0o640)
+            .unwrap()
+            .contains("readable by its group")
+    );
+    assert_eq!(warning(with_key, 0o600), None);
+    assert_eq!(warning(with_key, 0o400), None);
+
+    // A database URL counts only with a password in it.
+    let db = |url: &str| format!("[database]\nurl = \"{url}\"\n");
+    assert!(warning(&db("postgres://relay:pw@db/zscribe"), 0o644).is_some());
+    assert!(warning(&db("postgres://relay@db/zscribe?password=pw"), 0o644).is_some());
+    assert_eq!(warning(&db("postgres://relay@db/zscribe"), 0o644), None);
+    assert_eq!(warning(&db("postgres://db:5432/zscribe"), 0o644), None);
+    // No secrets: nothing to say, whatever the mode.
+    assert_eq!(warning("[worker]\nconcurrency = 2\n", 0o666), None);
+    let w = warning(
+        "[supabase]\nservice_role_key = \"sk\"\n[database]\nurl = \"postgres://u:p@h/d\"\n",
+        0o644,
+    )
+    .unwrap();
+    assert!(
+        w.contains("supabase.service_role_key") && w.contains("database.url"),
+        "{w}"
+    );
+}

@@ -1,0 +1,197 @@
+//! `[worker]`, `[retry]` and `[pipeline]`: how jobs are claimed, retried,
+//! matched and stored.
+
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use super::Config;
+use super::providers::check_provider_url;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WorkerConfig {
+    /// Jobs processed at once by one daemon.
+    pub concurrency: usize,
+    /// Fallback poll; LISTEN/NOTIFY normally wakes the worker at once.
+    #[serde(with = "humantime_serde")]
+    pub poll_interval: Duration,
+    /// How long a claim is valid without a heartbeat; a crashed worker's jobs
+    /// become runnable again after this.
+    #[serde(with = "humantime_serde")]
+    pub lease: Duration,
+    /// In-flight jobs get this long to finish on SIGTERM before they are
+    /// released; keep it below systemd's TimeoutStopSec (default 90 s).
+    #[serde(with = "humantime_serde")]
+    pub shutdown_timeout: Duration,
+}
+
+impl Default for WorkerConfig {
+    fn default() -> Self {
+        Self {
+            concurrency: 4,
+            poll_interval: Duration::from_secs(5),
+            lease: Duration::from_secs(60),
+            shutdown_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetryConfig {
+    #[serde(with = "humantime_serde")]
+    pub base: Duration,
+    #[serde(with = "humantime_serde")]
+    pub cap: Duration,
+    pub max_attempts: i32,
+}
+
+impl Default for RetryConfig {
+    fn default() -> Self {
+        Self {
+            base: Duration::from_secs(10),
+            cap: Duration::from_secs(3600),
+            max_attempts: 12,
+        }
+    }
+}
+
+/// A party of a call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Party {
+    To,
+    From,
+}
+
+/// Audio format fetched from Telnyx and stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AudioFormat {
+    Wav,
+    Mp3,
+}
+
+impl AudioFormat {
+    pub fn extension(self) -> &'static str {
+        match self {
+            AudioFormat::Wav => "wav",
+            AudioFormat::Mp3 => "mp3",
+        }
+    }
+
+    pub fn content_type(self) -> &'static str {
+        match self {
+            AudioFormat::Wav => "audio/wav",
+            AudioFormat::Mp3 => "audio/mpeg",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PipelineConfig {
+    pub format: AudioFormat,
+    /// An intake matches when its created_at is this close to the start of
+    /// the recording.
+    #[serde(with = "humantime_serde")]
+    pub match_window: Duration,
+    /// Attempts to find the intake (it may not be committed yet) before the
+    /// recording is stored under `unmatched/` for an operator to attach.
+    pub match_attempts: i32,
+    /// At least this long between those attempts, so a late intake has time
+    /// to appear (the job backoff alone can retry within a second).
+    #[serde(with = "humantime_serde")]
+    pub match_retry_delay: Duration,
+    /// Which party of the call is the patient: "to" for calls ZScribe places
+    /// (the original guide's flow: an agent calls the patient, whose number
+    /// it read from `to_number`), "from" for calls patients place.
+    pub patient_party: Party,
+    /// Telnyx connection id → organization id. When the call's connection is
+    /// listed, only that organization's intakes can match it.
+    pub connection_organizations: std::collections::HashMap<String, uuid::Uuid>,
+    /// Delete the recording at Telnyx once it is stored, verified and linked.
+    pub delete_from_telnyx: bool,
+    /// Recordings larger than this use resumable (TUS) uploads.
+    pub resumable_threshold_bytes: u64,
+    /// Optional: receives a JSON summary of every job that ends failed or
+    /// unmatched.
+    pub alert_webhook_url: Option<String>,
+}
+
+impl Default for PipelineConfig {
+    fn default() -> Self {
+        Self {
+            format: AudioFormat::Wav,
+            match_window: Duration::from_secs(600),
+            match_attempts: 3,
+            match_retry_delay: Duration::from_secs(30),
+            patient_party: Party::To,
+            connection_organizations: std::collections::HashMap::new(),
+            delete_from_telnyx: false,
+            resumable_threshold_bytes: 6 * 1024 * 1024,
+            alert_webhook_url: None,
+        }
+    }
+}
+
+impl Config {
+    pub(super) fn validate_worker(&self, problems: &mut Vec<String>) {
+        let w = &self.worker;
+        if w.concurrency == 0 {
+            problems.push("worker.concurrency must be at least 1".to_owned());
+        }
+        if w.lease < Duration::from_secs(3) {
+            problems
+                .push("worker.lease must be at least 3s (heartbeats run every lease/3)".to_owned());
+        }
+        if w.poll_interval.is_zero() {
+            problems.push("worker.poll_interval must be above 0s".to_owned());
+        }
+        if self.telnyx.api_key.is_none() {
+            problems.push("telnyx.api_key is not set (or TELNYX_API_KEY)".to_owned());
+        }
+        self.validate_storage(problems);
+        check_provider_url("telnyx.api_url", &self.telnyx.api_url, problems);
+        let p = &self.pipeline;
+        if p.match_attempts < 1 || p.match_attempts > self.retry.max_attempts {
+            problems.push(
+                "pipeline.match_attempts must be between 1 and retry.max_attempts".to_owned(),
+            );
+        }
+        if p.resumable_threshold_bytes == 0 {
+            problems.push("pipeline.resumable_threshold_bytes must be above 0".to_owned());
+        }
+        if let Some(url) = p.alert_webhook_url.as_deref() {
+            check_provider_url("pipeline.alert_webhook_url", url, problems);
+        }
+        if let Some(period) = self.retention.unresolved_for {
+            // Deleting the only pointer to a recording without telling anyone
+            // first is not an option.
+            if p.alert_webhook_url.is_none() {
+                problems.push(
+                    "retention.unresolved_for needs pipeline.alert_webhook_url: \
+                     unresolved recordings are deleted only after an alert"
+                        .to_owned(),
+                );
+            }
+            if self.retention.unresolved_alert_before.is_zero()
+                || self.retention.unresolved_alert_before >= period
+            {
+                problems.push(
+                    "retention.unresolved_alert_before must be above 0s and below \
+                     retention.unresolved_for"
+                        .to_owned(),
+                );
+            }
+        }
+        let r = &self.retry;
+        if r.max_attempts < 1 {
+            problems.push("retry.max_attempts must be at least 1".to_owned());
+        }
+        if r.base.is_zero() || r.base > r.cap {
+            problems.push("retry.base must be above 0s and not above retry.cap".to_owned());
+        }
+    }
+}
