@@ -6,9 +6,9 @@
 //! one error per restart. A process never starts half-configured.
 //!
 //! One file per section, each with its defaults and its checks
-//! ([`listener`], [`providers`], [`worker`], [`playback`], [`retention`]);
-//! [`overrides`] is the one table of environment variables and systemd
-//! credentials, [`secrets`] what a readable file would give away.
+//! (`listener.rs`, `providers.rs`, `worker.rs`, `playback.rs`,
+//! `retention.rs`); `overrides.rs` is the one table of environment variables
+//! and systemd credentials, `secrets.rs` what a readable file would give away.
 
 mod listener;
 mod overrides;
