@@ -734,7 +734,7 @@ mod tests {
 
     #[sqlx::test(migrations = false)]
     async fn an_edited_applied_migration_stops_the_daemon(pool: PgPool) {
-        let pool = recording_relay_dev_tools::testing::prepare(pool).await;
+        let pool = crate::testing::prepare(pool).await;
         ensure_migrated(&pool).await.unwrap();
         sqlx::query(
             "UPDATE recording_relay._sqlx_migrations SET checksum = '\\x00'::bytea
@@ -754,7 +754,7 @@ mod tests {
     /// the job table in public, open to the API roles: refused, loudly.
     #[sqlx::test(migrations = false)]
     async fn relay_tables_back_in_public_are_refused(pool: PgPool) {
-        let pool = recording_relay_dev_tools::testing::prepare(pool).await;
+        let pool = crate::testing::prepare(pool).await;
         sqlx::raw_sql("CREATE TABLE public.recording_jobs (id BIGINT)")
             .execute(&pool)
             .await
@@ -769,9 +769,7 @@ mod tests {
 
     #[sqlx::test(migrations = false)]
     async fn the_history_moves_out_of_public_once_and_leaves_others_rows(pool: PgPool) {
-        recording_relay_dev_tools::testing::create_host_schema(&pool)
-            .await
-            .unwrap();
+        crate::testing::create_host_schema(&pool).await.unwrap();
         // A database migrated by a release that kept the history in public,
         // shared with another sqlx user.
         let mut old = sqlx::migrate!("./migrations");
@@ -818,9 +816,7 @@ mod tests {
     /// and `migrate` succeeds once the transaction ends.
     #[sqlx::test(migrations = false)]
     async fn migrate_never_makes_intakes_wait_behind_it(pool: PgPool) {
-        recording_relay_dev_tools::testing::create_host_schema(&pool)
-            .await
-            .unwrap();
+        crate::testing::create_host_schema(&pool).await.unwrap();
         let mut holder = pool.begin().await.unwrap();
         sqlx::query("SELECT count(*) FROM public.intakes")
             .execute(&mut *holder)
@@ -878,8 +874,7 @@ mod tests {
 
     fn one_connection_pool_pinging_after(admin: &PgPool, ping_if_idle_for: Duration) -> PgPool {
         let mut config = Config::default();
-        config.database.url =
-            Some(recording_relay_dev_tools::testing::database_url_of(admin, None).into());
+        config.database.url = Some(crate::testing::database_url_of(admin, None).into());
         config.database.max_connections = 1;
         pool_pinging_after(&config, ping_if_idle_for).unwrap()
     }

@@ -69,5 +69,7 @@ mod server;
 pub mod storage;
 pub mod telemetry;
 pub mod telnyx;
+#[cfg(test)]
+mod testing;
 pub mod urls;
 pub mod webhook;

@@ -162,7 +162,7 @@ mod tests {
     use sqlx::PgPool;
 
     use super::*;
-    use recording_relay_dev_tools::testing;
+    use crate::testing;
 
     async fn with_due_jobs(pool: PgPool, n: i64) -> Queue {
         let queue = Queue::new(testing::prepare(pool).await);

@@ -889,7 +889,7 @@ mod tests {
     use sqlx::PgPool;
 
     use super::*;
-    use recording_relay_dev_tools::testing::{self, Plan};
+    use crate::testing::{self, Plan};
 
     const LEASE: Duration = Duration::from_secs(30);
 

@@ -547,7 +547,7 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
-    use recording_relay_dev_tools::testing::{self, Plan};
+    use crate::testing::{self, Plan};
 
     #[test]
     fn client_state_forms() {

@@ -113,7 +113,7 @@ pub async fn prune(pool: &PgPool, keep_for: Duration, batch: i32) -> Result<u64,
 #[cfg(test)]
 mod tests {
     use super::*;
-    use recording_relay_dev_tools::testing;
+    use crate::testing;
 
     fn access(user: &str, intake: Uuid) -> Access<'_> {
         Access {

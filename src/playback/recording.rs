@@ -90,7 +90,7 @@ pub async fn lookup(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use recording_relay_dev_tools::testing;
+    use crate::testing;
 
     #[test]
     fn stored_beats_everything_and_failure_beats_a_dangling_claim() {

@@ -100,21 +100,12 @@ fn decode_signature(raw: &[u8]) -> Result<Signature, VerifyError> {
     Ok(Signature::from_bytes(&bytes))
 }
 
-/// Signs like Telnyx does. Used by tests, the demo and the README's example;
-/// the daemon itself only verifies.
-pub fn sign(key: &ed25519_dalek::SigningKey, timestamp: i64, body: &[u8]) -> String {
-    use ed25519_dalek::Signer as _;
-    let mut message = timestamp.to_string().into_bytes();
-    message.push(b'|');
-    message.extend_from_slice(body);
-    BASE64.encode(key.sign(&message).to_bytes())
-}
-
 #[cfg(test)]
 mod tests {
     use ed25519_dalek::SigningKey;
 
     use super::*;
+    use crate::testing::sign;
 
     fn key(seed: u8) -> SigningKey {
         SigningKey::from_bytes(&[seed; 32])

@@ -14,7 +14,8 @@ use proptest::test_runner::Config as ProptestConfig;
 use recording_relay::jobs::backoff::{Backoff, MAX_HINT};
 use recording_relay::telemetry::mask_phone;
 use recording_relay::webhook::event::Envelope;
-use recording_relay::webhook::verify::{Verifier, sign};
+use recording_relay::webhook::verify::Verifier;
+use recording_relay_test_kit::sign;
 use serde_json::{Value, json};
 
 /// A fixed number of cases, unless `PROPTEST_CASES` asks for more.
@@ -84,7 +85,7 @@ proptest! {
     fn envelope_parsing_never_panics_on_mangled_events(
         edits in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..8),
     ) {
-        let mut body = recording_relay_dev_tools::testing::recording_saved_event("ev", "sess")
+        let mut body = crate::testing::recording_saved_event("ev", "sess")
             .to_string()
             .into_bytes();
         for (index, byte) in edits {

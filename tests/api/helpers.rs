@@ -4,13 +4,13 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
+use crate::testing;
 use ed25519_dalek::SigningKey;
 use recording_relay::app::{App, NoJobs};
 use recording_relay::config::{Config, Role};
 use recording_relay::jobs::{Job, JobHandler, Queue};
 use recording_relay::pipeline::Pipeline;
 use recording_relay::storage::RECORDINGS_BUCKET;
-use recording_relay_dev_tools::testing;
 use recording_relay_sim::{SimRecording, StorageSim, StorageSimConfig, TelnyxSim, TelnyxSimConfig};
 use sqlx::PgPool;
 use tokio::net::{TcpListener, TcpStream};

@@ -12,8 +12,8 @@ use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use crate::testing;
 use recording_relay::jobs::{JobState, Queue};
-use recording_relay_dev_tools::testing;
 use recording_relay_sim::{SimRecording, StorageSim, StorageSimConfig, TelnyxSim, TelnyxSimConfig};
 use sqlx::PgPool;
 use tokio::io::{AsyncBufReadExt, BufReader};

@@ -14,5 +14,6 @@ mod process;
 mod reservations;
 mod supabase;
 mod telnyx;
+mod testing;
 mod webhook;
 mod worker;

@@ -2,9 +2,9 @@
 
 use std::time::{Duration, Instant};
 
+use crate::testing;
 use recording_relay::call::CallFacts;
 use recording_relay::jobs::{JobState, NewJob, Queue};
-use recording_relay_dev_tools::testing;
 use recording_relay_sim::SimRecording;
 use sqlx::PgPool;
 use tokio::process::Command;
@@ -82,9 +82,7 @@ async fn check_reports_each_broken_dependency_on_its_own_line(pool: PgPool) {
 
 #[sqlx::test(migrations = false)]
 async fn check_reports_unapplied_migrations(pool: PgPool) {
-    recording_relay_dev_tools::testing::create_host_schema(&pool)
-        .await
-        .unwrap();
+    crate::testing::create_host_schema(&pool).await.unwrap();
     let db = testing::database_url_of(&pool, None);
     let p = providers(true);
     let (code, out) = check(&mut relay(&p, &db, TELNYX_KEY)).await;

@@ -5,8 +5,8 @@
 
 use std::time::Duration;
 
+use crate::testing;
 use recording_relay::config::Config;
-use recording_relay_dev_tools::testing;
 use serde_json::Value;
 use sqlx::{PgPool, Postgres, Transaction};
 

@@ -280,8 +280,7 @@ async fn a_recording_gone_at_telnyx_fails_at_once_and_alerts(pool: PgPool) {
     let sink = AlertSink::start().await;
     let url = sink.url();
     let p = spawn_pipeline(pool, move |c| c.pipeline.alert_webhook_url = Some(url)).await;
-    let mut event =
-        recording_relay_dev_tools::testing::recording_saved_event("ev-gone", "sess-gone");
+    let mut event = crate::testing::recording_saved_event("ev-gone", "sess-gone");
     event["data"]["payload"]["recording_id"] = "rec-gone".into();
     event["data"]["payload"]["to"] = "+15557650002".into();
     p.post_event(&event).await;
@@ -549,7 +548,7 @@ async fn an_intake_that_already_holds_a_recording_leaves_this_one_unmatched_not_
 async fn the_daemon_does_not_depend_on_search_path(pool: PgPool) {
     let url = format!(
         "{}?options=-c%20search_path%3Dpg_catalog",
-        recording_relay_dev_tools::testing::database_url_of(&pool, None)
+        crate::testing::database_url_of(&pool, None)
     );
     // What the daemon's connections get from that URL.
     let mut probe = <sqlx::PgConnection as sqlx::Connection>::connect(&url)
@@ -590,8 +589,7 @@ async fn a_later_call_never_takes_an_earlier_calls_intake(pool: PgPool) {
     let mut call1 = SimRecording::sample("rec-call1");
     call1.recording_started_at -= chrono::Duration::minutes(6);
     let intake1 = intake_for(&p.app.pool, &call1, "+15557650002").await;
-    let mut event =
-        recording_relay_dev_tools::testing::recording_saved_event("ev-call1", "sess-call1");
+    let mut event = crate::testing::recording_saved_event("ev-call1", "sess-call1");
     event["data"]["payload"]["recording_id"] = call1.id.clone().into();
     event["data"]["payload"]["to"] = call1.to.clone().into();
     event["data"]["payload"]["recording_started_at"] =

@@ -7,11 +7,11 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
+use crate::testing;
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use recording_relay::config::Config;
 use recording_relay::jobs::JobState;
 use recording_relay::playback::audit;
-use recording_relay_dev_tools::testing;
 use recording_relay_sim::{SimAudio, SimRecording};
 use reqwest::StatusCode;
 use serde_json::{Value, json};

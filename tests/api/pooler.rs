@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use recording_relay_dev_tools::testing;
+use crate::testing;
 use serde_json::Value;
 use sqlx::PgPool;
 use tokio::process::{Child, Command};

@@ -3,8 +3,8 @@
 use std::process::Stdio;
 use std::time::Duration;
 
+use crate::testing;
 use recording_relay::jobs::{JobState, NewJob, Queue};
-use recording_relay_dev_tools::testing;
 use recording_relay_sim::{Fault, SimRecording};
 use sqlx::PgPool;
 use tokio::process::Command;

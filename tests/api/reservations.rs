@@ -4,10 +4,10 @@
 
 use std::time::Duration;
 
+use crate::testing;
 use recording_relay::call::CallFacts;
 use recording_relay::jobs::{JobError, JobState, Lease, NewJob, Queue};
 use recording_relay::pipeline::intakes::{Claim, MatchMethod, claim_intake};
-use recording_relay_dev_tools::testing;
 use recording_relay_sim::{Fault, SimRecording};
 use sqlx::PgPool;
 use uuid::Uuid;

@@ -3,7 +3,7 @@
 //! the API roles, ZScribe's own use of its tables keeps working, and DBAs
 //! reach the jobs through the operator role.
 
-use recording_relay_dev_tools::testing;
+use crate::testing;
 use sqlx::PgPool;
 
 /// The fixture, the stand-in host tables and the daemon's migrations, in the
@@ -268,9 +268,7 @@ async fn the_operator_role_reads_jobs_and_changes_them_only_through_the_function
 async fn a_migrate_stopped_before_the_move_leaves_nothing_open(pool: PgPool) {
     use sqlx::migrate::Migrator;
     sqlx::raw_sql(SUPABASE).execute(&pool).await.unwrap();
-    recording_relay_dev_tools::testing::create_host_schema(&pool)
-        .await
-        .unwrap();
+    crate::testing::create_host_schema(&pool).await.unwrap();
     let up_to_public = Migrator {
         migrations: recording_relay::db::MIGRATOR
             .iter()

@@ -1,7 +1,7 @@
 use std::time::Duration;
 
+use crate::testing;
 use base64::Engine as _;
-use recording_relay_dev_tools::testing;
 use serde_json::Value;
 use sqlx::PgPool;
 

@@ -4,12 +4,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use crate::testing;
 use futures_util::future::BoxFuture;
 use recording_relay::jobs::backoff::Backoff;
 use recording_relay::jobs::{
     Job, JobContext, JobError, JobHandler, JobState, NewJob, Outcome, Queue, Worker, WorkerOptions,
 };
-use recording_relay_dev_tools::testing;
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 

@@ -3,6 +3,7 @@
 //! where the server comes from and when the suite is skipped.
 
 mod support;
+use recording_relay_test_kit as testing;
 
 use std::time::{Duration, Instant};
 
@@ -479,7 +480,7 @@ async fn the_storage_policy_lets_an_organization_read_only_its_own_recordings() 
             "sub": Uuid::new_v4(),
             "role": "authenticated",
             "aud": "authenticated",
-            "exp": recording_relay_dev_tools::testing::unix_now() + 600,
+            "exp": crate::testing::unix_now() + 600,
             "app_metadata": { "organization_id": org_a },
         }),
         &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),

@@ -19,13 +19,13 @@ use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
+use crate::testing;
 use recording_relay::app::App;
 use recording_relay::config::{Config, Role};
 use recording_relay::db;
 use recording_relay::jobs::{Job, Queue};
 use recording_relay::pipeline::Pipeline;
 use recording_relay::storage::StorageClient;
-use recording_relay_dev_tools::testing;
 use recording_relay_sim::{SimRecording, TelnyxSim, TelnyxSimConfig};
 use sqlx::PgPool;
 use tokio::task::JoinHandle;
@@ -172,9 +172,7 @@ pub(crate) async fn suite() -> Option<Suite> {
             if server.jwt_secret.is_some() && server._child.is_some() {
                 sqlx::raw_sql(AUTH_JWT).execute(&pool).await.unwrap();
             }
-            recording_relay_dev_tools::testing::create_host_schema(&pool)
-                .await
-                .unwrap();
+            crate::testing::create_host_schema(&pool).await.unwrap();
             if server._child.is_some() {
                 sqlx::raw_sql(HOST_GRANTS).execute(&pool).await.unwrap();
             }
