@@ -76,6 +76,12 @@ async fn the_api_roles_can_neither_read_nor_change_nor_call_anything_of_the_rela
         format!("SELECT recording_relay.recording_jobs_attach({job}, gen_random_uuid())"),
         "SELECT recording_relay.recording_relay_phone_key('+1 555 123 4567')".to_owned(),
         "SELECT 'pending'::recording_relay.recording_job_state".to_owned(),
+        "SELECT * FROM recording_relay.recording_links".to_owned(),
+        "INSERT INTO recording_relay.recording_links (intake_id, recording_id, object_path)
+         VALUES (gen_random_uuid(), 'r', 'unmatched/r.wav')"
+            .to_owned(),
+        "SELECT recording_relay.direct_storage_reads_allow()".to_owned(),
+        "SELECT recording_relay.recording_relay_linked_for_my_organization('x')".to_owned(),
     ];
     for role in ["anon", "authenticated"] {
         for sql in &attempts {
