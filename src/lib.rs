@@ -22,6 +22,8 @@
 //! - [`telnyx`]: the Recordings API client and its error classes.
 //! - [`storage`]: the Supabase Storage client (POST and TUS uploads, object
 //!   info, signed URLs, buckets), classifying errors by the body's code.
+//! - `object_paths`: the one object path form that may be played, an
+//!   intake's own folder (issue #19).
 //! - [`playback`]: signed URLs and a player page for the UI's users, on an
 //!   address of its own; off unless configured. [`playback::auth`] and
 //!   [`playback::jwks`] check Supabase user tokens, [`playback::recording`]
@@ -61,6 +63,7 @@ pub mod config;
 pub mod db;
 pub mod jobs;
 pub mod metrics;
+mod object_paths;
 pub mod pipeline;
 pub mod playback;
 pub mod reconcile;

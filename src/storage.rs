@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::config::Config;
-use crate::urls::{encode_path, encode_segment};
+use crate::urls::{UnsafePath, encode_path, encode_segment};
 
 /// Every PATCH but the last carries exactly this much (the server enforces it).
 pub const TUS_CHUNK: u64 = 6 * 1024 * 1024;
@@ -43,6 +43,9 @@ pub enum StorageError {
     Transport(String),
     #[error("unexpected storage response: {0}")]
     Decode(String),
+    /// Refused before any request: the path would name another object.
+    #[error("refused to address storage by this path: {0}")]
+    UnsafePath(#[from] UnsafePath),
 }
 
 impl StorageError {
@@ -70,6 +73,7 @@ impl StorageError {
             StorageError::Rejected { .. } => "rejected",
             StorageError::Transport(_) => "transport",
             StorageError::Decode(_) => "decode",
+            StorageError::UnsafePath(_) => "unsafe_path",
         }
     }
 }
@@ -260,12 +264,15 @@ impl StorageClient {
         format!("{}/storage/v1{route}", self.base)
     }
 
-    fn object_route(&self, kind: &str, path: &str) -> String {
-        format!(
+    /// Every object URL is built here, so no path with a dot, empty,
+    /// backslash or escaped segment reaches the server ([`encode_path`]):
+    /// the service key would sign or fetch whatever it resolves to.
+    fn object_route(&self, kind: &str, path: &str) -> Result<String, StorageError> {
+        Ok(format!(
             "/object{kind}/{}/{}",
-            encode_segment(&self.bucket),
-            encode_path(path)
-        )
+            encode_segment(&self.bucket)?,
+            encode_path(path)?
+        ))
     }
 
     fn authed(&self, req: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
@@ -275,8 +282,8 @@ impl StorageClient {
 
     /// The object's authenticated URL: what `intakes.recording_url` holds. It
     /// plays only with credentials; the UI turns it into a signed URL.
-    pub fn authenticated_url(&self, path: &str) -> String {
-        self.url(&self.object_route("/authenticated", path))
+    pub fn authenticated_url(&self, path: &str) -> Result<String, StorageError> {
+        Ok(self.url(&self.object_route("/authenticated", path)?))
     }
 
     /// Streams `body` into `path`. With a known length the request carries a
@@ -290,7 +297,7 @@ impl StorageClient {
         length: Option<u64>,
     ) -> Result<(), StorageError> {
         let mut req = self
-            .authed(self.uploads.post(self.url(&self.object_route("", path))))
+            .authed(self.uploads.post(self.url(&self.object_route("", path)?)))
             .header("content-type", content_type)
             .header("x-upsert", "false")
             .header("cache-control", "max-age=3600");
@@ -303,7 +310,7 @@ impl StorageClient {
 
     pub async fn object_info(&self, path: &str) -> Result<Option<ObjectInfo>, StorageError> {
         let res = self
-            .authed(self.http.get(self.url(&self.object_route("/info", path))))
+            .authed(self.http.get(self.url(&self.object_route("/info", path)?)))
             .timeout(self.request_timeout)
             .send()
             .await
@@ -328,7 +335,7 @@ impl StorageClient {
         let res = self
             .authed(
                 self.http
-                    .get(self.url(&self.object_route("/authenticated", path))),
+                    .get(self.url(&self.object_route("/authenticated", path)?)),
             )
             .send()
             .await
@@ -338,7 +345,7 @@ impl StorageClient {
 
     pub async fn delete_object(&self, path: &str) -> Result<(), StorageError> {
         let res = self
-            .authed(self.http.delete(self.url(&self.object_route("", path))))
+            .authed(self.http.delete(self.url(&self.object_route("", path)?)))
             .timeout(self.request_timeout)
             .send()
             .await
@@ -353,7 +360,7 @@ impl StorageClient {
         expires_in: Duration,
     ) -> Result<String, StorageError> {
         let res = self
-            .authed(self.http.post(self.url(&self.object_route("/sign", path))))
+            .authed(self.http.post(self.url(&self.object_route("/sign", path)?)))
             .timeout(self.request_timeout)
             .json(&serde_json::json!({ "expiresIn": expires_in.as_secs().max(1) }))
             .send()
@@ -376,7 +383,7 @@ impl StorageClient {
         let res = self
             .authed(
                 self.http
-                    .get(self.url(&format!("/bucket/{}", encode_segment(id)))),
+                    .get(self.url(&format!("/bucket/{}", encode_segment(id)?))),
             )
             .timeout(self.request_timeout)
             .send()
@@ -412,6 +419,8 @@ impl StorageClient {
         content_type: &str,
         length: u64,
     ) -> Result<String, StorageError> {
+        // The object name travels in metadata, not the URL: checked the same.
+        encode_path(path)?;
         let metadata = [
             ("bucketName", self.bucket.as_str()),
             ("objectName", path),

@@ -15,7 +15,7 @@ use serde_json::Value;
 
 use crate::call::CallFacts;
 use crate::config::Config;
-use crate::urls::{encode_segment, redact_url};
+use crate::urls::{UnsafePath, encode_segment, redact_url};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TelnyxError {
@@ -42,6 +42,10 @@ pub enum TelnyxError {
     Transport(String),
     #[error("unexpected Telnyx response: {0}")]
     Decode(String),
+    /// A recording id (a provider answer) that would not stay in its URL
+    /// segment (`..`, `%2e%2e`): refused before any request.
+    #[error("refused a recording id as a URL path segment: {0}")]
+    UnsafeId(#[from] UnsafePath),
 }
 
 impl TelnyxError {
@@ -61,6 +65,7 @@ impl TelnyxError {
             TelnyxError::DownloadDenied { .. } => "download_denied",
             TelnyxError::Transport(_) => "transport",
             TelnyxError::Decode(_) => "decode",
+            TelnyxError::UnsafeId(_) => "unsafe_id",
         }
     }
 }
@@ -349,7 +354,7 @@ impl TelnyxClient {
     /// `GET /recordings/{id}`: metadata plus fresh presigned download URLs
     /// (the ones in the webhook expire after 10 minutes).
     pub async fn get_recording(&self, id: &str) -> Result<Recording, TelnyxError> {
-        let path = format!("/recordings/{}", encode_segment(id));
+        let path = format!("/recordings/{}", encode_segment(id)?);
         let res = self
             .api(reqwest::Method::GET, &path)
             .send()
@@ -409,7 +414,7 @@ impl TelnyxClient {
 
     /// `DELETE /recordings/{id}`. Already gone counts as deleted.
     pub async fn delete_recording(&self, id: &str) -> Result<(), TelnyxError> {
-        let path = format!("/recordings/{}", encode_segment(id));
+        let path = format!("/recordings/{}", encode_segment(id)?);
         let res = self
             .api(reqwest::Method::DELETE, &path)
             .send()

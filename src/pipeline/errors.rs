@@ -28,7 +28,8 @@ pub(super) fn telnyx_failure(e: TelnyxError) -> JobError {
         TelnyxError::NotConfigured(_)
         | TelnyxError::Unauthorized { .. }
         | TelnyxError::NotFound { .. }
-        | TelnyxError::Rejected { .. } => JobError::permanent(e.to_string()),
+        | TelnyxError::Rejected { .. }
+        | TelnyxError::UnsafeId(_) => JobError::permanent(e.to_string()),
     }
 }
 

@@ -534,6 +534,25 @@ pub async fn link(
             Some(other) => Linked::TakenBy(other.unwrap_or_default()),
         });
     }
+    // The relay's own record (issue #19): the playback API signs the
+    // intake's column only while it equals this, and the table's CHECK
+    // takes only the intake's own folder, so an `unmatched/` object linked
+    // where it lies is not recorded and does not play.
+    if crate::object_paths::is_intake_recording(object_path, intake) {
+        sqlx::query(
+            "INSERT INTO recording_relay.recording_links (intake_id, recording_id, object_path, job_id)
+             VALUES ($1, $2, $3, $4)
+             ON CONFLICT (intake_id) DO UPDATE
+             SET recording_id = EXCLUDED.recording_id, object_path = EXCLUDED.object_path,
+                 job_id = EXCLUDED.job_id, linked_at = now()",
+        )
+        .bind(intake)
+        .bind(recording_id)
+        .bind(object_path)
+        .bind(lease.job_id)
+        .execute(&mut *tx)
+        .await?;
+    }
     if !queue.mark_linked(&mut tx, lease).await? {
         tx.rollback().await?;
         return Ok(Linked::LeaseLost);

@@ -2,6 +2,7 @@
 
 use tracing::info;
 
+use super::errors::storage_failure;
 use super::intakes;
 use super::{Run, duration_secs, lease_lost};
 use crate::jobs::JobError;
@@ -14,7 +15,11 @@ impl Run<'_> {
             ));
         };
         let recording_id = self.recording_id()?.to_owned();
-        let url = self.p.storage.authenticated_url(&path);
+        let url = self
+            .p
+            .storage
+            .authenticated_url(&path)
+            .map_err(storage_failure)?;
         let duration = duration_secs(&self.job);
         // Retrying cannot bring an intake back or take it from another
         // recording: stop at once and say where the recording is.

@@ -17,6 +17,10 @@
 //! Neither tokens nor signed URLs are logged: each is a credential. Every
 //! signed URL handed out is recorded in the access audit first
 //! ([`audit`]); when that write fails the URL is refused.
+//!
+//! Only a path the relay itself linked to that intake, in the intake's own
+//! folder, is signed ([`recording::lookup`]): `intakes.recording_object_path`
+//! is the host's column, and the service key would sign whatever it names.
 
 pub mod audit;
 pub mod auth;
@@ -414,6 +418,15 @@ async fn recording(
         Ok(Err(e)) => return unavailable(format!("database: {e}")),
         Err(_) => return unavailable("database: timed out".to_owned()),
     };
+    if found.refused_path {
+        // The column is the host's to write; its value is not logged (it
+        // may be anything a user typed), only that it was refused.
+        warn!(
+            intake.id = %intake,
+            "the intake's recording_object_path is not what the relay linked to it: \
+             not signed, answered as no recording"
+        );
+    }
     let mut body = RecordingResponse {
         status: found.status,
         duration_seconds: found.duration_seconds,

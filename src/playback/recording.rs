@@ -1,9 +1,14 @@
 //! What the player may show for one intake: the recording's state, read
-//! from the intake and its newest job, scoped to the caller's organization.
+//! from the intake and its newest job, scoped to the caller's organization,
+//! and the one object path that may be signed for it: the intake's column
+//! only while it equals what the relay recorded for that intake, in that
+//! intake's own folder (issue #19; [`crate::object_paths`]).
 
 use serde::Serialize;
 use sqlx::PgPool;
 use uuid::Uuid;
+
+use crate::object_paths::is_intake_recording;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -37,8 +42,14 @@ impl RecordingStatus {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct IntakeRecording {
     pub status: RecordingStatus,
+    /// The path to sign: set only when the intake's column equals the
+    /// relay's record and has the own-folder form.
     pub object_path: Option<String>,
     pub duration_seconds: Option<i32>,
+    /// The intake's column names an object the relay did not record for it
+    /// (changed or set by hand, or an `unmatched/` object linked where it
+    /// lay): answered as no recording, and worth a warning.
+    pub refused_path: bool,
 }
 
 /// The intake's recording, or `None` when the intake does not exist or
@@ -53,17 +64,20 @@ pub async fn lookup(
 ) -> Result<Option<IntakeRecording>, sqlx::Error> {
     #[derive(sqlx::FromRow)]
     struct Row {
-        object_path: Option<String>,
+        column_path: Option<String>,
+        linked_path: Option<String>,
         has_recording_id: bool,
         duration_seconds: Option<i32>,
         newest_job: Option<String>,
     }
     let row: Option<Row> = sqlx::query_as(
-        "SELECT i.recording_object_path AS object_path,
+        "SELECT i.recording_object_path AS column_path,
+                l.object_path AS linked_path,
                 i.recording_id IS NOT NULL AS has_recording_id,
                 i.recording_duration AS duration_seconds,
                 j.state::text AS newest_job
          FROM public.intakes i
+         LEFT JOIN recording_relay.recording_links l ON l.intake_id = i.id
          LEFT JOIN LATERAL (
              SELECT state FROM recording_relay.recording_jobs
              WHERE intake_id = i.id
@@ -76,14 +90,31 @@ pub async fn lookup(
     .bind(organization)
     .fetch_optional(pool)
     .await?;
-    Ok(row.map(|r| IntakeRecording {
-        status: RecordingStatus::derive(
-            r.object_path.is_some(),
-            r.has_recording_id,
-            r.newest_job.as_deref(),
-        ),
-        object_path: r.object_path,
-        duration_seconds: r.duration_seconds,
+    Ok(row.map(|r| {
+        let object_path = match (r.column_path.as_deref(), r.linked_path) {
+            (Some(column), Some(linked))
+                if column == linked && is_intake_recording(&linked, intake) =>
+            {
+                Some(linked)
+            }
+            _ => None,
+        };
+        let refused_path = r.column_path.is_some() && object_path.is_none();
+        let status = if refused_path {
+            RecordingStatus::NoRecording
+        } else {
+            RecordingStatus::derive(
+                object_path.is_some(),
+                r.has_recording_id,
+                r.newest_job.as_deref(),
+            )
+        };
+        IntakeRecording {
+            status,
+            object_path,
+            duration_seconds: r.duration_seconds,
+            refused_path,
+        }
     }))
 }
 
@@ -165,17 +196,35 @@ mod tests {
         let got = lookup(&pool, id, &org).await.unwrap().unwrap();
         assert_eq!(got.status, RecordingStatus::Processing);
 
+        // Set by hand, in the own folder's form: not the relay's record.
+        let path = format!("intakes/{id}/r.wav");
         sqlx::query(
-            "UPDATE public.intakes SET recording_id = 'r', recording_object_path = 'intakes/x/r.wav',
+            "UPDATE public.intakes SET recording_id = 'r', recording_object_path = $2,
                  recording_duration = 61 WHERE id = $1",
         )
         .bind(id)
+        .bind(&path)
+        .execute(&pool)
+        .await
+        .unwrap();
+        let got = lookup(&pool, id, &org).await.unwrap().unwrap();
+        assert_eq!(got.status, RecordingStatus::NoRecording);
+        assert_eq!(got.object_path, None);
+        assert!(got.refused_path);
+
+        sqlx::query(
+            "INSERT INTO recording_relay.recording_links (intake_id, recording_id, object_path)
+             VALUES ($1, 'r', $2)",
+        )
+        .bind(id)
+        .bind(&path)
         .execute(&pool)
         .await
         .unwrap();
         let got = lookup(&pool, id, &org).await.unwrap().unwrap();
         assert_eq!(got.status, RecordingStatus::Available);
-        assert_eq!(got.object_path.as_deref(), Some("intakes/x/r.wav"));
+        assert_eq!(got.object_path.as_deref(), Some(path.as_str()));
         assert_eq!(got.duration_seconds, Some(61));
+        assert!(!got.refused_path);
     }
 }

@@ -324,6 +324,90 @@ async fn tokens_and_organizations_are_enforced(pool: PgPool) {
     s.stop().await;
 }
 
+/// Sets `intakes.recording_object_path` as a ZScribe user may (the usual
+/// host policy lets members update their organization's intakes).
+async fn point_intake_at(pool: &PgPool, intake: Uuid, recording_id: &str, path: &str) {
+    sqlx::query(
+        "UPDATE public.intakes SET recording_id = $2, recording_object_path = $3 WHERE id = $1",
+    )
+    .bind(intake)
+    .bind(recording_id)
+    .bind(path)
+    .execute(pool)
+    .await
+    .unwrap();
+}
+
+/// The column is the host's: a path in it that the relay did not record
+/// for that intake, in exactly the intake's own folder, is never signed
+/// (issue #19: org A's token got signed URLs for org B's recording and for
+/// a file in another bucket, through dot segments).
+#[sqlx::test(migrations = false)]
+async fn a_path_the_relay_did_not_record_for_the_intake_is_never_signed(pool: PgPool) {
+    let s = Playback::start(pool, |_| {}).await;
+    let (org_a, org_b) = (Uuid::new_v4(), Uuid::new_v4());
+    let states = prepare_states(&s.p, org_b, AUDIO_LEN).await;
+    let pool = s.p.app.pool.clone();
+    let b_path: String =
+        sqlx::query_scalar("SELECT recording_object_path FROM public.intakes WHERE id = $1")
+            .bind(states.available)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    let b_file = b_path.rsplit('/').next().unwrap().to_owned();
+    let b = states.available;
+    s.p.storage
+        .create_bucket("patient-documents", false, None, None);
+    let a = plain_intake(&pool, org_a).await;
+    let t = token(org_a);
+    let signs_before = s.p.storage.request_count("/storage/v1/object/sign/");
+    for path in [
+        format!("intakes/{a}/../{b}/{b_file}"),
+        format!("x/../intakes/{b}/{b_file}"),
+        "../patient-documents/scan.pdf".to_owned(),
+        format!("intakes/{a}/%2e%2e/{b}/{b_file}"),
+        format!("intakes/{a}/..\\{b}\\{b_file}"),
+        format!("intakes/{a}//{b_file}"),
+        // Another organization's folder as it is (B's own path is taken:
+        // the column is unique), and an unmatched object.
+        format!("intakes/{b}/rec-other.wav"),
+        "unmatched/rec-x.wav".to_owned(),
+        // The own folder's form, but nothing the relay stored there.
+        format!("intakes/{a}/rec-a.wav"),
+    ] {
+        point_intake_at(&pool, a, "rec-a", &path).await;
+        let (status, body) = s.recording(&a.to_string(), Some(&t)).await;
+        assert_eq!(status, 200, "{path}: {body}");
+        assert_eq!(body["status"], "none", "{path}: {body}");
+        assert_eq!(body["url"], Value::Null, "{path}: {body}");
+    }
+    assert_eq!(
+        s.p.storage.request_count("/storage/v1/object/sign/"),
+        signs_before,
+        "no attack path reached storage"
+    );
+    let audited = audit::list(&pool, &audit::Filter::Intake(a), 10)
+        .await
+        .unwrap();
+    assert_eq!(audited, vec![]);
+
+    // B's own recording still plays for B; and once B's column is changed
+    // by hand, even to another file of B's own folder, it no longer does.
+    let (status, body) = s.recording(&b.to_string(), Some(&token(org_b))).await;
+    assert_eq!(
+        (status.as_u16(), body["status"].as_str()),
+        (200, Some("available"))
+    );
+    point_intake_at(&pool, b, "rec-playback", &format!("intakes/{b}/other.wav")).await;
+    let (status, body) = s.recording(&b.to_string(), Some(&token(org_b))).await;
+    assert_eq!(
+        (status.as_u16(), body["status"].as_str()),
+        (200, Some("none")),
+        "{body}"
+    );
+    s.stop().await;
+}
+
 #[sqlx::test(migrations = false)]
 async fn signed_urls_expire_after_the_configured_ttl(pool: PgPool) {
     let s = Playback::start(pool, |c| {
@@ -655,89 +739,150 @@ async fn visible_objects(pool: &PgPool, claims: Option<Value>) -> Vec<(String, S
     rows
 }
 
-#[sqlx::test(migrations = false)]
-async fn the_storage_policy_shows_users_only_their_organizations_recordings(pool: PgPool) {
-    let pool = crate::supabase::supabase_shaped(pool).await;
-    let policies: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM pg_policies
-         WHERE schemaname = 'storage' AND tablename = 'objects'
-           AND policyname = 'recording_relay_read_own_organization' AND cmd = 'SELECT'
-           AND roles = '{authenticated}'",
+async fn insert_intake(pool: &PgPool, org: Uuid) -> Uuid {
+    sqlx::query_scalar("INSERT INTO public.intakes (organization_id) VALUES ($1) RETURNING id")
+        .bind(org)
+        .fetch_one(pool)
+        .await
+        .unwrap()
+}
+
+async fn insert_object(pool: &PgPool, bucket: &str, name: &str) {
+    sqlx::query("INSERT INTO storage.objects (bucket_id, name) VALUES ($1, $2)")
+        .bind(bucket)
+        .bind(name)
+        .execute(pool)
+        .await
+        .unwrap();
+}
+
+/// What the link step writes: the intake's column and the relay's record.
+async fn link_by_relay(pool: &PgPool, intake: Uuid, recording_id: &str) -> String {
+    let path = format!("intakes/{intake}/{recording_id}.wav");
+    point_intake_at(pool, intake, recording_id, &path).await;
+    sqlx::query(
+        "INSERT INTO recording_relay.recording_links (intake_id, recording_id, object_path)
+         VALUES ($1, $2, $3)",
     )
-    .fetch_one(&pool)
+    .bind(intake)
+    .bind(recording_id)
+    .bind(&path)
+    .execute(pool)
     .await
     .unwrap();
-    assert_eq!(policies, 1);
+    path
+}
+
+fn member_of(org: Uuid) -> Value {
+    json!({"role": "authenticated", "aud": "authenticated",
+           "app_metadata": {"organization_id": org}, "user_metadata": {}})
+}
+
+/// Direct reads (a user's own `createSignedUrl` or download) write no
+/// audit row, so by default the bucket grants signed-in users nothing: only
+/// the playback API, whose audit fails closed, hands out URLs (issue #19).
+#[sqlx::test(migrations = false)]
+async fn by_default_no_signed_in_user_reads_the_recordings_bucket_directly(pool: PgPool) {
+    let pool = crate::supabase::supabase_shaped(pool).await;
+    let policies: Vec<String> = sqlx::query_scalar(
+        "SELECT policyname::text FROM pg_policies
+         WHERE schemaname = 'storage' AND tablename = 'objects'",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    assert_eq!(policies, Vec::<String>::new());
     sqlx::query("GRANT SELECT ON intakes TO authenticated")
         .execute(&pool)
         .await
         .unwrap();
+    let org = Uuid::new_v4();
+    let intake = insert_intake(&pool, org).await;
+    let path = format!("intakes/{intake}/rec-a.wav");
+    point_intake_at(&pool, intake, "rec-a", &path).await;
+    insert_object(&pool, "call-recordings", &path).await;
+    assert_eq!(visible_objects(&pool, Some(member_of(org))).await, vec![]);
+}
 
-    let (org_a, org_b) = (Uuid::new_v4(), Uuid::new_v4());
-    let (path_a, path_b) = ("intakes/a/rec-a.wav", "intakes/b/rec-b.wav");
-    for (org, path) in [(org_a, path_a), (org_b, path_b)] {
-        sqlx::query(
-            "INSERT INTO public.intakes (organization_id, recording_object_path) VALUES ($1, $2)",
-        )
-        .bind(org)
-        .bind(path)
+/// The opt-in policy (unaudited, README "Playback") grants an object only
+/// when the relay recorded it for an intake of the user's organization, in
+/// that intake's own folder, and the intake's column still names it: never
+/// another organization's object, a dot-segment name or `unmatched/`.
+#[sqlx::test(migrations = false)]
+async fn the_opt_in_storage_policy_grants_only_what_the_relay_linked_in_the_intakes_own_folder(
+    pool: PgPool,
+) {
+    let pool = crate::supabase::supabase_shaped(pool).await;
+    sqlx::query("GRANT SELECT ON intakes TO authenticated")
         .execute(&pool)
         .await
         .unwrap();
-    }
-    // Objects a LIKE-based policy would leak: a prefix of every path, and
-    // the same name in another bucket.
+    sqlx::query("SELECT recording_relay.direct_storage_reads_allow()")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let (org_a, org_b) = (Uuid::new_v4(), Uuid::new_v4());
+    let a = insert_intake(&pool, org_a).await;
+    let b = insert_intake(&pool, org_b).await;
+    let path_a = link_by_relay(&pool, a, "rec-a").await;
+    let path_b = link_by_relay(&pool, b, "rec-b").await;
+    // Org A's other intakes, pointed by a member at what is not theirs: a
+    // file in B's folder (B's own path is taken: the column is unique).
+    let in_b = format!("intakes/{b}/rec-b2.wav");
+    let at_b = insert_intake(&pool, org_a).await;
+    point_intake_at(&pool, at_b, "rec-b2", &in_b).await;
+    let dots = insert_intake(&pool, org_a).await;
+    let dotted = format!("intakes/{dots}/../{b}/rec-b.wav");
+    point_intake_at(&pool, dots, "rec-b", &dotted).await;
+    let unmatched = insert_intake(&pool, org_a).await;
+    point_intake_at(&pool, unmatched, "rec-x", "unmatched/rec-x.wav").await;
+    // The own folder's form, but not what the relay recorded.
+    let unlinked = insert_intake(&pool, org_a).await;
+    let unlinked_path = format!("intakes/{unlinked}/rec-u.wav");
+    point_intake_at(&pool, unlinked, "rec-u", &unlinked_path).await;
     for (bucket, name) in [
-        ("call-recordings", path_a),
-        ("call-recordings", path_b),
-        ("call-recordings", "intakes/"),
+        ("call-recordings", path_a.as_str()),
+        ("call-recordings", path_b.as_str()),
+        ("call-recordings", in_b.as_str()),
+        ("call-recordings", dotted.as_str()),
         ("call-recordings", "unmatched/rec-x.wav"),
-        ("avatars", path_a),
+        ("call-recordings", unlinked_path.as_str()),
+        ("call-recordings", "intakes/"),
+        ("avatars", path_a.as_str()),
     ] {
-        sqlx::query("INSERT INTO storage.objects (bucket_id, name) VALUES ($1, $2)")
-            .bind(bucket)
-            .bind(name)
-            .execute(&pool)
-            .await
-            .unwrap();
+        insert_object(&pool, bucket, name).await;
     }
-    let user = |org: Value| {
-        json!({"role": "authenticated", "aud": "authenticated",
-               "app_metadata": {"organization_id": org}, "user_metadata": {}})
-    };
-    let own = |name: &str| vec![("call-recordings".to_owned(), name.to_owned())];
+    let only = |name: &str| vec![("call-recordings".to_owned(), name.to_owned())];
 
     assert_eq!(
-        visible_objects(&pool, Some(user(json!(org_a)))).await,
-        own(path_a)
+        visible_objects(&pool, Some(member_of(org_a))).await,
+        only(&path_a)
     );
     assert_eq!(
-        visible_objects(&pool, Some(user(json!(org_b)))).await,
-        own(path_b)
+        visible_objects(&pool, Some(member_of(org_b))).await,
+        only(&path_b)
     );
     assert_eq!(
-        visible_objects(&pool, Some(user(json!(Uuid::new_v4())))).await,
+        visible_objects(&pool, Some(member_of(Uuid::new_v4()))).await,
         vec![]
     );
     // user_metadata is the user's to edit: it grants nothing.
-    let mut self_made = user(Value::Null);
+    let mut self_made = member_of(org_a);
     self_made["app_metadata"] = json!({});
     self_made["user_metadata"] = json!({"organization_id": org_a});
     assert_eq!(visible_objects(&pool, Some(self_made)).await, vec![]);
     assert_eq!(visible_objects(&pool, None).await, vec![]);
 
-    // Another bucket name is one function away.
-    sqlx::query(
-        "CREATE OR REPLACE FUNCTION recording_relay.recording_relay_recordings_bucket()
-         RETURNS text LANGUAGE sql STABLE RETURN 'avatars'",
-    )
-    .execute(&pool)
-    .await
-    .unwrap();
-    assert_eq!(
-        visible_objects(&pool, Some(user(json!(org_a)))).await,
-        vec![("avatars".to_owned(), path_a.to_owned())]
-    );
+    // A host that changes its column only loses access.
+    point_intake_at(&pool, a, "rec-a", &format!("intakes/{a}/other.wav")).await;
+    assert_eq!(visible_objects(&pool, Some(member_of(org_a))).await, vec![]);
+
+    // And the opt-in is undone as plainly.
+    sqlx::query("SELECT recording_relay.direct_storage_reads_refuse()")
+        .execute(&pool)
+        .await
+        .unwrap();
+    assert_eq!(visible_objects(&pool, Some(member_of(org_b))).await, vec![]);
 }
 
 #[sqlx::test(migrations = false)]

@@ -76,6 +76,12 @@ async fn the_api_roles_can_neither_read_nor_change_nor_call_anything_of_the_rela
         format!("SELECT recording_relay.recording_jobs_attach({job}, gen_random_uuid())"),
         "SELECT recording_relay.recording_relay_phone_key('+1 555 123 4567')".to_owned(),
         "SELECT 'pending'::recording_relay.recording_job_state".to_owned(),
+        "SELECT * FROM recording_relay.recording_links".to_owned(),
+        "INSERT INTO recording_relay.recording_links (intake_id, recording_id, object_path)
+         VALUES (gen_random_uuid(), 'r', 'unmatched/r.wav')"
+            .to_owned(),
+        "SELECT recording_relay.direct_storage_reads_allow()".to_owned(),
+        "SELECT recording_relay.recording_relay_linked_for_my_organization('x')".to_owned(),
     ];
     for role in ["anon", "authenticated"] {
         for sql in &attempts {
@@ -315,4 +321,84 @@ async fn a_migrate_stopped_before_the_move_leaves_nothing_open(pool: PgPool) {
     // And the rest of the migrations then run as usual.
     recording_relay::db::migrate(&pool).await.unwrap();
     recording_relay::db::ensure_migrated(&pool).await.unwrap();
+}
+
+/// Migration 20261207000001 fills the relay's link record from what it
+/// linked before: linked jobs, and for intakes whose jobs retention pruned,
+/// only columns with exactly the own-folder form and the intake's own
+/// recording id. A column a user pointed elsewhere gets no record.
+#[sqlx::test(migrations = false)]
+async fn the_link_record_is_filled_from_linked_jobs_and_only_from_own_folder_columns(pool: PgPool) {
+    use sqlx::migrate::Migrator;
+    use uuid::Uuid;
+    sqlx::raw_sql(SUPABASE).execute(&pool).await.unwrap();
+    testing::create_host_schema(&pool).await.unwrap();
+    let before_links = Migrator {
+        migrations: recording_relay::db::MIGRATOR
+            .iter()
+            .filter(|m| m.version < 20261207000001)
+            .cloned()
+            .collect::<Vec<_>>()
+            .into(),
+        ..Migrator::DEFAULT
+    };
+    before_links.run(&pool).await.unwrap();
+    let intake = async |recording: &str, path: &str| -> Uuid {
+        let id: Uuid = sqlx::query_scalar("INSERT INTO public.intakes DEFAULT VALUES RETURNING id")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        sqlx::query(
+            "UPDATE public.intakes SET recording_id = $2, recording_object_path = replace($3, '{id}', $1::text)
+             WHERE id = $1",
+        )
+        .bind(id)
+        .bind(recording)
+        .bind(path)
+        .execute(&pool)
+        .await
+        .unwrap();
+        id
+    };
+    // Linked by a job that is still there.
+    let by_job = intake("v3-job", "intakes/{id}/v3-job.wav").await;
+    sqlx::query(
+        "INSERT INTO recording_relay.recording_jobs (event_id, event_type, event, recording_id,
+             intake_id, matched_at, match_method, object_path, content_type, object_sha256,
+             object_size, stored_at, state, finished_at, linked_at)
+         VALUES ('ev-1', 'call.recording.saved', '{}', 'v3-job', $1, now(), 'client_state', $2,
+             'audio/wav', repeat('0', 64), 1, now(), 'succeeded', now(), now())",
+    )
+    .bind(by_job)
+    .bind(format!("intakes/{by_job}/v3-job.wav"))
+    .execute(&pool)
+    .await
+    .unwrap();
+    // Jobs pruned: the column alone, in the pipeline's form of the id.
+    let pruned = intake("v3:odd/id", "intakes/{id}/v3_odd_id.mp3").await;
+    // Pointed elsewhere by a user, or at a file the id does not name.
+    let elsewhere = intake("v3-x", "x/../intakes/{id}/v3-x.wav").await;
+    let unmatched = intake("v3-u", "unmatched/v3-u.wav").await;
+    let other_file = intake("v3-y", "intakes/{id}/something-else.wav").await;
+
+    recording_relay::db::migrate(&pool).await.unwrap();
+    let links: Vec<(Uuid, String, String, Option<i64>)> = sqlx::query_as(
+        "SELECT intake_id, recording_id, object_path, job_id
+         FROM recording_relay.recording_links ORDER BY job_id NULLS LAST",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    let got: Vec<(Uuid, &str, bool)> = links
+        .iter()
+        .map(|(i, r, _, job)| (*i, r.as_str(), job.is_some()))
+        .collect();
+    assert_eq!(
+        got,
+        vec![(by_job, "v3-job", true), (pruned, "v3:odd/id", false)],
+        "{links:?}"
+    );
+    for id in [elsewhere, unmatched, other_file] {
+        assert!(links.iter().all(|(i, ..)| *i != id), "{id}");
+    }
 }

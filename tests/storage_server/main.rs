@@ -439,10 +439,14 @@ async fn tus_resumes_at_an_offset_that_is_not_a_chunk_boundary() {
     assert_eq!(job.attempts, 2, "{:?}", job.errors);
 }
 
-/// The daemon's storage policy: a signed-in user of organization A reads
-/// the recordings of A's intakes, and nothing of B's.
+/// Direct reads with a user's own token write no audit row (issue #19): by
+/// default the server refuses a signed-in user's own `createSignedUrl` and
+/// download even of their organization's recording. With the DBA's opt-in
+/// (`direct_storage_reads_allow`, unaudited) they read exactly what the
+/// relay linked to their organization's intakes: not B's, not `unmatched/`.
 #[tokio::test]
-async fn the_storage_policy_lets_an_organization_read_only_its_own_recordings() {
+async fn a_users_own_signed_url_is_refused_by_default_and_the_opt_in_grants_only_linked_recordings()
+{
     let Some(s) = suite().await else { return };
     let Some(secret) = s.server.jwt_secret.clone() else {
         eprintln!("!!!!! SKIPPING the RLS case: no JWT secret (STORAGE_TEST_JWT_SECRET)");
@@ -456,6 +460,8 @@ async fn the_storage_policy_lets_an_organization_read_only_its_own_recordings() 
             .await
             .unwrap();
     }
+    let refuse = "SELECT recording_relay.direct_storage_reads_refuse()";
+    sqlx::query(refuse).execute(&s.pool).await.unwrap();
     let (org_a, org_b) = (Uuid::new_v4(), Uuid::new_v4());
     let mut paths = Vec::new();
     for org in [org_a, org_b] {
@@ -466,14 +472,42 @@ async fn the_storage_policy_lets_an_organization_read_only_its_own_recordings() 
             .upload(&path, "audio/wav", bytes(1000).into(), None)
             .await
             .unwrap();
-        sqlx::query("UPDATE public.intakes SET recording_object_path = $2 WHERE id = $1")
-            .bind(intake)
-            .bind(&path)
-            .execute(&s.pool)
-            .await
-            .unwrap();
+        // What the link step writes: the column and the relay's record.
+        sqlx::query(
+            "UPDATE public.intakes SET recording_id = $2, recording_object_path = $3 WHERE id = $1",
+        )
+        .bind(intake)
+        .bind(&rec.id)
+        .bind(&path)
+        .execute(&s.pool)
+        .await
+        .unwrap();
+        sqlx::query(
+            "INSERT INTO recording_relay.recording_links (intake_id, recording_id, object_path)
+             VALUES ($1, $2, $3)",
+        )
+        .bind(intake)
+        .bind(&rec.id)
+        .bind(&path)
+        .execute(&s.pool)
+        .await
+        .unwrap();
         paths.push(path);
     }
+    // An intake of A pointed by hand at an unmatched recording.
+    let stray = recording("rls-stray", 1000);
+    let unmatched = format!("unmatched/{}.wav", stray.id);
+    storage
+        .upload(&unmatched, "audio/wav", bytes(1000).into(), None)
+        .await
+        .unwrap();
+    let pointing = s.intake_for(&stray, Some(org_a)).await;
+    sqlx::query("UPDATE public.intakes SET recording_object_path = $2 WHERE id = $1")
+        .bind(pointing)
+        .bind(&unmatched)
+        .execute(&s.pool)
+        .await
+        .unwrap();
     let user_of_a = jsonwebtoken::encode(
         &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
         &serde_json::json!({
@@ -486,8 +520,9 @@ async fn the_storage_policy_lets_an_organization_read_only_its_own_recordings() 
         &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
     )
     .unwrap();
+    let client = reqwest::Client::new();
     let read = async |path: &str| {
-        let res = reqwest::Client::new()
+        let res = client
             .get(format!(
                 "{}/storage/v1/object/authenticated/{bucket}/{path}",
                 s.server.url
@@ -498,9 +533,46 @@ async fn the_storage_policy_lets_an_organization_read_only_its_own_recordings() 
             .unwrap();
         (res.status(), res.text().await.unwrap_or_default())
     };
+    // supabase-js `createSignedUrl` with the user's session.
+    let sign = async |path: &str| {
+        let res = client
+            .post(format!(
+                "{}/storage/v1/object/sign/{bucket}/{path}",
+                s.server.url
+            ))
+            .bearer_auth(&user_of_a)
+            .json(&serde_json::json!({ "expiresIn": 60 }))
+            .send()
+            .await
+            .unwrap();
+        (res.status(), res.text().await.unwrap_or_default())
+    };
+
+    let (status, body) = sign(&paths[0]).await;
+    assert!(
+        !status.is_success(),
+        "by default A signs nothing, not even A's own: {body}"
+    );
     let (status, body) = read(&paths[0]).await;
-    assert_eq!(status, 200, "A reads A's recording: {body}");
-    let (status, body) = read(&paths[1]).await;
-    assert!(!status.is_success(), "A must not read B's recording");
-    assert!(body.contains("not found"), "{body}");
+    assert!(
+        !status.is_success(),
+        "by default A downloads nothing: {body}"
+    );
+
+    sqlx::query("SELECT recording_relay.direct_storage_reads_allow()")
+        .execute(&s.pool)
+        .await
+        .unwrap();
+    let (status, body) = read(&paths[0]).await;
+    assert_eq!(status, 200, "with the opt-in A reads A's recording: {body}");
+    let (status, body) = sign(&paths[0]).await;
+    assert_eq!(status, 200, "and signs it: {body}");
+    for other in [&paths[1], &unmatched] {
+        let (status, body) = read(other).await;
+        assert!(!status.is_success(), "A must not read {other}");
+        assert!(body.contains("not found"), "{body}");
+        let (status, body) = sign(other).await;
+        assert!(!status.is_success(), "A must not sign {other}: {body}");
+    }
+    sqlx::query(refuse).execute(&s.pool).await.unwrap();
 }
