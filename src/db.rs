@@ -18,6 +18,8 @@ use tracing::{info, warn};
 
 use crate::config::Config;
 
+mod indexes;
+
 /// The relay's own schema: tables, views, functions, migration history.
 pub const SCHEMA: &str = "recording_relay";
 
@@ -78,10 +80,11 @@ pub enum DbError {
     )]
     IncompatibleEdit(i64, &'static str),
     #[error(
-        "index(es) {0} are INVALID (an interrupted CREATE INDEX CONCURRENTLY): \
-         DROP INDEX CONCURRENTLY each, then run `recording-relay migrate` again"
+        "expected index(es) not usable ({0}): an interrupted CREATE INDEX CONCURRENTLY leaves \
+         one INVALID, a DROP INDEX removes one; run `recording-relay migrate`, which builds \
+         each missing one and rebuilds each INVALID one"
     )]
-    InvalidIndexes(String),
+    UnusableIndexes(String),
     #[error(
         "DATABASE_URL goes through a pooler in transaction mode (Supavisor on port 6543, or \
          PgBouncer with pool_mode = transaction), which the daemon cannot use: it needs one \
@@ -652,6 +655,7 @@ pub async fn migrate(pool: &PgPool) -> Result<(), DbError> {
             Err(e) => return Err(e.into()),
         }
     }
+    indexes::repair(&mut conn).await?;
     info!(
         migrations = MIGRATOR.iter().count(),
         "database schema is up to date"
@@ -770,27 +774,7 @@ pub async fn ensure_migrated(pool: &PgPool) -> Result<(), DbError> {
         return Err(DbError::NotMigrated(missing.join(", ")));
     }
     refuse_relay_objects_in_public(&mut *pool.acquire().await?).await?;
-    ensure_indexes_valid(pool).await
-}
-
-/// An interrupted `CREATE INDEX CONCURRENTLY` leaves an INVALID index that a
-/// later `IF NOT EXISTS` skips; the unique ones would then enforce nothing.
-async fn ensure_indexes_valid(pool: &PgPool) -> Result<(), DbError> {
-    let invalid: Vec<String> = sqlx::query_scalar(
-        "SELECT c.relname::text FROM pg_catalog.pg_index i
-         JOIN pg_catalog.pg_class c ON c.oid = i.indexrelid
-         WHERE NOT i.indisvalid
-           AND c.relname IN ('idx_intakes_recording_id', 'idx_intakes_recording_object_path',
-                             'idx_patients_recording_relay_phone_key',
-                             'recording_jobs_finished_idx')",
-    )
-    .fetch_all(pool)
-    .await?;
-    if invalid.is_empty() {
-        Ok(())
-    } else {
-        Err(DbError::InvalidIndexes(invalid.join(", ")))
-    }
+    indexes::ensure_usable(pool).await
 }
 
 #[cfg(test)]
