@@ -102,6 +102,13 @@ pub struct TelnyxSimBehaviour {
     pub retry_after: Option<String>,
     /// `x-ratelimit-reset` on 429 answers (seconds).
     pub ratelimit_reset: Option<String>,
+    /// `Content-Length` on downloads. Off: the body is sent chunked with no
+    /// length anywhere, as a host streaming a file may send it.
+    pub download_length: bool,
+    /// Every download body ends this many bytes early, and ends cleanly: a
+    /// cut file on the host. With a length the client sees the shortfall;
+    /// without one nothing in HTTP does.
+    pub download_short_by: u64,
 }
 
 impl Default for TelnyxSimBehaviour {
@@ -114,6 +121,8 @@ impl Default for TelnyxSimBehaviour {
             refuse_unknown_filters: true,
             retry_after: None,
             ratelimit_reset: Some("1".to_owned()),
+            download_length: true,
+            download_short_by: 0,
         }
     }
 }
@@ -1047,13 +1056,13 @@ fn download(state: &State, req: &Request<Incoming>) -> Resp {
     if Utc::now() >= deadline {
         return s3_error(403, "AccessDenied", "Request has expired");
     }
-    let content = {
+    let (content, behaviour) = {
         let g = state.lock();
         // Only the recorded format's file exists, unless told otherwise.
         match g.recordings.get(&id).filter(|e| {
             !e.deleted && (!g.behaviour.only_recorded_format || e.rec.format.extension() == format)
         }) {
-            Some(e) => e.rec.content.clone(),
+            Some(e) => (e.rec.content.clone(), g.behaviour.clone()),
             None => return s3_error(404, "NoSuchKey", "The specified key does not exist."),
         }
     };
@@ -1077,12 +1086,17 @@ fn download(state: &State, req: &Request<Incoming>) -> Resp {
             return resp;
         }
     };
+    let sent_end = end
+        .saturating_sub(behaviour.download_short_by)
+        .max(start);
     let mut resp = response(
         code,
         content_type,
-        stream_body(content.stream_range(start, end)),
+        stream_body(content.stream_range(start, sent_end)),
     );
-    set_header(&mut resp, "content-length", &(end - start).to_string());
+    if behaviour.download_length {
+        set_header(&mut resp, "content-length", &(end - start).to_string());
+    }
     set_header(&mut resp, "accept-ranges", "bytes");
     if code == 206 {
         set_header(
