@@ -918,7 +918,18 @@ mod tests {
             })
             .collect();
         std::fs::write(&pins, repinned).unwrap();
-        git(&clone, &["-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qam", "edit"]);
+        git(
+            &clone,
+            &[
+                "-c",
+                "user.name=t",
+                "-c",
+                "user.email=t@t",
+                "commit",
+                "-qam",
+                "edit",
+            ],
+        );
         let out = history_check(&clone);
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success(), "an edit with its pin passed");
@@ -931,7 +942,14 @@ mod tests {
         let shallow = temp.path().join("shallow");
         git(
             temp.path(),
-            &["clone", "--quiet", "--depth", "1", &format!("file://{here}"), "shallow"],
+            &[
+                "clone",
+                "--quiet",
+                "--depth",
+                "1",
+                &format!("file://{here}"),
+                "shallow",
+            ],
         );
         let out = history_check(&shallow);
         assert!(!out.status.success(), "a shallow clone passed");
@@ -967,7 +985,10 @@ mod tests {
             matches!(&err, DbError::BeforeKnownEdit(v) if v == "20261202000002"),
             "{err}"
         );
-        assert!(err.to_string().contains("run `recording-relay migrate`"), "{err}");
+        assert!(
+            err.to_string().contains("run `recording-relay migrate`"),
+            "{err}"
+        );
 
         migrate(&pool).await.unwrap();
         ensure_migrated(&pool).await.unwrap();
@@ -977,7 +998,10 @@ mod tests {
         .fetch_one(&pool)
         .await
         .unwrap();
-        let current = MIGRATOR.iter().find(|m| m.version == 20261202000002).unwrap();
+        let current = MIGRATOR
+            .iter()
+            .find(|m| m.version == 20261202000002)
+            .unwrap();
         assert_eq!(recorded, *current.checksum);
     }
 
@@ -1006,7 +1030,10 @@ mod tests {
                 matches!(err, DbError::IncompatibleEdit(20261125000001, _)),
                 "{err}"
             );
-            assert!(err.to_string().contains("drop the schema recording_relay"), "{err}");
+            assert!(
+                err.to_string().contains("drop the schema recording_relay"),
+                "{err}"
+            );
         }
         let still: Vec<u8> = sqlx::query_scalar(
             "SELECT checksum FROM recording_relay._sqlx_migrations WHERE version = 20261125000001",

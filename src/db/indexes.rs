@@ -257,7 +257,10 @@ mod tests {
                          INVALID: recording_jobs_recording_id_key"),
             "{err}"
         );
-        assert!(err.to_string().contains("run `recording-relay migrate`"), "{err}");
+        assert!(
+            err.to_string().contains("run `recording-relay migrate`"),
+            "{err}"
+        );
 
         crate::db::migrate(&pool).await.unwrap();
         crate::db::ensure_migrated(&pool).await.unwrap();

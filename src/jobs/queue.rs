@@ -935,7 +935,11 @@ mod tests {
                 .await
                 .unwrap()
         );
-        assert!(!q.save_stored(stale, &"0".repeat(64), 1, None).await.unwrap());
+        assert!(
+            !q.save_stored(stale, &"0".repeat(64), 1, None)
+                .await
+                .unwrap()
+        );
         assert!(!q.save_telnyx_deleted(stale).await.unwrap());
         let mut tx = q.pool().begin().await.unwrap();
         assert!(!q.mark_linked(&mut tx, stale).await.unwrap());

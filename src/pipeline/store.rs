@@ -478,7 +478,11 @@ impl Run<'_> {
 /// declare exactly that many. A download without a length that the host
 /// cut short ends cleanly: without these, it would be stored, linked and
 /// then deleted at Telnyx, the only whole copy.
-fn unproven(format: Option<AudioFormat>, source_length: Option<u64>, digest: &Digest) -> Option<String> {
+fn unproven(
+    format: Option<AudioFormat>,
+    source_length: Option<u64>,
+    digest: &Digest,
+) -> Option<String> {
     match source_length {
         None => {
             return Some(
@@ -523,12 +527,18 @@ mod tests {
         let cut = &whole[..6_000];
         use AudioFormat::{Mp3, Wav};
         let n = |b: &[u8]| Some(b.len() as u64);
-        assert_eq!(unproven(Some(Wav), n(&whole), &digest_of_bytes(&whole)), None);
+        assert_eq!(
+            unproven(Some(Wav), n(&whole), &digest_of_bytes(&whole)),
+            None
+        );
         assert_eq!(unproven(Some(Mp3), n(cut), &digest_of_bytes(cut)), None);
         let no_length = unproven(Some(Wav), None, &digest_of_bytes(&whole)).unwrap();
         assert!(no_length.contains("no length"), "{no_length}");
         let cut_wav = unproven(Some(Wav), n(cut), &digest_of_bytes(cut)).unwrap();
-        assert!(cut_wav.contains("WAV header: the RIFF header declares 10000"), "{cut_wav}");
+        assert!(
+            cut_wav.contains("WAV header: the RIFF header declares 10000"),
+            "{cut_wav}"
+        );
         let short = unproven(Some(Mp3), Some(10_000), &digest_of_bytes(cut)).unwrap();
         assert!(short.contains("declared 10000 bytes, 6000"), "{short}");
     }

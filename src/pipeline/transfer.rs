@@ -15,7 +15,7 @@ use tokio_util::io::StreamReader;
 const READ_SIZE: usize = 64 * 1024;
 
 /// SHA-256 and length of the bytes that went through, and their first
-/// [`wav::HEAD_LEN`](super::wav::HEAD_LEN) bytes (for the WAV header check).
+/// bytes (up to `wav::HEAD_LEN`, for the WAV header check).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Digest {
     pub sha256: String,

@@ -115,7 +115,9 @@ mod tests {
         f.extend_from_slice(&22u16.to_le_bytes()); // cbSize
         f.extend_from_slice(&16u16.to_le_bytes()); // valid bits
         f.extend_from_slice(&3u32.to_le_bytes()); // channel mask
-        f.extend_from_slice(&[0x01, 0, 0, 0, 0, 0, 0x10, 0, 0x80, 0, 0, 0xAA, 0, 0x38, 0x9B, 0x71]);
+        f.extend_from_slice(&[
+            0x01, 0, 0, 0, 0, 0, 0x10, 0, 0x80, 0, 0, 0xAA, 0, 0x38, 0x9B, 0x71,
+        ]);
         chunk(b"fmt ", &f)
     }
 
@@ -138,10 +140,22 @@ mod tests {
         let list = chunk(b"LIST", b"INFOISFT\x05\x00\x00\x00sim\x00\x00");
         let cases = [
             ("canonical", riff(&[fmt_pcm(), chunk(b"data", &audio)])),
-            ("extensible fmt", riff(&[fmt_extensible(), chunk(b"data", &audio)])),
-            ("LIST first", riff(&[list.clone(), fmt_pcm(), chunk(b"data", &audio)])),
-            ("LIST after the audio", riff(&[fmt_pcm(), chunk(b"data", &audio), list.clone()])),
-            ("odd-sized audio, padded", riff(&[fmt_pcm(), chunk(b"data", &audio[..999])])),
+            (
+                "extensible fmt",
+                riff(&[fmt_extensible(), chunk(b"data", &audio)]),
+            ),
+            (
+                "LIST first",
+                riff(&[list.clone(), fmt_pcm(), chunk(b"data", &audio)]),
+            ),
+            (
+                "LIST after the audio",
+                riff(&[fmt_pcm(), chunk(b"data", &audio), list.clone()]),
+            ),
+            (
+                "odd-sized audio, padded",
+                riff(&[fmt_pcm(), chunk(b"data", &audio[..999])]),
+            ),
         ];
         for (name, file) in cases {
             assert_eq!(checked(&file), Ok(()), "{name}");
@@ -158,13 +172,38 @@ mod tests {
         let mut streamed = whole.clone();
         streamed[4..8].copy_from_slice(&u32::MAX.to_le_bytes());
         let cases: [(&str, &[u8], u64, &str); 7] = [
-            ("cut in the audio", &whole[..500], 500, "declares 1044 bytes, 500 were stored"),
+            (
+                "cut in the audio",
+                &whole[..500],
+                500,
+                "declares 1044 bytes, 500 were stored",
+            ),
             ("cut in the header", &whole[..30], 30, "declares 1044 bytes"),
-            ("data larger than the file", &wrong_data, wrong_data.len() as u64, "data chunk declares 2000"),
-            ("placeholder sizes", &streamed, streamed.len() as u64, "placeholder"),
-            ("not a WAV", b"ID3\x04\x00\x00\x00\x00\x00\x00\x00\x00", 12, "not a RIFF/WAVE"),
+            (
+                "data larger than the file",
+                &wrong_data,
+                wrong_data.len() as u64,
+                "data chunk declares 2000",
+            ),
+            (
+                "placeholder sizes",
+                &streamed,
+                streamed.len() as u64,
+                "placeholder",
+            ),
+            (
+                "not a WAV",
+                b"ID3\x04\x00\x00\x00\x00\x00\x00\x00\x00",
+                12,
+                "not a RIFF/WAVE",
+            ),
             ("empty", b"", 0, "not a RIFF/WAVE"),
-            ("longer than declared", &whole, whole.len() as u64 + 10, "1054 were stored"),
+            (
+                "longer than declared",
+                &whole,
+                whole.len() as u64 + 10,
+                "1054 were stored",
+            ),
         ];
         for (name, head, total, says) in cases {
             let err = check(head, total).expect_err(name);

@@ -458,6 +458,8 @@ async fn a_recording_downloaded_without_a_length_is_linked_but_kept_at_telnyx(po
         download_length: false,
         ..TelnyxSimBehaviour::default()
     });
+    let kept = || recording_relay::metrics::metrics().kept_at_telnyx.get();
+    let kept_before = kept();
     let (rec, intake) = p.recorded_call("rec-nolen").await;
     post(&p, "ev-nolen", &rec).await;
     let job = p.finished_job("ev-nolen").await;
@@ -469,6 +471,8 @@ async fn a_recording_downloaded_without_a_length_is_linked_but_kept_at_telnyx(po
     assert!(!job.source_complete);
     let reason = job.telnyx_kept_reason.unwrap_or_default();
     assert!(reason.contains("no length"), "{reason}");
+    // Process-wide (other tests run alongside): it only grows.
+    assert!(kept() > kept_before);
     p.stop().await;
 }
 
@@ -487,7 +491,10 @@ async fn a_cut_download_without_a_length_is_never_deleted_at_telnyx(pool: PgPool
     post(&p, "ev-cut", &rec).await;
     let job = p.finished_job("ev-cut").await;
     assert_eq!(job.object_size, Some(rec.content.len() as i64 - 1000));
-    assert!(p.telnyx.deleted_ids().is_empty(), "a cut copy was taken for the recording");
+    assert!(
+        p.telnyx.deleted_ids().is_empty(),
+        "a cut copy was taken for the recording"
+    );
     assert!(job.telnyx_deleted_at.is_none());
     assert!(!job.source_complete);
     assert!(job.telnyx_kept_reason.is_some());

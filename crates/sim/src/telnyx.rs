@@ -1086,9 +1086,7 @@ fn download(state: &State, req: &Request<Incoming>) -> Resp {
             return resp;
         }
     };
-    let sent_end = end
-        .saturating_sub(behaviour.download_short_by)
-        .max(start);
+    let sent_end = end.saturating_sub(behaviour.download_short_by).max(start);
     let mut resp = response(
         code,
         content_type,
