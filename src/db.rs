@@ -18,6 +18,8 @@ use tracing::{info, warn};
 
 use crate::config::Config;
 
+mod indexes;
+
 /// The relay's own schema: tables, views, functions, migration history.
 pub const SCHEMA: &str = "recording_relay";
 
@@ -64,10 +66,25 @@ pub enum DbError {
     )]
     ChecksumMismatch(String),
     #[error(
-        "index(es) {0} are INVALID (an interrupted CREATE INDEX CONCURRENTLY): \
-         DROP INDEX CONCURRENTLY each, then run `recording-relay migrate` again"
+        "applied migration(s) {0} ran a version of their file from before a known compatible \
+         edit (migrations/known-edits.txt); run `recording-relay migrate`, which records \
+         their current checksum"
     )]
-    InvalidIndexes(String),
+    BeforeKnownEdit(String),
+    #[error(
+        "applied migration {0} ran its first version, which made a different schema than the \
+         current file and that no later migration mends: {1}. This database was made by a \
+         development build of 25 November 2026; copy out any rows worth keeping, drop the \
+         schema recording_relay (and the relay's tables in public, if any), then run \
+         `recording-relay migrate`"
+    )]
+    IncompatibleEdit(i64, &'static str),
+    #[error(
+        "expected index(es) not usable ({0}): an interrupted CREATE INDEX CONCURRENTLY leaves \
+         one INVALID, a DROP INDEX removes one; run `recording-relay migrate`, which builds \
+         each missing one and rebuilds each INVALID one"
+    )]
+    UnusableIndexes(String),
     #[error(
         "DATABASE_URL goes through a pooler in transaction mode (Supavisor on port 6543, or \
          PgBouncer with pool_mode = transaction), which the daemon cannot use: it needs one \
@@ -387,6 +404,110 @@ pub async fn notify_self_test(pool: &PgPool, patience: Duration) -> Result<Durat
     }
 }
 
+/// Landed migrations edited after they landed (see
+/// `migrations/known-edits.txt`, which `scripts/check-migration-history`
+/// reads too): a database that ran the first version holds its checksum.
+const KNOWN_EDITS: &str = include_str!("../migrations/known-edits.txt");
+
+/// One line of [`KNOWN_EDITS`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct KnownEdit {
+    version: i64,
+    first: Vec<u8>,
+    current: Vec<u8>,
+    /// The edit leaves every fully migrated database with the same objects,
+    /// so the history may record the current checksum over the first.
+    compatible: bool,
+}
+
+fn known_edits() -> Vec<KnownEdit> {
+    KNOWN_EDITS
+        .lines()
+        .filter(|l| !l.trim().is_empty() && !l.starts_with('#'))
+        .filter_map(|l| {
+            let mut words = l.split_whitespace();
+            Some(KnownEdit {
+                version: words.next()?.parse().ok()?,
+                first: hex::decode(words.next()?).ok()?,
+                current: hex::decode(words.next()?).ok()?,
+                compatible: words.next()? == "carry",
+            })
+        })
+        .collect()
+}
+
+/// Why the first version of a `refuse` edit cannot be carried forward.
+fn incompatible_because(version: i64) -> &'static str {
+    match version {
+        20261125000001 => {
+            "the job table has no 'duplicate' state, no unique index on recording_id and no \
+             deduplicated quarantine"
+        }
+        _ => "its objects differ from the current file's",
+    }
+}
+
+/// The known edit whose first version `checksum` is, if any.
+fn ran_first_version(version: i64, checksum: &[u8]) -> Option<KnownEdit> {
+    known_edits()
+        .into_iter()
+        .find(|e| e.version == version && e.first == checksum)
+}
+
+/// Before sqlx validates the history: a database that ran the first
+/// version of a compatibly edited migration gets the current checksum
+/// recorded (only over that exact first checksum, and logged); one that
+/// ran an incompatible first version is refused with what to do. Any other
+/// mismatch is left to sqlx, which refuses it.
+async fn carry_known_edits(conn: &mut sqlx::PgConnection) -> Result<(), DbError> {
+    let exists: bool =
+        sqlx::query_scalar("SELECT to_regclass('recording_relay._sqlx_migrations') IS NOT NULL")
+            .fetch_one(&mut *conn)
+            .await?;
+    if !exists {
+        return Ok(());
+    }
+    for edit in known_edits() {
+        if !edit.compatible {
+            let ran_first: bool = sqlx::query_scalar(
+                "SELECT EXISTS (SELECT 1 FROM recording_relay._sqlx_migrations
+                                WHERE version = $1 AND checksum = $2)",
+            )
+            .bind(edit.version)
+            .bind(&edit.first)
+            .fetch_one(&mut *conn)
+            .await?;
+            if ran_first {
+                return Err(DbError::IncompatibleEdit(
+                    edit.version,
+                    incompatible_because(edit.version),
+                ));
+            }
+            continue;
+        }
+        let carried = sqlx::query(
+            "UPDATE recording_relay._sqlx_migrations SET checksum = $3
+             WHERE version = $1 AND checksum = $2",
+        )
+        .bind(edit.version)
+        .bind(&edit.first)
+        .bind(&edit.current)
+        .execute(&mut *conn)
+        .await?
+        .rows_affected();
+        if carried > 0 {
+            info!(
+                version = edit.version,
+                first = %hex::encode(&edit.first),
+                current = %hex::encode(&edit.current),
+                "recorded the current checksum of a migration edited compatibly after this \
+                 database ran it (migrations/known-edits.txt)"
+            );
+        }
+    }
+    Ok(())
+}
+
 /// How long `migrate` keeps retrying a migration that could not get its
 /// locks within their short timeout.
 pub const MIGRATE_LOCK_PATIENCE: Duration = Duration::from_secs(120);
@@ -507,6 +628,7 @@ pub async fn migrate(pool: &PgPool) -> Result<(), DbError> {
     let mut conn = pool.acquire().await?;
     carry_over_history(&mut conn).await?;
     refuse_relay_objects_in_public(&mut conn).await?;
+    carry_known_edits(&mut conn).await?;
     let mut delays = ExponentialBuilder::default()
         .with_min_delay(Duration::from_millis(250))
         .with_max_delay(Duration::from_secs(4))
@@ -533,6 +655,7 @@ pub async fn migrate(pool: &PgPool) -> Result<(), DbError> {
             Err(e) => return Err(e.into()),
         }
     }
+    indexes::repair(&mut conn).await?;
     info!(
         migrations = MIGRATOR.iter().count(),
         "database schema is up to date"
@@ -622,11 +745,21 @@ pub async fn ensure_migrated(pool: &PgPool) -> Result<(), DbError> {
     };
     let mut missing = Vec::new();
     let mut differing = Vec::new();
+    let mut before_edit = Vec::new();
     for migration in MIGRATOR.iter() {
         match applied.iter().find(|(v, _)| *v == migration.version) {
             None => missing.push(migration.version.to_string()),
             Some((_, checksum)) if *checksum != *migration.checksum => {
-                differing.push(migration.version.to_string())
+                match ran_first_version(migration.version, checksum) {
+                    Some(edit) if edit.compatible => before_edit.push(edit.version.to_string()),
+                    Some(edit) => {
+                        return Err(DbError::IncompatibleEdit(
+                            edit.version,
+                            incompatible_because(edit.version),
+                        ));
+                    }
+                    None => differing.push(migration.version.to_string()),
+                }
             }
             Some(_) => {}
         }
@@ -634,31 +767,14 @@ pub async fn ensure_migrated(pool: &PgPool) -> Result<(), DbError> {
     if !differing.is_empty() {
         return Err(DbError::ChecksumMismatch(differing.join(", ")));
     }
+    if !before_edit.is_empty() {
+        return Err(DbError::BeforeKnownEdit(before_edit.join(", ")));
+    }
     if !missing.is_empty() {
         return Err(DbError::NotMigrated(missing.join(", ")));
     }
     refuse_relay_objects_in_public(&mut *pool.acquire().await?).await?;
-    ensure_indexes_valid(pool).await
-}
-
-/// An interrupted `CREATE INDEX CONCURRENTLY` leaves an INVALID index that a
-/// later `IF NOT EXISTS` skips; the unique ones would then enforce nothing.
-async fn ensure_indexes_valid(pool: &PgPool) -> Result<(), DbError> {
-    let invalid: Vec<String> = sqlx::query_scalar(
-        "SELECT c.relname::text FROM pg_catalog.pg_index i
-         JOIN pg_catalog.pg_class c ON c.oid = i.indexrelid
-         WHERE NOT i.indisvalid
-           AND c.relname IN ('idx_intakes_recording_id', 'idx_intakes_recording_object_path',
-                             'idx_patients_recording_relay_phone_key',
-                             'recording_jobs_finished_idx')",
-    )
-    .fetch_all(pool)
-    .await?;
-    if invalid.is_empty() {
-        Ok(())
-    } else {
-        Err(DbError::InvalidIndexes(invalid.join(", ")))
-    }
+    indexes::ensure_usable(pool).await
 }
 
 #[cfg(test)]
@@ -730,6 +846,202 @@ mod tests {
                 hex::encode(&migration.checksum)
             );
         }
+    }
+
+    #[test]
+    fn the_known_edits_end_at_the_pinned_checksums() {
+        let edits = known_edits();
+        let versions: Vec<i64> = edits.iter().map(|e| e.version).collect();
+        assert_eq!(versions, [20261125000001, 20261125000006, 20261202000002]);
+        for edit in edits {
+            let pinned = landed()
+                .into_iter()
+                .find(|(v, _)| *v == edit.version)
+                .map(|(_, sum)| sum);
+            assert_eq!(Some(hex::encode(&edit.current).as_str()), pinned);
+            assert_ne!(edit.first, edit.current);
+            assert_eq!(edit.first.len(), 48, "SHA-384");
+        }
+    }
+
+    /// Runs scripts/check-migration-history of a clone of this repository.
+    fn history_check(clone: &std::path::Path) -> std::process::Output {
+        std::process::Command::new(clone.join("scripts/check-migration-history"))
+            .output()
+            .expect("run scripts/check-migration-history")
+    }
+
+    fn git(dir: &std::path::Path, args: &[&str]) {
+        let out = std::process::Command::new("git")
+            .current_dir(dir)
+            .args(args)
+            .output()
+            .expect("run git");
+        assert!(
+            out.status.success(),
+            "git {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// What `2a4bfbe` did: a landed migration edited and its pin rewritten
+    /// in one commit. The pin test passes on that tree; the history does not.
+    #[test]
+    fn an_edit_committed_with_its_new_pin_fails_the_history_check() {
+        let temp = tempfile::tempdir().unwrap();
+        let clone = temp.path().join("clone");
+        let here = env!("CARGO_MANIFEST_DIR");
+        git(
+            temp.path(),
+            &["clone", "--quiet", "--no-local", here, "clone"],
+        );
+        let out = history_check(&clone);
+        assert!(
+            out.status.success(),
+            "the committed tree passes: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+
+        let file = clone.join("migrations/20261201000302_retention_alerted.sql");
+        let mut sql = std::fs::read(&file).unwrap();
+        sql.extend_from_slice(b"-- a comment is an edit too\n");
+        std::fs::write(&file, &sql).unwrap();
+        let pins = clone.join("tests/landed_migrations.txt");
+        use sha2::Digest as _;
+        let new_sum = hex::encode(sha2::Sha384::digest(&sql));
+        let repinned: String = std::fs::read_to_string(&pins)
+            .unwrap()
+            .lines()
+            .map(|l| match l.split_once(' ') {
+                Some(("20261201000302", _)) => format!("20261201000302 {new_sum}\n"),
+                _ => format!("{l}\n"),
+            })
+            .collect();
+        std::fs::write(&pins, repinned).unwrap();
+        git(
+            &clone,
+            &[
+                "-c",
+                "user.name=t",
+                "-c",
+                "user.email=t@t",
+                "commit",
+                "-qam",
+                "edit",
+            ],
+        );
+        let out = history_check(&clone);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "an edit with its pin passed");
+        assert!(
+            stderr.contains("migrations/20261201000302_retention_alerted.sql differs"),
+            "{stderr}"
+        );
+
+        // A shallow clone cannot show the first versions: it fails, loudly.
+        let shallow = temp.path().join("shallow");
+        git(
+            temp.path(),
+            &[
+                "clone",
+                "--quiet",
+                "--depth",
+                "1",
+                &format!("file://{here}"),
+                "shallow",
+            ],
+        );
+        let out = history_check(&shallow);
+        assert!(!out.status.success(), "a shallow clone passed");
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("shallow clone"),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// A database migrated before `2a4bfbe` holds the first checksum of
+    /// 20261202000002 (an edit of comments): the daemon refuses with the
+    /// fix, and `migrate` records the current checksum and nothing else.
+    #[sqlx::test(migrations = false)]
+    async fn a_database_that_ran_a_compatibly_edited_migration_is_carried_forward_by_migrate(
+        pool: PgPool,
+    ) {
+        let pool = crate::testing::prepare(pool).await;
+        let first = known_edits()
+            .into_iter()
+            .find(|e| e.version == 20261202000002)
+            .unwrap()
+            .first;
+        sqlx::query(
+            "UPDATE recording_relay._sqlx_migrations SET checksum = $1 WHERE version = 20261202000002",
+        )
+        .bind(&first)
+        .execute(&pool)
+        .await
+        .unwrap();
+        let err = ensure_migrated(&pool).await.unwrap_err();
+        assert!(
+            matches!(&err, DbError::BeforeKnownEdit(v) if v == "20261202000002"),
+            "{err}"
+        );
+        assert!(
+            err.to_string().contains("run `recording-relay migrate`"),
+            "{err}"
+        );
+
+        migrate(&pool).await.unwrap();
+        ensure_migrated(&pool).await.unwrap();
+        let recorded: Vec<u8> = sqlx::query_scalar(
+            "SELECT checksum FROM recording_relay._sqlx_migrations WHERE version = 20261202000002",
+        )
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+        let current = MIGRATOR
+            .iter()
+            .find(|m| m.version == 20261202000002)
+            .unwrap();
+        assert_eq!(recorded, *current.checksum);
+    }
+
+    /// The first job table made a different schema: no checksum is
+    /// rewritten over it, and both the daemon and `migrate` say what to do.
+    #[sqlx::test(migrations = false)]
+    async fn a_database_that_ran_the_first_job_table_is_refused_with_a_way_forward(pool: PgPool) {
+        let pool = crate::testing::prepare(pool).await;
+        let first = known_edits()
+            .into_iter()
+            .find(|e| e.version == 20261125000001)
+            .unwrap()
+            .first;
+        sqlx::query(
+            "UPDATE recording_relay._sqlx_migrations SET checksum = $1 WHERE version = 20261125000001",
+        )
+        .bind(&first)
+        .execute(&pool)
+        .await
+        .unwrap();
+        for err in [
+            ensure_migrated(&pool).await.unwrap_err(),
+            migrate(&pool).await.unwrap_err(),
+        ] {
+            assert!(
+                matches!(err, DbError::IncompatibleEdit(20261125000001, _)),
+                "{err}"
+            );
+            assert!(
+                err.to_string().contains("drop the schema recording_relay"),
+                "{err}"
+            );
+        }
+        let still: Vec<u8> = sqlx::query_scalar(
+            "SELECT checksum FROM recording_relay._sqlx_migrations WHERE version = 20261125000001",
+        )
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+        assert_eq!(still, first);
     }
 
     #[sqlx::test(migrations = false)]

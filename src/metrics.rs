@@ -25,6 +25,7 @@ pub struct Metrics {
     job_duration: Family<Labels, Histogram, fn() -> Histogram>,
     processing: Histogram,
     pub bytes_relayed: Counter,
+    pub kept_at_telnyx: Counter,
     provider_errors: Family<Labels, Counter>,
     jobs: Family<Labels, Gauge>,
     queue_lag: Gauge<f64, AtomicU64>,
@@ -66,6 +67,12 @@ impl Metrics {
             "Recording bytes stored and verified",
             bytes_relayed.clone(),
         );
+        let kept_at_telnyx = Counter::default();
+        registry.register(
+            "kept_at_telnyx",
+            "Recordings stored and linked but not deleted at Telnyx: the stored bytes were not proven the whole recording (the job's telnyx_kept_reason says why)",
+            kept_at_telnyx.clone(),
+        );
         let provider_errors = Family::<Labels, Counter>::default();
         registry.register(
             "provider_errors",
@@ -92,6 +99,7 @@ impl Metrics {
             job_duration,
             processing,
             bytes_relayed,
+            kept_at_telnyx,
             provider_errors,
             jobs,
             queue_lag,

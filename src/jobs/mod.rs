@@ -113,6 +113,12 @@ pub struct Job {
     pub unmatched_reason: Option<String>,
     /// The fencing token of the current (or last) claim.
     pub lease_id: Option<i64>,
+    /// The store step proved the stored bytes the whole recording (a known
+    /// source length equal to them; for WAV, a header that agrees): only
+    /// then is the recording deleted at Telnyx.
+    pub source_complete: bool,
+    /// Why not, when not: the recording is kept at Telnyx.
+    pub telnyx_kept_reason: Option<String>,
 }
 
 impl Job {

@@ -622,20 +622,25 @@ impl Queue {
     }
 
     /// Step 3 done: the object is in the bucket and its size verified.
+    /// `unproven`: why the stored bytes are not proven the whole recording
+    /// (the recording is then kept at Telnyx); `None` when they are.
     pub async fn save_stored(
         &self,
         lease: &Lease,
         sha256: &str,
         size: i64,
+        unproven: Option<&str>,
     ) -> Result<bool, QueueError> {
         let done = fenced(
             fenced_update!(
-                "object_sha256 = $4, object_size = $5, stored_at = now(), tus_upload_url = NULL"
+                "object_sha256 = $4, object_size = $5, stored_at = now(), tus_upload_url = NULL,
+                 source_complete = ($6::text IS NULL), telnyx_kept_reason = $6"
             ),
             lease,
         )
         .bind(sha256)
         .bind(size)
+        .bind(unproven)
         .execute(&self.pool)
         .await?;
         Ok(done.rows_affected() == 1)
@@ -930,7 +935,11 @@ mod tests {
                 .await
                 .unwrap()
         );
-        assert!(!q.save_stored(stale, &"0".repeat(64), 1).await.unwrap());
+        assert!(
+            !q.save_stored(stale, &"0".repeat(64), 1, None)
+                .await
+                .unwrap()
+        );
         assert!(!q.save_telnyx_deleted(stale).await.unwrap());
         let mut tx = q.pool().begin().await.unwrap();
         assert!(!q.mark_linked(&mut tx, stale).await.unwrap());

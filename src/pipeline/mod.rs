@@ -9,7 +9,9 @@
 //!    on the way, verify the stored size; an object already at the path is
 //!    adopted only if its SHA-256 is the source's, else replaced;
 //! 4. link: point the intake at the object;
-//! 5. delete at Telnyx (optional, only after 3 and 4).
+//! 5. delete at Telnyx (optional, only after 3 and 4, and only when step 3
+//!    proved the stored bytes the whole recording: a known source length
+//!    equal to the bytes stored and, for WAV, a header that agrees).
 //!
 //! This file keeps the sequence; each step is a file of its own
 //! (`resolve`, `matching`, `store`, `link`, `delete`), and `errors` says
@@ -23,6 +25,7 @@ mod matching;
 mod resolve;
 mod store;
 pub mod transfer;
+mod wav;
 
 use std::time::Instant;
 

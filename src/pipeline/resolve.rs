@@ -169,6 +169,8 @@ mod tests {
             telnyx_deleted_at: None,
             unmatched_reason: None,
             lease_id: None,
+            source_complete: false,
+            telnyx_kept_reason: None,
         }
     }
 

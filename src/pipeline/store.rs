@@ -1,7 +1,8 @@
 //! Step 3: stream the file from Telnyx into the bucket, hashing and
 //! counting it on the way, then verify the stored size. An object already
 //! at the path is adopted only if its SHA-256 is the source's, else
-//! replaced.
+//! replaced. Then whether the stored bytes are proven the whole recording
+//! (see [`unproven`]), which step 5 needs before it deletes at Telnyx.
 
 use std::time::{Duration, Instant};
 
@@ -10,7 +11,7 @@ use uuid::Uuid;
 
 use super::errors::{storage_failure, telnyx_failure};
 use super::transfer::{self, Digest, Tally};
-use super::{Run, written};
+use super::{Run, wav, written};
 use crate::config::AudioFormat;
 use crate::jobs::{JobError, Outcome, QueueError};
 use crate::storage::{StorageError, TUS_CHUNK};
@@ -353,7 +354,8 @@ impl Run<'_> {
     /// memory stays constant. Anything else at the daemon's own path is
     /// replaced by the recording (and logged); it is never linked.
     ///
-    /// Returns what the bucket holds and the source's size.
+    /// Returns what the bucket holds and the source's declared length (its
+    /// `Content-Length`; `None` when the download had none).
     async fn adopt_existing(
         &mut self,
         path: &str,
@@ -377,6 +379,7 @@ impl Run<'_> {
             .download(&url, 0)
             .await
             .map_err(telnyx_failure)?;
+        let declared = source.content_length();
         let source = transfer::digest_of(transfer::body_stream(source))
             .await
             .map_err(|e| {
@@ -388,7 +391,7 @@ impl Run<'_> {
                 sha256 = %stored.sha256,
                 "adopted the object already stored: its bytes are the recording's"
             );
-            return Ok((stored, Some(source.size)));
+            return Ok((stored, declared));
         }
         if self.replaced {
             return Err(JobError::retryable(format!(
@@ -447,21 +450,98 @@ impl Run<'_> {
         }
         let size =
             i64::try_from(digest.size).map_err(|_| JobError::permanent("object size overflows"))?;
+        let unproven = unproven(format_of(path), source_size, &digest);
+        if let Some(reason) = &unproven {
+            warn!(
+                path,
+                reason, "stored, but not proven the whole recording: it stays at Telnyx"
+            );
+        }
         written(
             self.queue
-                .save_stored(&self.lease, &digest.sha256, size)
+                .save_stored(&self.lease, &digest.sha256, size, unproven.as_deref())
                 .await?,
         )?;
         self.job.stored_at = Some(chrono::Utc::now());
+        self.job.source_complete = unproven.is_none();
+        self.job.telnyx_kept_reason = unproven;
         crate::metrics::metrics().bytes_relayed.inc_by(digest.size);
         info!(path, bytes = digest.size, sha256 = %digest.sha256, "recording stored and verified");
         Ok(())
     }
 }
 
+/// Why the stored bytes are not proven the whole recording, or `None` when
+/// they are: the source's length must be known (its `Content-Length`; a
+/// resumed upload's total comes from the full download compared at the
+/// end) and equal to the bytes stored, and a WAV file's own header must
+/// declare exactly that many. A download without a length that the host
+/// cut short ends cleanly: without these, it would be stored, linked and
+/// then deleted at Telnyx, the only whole copy.
+fn unproven(
+    format: Option<AudioFormat>,
+    source_length: Option<u64>,
+    digest: &Digest,
+) -> Option<String> {
+    match source_length {
+        None => {
+            return Some(
+                "the download gave no length, so a body cut short cannot be told from a whole one"
+                    .to_owned(),
+            );
+        }
+        Some(len) if len != digest.size => {
+            return Some(format!(
+                "the source declared {len} bytes, {} were stored",
+                digest.size
+            ));
+        }
+        Some(_) => {}
+    }
+    match format {
+        Some(AudioFormat::Wav) => wav::check(&digest.head, digest.size)
+            .err()
+            .map(|e| format!("WAV header: {e}")),
+        // MP3 declares no total length (frames, an optional Xing/VBRI
+        // header that many encoders omit): the source length is the proof.
+        Some(AudioFormat::Mp3) => None,
+        None => Some("the object's format is unknown".to_owned()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn digest_of_bytes(bytes: &[u8]) -> Digest {
+        Digest {
+            sha256: String::new(),
+            size: bytes.len() as u64,
+            head: bytes[..bytes.len().min(wav::HEAD_LEN)].to_vec(),
+        }
+    }
+
+    #[test]
+    fn only_a_known_length_and_an_agreeing_header_prove_a_recording_whole() {
+        let whole = recording_relay_sim::SimAudio::generated(10_000, 1).to_vec();
+        let cut = &whole[..6_000];
+        use AudioFormat::{Mp3, Wav};
+        let n = |b: &[u8]| Some(b.len() as u64);
+        assert_eq!(
+            unproven(Some(Wav), n(&whole), &digest_of_bytes(&whole)),
+            None
+        );
+        assert_eq!(unproven(Some(Mp3), n(cut), &digest_of_bytes(cut)), None);
+        let no_length = unproven(Some(Wav), None, &digest_of_bytes(&whole)).unwrap();
+        assert!(no_length.contains("no length"), "{no_length}");
+        let cut_wav = unproven(Some(Wav), n(cut), &digest_of_bytes(cut)).unwrap();
+        assert!(
+            cut_wav.contains("WAV header: the RIFF header declares 10000"),
+            "{cut_wav}"
+        );
+        let short = unproven(Some(Mp3), Some(10_000), &digest_of_bytes(cut)).unwrap();
+        assert!(short.contains("declared 10000 bytes, 6000"), "{short}");
+    }
 
     #[test]
     fn the_format_fetched_is_the_one_offered() {

@@ -14,23 +14,27 @@ use tokio_util::io::StreamReader;
 /// Largest piece read from the download at once.
 const READ_SIZE: usize = 64 * 1024;
 
-/// SHA-256 and length of the bytes that went through.
+/// SHA-256 and length of the bytes that went through, and their first
+/// bytes (up to `wav::HEAD_LEN`, for the WAV header check).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Digest {
     pub sha256: String,
     pub size: u64,
+    pub head: Vec<u8>,
 }
 
 /// Hash state shared between the body stream (owned by the HTTP client) and
 /// the pipeline, which reads the result once the upload succeeded.
 #[derive(Clone, Default)]
-pub struct Tally(Arc<Mutex<(Sha256, u64)>>);
+pub struct Tally(Arc<Mutex<(Sha256, u64, Vec<u8>)>>);
 
 impl Tally {
     fn add(&self, chunk: &[u8]) {
         let mut guard = self.0.lock().unwrap_or_else(PoisonError::into_inner);
         guard.0.update(chunk);
         guard.1 += chunk.len() as u64;
+        let room = super::wav::HEAD_LEN.saturating_sub(guard.2.len());
+        guard.2.extend_from_slice(&chunk[..room.min(chunk.len())]);
     }
 
     pub fn finish(&self) -> Digest {
@@ -38,6 +42,7 @@ impl Tally {
         Digest {
             sha256: hex::encode(guard.0.clone().finalize()),
             size: guard.1,
+            head: guard.2.clone(),
         }
     }
 }
@@ -127,6 +132,7 @@ mod tests {
         assert_eq!(passed.concat(), b"hello world");
         let d = tally.finish();
         assert_eq!(d.size, 11);
+        assert_eq!(d.head, b"hello world");
         assert_eq!(
             d.sha256,
             "b94d27b9934d3e08a52e52d7da7dabfac484efe37a5380ee9088f7ace2efcde9"

@@ -2,7 +2,7 @@
 
 use base64::Engine as _;
 use recording_relay::jobs::JobState;
-use recording_relay_sim::{Fault, SimAudio, SimRecording};
+use recording_relay_sim::{Fault, SimAudio, SimRecording, TelnyxSimBehaviour};
 use serde_json::Value;
 use sqlx::PgPool;
 use uuid::Uuid;
@@ -443,7 +443,60 @@ async fn deletion_at_telnyx_after_success(pool: PgPool) {
     let job = p.finished_job("ev-del").await;
     assert_eq!(job.state, JobState::Succeeded);
     assert!(job.telnyx_deleted_at.is_some());
+    assert!(job.source_complete, "{:?}", job.telnyx_kept_reason);
     assert_eq!(p.telnyx.deleted_ids(), ["rec-del"]);
+    p.stop().await;
+}
+
+/// A download with no length proves nothing about its end: the recording
+/// is stored and linked (it plays), and stays at Telnyx with the reason.
+#[sqlx::test(migrations = false)]
+async fn a_recording_downloaded_without_a_length_is_linked_but_kept_at_telnyx(pool: PgPool) {
+    let p = spawn_pipeline(pool, |c| c.pipeline.delete_from_telnyx = true).await;
+    p.telnyx.set_behaviour(TelnyxSimBehaviour {
+        download_length: false,
+        ..TelnyxSimBehaviour::default()
+    });
+    let kept = || recording_relay::metrics::metrics().kept_at_telnyx.get();
+    let kept_before = kept();
+    let (rec, intake) = p.recorded_call("rec-nolen").await;
+    post(&p, "ev-nolen", &rec).await;
+    let job = p.finished_job("ev-nolen").await;
+    assert_eq!(job.state, JobState::Succeeded, "{:?}", job.last_error);
+    assert_eq!(job.object_size, Some(rec.content.len() as i64));
+    assert!(intake_row(&p.app.pool, intake).await.migrated);
+    assert!(p.telnyx.deleted_ids().is_empty());
+    assert!(job.telnyx_deleted_at.is_none());
+    assert!(!job.source_complete);
+    let reason = job.telnyx_kept_reason.unwrap_or_default();
+    assert!(reason.contains("no length"), "{reason}");
+    // Process-wide (other tests run alongside): it only grows.
+    assert!(kept() > kept_before);
+    p.stop().await;
+}
+
+/// The host cuts the file short and ends the body cleanly, with no length
+/// to betray it: the cut copy is never the reason the only whole one at
+/// Telnyx is deleted.
+#[sqlx::test(migrations = false)]
+async fn a_cut_download_without_a_length_is_never_deleted_at_telnyx(pool: PgPool) {
+    let p = spawn_pipeline(pool, |c| c.pipeline.delete_from_telnyx = true).await;
+    p.telnyx.set_behaviour(TelnyxSimBehaviour {
+        download_length: false,
+        download_short_by: 1000,
+        ..TelnyxSimBehaviour::default()
+    });
+    let (rec, _) = p.recorded_call("rec-cut").await;
+    post(&p, "ev-cut", &rec).await;
+    let job = p.finished_job("ev-cut").await;
+    assert_eq!(job.object_size, Some(rec.content.len() as i64 - 1000));
+    assert!(
+        p.telnyx.deleted_ids().is_empty(),
+        "a cut copy was taken for the recording"
+    );
+    assert!(job.telnyx_deleted_at.is_none());
+    assert!(!job.source_complete);
+    assert!(job.telnyx_kept_reason.is_some());
     p.stop().await;
 }
 

@@ -136,7 +136,11 @@ async fn a_release_leaves_an_intake_that_holds_another_recording_or_is_linked(po
             .await
             .unwrap()
     );
-    assert!(q.save_stored(&lease, &"0".repeat(64), 1).await.unwrap());
+    assert!(
+        q.save_stored(&lease, &"0".repeat(64), 1, None)
+            .await
+            .unwrap()
+    );
     let _ = recording_relay::pipeline::intakes::link(
         &q,
         &lease,

@@ -92,13 +92,13 @@ pub(super) fn download(state: &State, req: &Request<Incoming>) -> Resp {
     if Utc::now() >= deadline {
         return s3_error(403, "AccessDenied", "Request has expired");
     }
-    let content = {
+    let (content, behaviour) = {
         let g = state.lock();
         // Only the recorded format's file exists, unless told otherwise.
         match g.recordings.get(&id).filter(|e| {
             !e.deleted && (!g.behaviour.only_recorded_format || e.rec.format.extension() == format)
         }) {
-            Some(e) => e.rec.content.clone(),
+            Some(e) => (e.rec.content.clone(), g.behaviour.clone()),
             None => return s3_error(404, "NoSuchKey", "The specified key does not exist."),
         }
     };
@@ -122,12 +122,15 @@ pub(super) fn download(state: &State, req: &Request<Incoming>) -> Resp {
             return resp;
         }
     };
+    let sent_end = end.saturating_sub(behaviour.download_short_by).max(start);
     let mut resp = response(
         code,
         content_type,
-        stream_body(content.stream_range(start, end)),
+        stream_body(content.stream_range(start, sent_end)),
     );
-    set_header(&mut resp, "content-length", &(end - start).to_string());
+    if behaviour.download_length {
+        set_header(&mut resp, "content-length", &(end - start).to_string());
+    }
     set_header(&mut resp, "accept-ranges", "bytes");
     if code == 206 {
         set_header(

@@ -113,6 +113,13 @@ pub struct TelnyxSimBehaviour {
     pub retry_after: Option<String>,
     /// `x-ratelimit-reset` on 429 answers (seconds).
     pub ratelimit_reset: Option<String>,
+    /// `Content-Length` on downloads. Off: the body is sent chunked with no
+    /// length anywhere, as a host streaming a file may send it.
+    pub download_length: bool,
+    /// Every download body ends this many bytes early, and ends cleanly: a
+    /// cut file on the host. With a length the client sees the shortfall;
+    /// without one nothing in HTTP does.
+    pub download_short_by: u64,
 }
 
 impl Default for TelnyxSimBehaviour {
@@ -125,6 +132,8 @@ impl Default for TelnyxSimBehaviour {
             refuse_unknown_filters: true,
             retry_after: None,
             ratelimit_reset: Some("1".to_owned()),
+            download_length: true,
+            download_short_by: 0,
         }
     }
 }
