@@ -408,3 +408,121 @@ async fn a_flood_of_unsigned_keep_alive_clients_and_scrapes_neither_sheds_telnyx
     );
     app.stop().await;
 }
+
+/// A connection from `source` to the listener, ready for requests.
+async fn kept_alive(app: &TestApp) -> SendRequest<Empty<Bytes>> {
+    open(FLOOD_SOURCE, app.addr)
+        .await
+        .expect("a connection to the listener")
+}
+
+async fn healthz(sender: &mut SendRequest<Empty<Bytes>>) -> bool {
+    let req = hyper::Request::get("/healthz")
+        .header("host", "relay")
+        .body(Empty::new())
+        .unwrap();
+    match sender.ready().await {
+        Ok(()) => sender
+            .send_request(req)
+            .await
+            .is_ok_and(|res| res.status() == 200),
+        Err(_) => false,
+    }
+}
+
+/// hyper starts the header-read timeout again while it waits for the next
+/// request, so it is the idle timeout too; a client that keeps asking is
+/// let go once its connection is `max_connection_age` old.
+#[sqlx::test(migrations = false)]
+async fn a_kept_alive_connection_is_closed_when_idle_and_when_old(pool: PgPool) {
+    let app = crate::overload::spawn_bounded(pool, |c| {
+        c.listener.header_read_timeout = Duration::from_secs(1);
+        c.listener.max_connection_age = Duration::from_secs(2);
+    })
+    .await;
+    let mut idle = kept_alive(&app).await;
+    assert!(healthz(&mut idle).await);
+    assert!(
+        eventually(Duration::from_secs(5), || async { idle.is_closed() }).await,
+        "an idle connection stayed open"
+    );
+
+    let mut busy = kept_alive(&app).await;
+    let opened = Instant::now();
+    let mut answered = 0;
+    while !busy.is_closed() && opened.elapsed() < Duration::from_secs(10) {
+        if healthz(&mut busy).await {
+            answered += 1;
+        }
+        // Pacing well inside the idle timeout, not synchronisation.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(
+        busy.is_closed(),
+        "a client that keeps asking kept its connection for {:?}",
+        opened.elapsed()
+    );
+    assert!(answered > 3, "the connection was kept alive: {answered}");
+    app.stop().await;
+}
+
+/// What every connection may send before its signature is checked is
+/// bounded as a whole: while one body holds the budget, the next webhook
+/// is answered 503 at once; once the budget is free its retry is stored.
+#[sqlx::test(migrations = false)]
+async fn a_body_over_the_listeners_byte_budget_is_shed_and_lands_on_its_retry(pool: PgPool) {
+    use tokio::io::AsyncWriteExt as _;
+    const BUDGET: usize = 4096;
+    let app = crate::overload::spawn_bounded(pool, |c| {
+        c.listener.max_body_bytes = BUDGET;
+        c.listener.body_budget_bytes = BUDGET;
+        // Generous, so only the budget can refuse a request.
+        c.listener.request_timeout = Duration::from_secs(60);
+    })
+    .await;
+    // An unsigned body that stops short of its declared length, holding
+    // all but a few bytes of the budget.
+    let mut holder = connect_from(FLOOD_SOURCE, app.addr).await.unwrap();
+    holder
+        .write_all(
+            format!("POST /webhooks/telnyx HTTP/1.1\r\nhost: relay\r\ncontent-length: {BUDGET}\r\n\r\n")
+                .as_bytes(),
+        )
+        .await
+        .unwrap();
+    holder.write_all(&[b'x'; BUDGET - 16]).await.unwrap();
+
+    let event = |id: &str| {
+        testing::recording_saved_event(id, &format!("sess-{id}"))
+            .to_string()
+            .into_bytes()
+    };
+    let served = &app;
+    let answer = |id: String| async move {
+        let res = served.post_signed(&event(&id)).await;
+        let status = res.status().as_u16();
+        let body: serde_json::Value = res.json().await.unwrap();
+        (status, body["status"].as_str().unwrap_or("").to_owned())
+    };
+    // Until the listener has read the holder's bytes, a webhook may still
+    // be stored: each try is an event of its own.
+    let tries = AtomicUsize::new(0);
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            let n = tries.fetch_add(1, Ordering::SeqCst) + 1;
+            answer(format!("ev-budget-{n}")).await == (503, "shed".to_owned())
+        })
+        .await,
+        "every webhook was taken while the budget was held"
+    );
+    let shed = format!("ev-budget-{}", tries.load(Ordering::SeqCst));
+    drop(holder);
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            answer(shed.clone()).await == (200, "stored".to_owned())
+        })
+        .await,
+        "the retry was not stored once the budget was free"
+    );
+    app.stop().await;
+}
