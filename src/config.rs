@@ -589,8 +589,7 @@ impl Config {
                         .to_owned(),
                 );
             }
-            if self.listener.max_connections == 0 || self.listener.max_connections_per_source == 0
-            {
+            if self.listener.max_connections == 0 || self.listener.max_connections_per_source == 0 {
                 problems.push(
                     "listener.max_connections and listener.max_connections_per_source must be at least 1"
                         .to_owned(),

@@ -224,7 +224,9 @@ async fn metrics_response(
         *r.status_mut() = hyper::StatusCode::NOT_FOUND;
         return r;
     }
-    let mut r = hyper::Response::new(Full::new(bytes::Bytes::from(metrics().render(health).await)));
+    let mut r = hyper::Response::new(Full::new(bytes::Bytes::from(
+        metrics().render(health).await,
+    )));
     r.headers_mut().insert(
         hyper::header::CONTENT_TYPE,
         hyper::header::HeaderValue::from_static(CONTENT_TYPE),

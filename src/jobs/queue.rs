@@ -75,8 +75,7 @@ pub const GAUGES_SQL: &str = "SELECT s.state,
 
 /// How long the oldest runnable job has waited: the first entry of
 /// `recording_jobs_claim_idx`.
-pub const OLDEST_RUNNABLE_SQL: &str =
-    "SELECT extract(epoch FROM now() - min(next_run_at))::float8
+pub const OLDEST_RUNNABLE_SQL: &str = "SELECT extract(epoch FROM now() - min(next_run_at))::float8
      FROM recording_relay.recording_jobs
      WHERE state = 'pending' AND next_run_at <= now()";
 
@@ -954,7 +953,6 @@ impl Queue {
             oldest_runnable_age_seconds: lag.unwrap_or(0.0),
         })
     }
-
 }
 
 #[cfg(test)]

@@ -485,8 +485,10 @@ async fn a_body_over_the_listeners_byte_budget_is_shed_and_lands_on_its_retry(po
     let mut holder = connect_from(FLOOD_SOURCE, app.addr).await.unwrap();
     holder
         .write_all(
-            format!("POST /webhooks/telnyx HTTP/1.1\r\nhost: relay\r\ncontent-length: {BUDGET}\r\n\r\n")
-                .as_bytes(),
+            format!(
+                "POST /webhooks/telnyx HTTP/1.1\r\nhost: relay\r\ncontent-length: {BUDGET}\r\n\r\n"
+            )
+            .as_bytes(),
         )
         .await
         .unwrap();
