@@ -1,6 +1,9 @@
 //! Wiring: one process runs the listener, the worker, or both (and the
-//! playback server when configured), against one pool, until the shared
-//! cancellation token fires.
+//! playback server when configured) until the shared cancellation token
+//! fires. Pools: the listener's (webhooks, playback), the worker's, and a
+//! small one for `/readyz` and the queue gauges ([`crate::health`]). In
+//! `serve` the worker has a pool of its own, as it has in `work`, so that
+//! its heartbeats and writes never wait behind webhooks.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -14,6 +17,7 @@ use tracing::info;
 use crate::alerts::Alerter;
 use crate::config::{Config, Role};
 use crate::db::{self, DbError};
+use crate::health::Health;
 use crate::jobs::worker::default_worker_id;
 use crate::jobs::{JobHandler, Queue, Worker, WorkerOptions};
 use crate::playback::{self, PlaybackState};
@@ -41,43 +45,74 @@ pub enum AppError {
 pub struct App {
     config: Config,
     role: Role,
+    /// The listener's, or in `work` the worker's.
     pool: PgPool,
+    /// In `serve`, the worker's own (`database.max_connections` more).
+    worker_pool: Option<PgPool>,
+    health_pool: PgPool,
     listener: Option<TcpListener>,
     metrics_listener: Option<TcpListener>,
     playback: Option<TcpListener>,
 }
 
-async fn bind(addr: SocketAddr) -> Result<TcpListener, AppError> {
-    TcpListener::bind(addr)
-        .await
-        .map_err(|source| AppError::Bind { addr, source })
+/// The accept queue asked of the kernel (which caps it at
+/// `net.core.somaxconn`, 4096 on current kernels). With tokio's default,
+/// 1024, one run in four of the flood test had a delivery take 1.1 s: the
+/// flood's refused clients come back all at once, and a SYN dropped then
+/// is retried after a second, half of Telnyx's patience (none in five
+/// runs with 4096).
+const ACCEPT_BACKLOG: u32 = 4096;
+
+fn bind(addr: SocketAddr) -> Result<TcpListener, AppError> {
+    let bound = || {
+        let socket = match addr {
+            SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+            SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+        };
+        // As std's bind does: a restarted daemon can bind at once.
+        socket.set_reuseaddr(true)?;
+        socket.bind(addr)?;
+        socket.listen(ACCEPT_BACKLOG)
+    };
+    bound().map_err(|source| AppError::Bind { addr, source })
 }
 
 impl App {
-    pub async fn build(config: Config, role: Role) -> Result<Self, AppError> {
+    pub async fn build(mut config: Config, role: Role) -> Result<Self, AppError> {
         let pool = db::pool(&config)?;
+        let worker_pool = match role {
+            Role::Serve => Some(db::pool(&config)?),
+            _ => None,
+        };
+        let health_pool = db::health_pool(&config)?;
         let session = db::wait_until_ready(&config, &pool, DATABASE_PATIENCE).await?;
         info!(connection = %session.describe(), "database session checked");
         if matches!(role, Role::Work | Role::Serve) {
             warn_unless_notifications_arrive(&pool).await;
         }
         let listener = if matches!(role, Role::Listen | Role::Serve) {
-            Some(bind(config.listener.addr).await?)
+            config.listener.max_connections = crate::server::fit_to_open_files(
+                config.listener.max_connections,
+                other_open_files(&config),
+            );
+            Some(bind(config.listener.addr)?)
         } else {
             None
         };
         let metrics_listener = match config.metrics.addr {
-            Some(addr) => Some(bind(addr).await?),
+            Some(addr) => Some(bind(addr)?),
             None => None,
         };
         let playback = match config.playback.addr {
-            Some(addr) if matches!(role, Role::Listen | Role::Serve) => Some(bind(addr).await?),
+            Some(addr) if matches!(role, Role::Listen | Role::Serve) => Some(bind(addr)?),
             _ => None,
         };
         Ok(Self {
             config,
             role,
             pool,
+            worker_pool,
+            health_pool,
             listener,
             metrics_listener,
             playback,
@@ -111,10 +146,11 @@ impl App {
         shutdown: CancellationToken,
     ) -> Result<(), AppError> {
         let queue = Queue::new(self.pool.clone());
+        let health = Arc::new(Health::new(self.health_pool.clone()));
         let mut parts = tokio::task::JoinSet::new();
         if let Some(listener) = self.listener {
-            let state =
-                WebhookState::from_config(&self.config, queue.clone()).map_err(AppError::Config)?;
+            let state = WebhookState::from_config(&self.config, queue.clone(), health.clone())
+                .map_err(AppError::Config)?;
             let limits = webhook::limits(&self.config);
             parts.spawn(webhook::run(
                 listener,
@@ -129,6 +165,7 @@ impl App {
             parts.spawn(playback::run(listener, Arc::new(state), shutdown.clone()));
         }
         if matches!(self.role, Role::Work | Role::Serve) {
+            let queue = Queue::new(self.worker_pool.clone().unwrap_or(self.pool.clone()));
             let mut opts = WorkerOptions::from_config(&self.config, default_worker_id());
             if let Some(url) = self.config.pipeline.alert_webhook_url.as_deref() {
                 let alerter = Alerter::new(url, self.config.http.request_timeout)
@@ -154,7 +191,7 @@ impl App {
             ));
         }
         if let Some(listener) = self.metrics_listener {
-            parts.spawn(crate::metrics::serve(listener, queue, shutdown.clone()));
+            parts.spawn(crate::metrics::serve(listener, health, shutdown.clone()));
         }
         systemd::ready();
         let watchdog = systemd::spawn_watchdog(shutdown.clone());
@@ -163,9 +200,28 @@ impl App {
         while parts.join_next().await.is_some() {}
         watchdog.abort();
         self.pool.close().await;
+        if let Some(pool) = &self.worker_pool {
+            pool.close().await;
+        }
+        self.health_pool.close().await;
         info!("stopped");
         Ok(())
     }
+}
+
+/// File descriptors the process may hold besides the webhook listener's
+/// connections: its pools, the playback and metrics listeners' connections,
+/// and a margin for outbound HTTP and files.
+fn other_open_files(config: &Config) -> u64 {
+    let database = 2 * u64::from(config.database.max_connections)
+        + u64::from(crate::health::HEALTH_CONNECTIONS)
+        + 1;
+    let playback = if config.playback.addr.is_some() {
+        crate::playback::MAX_CONNECTIONS as u64
+    } else {
+        0
+    };
+    database + playback + crate::metrics::MAX_CONNECTIONS as u64 + crate::server::OTHER_OPEN_FILES
 }
 
 /// Workers pick jobs up on NOTIFY and poll as a fallback; without

@@ -130,10 +130,35 @@ pub fn pool(config: &Config) -> Result<PgPool, DbError> {
     pool_pinging_after(config, PING_IF_IDLE_FOR)
 }
 
+/// The small pool of `/readyz` and the queue gauges, apart from the one
+/// webhooks and the worker use (see [`crate::health`]).
+pub fn health_pool(config: &Config) -> Result<PgPool, DbError> {
+    sized_pool(
+        config,
+        crate::health::HEALTH_CONNECTIONS,
+        crate::health::HEALTH_ACQUIRE_TIMEOUT,
+        PING_IF_IDLE_FOR,
+    )
+}
+
 fn pool_pinging_after(config: &Config, ping_if_idle_for: Duration) -> Result<PgPool, DbError> {
+    sized_pool(
+        config,
+        config.database.max_connections,
+        config.database.acquire_timeout,
+        ping_if_idle_for,
+    )
+}
+
+fn sized_pool(
+    config: &Config,
+    max_connections: u32,
+    acquire_timeout: Duration,
+    ping_if_idle_for: Duration,
+) -> Result<PgPool, DbError> {
     Ok(PgPoolOptions::new()
-        .max_connections(config.database.max_connections)
-        .acquire_timeout(config.database.acquire_timeout)
+        .max_connections(max_connections)
+        .acquire_timeout(acquire_timeout)
         .test_before_acquire(false)
         .after_connect(|conn, _meta| {
             Box::pin(async move {

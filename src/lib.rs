@@ -40,14 +40,18 @@
 //! - [`app`]: wires listener, worker and playback into one process with one
 //!   shutdown token, and talks to systemd (`READY`, `STOPPING`, watchdog).
 //! - [`server`]: the accept loop the webhook, playback and metrics listeners
-//!   share (connection limit, header-read timeout, bounded shutdown).
+//!   share (connection limits in all and per source, idle and age limits,
+//!   header-read timeout, bounded shutdown).
 //! - [`config`]: defaults, TOML file, systemd credentials, environment,
 //!   validated once.
 //! - [`db`]: pool, session settings, migrations, schema and pooler checks.
 //! - [`cli`]: subcommands and exit codes. [`check`]: `recording-relay check`,
 //!   one line per dependency.
 //! - [`metrics`]: `GET /metrics` (counters and histograms per process, queue
-//!   gauges read from the database at scrape time).
+//!   gauges read from the database at most every few seconds).
+//! - [`health`]: the pool of its own through which `/readyz` and the queue
+//!   gauges reach the database, so probes never take a webhook's or a
+//!   heartbeat's connection.
 //! - [`telemetry`]: log set-up, and masking of phone numbers and URLs.
 //!
 //! The provider clients ([`telnyx`], [`storage`], and [`urls`] under both)
@@ -61,6 +65,7 @@ pub mod check;
 pub mod cli;
 pub mod config;
 pub mod db;
+pub mod health;
 pub mod jobs;
 pub mod metrics;
 mod object_paths;

@@ -2,7 +2,10 @@
 //!
 //! Counters and histograms are process-local and live in one global
 //! registry; queue gauges (jobs by state, queue lag) are read from the
-//! database at scrape time, so every daemon reports the same shared queue.
+//! database by a scrape, at most once every
+//! [`crate::health::QUEUE_GAUGES_MAX_AGE`] and
+//! through the health pool ([`crate::health`]), so every daemon reports the
+//! same shared queue and no number of scrapes costs the database more.
 
 use std::sync::LazyLock;
 use std::time::Duration;
@@ -15,7 +18,7 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 use std::sync::atomic::AtomicU64;
 
-use crate::jobs::{JobState, Queue};
+use crate::health::Health;
 
 type Labels = Vec<(&'static str, String)>;
 
@@ -30,6 +33,10 @@ pub struct Metrics {
     jobs: Family<Labels, Gauge>,
     queue_lag: Gauge<f64, AtomicU64>,
     database_up: Gauge,
+    refused_connections: Family<Labels, Counter>,
+    /// Held from setting the queue gauges to encoding them, so a scrape
+    /// shows one reading whole.
+    rendering: std::sync::Mutex<()>,
 }
 
 /// 100 ms .. ~29 h: a prompt relay to one that waited out a long outage.
@@ -93,8 +100,16 @@ impl Metrics {
             "Whether the last scrape could read the queue",
             database_up.clone(),
         );
+        let refused_connections = Family::<Labels, Counter>::default();
+        registry.register(
+            "refused_connections",
+            "Connections closed as soon as accepted, by listener and reason (per_source: the address holds its share)",
+            refused_connections.clone(),
+        );
         Self {
             registry,
+            refused_connections,
+            rendering: std::sync::Mutex::new(()),
             webhooks,
             job_duration,
             processing,
@@ -128,6 +143,15 @@ impl Metrics {
         self.processing.observe(waited.as_secs_f64());
     }
 
+    pub fn connection_refused(&self, listener: &'static str, reason: &'static str) {
+        self.refused_connections
+            .get_or_create(&vec![
+                ("listener", listener.to_owned()),
+                ("reason", reason.to_owned()),
+            ])
+            .inc();
+    }
+
     pub fn job_finished(&self, outcome: &'static str, took: Duration) {
         self.job_duration
             .get_or_create(&vec![("outcome", outcome.to_owned())])
@@ -143,37 +167,20 @@ impl Metrics {
             .inc();
     }
 
-    /// Refreshes the queue gauges from the database, then renders everything.
-    pub async fn render(&self, queue: &Queue) -> String {
-        let read = tokio::time::timeout(Duration::from_secs(2), async {
-            Ok::<_, crate::jobs::QueueError>((
-                queue.count_by_state().await?,
-                queue.queue_depth().await?,
-            ))
-        })
-        .await;
-        match read {
-            Ok(Ok((counts, depth))) => {
-                for state in JobState::ALL {
-                    let n = counts
-                        .iter()
-                        .find(|(s, _)| *s == state)
-                        .map_or(0, |(_, n)| *n);
-                    self.jobs
-                        .get_or_create(&vec![("state", state.as_str().to_owned())])
-                        .set(n);
-                }
-                let lag = depth
-                    .iter()
-                    .filter_map(|d| d.oldest_runnable_age_seconds)
-                    .fold(0.0, f64::max);
-                self.queue_lag.set(lag);
-                self.database_up.set(1);
+    /// The queue gauges as `health` last read them (at most
+    /// [`crate::health::QUEUE_GAUGES_MAX_AGE`] ago), then everything.
+    pub async fn render(&self, health: &Health) -> String {
+        let reading = health.queue_gauges().await;
+        let _whole = self.rendering.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(gauges) = reading.gauges {
+            for (state, n) in gauges.jobs {
+                self.jobs
+                    .get_or_create(&vec![("state", state.as_str().to_owned())])
+                    .set(n);
             }
-            _ => {
-                self.database_up.set(0);
-            }
+            self.queue_lag.set(gauges.oldest_runnable_age_seconds);
         }
+        self.database_up.set(i64::from(reading.database_up));
         let mut out = String::new();
         if encode(&mut out, &self.registry).is_err() {
             out.clear();
@@ -188,22 +195,28 @@ pub fn metrics() -> &'static Metrics {
     &METRICS
 }
 
+/// Connections the metrics listener holds at once.
+pub(crate) const MAX_CONNECTIONS: usize = 16;
+
 /// Serves `GET /metrics` alone on its own address, so the metrics need not
 /// be exposed wherever the webhook port is.
 pub async fn serve(
     listener: tokio::net::TcpListener,
-    queue: Queue,
+    health: std::sync::Arc<Health>,
     shutdown: tokio_util::sync::CancellationToken,
 ) {
+    // A Prometheus pair scrapes with one connection each.
     let limits = crate::server::Limits {
         header_read_timeout: Duration::from_secs(5),
-        max_connections: 16,
+        max_connections: MAX_CONNECTIONS,
+        max_connections_per_source: 8,
+        max_connection_age: Duration::from_secs(60),
     };
     crate::server::serve("metrics listener", listener, limits, shutdown, move |_peer| {
-        let queue = queue.clone();
+        let health = health.clone();
         hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
-            let queue = queue.clone();
-            async move { Ok::<_, std::convert::Infallible>(metrics_response(&req, &queue).await) }
+            let health = health.clone();
+            async move { Ok::<_, std::convert::Infallible>(metrics_response(&req, &health).await) }
         })
     })
     .await;
@@ -211,7 +224,7 @@ pub async fn serve(
 
 async fn metrics_response(
     req: &hyper::Request<hyper::body::Incoming>,
-    queue: &Queue,
+    health: &Health,
 ) -> hyper::Response<http_body_util::Full<bytes::Bytes>> {
     use http_body_util::Full;
     if req.method() != hyper::Method::GET || req.uri().path() != "/metrics" {
@@ -219,7 +232,9 @@ async fn metrics_response(
         *r.status_mut() = hyper::StatusCode::NOT_FOUND;
         return r;
     }
-    let mut r = hyper::Response::new(Full::new(bytes::Bytes::from(metrics().render(queue).await)));
+    let mut r = hyper::Response::new(Full::new(bytes::Bytes::from(
+        metrics().render(health).await,
+    )));
     r.headers_mut().insert(
         hyper::header::CONTENT_TYPE,
         hyper::header::HeaderValue::from_static(CONTENT_TYPE),

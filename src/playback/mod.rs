@@ -73,7 +73,7 @@ const STEP_TIMEOUT: Duration = Duration::from_secs(5);
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a browser may reuse a preflight's answer.
 const PREFLIGHT_MAX_AGE: Duration = Duration::from_secs(600);
-const MAX_CONNECTIONS: usize = 512;
+pub(crate) const MAX_CONNECTIONS: usize = 512;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PlaybackError {
@@ -149,6 +149,10 @@ pub async fn run(listener: TcpListener, state: Arc<PlaybackState>, shutdown: Can
     let limits = crate::server::Limits {
         header_read_timeout: state.header_read_timeout,
         max_connections: MAX_CONNECTIONS,
+        // The UI's users often share an address (a clinic's NAT, a reverse
+        // proxy): no share per source below the whole.
+        max_connections_per_source: MAX_CONNECTIONS,
+        max_connection_age: Duration::from_secs(300),
     };
     let app = router(state);
     crate::server::serve("playback server", listener, limits, shutdown, move |peer| {

@@ -13,8 +13,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use bytes::Bytes;
-use http_body_util::{BodyExt, Full, Limited};
+use bytes::{Bytes, BytesMut};
+use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::header::{
     ACCEPT_ENCODING, ALLOW, CONTENT_ENCODING, CONTENT_LENGTH, CONTENT_TYPE, HeaderMap, HeaderValue,
@@ -24,13 +24,14 @@ use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
 use serde_json::json;
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use self::event::Envelope;
 use self::verify::{SIGNATURE_HEADER, TIMESTAMP_HEADER, Verifier};
 use crate::config::Config;
+use crate::health::Health;
 use crate::jobs::{Enqueued, Queue};
 use crate::server::Limits;
 
@@ -53,10 +54,15 @@ pub struct WebhookState {
     pub in_flight: Arc<Semaphore>,
     /// The longest a webhook waits for a database connection.
     pub connection_wait: Duration,
+    /// One permit per body byte the listener holds (see [`read_body`]).
+    pub body_budget: Arc<Semaphore>,
+    /// `/readyz` and `/metrics` reach the database through this, never
+    /// through the webhooks' pool.
+    pub health: Arc<Health>,
 }
 
 impl WebhookState {
-    pub fn from_config(config: &Config, queue: Queue) -> Result<Self, String> {
+    pub fn from_config(config: &Config, queue: Queue, health: Arc<Health>) -> Result<Self, String> {
         Ok(Self {
             queue,
             verifier: Verifier::new(
@@ -69,6 +75,8 @@ impl WebhookState {
             serve_metrics: config.metrics.addr.is_none(),
             in_flight: Arc::new(Semaphore::new(config.listener.max_in_flight)),
             connection_wait: config.listener.connection_wait,
+            body_budget: Arc::new(Semaphore::new(config.listener.body_budget_bytes)),
+            health,
         })
     }
 }
@@ -78,6 +86,8 @@ pub fn limits(config: &Config) -> Limits {
     Limits {
         header_read_timeout: config.listener.header_read_timeout,
         max_connections: config.listener.max_connections,
+        max_connections_per_source: config.listener.max_connections_per_source,
+        max_connection_age: config.listener.max_connection_age,
     }
 }
 
@@ -207,7 +217,7 @@ async fn route(req: Request<Incoming>, state: &WebhookState) -> Reply {
         (&Method::GET | &Method::HEAD, "/healthz") => Reply::new(StatusCode::OK, "ok", ""),
         (&Method::GET | &Method::HEAD, "/readyz") => readiness(state).await,
         (&Method::GET, "/metrics") if state.serve_metrics => Reply {
-            text: Some(crate::metrics::metrics().render(&state.queue).await),
+            text: Some(crate::metrics::metrics().render(&state.health).await),
             ..Reply::new(StatusCode::OK, "metrics", "")
         },
         (_, "/healthz" | "/readyz") => Reply {
@@ -223,19 +233,9 @@ async fn route(req: Request<Incoming>, state: &WebhookState) -> Reply {
 }
 
 async fn readiness(state: &WebhookState) -> Reply {
-    let ping = sqlx::query("SELECT 1").execute(state.queue.pool());
-    match tokio::time::timeout(state.request_timeout, ping).await {
-        Ok(Ok(_)) => Reply::new(StatusCode::OK, "ready", ""),
-        Ok(Err(e)) => Reply::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "not_ready",
-            format!("database: {e}"),
-        ),
-        Err(_) => Reply::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "not_ready",
-            "database: timed out",
-        ),
+    match state.health.ready().await {
+        Ok(()) => Reply::new(StatusCode::OK, "ready", ""),
+        Err(e) => Reply::new(StatusCode::SERVICE_UNAVAILABLE, "not_ready", e),
     }
 }
 
@@ -264,34 +264,18 @@ async fn receive(req: Request<Incoming>, state: &WebhookState) -> Reply {
         return too_large(state);
     }
     let (parts, body) = req.into_parts();
-    let body = match tokio::time::timeout_at(
-        deadline.into(),
-        Limited::new(body, state.max_body_bytes).collect(),
-    )
-    .await
-    {
-        Ok(Ok(collected)) => collected.to_bytes(),
-        Ok(Err(e))
-            if e.downcast_ref::<http_body_util::LengthLimitError>()
-                .is_some() =>
-        {
-            return too_large(state);
-        }
-        Ok(Err(e)) => {
-            return Reply::new(
-                StatusCode::BAD_REQUEST,
-                "bad_body",
-                format!("reading the body failed: {e}"),
-            );
-        }
-        Err(_) => {
-            return Reply::new(
-                StatusCode::REQUEST_TIMEOUT,
-                "body_timeout",
-                "the body did not arrive in time",
-            );
-        }
-    };
+    let (body, _budget) =
+        match tokio::time::timeout_at(deadline.into(), read_body(body, state)).await {
+            Ok(Ok(read)) => read,
+            Ok(Err(reply)) => return reply,
+            Err(_) => {
+                return Reply::new(
+                    StatusCode::REQUEST_TIMEOUT,
+                    "body_timeout",
+                    "the body did not arrive in time",
+                );
+            }
+        };
 
     let header = |name| parts.headers.get(name).map(HeaderValue::as_bytes);
     let signed_at = match state.verifier.verify(
@@ -339,6 +323,50 @@ async fn receive(req: Request<Incoming>, state: &WebhookState) -> Reply {
         // duplicate, which is harmless.
         Err(_) => unavailable("storing the event timed out".to_owned()).event(&event_id),
     }
+}
+
+/// Reads the body, taking a permit of `state.body_budget` for each byte as
+/// it arrives and holding them (the returned permit) until the request is
+/// answered: what every connection may send before its signature is
+/// checked is bounded as a whole, not only per request (issue #19: 1,024
+/// connections × 1 MiB could be buffered). A body that would go over the
+/// budget is answered 503 at once, so Telnyx retries; nothing waits for
+/// room.
+async fn read_body(
+    mut body: Incoming,
+    state: &WebhookState,
+) -> Result<(Bytes, Option<OwnedSemaphorePermit>), Reply> {
+    let mut read = BytesMut::new();
+    let mut held: Option<OwnedSemaphorePermit> = None;
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| {
+            Reply::new(
+                StatusCode::BAD_REQUEST,
+                "bad_body",
+                format!("reading the body failed: {e}"),
+            )
+        })?;
+        let Ok(data) = frame.into_data() else {
+            continue; // trailers: not part of what was signed
+        };
+        if read.len() + data.len() > state.max_body_bytes {
+            return Err(too_large(state));
+        }
+        let Some(more) = u32::try_from(data.len())
+            .ok()
+            .and_then(|n| state.body_budget.clone().try_acquire_many_owned(n).ok())
+        else {
+            return Err(shed(
+                "request bodies held at the limit (listener.body_budget_bytes)",
+            ));
+        };
+        match held.as_mut() {
+            Some(permit) => permit.merge(more),
+            None => held = Some(more),
+        }
+        read.extend_from_slice(&data);
+    }
+    Ok((read.freeze(), held))
 }
 
 /// A pooled connection. When every connection is busy, within

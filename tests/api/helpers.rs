@@ -57,6 +57,21 @@ pub(crate) async fn spawn_with(
     start(pool, key, config, Role::Listen, NoJobs).await
 }
 
+/// Starts listener and worker in one process (`serve`) against the test
+/// database, with `handler` running the jobs.
+pub(crate) async fn spawn_serving<H: JobHandler>(
+    pool: PgPool,
+    tweak: impl FnOnce(&mut Config),
+    handler: H,
+) -> TestApp {
+    let pool = testing::prepare(pool).await;
+    let url = testing::database_url_of(&pool, None);
+    let key = testing::signing_key();
+    let mut config = test_config(url, &key);
+    tweak(&mut config);
+    start(pool, key, config, Role::Serve, handler).await
+}
+
 /// Builds the app from `config`, binds its ports and runs it in the
 /// background with `handler`.
 async fn start<H: JobHandler>(

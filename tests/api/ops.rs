@@ -10,7 +10,8 @@ use sqlx::PgPool;
 use tokio::process::Command;
 
 use crate::helpers::{
-    Providers, STORAGE_KEY, TELNYX_KEY, intake_for, providers, spawn_pipeline, webhook_for,
+    Providers, STORAGE_KEY, TELNYX_KEY, eventually, intake_for, providers, spawn_pipeline,
+    webhook_for,
 };
 
 /// The binary with a complete environment pointing at `p` and `db`.
@@ -250,12 +251,17 @@ async fn metrics_parse_and_move_with_traffic(pool: PgPool) {
         sample(&after, linked) >= sample(&before, linked) + 1.0,
         "{after}"
     );
-    // Queue gauges are this database's.
-    assert_eq!(
-        sample(&after, "recording_relay_jobs{state=\"succeeded\"}"),
-        1.0,
-        "{after}"
+    // Queue gauges are this database's, read at most every few seconds.
+    let succeeded = "recording_relay_jobs{state=\"succeeded\"}";
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            sample(&scrape().await, succeeded) == 1.0
+        })
+        .await,
+        "{}",
+        scrape().await
     );
+    let after = scrape().await;
     assert_eq!(
         sample(&after, "recording_relay_jobs{state=\"pending\"}"),
         0.0

@@ -87,7 +87,7 @@ async fn assert_the_next_is_shed_and_its_retry_stored(app: &TestApp) {
 }
 
 /// The listener on a fresh database, with the bounds `tweak` sets.
-async fn spawn_bounded(pool: PgPool, tweak: impl FnOnce(&mut Config)) -> TestApp {
+pub(crate) async fn spawn_bounded(pool: PgPool, tweak: impl FnOnce(&mut Config)) -> TestApp {
     let pool = testing::prepare(pool).await;
     let url = testing::database_url_of(&pool, None);
     spawn_with(pool, url, tweak).await
