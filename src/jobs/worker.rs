@@ -356,7 +356,6 @@ async fn run_job<H: JobHandler>(
     let ctx = JobContext {
         queue: queue.clone(),
         lease: lease.clone(),
-        cancel: cancel.clone(),
     };
     debug!("job started");
     let work = AssertUnwindSafe(handler.handle(job, ctx)).catch_unwind();
