@@ -650,7 +650,7 @@ async fn ensure_indexes_valid(pool: &PgPool) -> Result<(), DbError> {
          WHERE NOT i.indisvalid
            AND c.relname IN ('idx_intakes_recording_id', 'idx_intakes_recording_object_path',
                              'idx_patients_recording_relay_phone_key',
-                             'recording_jobs_finished_idx')",
+                             'recording_jobs_finished_idx', 'recording_jobs_alert_due_idx')",
     )
     .fetch_all(pool)
     .await?;

@@ -803,16 +803,20 @@ mod tests {
         // Its own object (the host cleared only the recording id after this
         // job linked it, and an operator requeued the job): taken again.
         let b = claimed(&queue, "b").await;
-        assert!(
-            queue
-                .plan_object(&b, old, "audio/wav", None)
-                .await
-                .unwrap()
-        );
+        assert!(queue.plan_object(&b, old, "audio/wav", None).await.unwrap());
         let claim = claim_intake(&queue, &b, held, MatchMethod::ClientState, "rec-old", None).await;
         assert_eq!(claim.unwrap(), Claim::Claimed);
         assert!(queue.save_stored(&b, &"0".repeat(64), 1).await.unwrap());
-        let linked = link(&queue, &b, held, "rec-old", None, old, "https://x/rec-old.wav").await;
+        let linked = link(
+            &queue,
+            &b,
+            held,
+            "rec-old",
+            None,
+            old,
+            "https://x/rec-old.wav",
+        )
+        .await;
         assert_eq!(linked.unwrap(), Linked::Linked);
     }
 

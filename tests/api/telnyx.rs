@@ -210,7 +210,11 @@ async fn an_unknown_connection_matches_nothing_not_even_by_client_state(pool: Pg
     .fetch_one(&p.app.pool)
     .await
     .unwrap();
-    assert_eq!(taken, (None, None), "another tenant's intake, by client_state");
+    assert_eq!(
+        taken,
+        (None, None),
+        "another tenant's intake, by client_state"
+    );
     p.stop().await;
 }
 
