@@ -1,14 +1,38 @@
 //! Tells a human when a job ends in a terminal failure: an error log line
 //! always, and a JSON POST to `pipeline.alert_webhook_url` when set.
 //! The summary carries ids and the reason, never phone numbers.
+//!
+//! The alert is owed from the moment the job's row says `failed` or
+//! `unmatched`, whoever wrote it (this worker, the lease rescuer, another
+//! process that died before alerting, a result whose commit this worker
+//! never saw): the database marks it (`alert_due_at`, set by a trigger in
+//! the same transaction), and [`sweep_until`], run by every worker, sends
+//! what is owed and clears the mark. At least once: a sender that dies
+//! mid-send leaves its claim to run out ([`ALERT_CLAIM`]), then another
+//! sends; a failed send is tried again ([`ALERT_RETRY`]). Once per job, not
+//! once per process: each owed alert is claimed by one sweep at a time.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use backon::{ExponentialBuilder, Retryable};
 use serde::Serialize;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
 use tracing::{error, warn};
 
-use crate::jobs::{Job, JobState, Queue};
+use crate::jobs::{Job, JobState, Queue, QueueError};
+
+/// How long a claimed alert is one sweep's to send: longer than a send can
+/// take with its retries (four tries of `http.request_timeout`, 30 s by
+/// default, and the pauses between them). Only a sender that died waits
+/// this out.
+pub const ALERT_CLAIM: Duration = Duration::from_secs(300);
+/// A send that failed (the endpoint is down or refuses) is tried again
+/// after this, by whichever worker sweeps first.
+pub const ALERT_RETRY: Duration = Duration::from_secs(60);
+/// Owed alerts claimed per statement.
+const SWEEP_BATCH: i64 = 20;
 
 #[derive(Debug, Clone)]
 pub struct Alerter {
@@ -69,27 +93,6 @@ impl Alerter {
         })
     }
 
-    /// Sends the alert in the background (a slow alert endpoint must not
-    /// hold a worker slot), retrying a few times.
-    pub fn job_ended(&self, queue: Queue, job_id: i64) {
-        let this = self.clone();
-        tokio::spawn(async move {
-            let job = match queue.get(job_id).await {
-                Ok(Some(job)) => job,
-                Ok(None) => return,
-                Err(e) => {
-                    warn!(job.id = job_id, error = %e, "cannot load the job for its alert");
-                    return;
-                }
-            };
-            let alert = JobAlert::from_job(&job);
-            let sent = this.send(&alert).await;
-            if let Err(e) = sent {
-                error!(job.id = job_id, error = %e.without_url(), "alert webhook failed");
-            }
-        });
-    }
-
     /// POSTs `alert`, retrying a few times; the caller learns whether it
     /// arrived.
     pub async fn send(&self, alert: &JobAlert) -> Result<(), reqwest::Error> {
@@ -104,5 +107,109 @@ impl Alerter {
         send.retry(ExponentialBuilder::default().with_max_times(3))
             .await
             .map(drop)
+    }
+}
+
+/// Sends every owed alert (see the module doc): to `alerter` when there is
+/// one, and an error log line for each. Stops at the first send that fails
+/// (the endpoint is likely down), giving back that alert and the rest of
+/// its batch for [`ALERT_RETRY`]. Returns how many alerts went out.
+pub async fn sweep(queue: &Queue, alerter: Option<&Alerter>) -> Result<usize, QueueError> {
+    let mut sent = 0;
+    loop {
+        let owed = queue.claim_alerts(SWEEP_BATCH, ALERT_CLAIM).await?;
+        let full = owed.len() == SWEEP_BATCH.unsigned_abs() as usize;
+        for (i, alert) in owed.iter().enumerate() {
+            let job = &alert.job;
+            if let Some(alerter) = alerter
+                && let Err(e) = alerter.send(&JobAlert::from_job(job)).await
+            {
+                error!(job.id = job.id, error = %e.without_url(), retry_in = ?ALERT_RETRY, "alert webhook failed; the alert stays owed");
+                for unsent in &owed[i..] {
+                    queue.alert_failed(unsent, ALERT_RETRY).await?;
+                }
+                return Ok(sent);
+            }
+            error!(
+                job.id = job.id,
+                state = job.state.as_str(),
+                attempts = job.attempts,
+                last_error = job.last_error.as_deref().unwrap_or_default(),
+                alerted = if alerter.is_some() {
+                    "webhook"
+                } else {
+                    "log only"
+                },
+                "job ended unsuccessfully"
+            );
+            // `false`: requeued meanwhile; its next ending is owed anew.
+            queue.alert_sent(alert).await?;
+            sent += 1;
+        }
+        if !full {
+            return Ok(sent);
+        }
+    }
+}
+
+/// Sweeps whenever `wake` is notified (the worker does on every poll tick
+/// and when it ends a job failed or unmatched itself) until `stop`. A
+/// sweep cut off by `stop` leaves its claimed alerts to be sent by another
+/// worker once their claim runs out.
+pub(crate) async fn sweep_until(
+    queue: Queue,
+    alerter: Option<Alerter>,
+    wake: Arc<Notify>,
+    stop: CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            biased;
+            () = stop.cancelled() => return,
+            () = wake.notified() => {}
+        }
+        tokio::select! {
+            biased;
+            () = stop.cancelled() => return,
+            swept = sweep(&queue, alerter.as_ref()) => {
+                if let Err(e) = swept {
+                    warn!(error = %e, "sending owed alerts failed; trying again on the next poll");
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use sqlx::PgPool;
+
+    use super::*;
+    use crate::testing;
+
+    /// Without `pipeline.alert_webhook_url` the alert is the error log
+    /// line: once per job, however many workers sweep.
+    #[sqlx::test(migrations = false)]
+    async fn each_owed_alert_goes_out_once_whatever_the_workers(pool: PgPool) {
+        let queue = Queue::new(testing::prepare(pool).await);
+        // More than a batch, ended by a plain UPDATE (a DBA's, say): the
+        // trigger owes the alerts whoever changes the state.
+        sqlx::query(
+            "INSERT INTO recording_relay.recording_jobs (event_id, event_type, event)
+             SELECT 'ev-' || g, 'call.recording.saved', '{}' FROM generate_series(1, 45) g",
+        )
+        .execute(queue.pool())
+        .await
+        .unwrap();
+        sqlx::query(
+            "UPDATE recording_relay.recording_jobs
+             SET state = 'failed', finished_at = now(), last_error = 'given up by hand'",
+        )
+        .execute(queue.pool())
+        .await
+        .unwrap();
+        let (a, b) = tokio::join!(sweep(&queue, None), sweep(&queue, None));
+        assert_eq!(a.unwrap() + b.unwrap(), 45);
+        assert_eq!(sweep(&queue, None).await.unwrap(), 0);
     }
 }

@@ -33,7 +33,8 @@
 //!   (missed webhooks).
 //! - [`retention`]: prunes old jobs, keeps every pointer to patient data
 //!   (or deletes it with its object after a configured period and an alert).
-//! - [`alerts`]: a POST to an operator's webhook when a job ends badly.
+//! - [`alerts`]: a POST to an operator's webhook (and an error line) for each
+//!   job that ends badly, whoever ended it: the row owes it until sent.
 //!
 //! Around them:
 //!

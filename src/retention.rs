@@ -130,7 +130,7 @@ pub async fn run_once(
             return Ok(report);
         }
         let deleted = queue
-            .delete_unresolved(id, notice, |path| async move {
+            .delete_unresolved(id, period, notice, |path| async move {
                 match storage.delete_object(&path).await {
                     Ok(()) | Err(StorageError::NotFound(_)) => Ok(()),
                     Err(e) => Err(e),

@@ -49,10 +49,6 @@ pub enum TelnyxError {
 }
 
 impl TelnyxError {
-    pub fn is_not_found(&self) -> bool {
-        matches!(self, TelnyxError::NotFound { .. })
-    }
-
     /// A short label for metrics.
     pub fn kind(&self) -> &'static str {
         match self {
@@ -459,40 +455,6 @@ impl TelnyxClient {
     }
 }
 
-impl TelnyxClient {
-    /// The size of the file behind a download URL, asked with a one-byte
-    /// Range request (no HEAD: presigned URLs are signed for GET).
-    pub async fn source_length(&self, url: &str) -> Result<Option<u64>, TelnyxError> {
-        let res = self
-            .http
-            .get(url)
-            .header("range", "bytes=0-0")
-            .send()
-            .await
-            .map_err(transport)?;
-        if matches!(
-            res.status(),
-            StatusCode::FORBIDDEN | StatusCode::UNAUTHORIZED
-        ) {
-            return Err(TelnyxError::DownloadDenied {
-                status: res.status().as_u16(),
-                url: redact_url(url).to_owned(),
-            });
-        }
-        let res = check(res, || format!("recording file {}", redact_url(url))).await?;
-        if res.status() == StatusCode::PARTIAL_CONTENT {
-            let total = res
-                .headers()
-                .get("content-range")
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.rsplit_once('/'))
-                .and_then(|(_, total)| total.parse().ok());
-            return Ok(total);
-        }
-        Ok(res.content_length())
-    }
-}
-
 /// Reads a JSON answer. serde's messages quote the offending value
 /// ("invalid type: integer `15557650002`, expected a string"), and these
 /// answers hold phone numbers, while the message ends up in `last_error`,
@@ -659,7 +621,7 @@ mod tests {
 
         sim.fail_next_downloads(1, Fault::Status(404));
         let err = client.download(&url, 1000).await.unwrap_err();
-        assert!(err.is_not_found(), "{err}");
+        assert!(matches!(err, TelnyxError::NotFound { .. }), "{err}");
 
         sim.fail_next_downloads(1, Fault::Status(500));
         let err = client.download(&url, 1000).await.unwrap_err();

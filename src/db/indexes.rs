@@ -19,7 +19,7 @@ use super::DbError;
 /// test compares this list with one, so it cannot drift). `migrate` builds
 /// one from its definition with `CONCURRENTLY`, as the migrations did, so
 /// neither the listener's inserts nor ZScribe's writes to `intakes` wait.
-pub(crate) const EXPECTED: [(&str, &str); 16] = [
+pub(crate) const EXPECTED: [(&str, &str); 17] = [
     (
         "idx_intakes_recording_id",
         "CREATE INDEX idx_intakes_recording_id ON public.intakes USING btree (recording_id)",
@@ -43,6 +43,10 @@ pub(crate) const EXPECTED: [(&str, &str); 16] = [
     (
         "playback_audit_user_idx",
         "CREATE INDEX playback_audit_user_idx ON recording_relay.playback_audit USING btree (user_id, at DESC)",
+    ),
+    (
+        "recording_jobs_alert_due_idx",
+        "CREATE INDEX recording_jobs_alert_due_idx ON recording_relay.recording_jobs USING btree (alert_due_at) WHERE (alert_due_at IS NOT NULL)",
     ),
     (
         "recording_jobs_call_session_idx",

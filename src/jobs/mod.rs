@@ -15,7 +15,6 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
-use tokio_util::sync::CancellationToken;
 
 use crate::call::CallFacts;
 
@@ -218,9 +217,6 @@ impl JobError {
 pub struct JobContext {
     pub queue: Queue,
     pub lease: Lease,
-    /// Cancelled when the lease is lost or the shutdown grace period ran out;
-    /// the handler's future is dropped at its next await point either way.
-    pub cancel: CancellationToken,
 }
 
 /// The work done for one job. The worker owns claiming, leases, heartbeats

@@ -159,6 +159,36 @@ pub const HAS_JOB_FOR_RECORDING_SQL: &str = "SELECT EXISTS (
          WHERE call_session_id = $2 AND recording_id IS NULL
            AND state IN ('pending', 'running'))";
 
+/// Claims up to `$1` owed alerts for `$2` milliseconds: jobs that ended
+/// `failed` or `unmatched` and whose alert has not gone out (the trigger
+/// `recording_jobs_alert_on_state` sets `alert_due_at` whenever a job enters
+/// those states, whoever moves it). The claim commits at once, like the
+/// job claim: no transaction is held while the alert is sent, and a sender
+/// that dies leaves the claim to run out, then another sends. The new
+/// `alert_due_at` of each row is its claim token. Its plan is tested to use
+/// `recording_jobs_alert_due_idx`.
+pub const CLAIM_ALERTS_SQL: &str = "UPDATE recording_relay.recording_jobs j
+     SET alert_due_at = now() + $2 * interval '1 millisecond'
+     FROM (SELECT id FROM recording_relay.recording_jobs
+           WHERE alert_due_at <= now() AND state IN ('failed', 'unmatched')
+           ORDER BY alert_due_at
+           LIMIT $1
+           FOR UPDATE SKIP LOCKED) due
+     WHERE j.id = due.id
+     RETURNING j.*";
+
+/// One owed alert, claimed by [`Queue::claim_alerts`].
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct OwedAlert {
+    #[sqlx(flatten)]
+    pub job: Job,
+    /// The claim: [`Queue::alert_sent`] and [`Queue::alert_failed`] match
+    /// it, so a job that was requeued and ended again meanwhile (a new
+    /// alert owed) is not marked by the old one.
+    #[sqlx(rename = "alert_due_at")]
+    pub claimed_until: chrono::DateTime<chrono::Utc>,
+}
+
 /// A finished job that is the only pointer to patient data, as a condition
 /// on `recording_relay.recording_jobs j`: unmatched (its object under
 /// `unmatched/` is known nowhere else); failed with a recording id, a call
@@ -835,6 +865,54 @@ impl Queue {
         Ok(rows)
     }
 
+    /// Claims up to `limit` owed alerts (see [`CLAIM_ALERTS_SQL`]) for
+    /// `hold`: no other sweep takes them until then.
+    pub async fn claim_alerts(
+        &self,
+        limit: i64,
+        hold: Duration,
+    ) -> Result<Vec<OwedAlert>, QueueError> {
+        let owed = sqlx::query_as::<_, OwedAlert>(CLAIM_ALERTS_SQL)
+            .bind(limit)
+            .bind(millis(hold))
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(owed)
+    }
+
+    /// The alert went out: nothing is owed any more. `false` when the claim
+    /// no longer holds (requeued, or claimed by another after it ran out).
+    pub async fn alert_sent(&self, owed: &OwedAlert) -> Result<bool, QueueError> {
+        let done = sqlx::query(
+            "UPDATE recording_relay.recording_jobs SET alert_due_at = NULL
+             WHERE id = $1 AND alert_due_at = $2",
+        )
+        .bind(owed.job.id)
+        .bind(owed.claimed_until)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    /// The alert could not be sent: owed again after `retry_in`.
+    pub async fn alert_failed(
+        &self,
+        owed: &OwedAlert,
+        retry_in: Duration,
+    ) -> Result<bool, QueueError> {
+        let done = sqlx::query(
+            "UPDATE recording_relay.recording_jobs
+             SET alert_due_at = now() + $3 * interval '1 millisecond'
+             WHERE id = $1 AND alert_due_at = $2",
+        )
+        .bind(owed.job.id)
+        .bind(owed.claimed_until)
+        .bind(millis(retry_in))
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
     /// Records that the retention alert for `id` went out.
     pub async fn mark_retention_alerted(&self, id: i64) -> Result<(), QueueError> {
         sqlx::query(
@@ -850,12 +928,15 @@ impl Queue {
     /// Deletes job `id` after `delete_object` removed its object, in one
     /// transaction that holds the row, so an operator's requeue or attach
     /// in between waits and then finds no job (rather than a job whose
-    /// object is gone). The row must still be due: finished, holding patient
-    /// data, alerted at least `alerted_before` ago. An object that an intake
-    /// links is left alone. `Ok(false)`: not due any more, nothing deleted.
+    /// object is gone). The row must still be due: finished more than
+    /// `finished_before` ago, holding patient data, alerted at least
+    /// `alerted_before` ago (any change of state since forgets that alert:
+    /// `recording_jobs_alert_on_state`). An object that an intake links is
+    /// left alone. `Ok(false)`: not due any more, nothing deleted.
     pub async fn delete_unresolved<F, Fut, E>(
         &self,
         id: i64,
+        finished_before: Duration,
         alerted_before: Duration,
         delete_object: F,
     ) -> Result<Result<bool, E>, QueueError>
@@ -870,10 +951,12 @@ impl Queue {
                             WHERE i.recording_object_path = j.object_path)
              FROM recording_relay.recording_jobs j
              WHERE id = $1 AND ({HOLDS_PATIENT_DATA})
-               AND retention_alerted_at < now() - $2 * interval '1 millisecond'
+               AND finished_at < now() - $2 * interval '1 millisecond'
+               AND retention_alerted_at < now() - $3 * interval '1 millisecond'
              FOR UPDATE"
         )))
         .bind(id)
+        .bind(millis(finished_before))
         .bind(millis(alerted_before))
         .fetch_optional(&mut *tx)
         .await?;
@@ -1721,6 +1804,263 @@ mod tests {
             .await
             .unwrap();
         lease.job_id
+    }
+
+    async fn owed(q: &Queue) -> Vec<i64> {
+        sqlx::query_scalar(
+            "SELECT id FROM recording_relay.recording_jobs WHERE alert_due_at IS NOT NULL ORDER BY id",
+        )
+        .fetch_all(q.pool())
+        .await
+        .unwrap()
+    }
+
+    /// Issue #19: only the worker that wrote a failure itself alerted. The
+    /// row owes the alert now, whoever ended the job.
+    #[sqlx::test(migrations = false)]
+    async fn every_way_a_job_ends_failed_or_unmatched_owes_one_alert(pool: PgPool) {
+        let q = queue(pool).await;
+        // Ended by a permanent error, as unmatched, by the last retry, by
+        // the rescuer on the last attempt.
+        let permanent = failed_job(&q, "permanent").await;
+        q.enqueue(&new_job("unmatched")).await.unwrap();
+        let lease = one_claimed(&q, "w").await.lease().unwrap();
+        q.finish_unsuccessfully(&lease, JobState::Unmatched, "unmatched", "no intake")
+            .await
+            .unwrap();
+        let unmatched = lease.job_id;
+        let mut last = new_job("last-retry");
+        last.max_attempts = 1;
+        q.enqueue(&last).await.unwrap();
+        let lease = one_claimed(&q, "w").await.lease().unwrap();
+        let state = q.retry(&lease, &JobError::retryable("503"), LEASE).await;
+        assert_eq!(state.unwrap(), Some(JobState::Failed));
+        let last_retry = lease.job_id;
+        let mut rescued = new_job("rescued");
+        rescued.max_attempts = 1;
+        q.enqueue(&rescued).await.unwrap();
+        let rescued = one_claimed(&q, "gone").await.id;
+        expire_lease(&q, rescued).await;
+        assert_eq!(q.rescue_expired_leases().await.unwrap(), 1);
+        // None of these owes one: success, a retry with attempts left, a
+        // duplicate, a cancel, a job that was failed before the upgrade.
+        q.enqueue(&new_job("succeeded")).await.unwrap();
+        let lease = one_claimed(&q, "w").await.lease().unwrap();
+        assert!(q.complete(&lease).await.unwrap());
+        q.enqueue(&new_job("retried")).await.unwrap();
+        let lease = one_claimed(&q, "w").await.lease().unwrap();
+        let state = q.retry(&lease, &JobError::retryable("503"), LEASE).await;
+        assert_eq!(state.unwrap(), Some(JobState::Pending));
+        q.enqueue(&new_job("duplicate")).await.unwrap();
+        let lease = one_claimed(&q, "w").await.lease().unwrap();
+        q.finish_unsuccessfully(&lease, JobState::Duplicate, "duplicate", "dup")
+            .await
+            .unwrap();
+        q.enqueue(&new_job("cancelled")).await.unwrap();
+        q.cancel(q.get_by_event_id("cancelled").await.unwrap().unwrap().id)
+            .await
+            .unwrap();
+        sqlx::query(
+            "INSERT INTO recording_relay.recording_jobs
+                 (event_id, event_type, event, state, finished_at, last_error)
+             VALUES ('failed-before-the-upgrade', 'call.recording.saved', '{}', 'failed', now(), 'x')",
+        )
+        .execute(q.pool())
+        .await
+        .unwrap();
+        assert_eq!(owed(&q).await, [permanent, unmatched, last_retry, rescued]);
+
+        // One sweep claims them; another finds nothing while they are sent.
+        let claimed = q.claim_alerts(10, LEASE).await.unwrap();
+        assert_eq!(claimed.len(), 4);
+        assert!(q.claim_alerts(10, LEASE).await.unwrap().is_empty());
+        for alert in &claimed {
+            assert!(q.alert_sent(alert).await.unwrap());
+        }
+        assert!(owed(&q).await.is_empty());
+        // A requeued job that ends failed again owes a new alert.
+        q.requeue(permanent).await.unwrap();
+        assert!(owed(&q).await.is_empty());
+        let lease = one_claimed(&q, "w").await.lease().unwrap();
+        q.finish_unsuccessfully(&lease, JobState::Failed, "permanent", "again")
+            .await
+            .unwrap();
+        assert_eq!(owed(&q).await, [permanent]);
+    }
+
+    /// At least once: a sender that died holding claimed alerts, or whose
+    /// send failed, leaves them to be sent again; a stale claim marks
+    /// nothing.
+    #[sqlx::test(migrations = false)]
+    async fn an_alert_whose_sender_died_or_failed_is_sent_again(pool: PgPool) {
+        let q = queue(pool).await;
+        let id = failed_job(&q, "ev-1").await;
+        let died = q.claim_alerts(10, LEASE).await.unwrap().remove(0);
+        assert!(q.claim_alerts(10, LEASE).await.unwrap().is_empty());
+        // Its claim runs out.
+        sqlx::query(
+            "UPDATE recording_relay.recording_jobs SET alert_due_at = now() - interval '1 second'
+             WHERE id = $1",
+        )
+        .bind(id)
+        .execute(q.pool())
+        .await
+        .unwrap();
+        let again = q.claim_alerts(10, LEASE).await.unwrap().remove(0);
+        assert_eq!(again.job.id, id);
+        assert!(!q.alert_sent(&died).await.unwrap(), "a stale claim");
+        assert!(
+            q.alert_failed(&again, Duration::from_millis(1))
+                .await
+                .unwrap()
+        );
+        assert!(
+            eventually_claimed(&q).await,
+            "owed again after a failed send"
+        );
+        // Requeued while being sent: the old claim marks nothing, and the
+        // job owes nothing until it ends again.
+        let sending = q.claim_alerts(10, LEASE).await.unwrap();
+        assert!(sending.is_empty());
+        sqlx::query("UPDATE recording_relay.recording_jobs SET alert_due_at = now() WHERE id = $1")
+            .bind(id)
+            .execute(q.pool())
+            .await
+            .unwrap();
+        let sending = q.claim_alerts(10, LEASE).await.unwrap().remove(0);
+        q.requeue(id).await.unwrap();
+        assert!(!q.alert_sent(&sending).await.unwrap());
+        assert!(owed(&q).await.is_empty());
+    }
+
+    async fn eventually_claimed(q: &Queue) -> bool {
+        for _ in 0..100 {
+            if !q.claim_alerts(10, LEASE).await.unwrap().is_empty() {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        false
+    }
+
+    /// Issue #19: `retention_alerted_at` outlived the ending it was about,
+    /// so a job an operator requeued (or attached) to keep it was deleted
+    /// the next time it ended, with no fresh alert.
+    #[sqlx::test(migrations = false)]
+    async fn any_change_of_state_forgets_the_retention_alert(pool: PgPool) {
+        let q = queue(pool).await;
+        let alerted = |id: i64| {
+            let q = q.clone();
+            async move {
+                q.mark_retention_alerted(id).await.unwrap();
+                assert!(retention_alerted(&q, id).await);
+            }
+        };
+        let id = failed_job(&q, "requeued").await;
+        alerted(id).await;
+        q.requeue(id).await.unwrap();
+        assert!(!retention_alerted(&q, id).await, "requeue");
+        let lease = one_claimed(&q, "w").await.lease().unwrap();
+        q.finish_unsuccessfully(&lease, JobState::Unmatched, "unmatched", "no intake")
+            .await
+            .unwrap();
+        sqlx::query(
+            "UPDATE recording_relay.recording_jobs SET recording_id = 'rec-1' WHERE id = $1",
+        )
+        .bind(id)
+        .execute(q.pool())
+        .await
+        .unwrap();
+        alerted(id).await;
+        let intake: uuid::Uuid =
+            sqlx::query_scalar("INSERT INTO public.intakes DEFAULT VALUES RETURNING id")
+                .fetch_one(q.pool())
+                .await
+                .unwrap();
+        q.attach(id, intake).await.unwrap();
+        assert!(!retention_alerted(&q, id).await, "attach");
+        let id = failed_job(&q, "cancelled").await;
+        alerted(id).await;
+        q.cancel(id).await.unwrap();
+        assert!(
+            !retention_alerted(&q, id).await,
+            "cancel restarts the clock"
+        );
+    }
+
+    async fn retention_alerted(q: &Queue, id: i64) -> bool {
+        sqlx::query_scalar(
+            "SELECT retention_alerted_at IS NOT NULL FROM recording_relay.recording_jobs WHERE id = $1",
+        )
+        .bind(id)
+        .fetch_one(q.pool())
+        .await
+        .unwrap()
+    }
+
+    /// Retention lists due jobs, then deletes them one by one: a job that
+    /// ended again in between (requeued, run, failed) is not due, whatever
+    /// its alert says.
+    #[sqlx::test(migrations = false)]
+    async fn retention_deletes_no_job_that_finished_again_since_it_was_listed(pool: PgPool) {
+        let q = queue(pool).await;
+        let id = failed_job(&q, "ev-1").await;
+        sqlx::query(
+            "UPDATE recording_relay.recording_jobs
+             SET recording_id = 'rec-1', retention_alerted_at = now() - interval '8 days'
+             WHERE id = $1",
+        )
+        .bind(id)
+        .execute(q.pool())
+        .await
+        .unwrap();
+        let day = Duration::from_secs(86_400);
+        let deleted = q
+            .delete_unresolved(id, 90 * day, 7 * day, |_| async { Ok::<_, ()>(()) })
+            .await
+            .unwrap();
+        assert_eq!(deleted, Ok(false), "finished just now");
+        sqlx::query(
+            "UPDATE recording_relay.recording_jobs SET finished_at = now() - interval '91 days'
+             WHERE id = $1",
+        )
+        .bind(id)
+        .execute(q.pool())
+        .await
+        .unwrap();
+        let deleted = q
+            .delete_unresolved(id, 90 * day, 7 * day, |_| async { Ok::<_, ()>(()) })
+            .await
+            .unwrap();
+        assert_eq!(deleted, Ok(true));
+    }
+
+    /// Every worker sweeps for owed alerts on each poll: it must not read
+    /// the history of finished jobs to find the few owed ones.
+    #[sqlx::test(migrations = false)]
+    async fn the_alert_sweep_uses_its_partial_index(pool: PgPool) {
+        let q = queue(pool).await;
+        fill_and_analyze(
+            &q,
+            "INSERT INTO recording_relay.recording_jobs
+                     (event_id, event_type, event, state, finished_at, last_error)
+                 SELECT 'done-' || g, 'call.recording.saved', '{}',
+                        (CASE WHEN g % 10 = 0 THEN 'failed' ELSE 'succeeded' END)::recording_relay.recording_job_state,
+                        now(), 'x'
+                 FROM generate_series(1, 20000) g",
+        )
+        .await;
+        failed_job(&q, "owed").await;
+        let mut conn = q.pool().acquire().await.unwrap();
+        let plan = testing::explain(
+            &mut conn,
+            &format!("PREPARE claim_alerts(bigint, bigint) AS {CLAIM_ALERTS_SQL}"),
+            "EXECUTE claim_alerts(20, 300000)",
+            Plan::Generic,
+        )
+        .await;
+        assert!(plan.contains("recording_jobs_alert_due_idx"), "{plan}");
+        assert!(!plan.contains("Seq Scan"), "{plan}");
     }
 
     #[sqlx::test(migrations = false)]

@@ -31,7 +31,8 @@ pub struct WorkerOptions {
     pub lease: Duration,
     pub shutdown_timeout: Duration,
     pub backoff: Backoff,
-    /// Told about every job that ends failed or unmatched.
+    /// Told about every job that ends failed or unmatched, whoever ended
+    /// it (`alerts::sweep`); without one, the alert is an error log line.
     pub alerter: Option<Alerter>,
 }
 
@@ -69,6 +70,9 @@ pub struct Worker<H> {
     queue: Queue,
     handler: Arc<H>,
     opts: Arc<WorkerOptions>,
+    /// Wakes this worker's alert sweep: on every poll tick, and at once
+    /// when one of its jobs ends failed or unmatched.
+    alerts_due: Arc<Notify>,
 }
 
 /// How one claimed job's run ended, before it is written back.
@@ -86,6 +90,7 @@ impl<H: JobHandler> Worker<H> {
             queue,
             handler: Arc::new(handler),
             opts: Arc::new(opts),
+            alerts_due: Arc::new(Notify::new()),
         }
     }
 
@@ -101,6 +106,13 @@ impl<H: JobHandler> Worker<H> {
         ));
         let (completions, completer) =
             Completions::start(self.queue.clone(), self.opts.concurrency);
+        let alerts_stop = CancellationToken::new();
+        let alerts = tokio::spawn(crate::alerts::sweep_until(
+            self.queue.clone(),
+            self.opts.alerter.clone(),
+            self.alerts_due.clone(),
+            alerts_stop.clone(),
+        ));
         let hard_stop = CancellationToken::new();
         let mut in_flight = JoinSet::new();
         let mut poll = tokio::time::interval(self.opts.poll_interval);
@@ -140,7 +152,12 @@ impl<H: JobHandler> Worker<H> {
                     }
                 }
                 () = wake.notified() => {}
-                _ = poll.tick() => self.rescue_expired_leases().await,
+                _ = poll.tick() => {
+                    self.rescue_expired_leases().await;
+                    // Also alerts that other processes owe, and sends that
+                    // failed: the poll is the sweep's clock.
+                    self.alerts_due.notify_one();
+                }
             }
         }
 
@@ -149,6 +166,9 @@ impl<H: JobHandler> Worker<H> {
         // the completer stops once its last sender is gone.
         drop(completions);
         let _ = completer.await;
+        // Alerts still owed stay owed: the next worker to sweep sends them.
+        alerts_stop.cancel();
+        let _ = alerts.await;
         listener_stop.cancel();
         let _ = listener.await;
         info!(worker.id = %self.opts.worker_id, "worker stopped");
@@ -217,6 +237,7 @@ impl<H: JobHandler> Worker<H> {
             let run = run_job(
                 self.queue.clone(),
                 completions.clone(),
+                self.alerts_due.clone(),
                 self.handler.clone(),
                 self.opts.clone(),
                 job,
@@ -343,9 +364,11 @@ impl Completions {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn run_job<H: JobHandler>(
     queue: Queue,
     completions: Completions,
+    alerts_due: Arc<Notify>,
     handler: Arc<H>,
     opts: Arc<WorkerOptions>,
     job: Job,
@@ -356,7 +379,6 @@ async fn run_job<H: JobHandler>(
     let ctx = JobContext {
         queue: queue.clone(),
         lease: lease.clone(),
-        cancel: cancel.clone(),
     };
     debug!("job started");
     let work = AssertUnwindSafe(handler.handle(job, ctx)).catch_unwind();
@@ -367,7 +389,10 @@ async fn run_job<H: JobHandler>(
         () = cancel.cancelled() => RunEnd::Interrupted,
         () = keep_lease_alive(&queue, &lease, opts.lease) => RunEnd::LeaseLost,
     };
-    record(&queue, &completions, &opts, &lease, end, started.elapsed()).await;
+    let ended = record(&queue, &completions, &opts, &lease, end, started.elapsed()).await;
+    if matches!(ended, Some(JobState::Failed | JobState::Unmatched)) {
+        alerts_due.notify_one();
+    }
 }
 
 /// Heartbeats every third of the lease; returns only when the lease is lost:
@@ -396,7 +421,8 @@ async fn keep_lease_alive(queue: &Queue, lease: &Lease, duration: Duration) {
 }
 
 /// Writes the result back, retrying briefly over a database blip. If it
-/// still fails, the lease expires and the rescuer returns the job.
+/// still fails, the lease expires and the rescuer returns the job. Returns
+/// the state written, if this call wrote one.
 async fn record(
     queue: &Queue,
     completions: &Completions,
@@ -404,14 +430,14 @@ async fn record(
     lease: &Lease,
     end: RunEnd,
     took: Duration,
-) {
+) -> Option<JobState> {
     let took_ms = u64::try_from(took.as_millis()).unwrap_or(u64::MAX);
     if matches!(end, RunEnd::LeaseLost) {
         warn!(
             took_ms,
             "lease lost (expired or cancelled): another worker owns the job now"
         );
-        return;
+        return None;
     }
     let write = || write_result(queue, completions, opts, lease, &end);
     let written = write
@@ -428,19 +454,14 @@ async fn record(
                 took_ms,
                 "lease lost before the result was recorded; nothing written"
             );
-            return;
+            return None;
         }
         Err(e) => {
             error!(took_ms, error = %e, "could not record the job's result; it runs again when its lease expires");
-            return;
+            return None;
         }
     };
     crate::metrics::metrics().job_finished(outcome_label(&end, state), took);
-    if matches!(state, JobState::Failed | JobState::Unmatched)
-        && let Some(alerter) = &opts.alerter
-    {
-        alerter.job_ended(queue.clone(), lease.job_id);
-    }
     match end {
         RunEnd::Finished(Ok(Outcome::Succeeded)) => info!(took_ms, "job succeeded"),
         RunEnd::Finished(Ok(Outcome::Unmatched { reason })) => {
@@ -456,6 +477,7 @@ async fn record(
         RunEnd::Interrupted => info!(took_ms, "job released at shutdown"),
         RunEnd::LeaseLost => {}
     }
+    Some(state)
 }
 
 fn outcome_label(end: &RunEnd, state: JobState) -> &'static str {

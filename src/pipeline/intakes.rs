@@ -65,7 +65,8 @@ pub enum Found {
 /// The intakes of the number's patients in a span of time, free or not;
 /// the `EXPLAIN` test checks its plan. `$1` number, `$2`..`$3` the span,
 /// `$4` organization or NULL.
-pub const INTAKES_BY_PHONE_SQL: &str = "SELECT i.id, i.patient_id, i.created_at, i.recording_id
+pub const INTAKES_BY_PHONE_SQL: &str = "SELECT i.id, i.patient_id, i.created_at, i.recording_id,
+            i.recording_object_path
      FROM public.intakes i
      JOIN public.patients p ON p.id = i.patient_id
      WHERE recording_relay.recording_relay_phone_key(p.phone) = recording_relay.recording_relay_phone_key($1)
@@ -130,6 +131,20 @@ struct IntakeRow {
     patient_id: Option<Uuid>,
     created_at: DateTime<Utc>,
     recording_id: Option<String>,
+    recording_object_path: Option<String>,
+}
+
+impl IntakeRow {
+    /// What the intake holds already, if anything: a recording, or the
+    /// object of one whose id the host cleared (then the path is the only
+    /// pointer to that object, and taking the intake would lose it).
+    fn holding(&self) -> Option<String> {
+        match (&self.recording_id, &self.recording_object_path) {
+            (Some(r), _) => Some(format!("recording {r}")),
+            (None, Some(path)) => Some(format!("object {path}")),
+            (None, None) => None,
+        }
+    }
 }
 
 #[derive(Debug, Clone, sqlx::FromRow)]
@@ -279,7 +294,7 @@ fn decide(
         .collect();
     let free: Vec<&IntakeRow> = intakes
         .iter()
-        .filter(|i| i.recording_id.is_none() && !named.contains(&i.id))
+        .filter(|i| i.holding().is_none() && !named.contains(&i.id))
         .collect();
     let free_ids: std::collections::HashSet<Uuid> = free.iter().map(|i| i.id).collect();
     // Competing: not named elsewhere, and holding no intake (an intake
@@ -335,14 +350,8 @@ fn decide(
         list(
             intakes
                 .iter()
-                .filter(|i| i.recording_id.is_some() && near(i.created_at, m.around))
-                .map(|i| {
-                    format!(
-                        "{} holds recording {}",
-                        intake_name(i),
-                        i.recording_id.as_deref().unwrap_or_default()
-                    )
-                }),
+                .filter(|i| near(i.created_at, m.around))
+                .filter_map(|i| Some(format!("{} holds {}", intake_name(i), i.holding()?))),
         )
     };
     if group_intakes.is_empty() {
@@ -398,23 +407,18 @@ fn decide(
     };
     // 5.
     let distance = |t: DateTime<Utc>| (t - m.around).abs();
-    let nearer: Vec<&IntakeRow> = intakes
+    let nearer: Vec<String> = intakes
         .iter()
         .filter(|i| {
-            i.recording_id.is_some()
-                && distance(i.created_at) < distance(chosen.created_at)
-                && near(i.created_at, m.around)
+            distance(i.created_at) < distance(chosen.created_at) && near(i.created_at, m.around)
         })
+        .filter_map(|i| Some(format!("{} already holds {}", intake_name(i), i.holding()?)))
         .collect();
     if !nearer.is_empty() {
         return Found::Undecided(format!(
             "{} is free, but nearer to the recording {}",
             intake_name(chosen),
-            list(nearer.iter().map(|i| format!(
-                "{} already holds recording {}",
-                intake_name(i),
-                i.recording_id.as_deref().unwrap_or_default()
-            )))
+            list(nearer)
         ));
     }
     Found::Intake(chosen.id, MatchMethod::PhoneAndTime)
@@ -425,6 +429,8 @@ fn decide(
 pub enum Claim {
     Claimed,
     Gone,
+    /// The recording id the intake holds (or, when the host cleared only
+    /// that, the path of the object it points at).
     TakenBy(String),
     LeaseLost,
 }
@@ -446,15 +452,21 @@ pub async fn claim_intake(
         return Ok(Claim::LeaseLost);
     }
     // Concurrent claims serialise on the row lock; the loser re-checks the
-    // WHERE against the winner's value and updates nothing.
+    // WHERE against the winner's value and updates nothing. An intake that
+    // points at an object other than this job's (the host cleared only its
+    // recording id) is not free: the path is that object's only pointer.
     let updated = sqlx::query(
         "UPDATE public.intakes
          SET recording_id = $2, recording_duration = coalesce($3, recording_duration)
-         WHERE id = $1 AND (recording_id IS NULL OR recording_id = $2)",
+         WHERE id = $1 AND (recording_id IS NULL OR recording_id = $2)
+           AND (recording_object_path IS NULL
+                OR recording_object_path = (SELECT object_path FROM recording_relay.recording_jobs
+                                            WHERE id = $4))",
     )
     .bind(intake)
     .bind(recording_id)
     .bind(duration_secs)
+    .bind(lease.job_id)
     .execute(&mut *tx)
     .await?;
     if updated.rows_affected() == 1 {
@@ -468,11 +480,12 @@ pub async fn claim_intake(
         tx.commit().await?;
         return Ok(Claim::Claimed);
     }
-    let other: Option<Option<String>> =
-        sqlx::query_scalar("SELECT recording_id FROM public.intakes WHERE id = $1")
-            .bind(intake)
-            .fetch_optional(&mut *tx)
-            .await?;
+    let other: Option<Option<String>> = sqlx::query_scalar(
+        "SELECT coalesce(recording_id, recording_object_path) FROM public.intakes WHERE id = $1",
+    )
+    .bind(intake)
+    .fetch_optional(&mut *tx)
+    .await?;
     tx.rollback().await?;
     Ok(match other {
         None => Claim::Gone,
@@ -488,7 +501,8 @@ pub enum Linked {
     /// The intake was deleted after the match.
     Gone,
     /// The intake holds another recording now (set by hand, or by an
-    /// operator's attach after this job's reservation was released).
+    /// operator's attach after this job's reservation was released), or
+    /// another object: the recording id, else the object's path.
     TakenBy(String),
 }
 
@@ -513,7 +527,8 @@ pub async fn link(
          SET recording_id = $2, recording_object_path = $3, recording_url = $4,
              recording_duration = coalesce($5, recording_duration),
              recording_migrated_at = now()
-         WHERE id = $1 AND (recording_id IS NULL OR recording_id = $2)",
+         WHERE id = $1 AND (recording_id IS NULL OR recording_id = $2)
+           AND (recording_object_path IS NULL OR recording_object_path = $3)",
     )
     .bind(intake)
     .bind(recording_id)
@@ -523,11 +538,12 @@ pub async fn link(
     .execute(&mut *tx)
     .await?;
     if updated.rows_affected() != 1 {
-        let other: Option<Option<String>> =
-            sqlx::query_scalar("SELECT recording_id FROM public.intakes WHERE id = $1")
-                .bind(intake)
-                .fetch_optional(&mut *tx)
-                .await?;
+        let other: Option<Option<String>> = sqlx::query_scalar(
+            "SELECT coalesce(recording_id, recording_object_path) FROM public.intakes WHERE id = $1",
+        )
+        .bind(intake)
+        .fetch_optional(&mut *tx)
+        .await?;
         tx.rollback().await?;
         return Ok(match other {
             None => Linked::Gone,
@@ -753,6 +769,79 @@ mod tests {
                 .unwrap(),
             Found::Intake(newer, MatchMethod::PhoneAndTime)
         );
+    }
+
+    /// Issue #19: a host that clears only `recording_id` leaves
+    /// `recording_object_path` the only pointer to an older recording's
+    /// object. The phone match, the claim and the link all took such an
+    /// intake for free and overwrote that pointer.
+    #[sqlx::test(migrations = false)]
+    async fn an_intake_holding_another_object_is_not_taken(pool: PgPool) {
+        let pool = testing::prepare(pool).await;
+        let queue = Queue::new(pool.clone());
+        let p = patient(&pool, "9712656795").await;
+        let held = intake(&pool, p, -1).await;
+        let old = "intakes/held/rec-old.wav";
+        sqlx::query("UPDATE public.intakes SET recording_object_path = $2 WHERE id = $1")
+            .bind(held)
+            .bind(old)
+            .execute(&pool)
+            .await
+            .unwrap();
+        let found = find_intake(&pool, &input("+19712656795", "rec-new"))
+            .await
+            .unwrap();
+        assert!(
+            matches!(&found, Found::Nothing(why) if why.contains(old)),
+            "{found:?}"
+        );
+        // Named by client_state: the claim itself refuses.
+        let a = claimed(&queue, "a").await;
+        let claim = claim_intake(&queue, &a, held, MatchMethod::ClientState, "rec-new", None).await;
+        assert_eq!(claim.unwrap(), Claim::TakenBy(old.into()));
+        let linked = link(
+            &queue,
+            &a,
+            held,
+            "rec-new",
+            None,
+            "intakes/held/rec-new.wav",
+            "https://x/rec-new.wav",
+        )
+        .await;
+        assert_eq!(linked.unwrap(), Linked::TakenBy(old.into()));
+        let kept: (Option<String>, Option<String>) = sqlx::query_as(
+            "SELECT recording_id, recording_object_path FROM public.intakes WHERE id = $1",
+        )
+        .bind(held)
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+        assert_eq!(kept, (None, Some(old.to_owned())));
+
+        // Its own object (the host cleared only the recording id after this
+        // job linked it, and an operator requeued the job): taken again.
+        let b = claimed(&queue, "b").await;
+        assert!(queue.plan_object(&b, old, "audio/wav", None).await.unwrap());
+        let claim = claim_intake(&queue, &b, held, MatchMethod::ClientState, "rec-old", None).await;
+        assert_eq!(claim.unwrap(), Claim::Claimed);
+        assert!(
+            queue
+                .save_stored(&b, &"0".repeat(64), 1, None)
+                .await
+                .unwrap()
+        );
+        let linked = link(
+            &queue,
+            &b,
+            held,
+            "rec-old",
+            None,
+            old,
+            "https://x/rec-old.wav",
+        )
+        .await;
+        assert_eq!(linked.unwrap(), Linked::Linked);
     }
 
     #[sqlx::test(migrations = false)]

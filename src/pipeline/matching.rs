@@ -52,27 +52,43 @@ impl Run<'_> {
             Party::To => j.call.to_number.as_deref(),
             Party::From => j.call.from_number.as_deref(),
         };
-        let scope = Scope::of(
+        let named = j
+            .client_state
+            .as_deref()
+            .and_then(intakes::intake_id_from_client_state);
+        let organization = match Scope::of(
             j.call.connection_id.as_deref(),
             &opts.connection_organizations,
-        );
-        // Fail closed: a connection that maps to no tenant could be any
-        // tenant's, and a phone number alone would then cross tenants.
-        let by_phone = match scope {
-            Scope::Unknown => None,
-            Scope::Unscoped | Scope::Organization(_) => number,
+        ) {
+            Scope::Unscoped => None,
+            Scope::Organization(org) => Some(org),
+            // Fail closed: a connection that maps to no tenant could be any
+            // tenant's. A phone number alone would cross tenants, and so
+            // would client_state, which whoever started the call sets and
+            // which may name any tenant's intake. No later attempt knows
+            // more, so this is final at once.
+            Scope::Unknown => {
+                let why = format!(
+                    "connection {} is not in pipeline.connection_organizations, so the call \
+                     could be any tenant's and matches no intake, by phone or by client_state{}; \
+                     add the connection to the map, or attach the recording by hand",
+                    j.call.connection_id.as_deref().unwrap_or("(none)"),
+                    named.map_or(String::new(), |id| format!(
+                        " (its client_state names intake {id})"
+                    )),
+                );
+                warn!(reason = %why, "storing the recording as unmatched");
+                return Ok(Some(why));
+            }
         };
         let input = MatchInput {
             job_id: j.id,
             recording_id: &recording_id,
             call_session_id: j.call.call_session_id.as_deref(),
             client_state: j.client_state.as_deref(),
-            number: by_phone,
+            number,
             party: opts.patient_party,
-            organization: match scope {
-                Scope::Organization(org) => Some(org),
-                Scope::Unscoped | Scope::Unknown => None,
-            },
+            organization,
             around,
             window: opts.match_window,
         };
@@ -83,10 +99,6 @@ impl Run<'_> {
             Found::Intake(intake, method) => (intake, method),
             Found::Ambiguous(why) => return Ok(Some(why)),
             Found::Nothing(detail) => {
-                let named = j
-                    .client_state
-                    .as_deref()
-                    .and_then(intakes::intake_id_from_client_state);
                 let client_state = match (&j.client_state, named) {
                     (None, _) => "the call has no client_state".to_owned(),
                     (Some(_), None) => "its client_state names no intake id".to_owned(),
@@ -94,25 +106,20 @@ impl Run<'_> {
                         format!("its client_state names intake {id}, which does not exist")
                     }
                 };
-                let why = match (scope, by_phone) {
-                    (Scope::Unknown, _) => format!(
-                        "connection {} is not in pipeline.connection_organizations, so only \
-                         client_state can match (no phone match across tenants), and {client_state}",
-                        j.call.connection_id.as_deref().unwrap_or("(none)")
-                    ),
-                    (_, None) if j.call.from_number.is_none() && j.call.to_number.is_none() => {
+                let why = match number {
+                    None if j.call.from_number.is_none() && j.call.to_number.is_none() => {
                         format!(
                             "Telnyx gave no from/to numbers for this recording (older Recordings \
                          API schema), so only client_state can match, and {client_state}; set \
                          client_state to the intake id when dialing"
                         )
                     }
-                    (_, None) => format!(
+                    None => format!(
                         "the recording has no number for the patient's party \
                          (pipeline.patient_party), so only client_state can match, and \
                          {client_state}"
                     ),
-                    (_, Some(number)) => format!(
+                    Some(number) => format!(
                         "no intake matches (patient number {}, created within {} of {around}): {detail}",
                         mask_phone(number),
                         humantime::format_duration(opts.match_window)
@@ -120,7 +127,7 @@ impl Run<'_> {
                 };
                 // An intake a client_state names may not be committed yet;
                 // with nothing else to go on, no later attempt can match.
-                if by_phone.is_none() && named.is_none() {
+                if number.is_none() && named.is_none() {
                     warn!(reason = %why, "storing the recording as unmatched");
                     return Ok(Some(why));
                 }

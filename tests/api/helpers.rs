@@ -394,6 +394,11 @@ impl AlertSink {
             .expect("an alert arrives")
             .expect("sink open")
     }
+
+    /// An alert already received and not yet taken, if any.
+    pub(crate) fn try_next(&self) -> Option<serde_json::Value> {
+        self.received.try_lock().ok()?.try_recv().ok()
+    }
 }
 
 impl PipelineApp {

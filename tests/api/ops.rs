@@ -520,6 +520,100 @@ async fn retention_deletes_an_unresolved_job_with_its_object_only_after_an_alert
     );
 }
 
+/// Issue #19: `retention_alerted_at` outlived a requeue. An operator who
+/// was told "this job will be deleted" and requeued it to keep it had it
+/// deleted, with its object, the next time it ended unmatched, with no
+/// fresh alert.
+#[sqlx::test(migrations = false)]
+async fn a_job_requeued_after_a_retention_alert_is_alerted_again_before_deletion(pool: PgPool) {
+    use recording_relay::alerts::Alerter;
+    use recording_relay::config::RetentionConfig;
+    use recording_relay::retention::run_once;
+    use recording_relay::storage::StorageClient;
+    use tokio_util::sync::CancellationToken;
+
+    let pool = testing::prepare(pool).await;
+    let queue = Queue::new(pool.clone());
+    let p = providers(true);
+    let sink = crate::helpers::AlertSink::start().await;
+    let timeout = Duration::from_secs(5);
+    let running = CancellationToken::new();
+    let storage = StorageClient::new(
+        &p.storage.base_url(),
+        STORAGE_KEY.to_owned().into(),
+        "call-recordings",
+        timeout,
+        timeout,
+        timeout,
+    )
+    .unwrap();
+    let path = "unmatched/rec-kept.wav";
+    storage
+        .upload(path, "audio/wav", vec![7u8; 100].into(), Some(100))
+        .await
+        .unwrap();
+    // Unmatched for 100 days, and alerted 8 days ago: due for deletion.
+    let id: i64 = sqlx::query_scalar(
+        "INSERT INTO recording_relay.recording_jobs
+             (event_id, event_type, event, state, finished_at, last_error, recording_id,
+              object_path, retention_alerted_at, max_attempts)
+         VALUES ('ev-kept', 'call.recording.saved', '{}', 'unmatched',
+                 now() - interval '100 days', 'no intake matches', 'rec-kept', $1,
+                 now() - interval '8 days', 3)
+         RETURNING id",
+    )
+    .bind(path)
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    // The operator keeps it: requeued, it runs and ends unmatched again...
+    queue.requeue(id).await.unwrap();
+    let lease = queue
+        .claim("w", 1, Duration::from_secs(30))
+        .await
+        .unwrap()
+        .remove(0)
+        .lease()
+        .unwrap();
+    queue
+        .finish_unsuccessfully(
+            &lease,
+            JobState::Unmatched,
+            "unmatched",
+            "no intake matches",
+        )
+        .await
+        .unwrap();
+    // ...and 100 days later is due again.
+    sqlx::query(
+        "UPDATE recording_relay.recording_jobs SET finished_at = now() - interval '100 days'
+         WHERE id = $1",
+    )
+    .bind(id)
+    .execute(&pool)
+    .await
+    .unwrap();
+
+    let day = Duration::from_secs(86_400);
+    let config = RetentionConfig {
+        unresolved_for: Some(90 * day),
+        unresolved_alert_before: 7 * day,
+        ..RetentionConfig::default()
+    };
+    let alerter = Alerter::new(&sink.url(), timeout).unwrap();
+    let report = run_once(&queue, &config, Some(&storage), Some(&alerter), &running)
+        .await
+        .unwrap();
+    assert_eq!(
+        (report.alerted, report.deleted),
+        (1, 0),
+        "a fresh alert, nothing deleted"
+    );
+    assert_eq!(sink.next().await["job_id"], id);
+    assert!(queue.get(id).await.unwrap().is_some());
+    assert!(p.storage.object("call-recordings", path).is_some());
+}
+
 /// Issue #10: a webhook job that refused its session as ambiguous ("enqueue
 /// the right one by recording id (reconcile)") hid the session's recordings
 /// from reconcile, so that advice could never work.

@@ -152,9 +152,11 @@ async fn without_numbers_only_client_state_matches_and_the_reason_says_so(pool: 
 }
 
 /// With `connection_organizations` configured, a call through a connection
-/// that is not listed could belong to any tenant: no phone match.
+/// that is not listed could belong to any tenant: it matches nothing. Not by
+/// phone (a number alone would cross tenants), and not by `client_state`
+/// either (issue #19: it could name any tenant's intake, and did).
 #[sqlx::test(migrations = false)]
-async fn an_unknown_connection_matches_only_by_client_state(pool: PgPool) {
+async fn an_unknown_connection_matches_nothing_not_even_by_client_state(pool: PgPool) {
     let org = Uuid::new_v4();
     let p = spawn_pipeline(pool, |c| {
         c.pipeline
@@ -168,10 +170,8 @@ async fn an_unknown_connection_matches_only_by_client_state(pool: PgPool) {
     let job = p.finished_job("ev-conn").await;
     assert_eq!(job.state, JobState::Unmatched, "{:?}", job.last_error);
     let reason = job.last_error.clone().unwrap_or_default();
-    assert!(
-        reason.contains("connection_organizations") && reason.contains("client_state"),
-        "{reason}"
-    );
+    assert!(reason.contains("connection_organizations"), "{reason}");
+    assert_eq!(job.attempts, 1, "no later attempt can match: {reason}");
     let taken: Option<String> =
         sqlx::query_scalar("SELECT recording_id FROM public.intakes WHERE id = $1")
             .bind(by_phone)
@@ -180,17 +180,41 @@ async fn an_unknown_connection_matches_only_by_client_state(pool: PgPool) {
             .unwrap();
     assert_eq!(taken, None, "a phone match across tenants");
 
+    // Another tenant's intake, named by client_state.
     let rec = recording();
     p.telnyx.add_recording(rec.clone());
     let named = intake_for(&p.app.pool, &rec, "+15550000009").await;
+    sqlx::query("UPDATE public.intakes SET organization_id = $1 WHERE id = $2")
+        .bind(Uuid::new_v4())
+        .bind(named)
+        .execute(&p.app.pool)
+        .await
+        .unwrap();
     let mut event: Value = serde_json::from_slice(&webhook_for("ev-conn-cs", &rec)).unwrap();
     event["data"]["payload"]["client_state"] = base64::engine::general_purpose::STANDARD
         .encode(format!("{{\"intake_id\":\"{named}\"}}"))
         .into();
     p.post_event(&event).await;
     let job = p.finished_job("ev-conn-cs").await;
-    assert_eq!(job.state, JobState::Succeeded, "{:?}", job.last_error);
-    assert_eq!(job.intake_id, Some(named));
+    assert_eq!(job.state, JobState::Unmatched, "{:?}", job.last_error);
+    assert_eq!(job.intake_id, None);
+    let reason = job.last_error.clone().unwrap_or_default();
+    assert!(
+        reason.contains("connection_organizations") && reason.contains("client_state"),
+        "{reason}"
+    );
+    let taken: (Option<String>, Option<String>) = sqlx::query_as(
+        "SELECT recording_id, recording_object_path FROM public.intakes WHERE id = $1",
+    )
+    .bind(named)
+    .fetch_one(&p.app.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        taken,
+        (None, None),
+        "another tenant's intake, by client_state"
+    );
     p.stop().await;
 }
 

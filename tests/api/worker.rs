@@ -504,3 +504,104 @@ async fn a_claim_in_flight_at_shutdown_is_released_with_the_attempt_uncounted(po
         "shutdown started before the claim returned"
     );
 }
+
+fn alerting(id: &str, sink: &crate::helpers::AlertSink) -> WorkerOptions {
+    let mut opts = options(id);
+    opts.alerter =
+        Some(recording_relay::alerts::Alerter::new(&sink.url(), Duration::from_secs(5)).unwrap());
+    opts
+}
+
+/// Issue #19: only the worker that ended a job alerted, after it wrote the
+/// result itself. A last attempt that the lease rescuer ended `failed`
+/// (its worker crashed) never alerted.
+#[sqlx::test(migrations = false)]
+async fn a_last_attempt_failed_by_lease_rescue_alerts(pool: PgPool) {
+    let queue = Queue::new(testing::prepare(pool).await);
+    let mut last = job("ev-last");
+    last.max_attempts = 1;
+    queue.enqueue(&last).await.unwrap();
+    // "Crash" on the last attempt: claim and never heartbeat.
+    queue
+        .claim("crashed", 1, Duration::from_millis(100))
+        .await
+        .unwrap();
+    let sink = crate::helpers::AlertSink::start().await;
+    let mut opts = alerting("w2", &sink);
+    opts.poll_interval = Duration::from_millis(200); // the rescuer runs on the poll tick
+    let w = start(
+        &queue,
+        handler(|_, _| async { Ok(Outcome::Succeeded) }),
+        opts,
+    );
+    let alert = sink.next().await;
+    let job = queue.get_by_event_id("ev-last").await.unwrap().unwrap();
+    assert_eq!(job.state, JobState::Failed);
+    assert_eq!(alert["job_id"], job.id);
+    assert_eq!(alert["state"], "failed");
+    assert!(
+        alert["last_error"]
+            .as_str()
+            .unwrap()
+            .contains("stopped heartbeating"),
+        "{alert}"
+    );
+    w.stop().await;
+}
+
+/// Issue #19: a job ended `failed` by another process (or by this one,
+/// whose commit of the result was lost in a connection reset, so it saw an
+/// error and then a lost lease) never alerted: no process both wrote the
+/// result and knew it had.
+#[sqlx::test(migrations = false)]
+async fn a_job_failed_by_a_process_that_died_before_alerting_still_alerts(pool: PgPool) {
+    let queue = Queue::new(testing::prepare(pool).await);
+    queue.enqueue(&job("ev-other")).await.unwrap();
+    let lease = queue
+        .claim("gone", 1, Duration::from_secs(30))
+        .await
+        .unwrap()
+        .remove(0)
+        .lease()
+        .unwrap();
+    queue
+        .finish_unsuccessfully(&lease, JobState::Failed, "permanent", "recording gone")
+        .await
+        .unwrap();
+    // ...and "gone" stops here, before any alert.
+    let sink = crate::helpers::AlertSink::start().await;
+    let w = start(
+        &queue,
+        handler(|_, _| async { Ok(Outcome::Succeeded) }),
+        alerting("w2", &sink),
+    );
+    let alert = sink.next().await;
+    assert_eq!(alert["job_id"], lease.job_id);
+    assert_eq!(alert["state"], "failed");
+    assert_eq!(alert["last_error"], "recording gone");
+    w.stop().await;
+}
+
+/// A requeued job that fails again is a new failure: it alerts again, and
+/// two workers alert each failure once.
+#[sqlx::test(migrations = false)]
+async fn each_failure_of_a_requeued_job_alerts_once(pool: PgPool) {
+    let queue = Queue::new(testing::prepare(pool).await);
+    let sink = crate::helpers::AlertSink::start().await;
+    let fails = || handler(|_, _| async { Err(JobError::permanent("recording gone")) });
+    let w1 = start(&queue, fails(), alerting("w1", &sink));
+    let w2 = start(&queue, fails(), alerting("w2", &sink));
+    queue.enqueue(&job("ev-again")).await.unwrap();
+    let first = sink.next().await;
+    assert_eq!(first["state"], "failed");
+    let id = first["job_id"].as_i64().unwrap();
+    queue.requeue(id).await.unwrap();
+    let second = sink.next().await;
+    assert_eq!(second["job_id"], id);
+    let job = queue.get(id).await.unwrap().unwrap();
+    assert_eq!(job.state, JobState::Failed);
+    assert_eq!(job.errors.as_array().unwrap().len(), 3, "{:?}", job.errors);
+    w1.stop().await;
+    w2.stop().await;
+    assert!(sink.try_next().is_none(), "one alert per failure");
+}
