@@ -280,7 +280,7 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// The connection broke or could not be had, rather than the query being
 /// refused: class 08 (connection exception), 57P01–57P03 (the server
 /// shutting down, crashed, or not yet accepting connections).
-fn is_connection_lost(e: &sqlx::Error) -> bool {
+pub(crate) fn is_connection_lost(e: &sqlx::Error) -> bool {
     match e {
         sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::Tls(_) => true,
         sqlx::Error::Database(db) => db

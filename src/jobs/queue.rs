@@ -31,6 +31,14 @@ pub enum QueueError {
     AlreadyOwned { recording: String, job_id: i64 },
 }
 
+impl QueueError {
+    /// The connection died under the statement (the server restarted, a
+    /// network cut): the same statement on another connection may succeed.
+    pub(crate) fn is_connection_lost(&self) -> bool {
+        matches!(self, Self::Database(e) if crate::db::is_connection_lost(e))
+    }
+}
+
 impl From<QueueError> for super::JobError {
     fn from(e: QueueError) -> Self {
         super::JobError::retryable(e.to_string())

@@ -307,12 +307,27 @@ async fn receive(req: Request<Incoming>, state: &WebhookState) -> Reply {
     }
     let event_id = envelope.id.clone();
     let job = envelope.into_job(state.max_attempts);
-    let mut conn = match connection_within(state, deadline).await {
-        Ok(conn) => conn,
-        Err(reply) => return reply.event(&event_id),
+    // A second try on another connection when the first one turns out dead
+    // (the database came back, but the pool still held connections from
+    // before): the insert is idempotent on the event id, and a blip should
+    // cost Telnyx one 503 at most, not one per dead connection.
+    let mut tries = 0;
+    let outcome = loop {
+        tries += 1;
+        let mut conn = match connection_within(state, deadline).await {
+            Ok(conn) => conn,
+            Err(reply) => return reply.event(&event_id),
+        };
+        let insert = Queue::enqueue_with(&mut *conn, &job);
+        match tokio::time::timeout_at(deadline.into(), insert).await {
+            Ok(Err(e)) if tries == 1 && e.is_connection_lost() => {
+                conn.close_on_drop();
+                continue;
+            }
+            outcome => break outcome,
+        }
     };
-    let insert = Queue::enqueue_with(&mut *conn, &job);
-    match tokio::time::timeout_at(deadline.into(), insert).await {
+    match outcome {
         Ok(Ok(Enqueued::Inserted(id))) => Reply {
             job_id: Some(id),
             ..Reply::new(StatusCode::OK, "stored", "").event(&event_id)
