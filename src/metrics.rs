@@ -25,6 +25,10 @@ pub struct Metrics {
     job_duration: Family<Labels, Histogram, fn() -> Histogram>,
     processing: Histogram,
     pub bytes_relayed: Counter,
+    /// Objects the relay meant to delete and could not: the `unmatched/`
+    /// original of a recording moved into its intake's folder. Each is
+    /// logged with its path; the job still succeeds.
+    pub orphaned_objects: Counter,
     provider_errors: Family<Labels, Counter>,
     jobs: Family<Labels, Gauge>,
     queue_lag: Gauge<f64, AtomicU64>,
@@ -66,6 +70,12 @@ impl Metrics {
             "Recording bytes stored and verified",
             bytes_relayed.clone(),
         );
+        let orphaned_objects = Counter::default();
+        registry.register(
+            "orphaned_objects",
+            "Objects left in the bucket because deleting them failed (the unmatched/ original of a moved recording)",
+            orphaned_objects.clone(),
+        );
         let provider_errors = Family::<Labels, Counter>::default();
         registry.register(
             "provider_errors",
@@ -92,6 +102,7 @@ impl Metrics {
             job_duration,
             processing,
             bytes_relayed,
+            orphaned_objects,
             provider_errors,
             jobs,
             queue_lag,

@@ -168,6 +168,9 @@ mod tests {
             linked_at: None,
             telnyx_deleted_at: None,
             unmatched_reason: None,
+            moved_from: None,
+            moved_at: None,
+            moved_from_deleted_at: None,
             lease_id: None,
         }
     }
