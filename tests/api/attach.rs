@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use recording_relay::jobs::{Job, JobState, Queue};
 use recording_relay::storage::StorageClient;
-use recording_relay_sim::{SimAudio, SimRecording};
+use recording_relay_sim::{Fault, SimAudio, SimRecording};
 use serde_json::{Value, json};
 use sqlx::PgPool;
 use uuid::Uuid;
@@ -282,5 +282,58 @@ async fn other_bytes_at_the_destination_are_never_linked(pool: PgPool) {
         "the recording stays where it was"
     );
     assert_eq!(playback(&p, intake, org).await["status"], "failed");
+    p.stop().await;
+}
+
+/// The copy was checked and the attempt died before the link; the next one
+/// links it, and the `unmatched/` original's delete fails: the job still
+/// succeeds, the original is left as a counted orphan, not deleted twice.
+#[sqlx::test(migrations = false)]
+async fn an_original_that_cannot_be_deleted_is_an_orphan_not_a_failed_job(pool: PgPool) {
+    let p = start(pool).await;
+    let (rec, job) = unmatched(&p, "rec-orphaned").await;
+    let org = Uuid::new_v4();
+    let intake = intake_of(&p.app.pool, org).await;
+    let own = format!("intakes/{intake}/rec-orphaned.wav");
+    sqlx::query(
+        "UPDATE recording_relay.recording_jobs
+         SET moved_from = object_path, object_path = $2, moved_at = now() WHERE id = $1",
+    )
+    .bind(job.id)
+    .bind(&own)
+    .execute(&p.app.pool)
+    .await
+    .unwrap();
+    storage_client(&p)
+        .copy_object("unmatched/rec-orphaned.wav", &own)
+        .await
+        .unwrap();
+    let orphans = recording_relay::metrics::metrics().orphaned_objects.get();
+    // The link reads nothing from storage: the delete is the attempt's
+    // first storage request.
+    p.storage.fail_next_other(1, Fault::Status(503));
+    Queue::new(p.app.pool.clone())
+        .attach(job.id, intake)
+        .await
+        .unwrap();
+
+    let job = rerun(&p, &job).await;
+    assert_eq!(job.state, JobState::Succeeded, "{:?}", job.last_error);
+    assert_eq!(job.attempts, 1);
+    assert_eq!(job.moved_from_deleted_at, None);
+    assert_eq!(
+        link_record(&p.app.pool, intake).await.as_deref(),
+        Some(own.as_str())
+    );
+    assert!(recording_relay::metrics::metrics().orphaned_objects.get() > orphans);
+    assert_eq!(
+        p.storage
+            .object(&p.bucket, "unmatched/rec-orphaned.wav")
+            .unwrap()
+            .sha256_hex,
+        rec.content.sha256_hex(),
+        "left behind"
+    );
+    assert_eq!(playback(&p, intake, org).await["status"], "available");
     p.stop().await;
 }
