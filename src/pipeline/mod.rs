@@ -7,12 +7,12 @@
 //! 2. match: the intake, via `client_state` or phone number + time;
 //! 3. store: stream the file from Telnyx into the bucket, hash and count it
 //!    on the way, verify the stored size; an object already at the path is
-//!    adopted only if its SHA-256 is the source's, else replaced;
-//! 3b. move: a recording stored under `unmatched/` whose intake was found
-//!    later (a requeue, an operator's attach) is copied into the intake's
-//!    own folder and checked against the recorded SHA-256 before the link,
-//!    and its `unmatched/` original deleted after it: playback signs only
-//!    the own folder;
+//!    adopted only if its SHA-256 is the source's, else replaced. A
+//!    recording stored under `unmatched/` whose intake was found later (a
+//!    requeue, an operator's attach) is moved (`relocate`): copied into the
+//!    intake's own folder and checked against the recorded SHA-256 before
+//!    the link, its `unmatched/` original deleted after it, as playback
+//!    signs only the own folder;
 //! 4. link: point the intake at the object;
 //! 5. delete at Telnyx (optional, only after 3 and 4).
 //!

@@ -1,4 +1,4 @@
-//! Step 3b, for a recording stored under `unmatched/` whose intake was found
+//! The move (part of step 3), for a recording stored under `unmatched/` whose intake was found
 //! later (a requeue matched it, or an operator attached it): move it into
 //! the intake's own folder before the link, since playback signs only that
 //! folder (issue #19). A move is a copy, a check and a delete; each is
