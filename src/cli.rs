@@ -498,6 +498,18 @@ fn print_job(j: &Job) {
             ),
         ),
         ("object", opt(j.object_path.as_deref())),
+        // Where an attached recording was before its move into the
+        // intake's folder; "(not deleted)" once linked without the
+        // delete: an orphan when the job has finished.
+        (
+            "moved from",
+            match (&j.moved_from, j.moved_from_deleted_at, j.linked_at) {
+                (None, _, _) => "-".to_owned(),
+                (Some(from), Some(_), _) => format!("{from} (deleted)"),
+                (Some(from), None, Some(_)) => format!("{from} (not deleted)"),
+                (Some(from), None, None) => from.clone(),
+            },
+        ),
         (
             "size / sha256",
             format!(

@@ -29,6 +29,10 @@ pub struct Metrics {
     processing: Histogram,
     pub bytes_relayed: Counter,
     pub kept_at_telnyx: Counter,
+    /// Objects the relay meant to delete and could not: the `unmatched/`
+    /// original of a recording moved into its intake's folder. Each is
+    /// logged with its path; the job still succeeds.
+    pub orphaned_objects: Counter,
     provider_errors: Family<Labels, Counter>,
     jobs: Family<Labels, Gauge>,
     queue_lag: Gauge<f64, AtomicU64>,
@@ -80,6 +84,12 @@ impl Metrics {
             "Recordings stored and linked but not deleted at Telnyx: the stored bytes were not proven the whole recording (the job's telnyx_kept_reason says why)",
             kept_at_telnyx.clone(),
         );
+        let orphaned_objects = Counter::default();
+        registry.register(
+            "orphaned_objects",
+            "Objects left in the bucket because deleting them failed (the unmatched/ original of a moved recording)",
+            orphaned_objects.clone(),
+        );
         let provider_errors = Family::<Labels, Counter>::default();
         registry.register(
             "provider_errors",
@@ -115,6 +125,7 @@ impl Metrics {
             processing,
             bytes_relayed,
             kept_at_telnyx,
+            orphaned_objects,
             provider_errors,
             jobs,
             queue_lag,

@@ -1,5 +1,6 @@
 //! Client for Supabase Storage (the storage-api server): streaming uploads,
-//! resumable (TUS) uploads, object info, signed URLs, buckets.
+//! resumable (TUS) uploads, object info, server-side copies, signed URLs,
+//! buckets.
 //!
 //! The server reports most errors as HTTP 400 with the real code in the JSON
 //! body (`{"statusCode":"409","error":"Duplicate",...}`), so errors are
@@ -347,6 +348,33 @@ impl StorageClient {
         let res = self
             .authed(self.http.delete(self.url(&self.object_route("", path)?)))
             .timeout(self.request_timeout)
+            .send()
+            .await
+            .map_err(transport)?;
+        check(res).await.map(drop)
+    }
+
+    /// Copies `source` to `destination` in the bucket, server-side (no byte
+    /// passes through the daemon). Never overwrites: an object already at
+    /// `destination` answers [`StorageError::Duplicate`] (409), a missing
+    /// source [`StorageError::NotFound`] (404), so the caller decides what
+    /// an existing destination is. The source stays; deleting it is the
+    /// caller's next step, once the copy is verified.
+    pub async fn copy_object(&self, source: &str, destination: &str) -> Result<(), StorageError> {
+        // The keys travel in the body, not the URL: checked the same, so no
+        // dot segment or escape names another object either way.
+        encode_path(source)?;
+        encode_path(destination)?;
+        let res = self
+            .authed(self.http.post(self.url("/object/copy")))
+            .timeout(self.request_timeout)
+            // storage-api upserts on a copy only with `x-upsert: true`.
+            .header("x-upsert", "false")
+            .json(&serde_json::json!({
+                "bucketId": self.bucket,
+                "sourceKey": source,
+                "destinationKey": destination,
+            }))
             .send()
             .await
             .map_err(transport)?;

@@ -110,6 +110,14 @@ pub struct Job {
     pub telnyx_deleted_at: Option<DateTime<Utc>>,
     /// Why the recording goes under `unmatched/`, saved with that path.
     pub unmatched_reason: Option<String>,
+    /// The `unmatched/` object the recording was copied from into
+    /// `object_path` (the intake's own folder) after a late match.
+    pub moved_from: Option<String>,
+    /// The copy at `object_path` was verified against the recorded size
+    /// and SHA-256.
+    pub moved_at: Option<DateTime<Utc>>,
+    /// The `unmatched/` original was deleted after the link.
+    pub moved_from_deleted_at: Option<DateTime<Utc>>,
     /// The fencing token of the current (or last) claim.
     pub lease_id: Option<i64>,
     /// The store step proved the stored bytes the whole recording (a known

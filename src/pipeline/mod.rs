@@ -7,21 +7,27 @@
 //! 2. match: the intake, via `client_state` or phone number + time;
 //! 3. store: stream the file from Telnyx into the bucket, hash and count it
 //!    on the way, verify the stored size; an object already at the path is
-//!    adopted only if its SHA-256 is the source's, else replaced;
+//!    adopted only if its SHA-256 is the source's, else replaced. A
+//!    recording stored under `unmatched/` whose intake was found later (a
+//!    requeue, an operator's attach) is moved (`relocate`): copied into the
+//!    intake's own folder and checked against the recorded SHA-256 before
+//!    the link, its `unmatched/` original deleted after it, as playback
+//!    signs only the own folder;
 //! 4. link: point the intake at the object;
 //! 5. delete at Telnyx (optional, only after 3 and 4, and only when step 3
 //!    proved the stored bytes the whole recording: a known source length
 //!    equal to the bytes stored and, for WAV, a header that agrees).
 //!
 //! This file keeps the sequence; each step is a file of its own
-//! (`resolve`, `matching`, `store`, `link`, `delete`), and `errors` says
-//! what a provider's failure means for the job.
+//! (`resolve`, `matching`, `store`, `relocate`, `link`, `delete`), and
+//! `errors` says what a provider's failure means for the job.
 
 mod delete;
 mod errors;
 pub mod intakes;
 mod link;
 mod matching;
+mod relocate;
 mod resolve;
 mod store;
 pub mod transfer;
@@ -115,9 +121,9 @@ impl Run<'_> {
         let unmatched = match (self.job.intake_id, &self.job.object_path) {
             (Some(_), _) => None,
             // Stored under unmatched/ already (a requeued unmatched job):
-            // match again. A match links the intake to the object where it
-            // is, so nothing is copied, moved or orphaned; no match ends the
-            // job unmatched again with the new reason.
+            // match again. A match moves the object into the intake's
+            // folder before the link (`relocate`); no match ends the job
+            // unmatched again with the new reason.
             (None, Some(_)) if self.job.stored_at.is_some() => self.match_intake().await?,
             // Planned as unmatched by an earlier attempt, upload unfinished:
             // keep that path rather than match late and leave an orphan
@@ -141,7 +147,13 @@ impl Run<'_> {
             return Ok(Outcome::Unmatched { reason });
         }
         if self.job.linked_at.is_none() {
+            if self.needs_move() {
+                self.move_into_intake_folder().await?;
+            }
             self.link().await?;
+        }
+        if self.job.moved_from.is_some() && self.job.moved_from_deleted_at.is_none() {
+            self.delete_moved_original().await?;
         }
         if self.p.opts.delete_from_telnyx && self.job.telnyx_deleted_at.is_none() {
             self.delete_at_telnyx().await?;

@@ -44,7 +44,7 @@ fn sanitize(id: &str) -> String {
 }
 
 /// The format of a planned object, from its path.
-fn format_of(path: &str) -> Option<AudioFormat> {
+pub(super) fn format_of(path: &str) -> Option<AudioFormat> {
     match path.rsplit_once('.')?.1 {
         "wav" => Some(AudioFormat::Wav),
         "mp3" => Some(AudioFormat::Mp3),

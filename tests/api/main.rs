@@ -1,6 +1,7 @@
 //! End-to-end tests over real HTTP on loopback against a real PostgreSQL
 //! (one fresh database per test).
 
+mod attach;
 mod flood;
 mod fuzz;
 mod helpers;

@@ -671,10 +671,11 @@ async fn a_later_call_never_takes_an_earlier_calls_intake(pool: PgPool) {
     p.stop().await;
 }
 
-/// Requeueing an unmatched job matches it again and links the intake to the
-/// object where it is, under `unmatched/` (no second copy, no move).
+/// Requeueing an unmatched job matches it again, moves the object into the
+/// intake's own folder (a server-side copy, not a second download) and links
+/// it there; the `unmatched/` object is gone.
 #[sqlx::test(migrations = false)]
-async fn a_requeued_unmatched_job_is_matched_again_and_linked_in_place(pool: PgPool) {
+async fn a_requeued_unmatched_job_is_matched_again_and_moved_into_the_intakes_folder(pool: PgPool) {
     let p = spawn_pipeline(pool, |_| {}).await;
     let rec = SimRecording::sample("rec-late-intake");
     p.telnyx.add_recording(rec.clone());
@@ -693,23 +694,25 @@ async fn a_requeued_unmatched_job_is_matched_again_and_linked_in_place(pool: PgP
     assert_eq!(job.intake_id, Some(intake));
     assert_eq!(job.match_method.as_deref(), Some("phone_and_time"));
     assert_eq!(job.unmatched_reason, None);
-    let row = intake_row(&p.app.pool, intake).await;
-    assert_eq!(row.recording_id.as_deref(), Some("rec-late-intake"));
+    let own = format!("intakes/{intake}/rec-late-intake.wav");
+    assert_eq!(job.object_path.as_deref(), Some(own.as_str()));
     assert_eq!(
-        row.object_path.as_deref(),
+        job.moved_from.as_deref(),
         Some("unmatched/rec-late-intake.wav")
     );
+    assert!(job.moved_at.is_some() && job.moved_from_deleted_at.is_some());
+    let row = intake_row(&p.app.pool, intake).await;
+    assert_eq!(row.recording_id.as_deref(), Some("rec-late-intake"));
+    assert_eq!(row.object_path.as_deref(), Some(own.as_str()));
     assert!(row.migrated);
-    let stored = p
-        .storage
-        .object(&p.bucket, "unmatched/rec-late-intake.wav")
-        .unwrap();
-    assert_eq!(stored.upload_count, 1, "not uploaded again");
+    let stored = p.storage.object(&p.bucket, &own).unwrap();
+    assert_eq!(stored.sha256_hex, rec.content.sha256_hex());
+    assert_eq!(stored.upload_count, 1, "copied once");
     assert!(
         p.storage
-            .object(&p.bucket, &format!("intakes/{intake}/rec-late-intake.wav"))
+            .object(&p.bucket, "unmatched/rec-late-intake.wav")
             .is_none(),
-        "no second copy"
+        "no second copy left behind"
     );
     assert_eq!(p.telnyx.download_count("rec-late-intake"), 1);
     p.stop().await;

@@ -576,3 +576,70 @@ async fn a_users_own_signed_url_is_refused_by_default_and_the_opt_in_grants_only
     }
     sqlx::query(refuse).execute(&s.pool).await.unwrap();
 }
+
+/// The move of an attached recording rests on these answers of the real
+/// `POST /object/copy`: the copy has the source's bytes and type and the
+/// source stays; without `x-upsert: true` an existing destination is a 409
+/// and is left as it was; a missing source is a 404.
+#[tokio::test]
+async fn a_copy_keeps_the_source_and_refuses_a_missing_source_or_an_existing_destination() {
+    let Some(s) = suite().await else { return };
+    let bucket = audio_bucket(&s, "copy").await;
+    let storage = s.storage(&bucket);
+    let data = bytes(300_000);
+    storage
+        .upload("unmatched/r.wav", "audio/wav", data.clone().into(), None)
+        .await
+        .unwrap();
+
+    storage
+        .copy_object("unmatched/r.wav", "intakes/i/r.wav")
+        .await
+        .unwrap();
+    let read = |path: &'static str| {
+        let storage = storage.clone();
+        async move {
+            storage
+                .download(path)
+                .await
+                .unwrap()
+                .bytes()
+                .await
+                .unwrap()
+                .to_vec()
+        }
+    };
+    assert_eq!(read("intakes/i/r.wav").await, data);
+    assert_eq!(read("unmatched/r.wav").await, data, "the source stays");
+    let info = storage
+        .object_info("intakes/i/r.wav")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (info.size, info.content_type.as_deref()),
+        (300_000, Some("audio/wav"))
+    );
+
+    let other = bytes(1_000);
+    storage
+        .upload("unmatched/s.wav", "audio/wav", other.into(), None)
+        .await
+        .unwrap();
+    let exists = storage
+        .copy_object("unmatched/s.wav", "intakes/i/r.wav")
+        .await
+        .unwrap_err();
+    assert!(matches!(exists, StorageError::Duplicate), "{exists:?}");
+    assert_eq!(read("intakes/i/r.wav").await, data, "not overwritten");
+
+    let missing = storage
+        .copy_object("unmatched/none.wav", "intakes/j/none.wav")
+        .await
+        .unwrap_err();
+    assert!(matches!(missing, StorageError::NotFound(_)), "{missing:?}");
+    assert_eq!(
+        storage.object_info("intakes/j/none.wav").await.unwrap(),
+        None
+    );
+}

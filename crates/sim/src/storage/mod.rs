@@ -10,6 +10,9 @@
 //! - TUS errors are tus-node-server's: the real status code and a plain-text
 //!   body (storage errors raised in its hooks are mapped to their real code,
 //!   e.g. 409 "The resource already exists").
+//! - `POST /object/copy` (`copyObject.ts`, `ObjectStorage.copyObject`): the
+//!   source is looked up first (404), then the destination is created, which
+//!   fails with 409 when it exists unless `x-upsert: true`; the source stays.
 //! - Object info is flat (`id, name, version, bucket_id, size, content_type,
 //!   cache_control, etag, metadata, last_modified, created_at`); older
 //!   servers nested some of it under `metadata`, the current one does not.

@@ -1,4 +1,4 @@
-//! Objects: info, download (with `Range`), delete.
+//! Objects: info, download (with `Range`), copy, delete.
 
 use super::*;
 
@@ -140,4 +140,94 @@ pub(super) async fn serve_object(obj: Obj, range: Option<&str>) -> Resp {
         );
     }
     resp
+}
+
+/// `POST /object/copy` `{bucketId, sourceKey, destinationKey,
+/// destinationBucket?}`, as storage-api's `copyObject`: the source is looked
+/// up first (404 `NoSuchKey`), then the destination is created, which
+/// without `x-upsert: true` fails when it exists (409 `Duplicate`). The copy
+/// keeps the source's content type and cache control and counts as a write
+/// of the destination; the source stays.
+pub(super) async fn copy_object(
+    state: &State,
+    headers: &HeaderMap,
+    body: Incoming,
+) -> Result<Resp, Abort> {
+    let bytes = read_small_body(body, 64 * 1024).await?;
+    let v: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+    let field = |k: &str| v.get(k).and_then(Value::as_str).map(str::to_owned);
+    let (Some(bucket), Some(source), Some(destination)) = (
+        field("bucketId"),
+        field("sourceKey"),
+        field("destinationKey"),
+    ) else {
+        return Ok(validation(
+            "body must have required properties 'sourceKey', 'bucketId', 'destinationKey'",
+        ));
+    };
+    let dest_bucket = field("destinationBucket").unwrap_or_else(|| bucket.clone());
+    let upsert = header_str(headers, "x-upsert") == Some("true");
+    let found = {
+        let g = state.lock();
+        if !g.buckets.contains_key(&bucket) || !g.buckets.contains_key(&dest_bucket) {
+            Err(StorageErr::NoSuchBucket)
+        } else {
+            g.objects
+                .get(&(bucket.clone(), source.clone()))
+                .cloned()
+                .ok_or(StorageErr::NoSuchKey)
+                .and_then(|o| {
+                    if !upsert
+                        && g.objects
+                            .contains_key(&(dest_bucket.clone(), destination.clone()))
+                    {
+                        Err(StorageErr::Duplicate)
+                    } else {
+                        Ok(o)
+                    }
+                })
+        }
+    };
+    let src = match found {
+        Ok(o) => o,
+        Err(e) => return Ok(e.json()),
+    };
+    // The destination gets bytes of its own, as S3's CopyObject gives it:
+    // deleting the source must not take them away.
+    let data = match &src.data {
+        Data::Mem(b) => Data::Mem(b.clone()),
+        Data::File(p) => {
+            let Some(tmp) = state.tmp_path() else {
+                return Ok(internal_error());
+            };
+            if let Err(e) = tokio::fs::copy(p, &tmp).await {
+                tracing::warn!(error = %e, "storage simulator could not copy an object");
+                let _ = tokio::fs::remove_file(&tmp).await;
+                return Ok(internal_error());
+            }
+            Data::File(tmp)
+        }
+    };
+    let rec = Received {
+        size: src.size,
+        sha256_hex: src.sha256_hex.clone(),
+        data,
+    };
+    Ok(
+        match commit(
+            state,
+            &dest_bucket,
+            &destination,
+            src.content_type.clone(),
+            src.cache_control.clone(),
+            upsert,
+            rec,
+        ) {
+            Ok(id) => json_response(
+                200,
+                &json!({ "Id": id.to_string(), "Key": format!("{dest_bucket}/{destination}") }),
+            ),
+            Err(e) => e.json(),
+        },
+    )
 }

@@ -28,6 +28,8 @@ pub(super) enum Route {
         bucket: String,
         name: String,
     },
+    /// `POST /object/copy`: the keys are in the JSON body.
+    Copy,
     Signed {
         bucket: String,
         name: String,
@@ -103,6 +105,11 @@ pub(super) fn route(method: &Method, path: &str) -> Route {
     let Some(rest) = path.strip_prefix("/object/") else {
         return Route::NotFound;
     };
+    // storage-api's exact route: `/object/copy/{name}` is an upload into a
+    // bucket named `copy`.
+    if rest == "copy" && *method == Method::POST {
+        return Route::Copy;
+    }
     let obj = |r: &str| split_object(r);
     if let Some(r) = rest.strip_prefix("sign/") {
         return match (obj(r), method) {
@@ -225,6 +232,7 @@ pub(super) async fn dispatch(
             public,
         } => Ok(download(state, headers, &bucket, &name, public).await),
         Route::Sign { bucket, name } => sign(state, body, &bucket, &name).await,
+        Route::Copy => copy_object(state, headers, body).await,
         Route::Signed { bucket, name } => {
             Ok(signed_download(state, &parts.uri, headers, &bucket, &name).await)
         }

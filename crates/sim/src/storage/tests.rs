@@ -1132,3 +1132,107 @@ async fn stops_on_cancel() {
     tokio::time::sleep(Duration::from_millis(50)).await;
     assert!(tokio::net::TcpStream::connect(addr).await.is_err());
 }
+
+async fn copy(c: &Client, sim: &StorageSim, body: Value, upsert: bool) -> (StatusCode, Value) {
+    status_json(
+        authed(c.post(url(sim, "/object/copy")))
+            .header("x-upsert", if upsert { "true" } else { "false" })
+            .json(&body),
+    )
+    .await
+}
+
+/// As storage-api's `copyObject`: the destination gets the source's bytes
+/// and type and the source stays; a missing source is a 404 and an existing
+/// destination a 409 unless `x-upsert: true`; the copy's bytes are its own,
+/// in memory and on disk alike.
+#[tokio::test]
+async fn copies_keep_the_source_and_refuse_a_missing_source_or_an_existing_destination() {
+    let dir = temp_dir("copy");
+    for data_dir in [None, Some(dir.0.clone())] {
+        let sim = start_with(StorageSimConfig {
+            data_dir,
+            ..StorageSimConfig::default()
+        });
+        let c = client();
+        let content = SimAudio::generated(200_000, 3).to_vec();
+        assert_eq!(
+            put_object(&c, &sim, "unmatched/r.wav", content.clone())
+                .await
+                .0,
+            200
+        );
+        let req = |src: &str, dst: &str| json!({"bucketId": BUCKET, "sourceKey": src, "destinationKey": dst});
+
+        let (status, body) = copy(&c, &sim, req("unmatched/r.wav", "intakes/i/r.wav"), false).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        assert_eq!(body["Key"], format!("{BUCKET}/intakes/i/r.wav"));
+        let copied = sim.object(BUCKET, "intakes/i/r.wav").expect("copied");
+        assert_eq!(copied.sha256_hex, hex::encode(Sha256::digest(&content)));
+        assert_eq!(
+            (copied.size, copied.content_type.as_str()),
+            (200_000, "audio/wav")
+        );
+        assert_eq!(copied.upload_count, 1);
+        assert_eq!(
+            sim.object_bytes(BUCKET, "unmatched/r.wav")
+                .expect("source stays"),
+            content
+        );
+
+        // Deleting the source leaves the copy whole.
+        let del = format!("/object/{BUCKET}/unmatched/r.wav");
+        assert_eq!(status_json(authed(c.delete(url(&sim, &del)))).await.0, 200);
+        assert_eq!(
+            sim.object_bytes(BUCKET, "intakes/i/r.wav").expect("copy"),
+            content
+        );
+
+        let missing = copy(&c, &sim, req("unmatched/r.wav", "intakes/j/r.wav"), false).await;
+        assert_storage_error(&missing, "404", "not_found", "Object not found");
+        assert!(sim.object(BUCKET, "intakes/j/r.wav").is_none());
+
+        let other = SimAudio::generated(1_000, 4).to_vec();
+        assert_eq!(
+            put_object(&c, &sim, "unmatched/s.wav", other.clone())
+                .await
+                .0,
+            200
+        );
+        let exists = copy(&c, &sim, req("unmatched/s.wav", "intakes/i/r.wav"), false).await;
+        assert_storage_error(&exists, "409", "Duplicate", "The resource already exists");
+        assert_eq!(
+            sim.object_bytes(BUCKET, "intakes/i/r.wav").expect("kept"),
+            content
+        );
+        let (status, _) = copy(&c, &sim, req("unmatched/s.wav", "intakes/i/r.wav"), true).await;
+        assert_eq!(status, StatusCode::OK, "x-upsert: true replaces");
+        assert_eq!(
+            sim.object_bytes(BUCKET, "intakes/i/r.wav")
+                .expect("replaced"),
+            other
+        );
+
+        let no_bucket = copy(
+            &c,
+            &sim,
+            json!({"bucketId": "nope", "sourceKey": "unmatched/s.wav", "destinationKey": "x.wav"}),
+            false,
+        )
+        .await;
+        assert_storage_error(&no_bucket, "404", "Bucket not found", "Bucket not found");
+        let (status, body) = copy(&c, &sim, json!({"bucketId": BUCKET}), false).await;
+        assert_eq!(
+            (status.as_u16(), body["statusCode"].as_str()),
+            (400, Some("400"))
+        );
+        let unauthenticated =
+            status_json(c.post(url(&sim, "/object/copy")).json(&req("a", "b"))).await;
+        assert_storage_error(
+            &unauthenticated,
+            "403",
+            "Unauthorized",
+            "jwt must be provided",
+        );
+    }
+}
