@@ -191,7 +191,7 @@ impl Drop for SourceGuard {
 
 /// An IPv4 address is a source; an IPv6 host usually has a whole /64 to
 /// pick addresses from, so the /64 is.
-fn source_key(ip: IpAddr) -> IpAddr {
+pub(crate) fn source_key(ip: IpAddr) -> IpAddr {
     match ip.to_canonical() {
         IpAddr::V4(v4) => IpAddr::V4(v4),
         IpAddr::V6(v6) => {

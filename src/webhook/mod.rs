@@ -56,6 +56,9 @@ pub struct WebhookState {
     pub connection_wait: Duration,
     /// One permit per body byte the listener holds (see [`read_body`]).
     pub body_budget: Arc<Semaphore>,
+    /// What one source (an IPv4 address, an IPv6 /64) may hold of that
+    /// budget at once, so one unsigned client cannot take it all.
+    body_shares: BodyShares,
     /// `/readyz` and `/metrics` reach the database through this, never
     /// through the webhooks' pool.
     pub health: Arc<Health>,
@@ -76,6 +79,10 @@ impl WebhookState {
             in_flight: Arc::new(Semaphore::new(config.listener.max_in_flight)),
             connection_wait: config.listener.connection_wait,
             body_budget: Arc::new(Semaphore::new(config.listener.body_budget_bytes)),
+            body_shares: BodyShares::new(
+                (config.listener.body_budget_bytes / BODY_SHARES)
+                    .max(config.listener.max_body_bytes),
+            ),
             health,
         })
     }
@@ -120,7 +127,7 @@ async fn handle(
     let started = Instant::now();
     let method = req.method().clone();
     let path = req.uri().path().to_owned();
-    let reply = route(req, &state).await;
+    let reply = route(req, &state, peer).await;
     let latency_ms = (started.elapsed().as_secs_f64() * 100_000.0).round() / 100.0;
     if WEBHOOK_PATHS.contains(&path.as_str()) {
         crate::metrics::metrics().webhook(reply.outcome, reply.status.as_u16());
@@ -209,11 +216,11 @@ impl Reply {
     }
 }
 
-async fn route(req: Request<Incoming>, state: &WebhookState) -> Reply {
+async fn route(req: Request<Incoming>, state: &WebhookState, peer: SocketAddr) -> Reply {
     let path = req.uri().path();
     let is_webhook = WEBHOOK_PATHS.contains(&path);
     match (req.method(), path) {
-        (&Method::POST, _) if is_webhook => receive(req, state).await,
+        (&Method::POST, _) if is_webhook => receive(req, state, peer).await,
         (&Method::GET | &Method::HEAD, "/healthz") => Reply::new(StatusCode::OK, "ok", ""),
         (&Method::GET | &Method::HEAD, "/readyz") => readiness(state).await,
         (&Method::GET, "/metrics") if state.serve_metrics => Reply {
@@ -243,7 +250,7 @@ async fn readiness(state: &WebhookState) -> Reply {
 // vouches for the bytes. Telnyx sends `application/json`; a proxy that drops
 // or rewrites the header must not cost us an event, and a body that is not
 // JSON is quarantined after verification anyway.
-async fn receive(req: Request<Incoming>, state: &WebhookState) -> Reply {
+async fn receive(req: Request<Incoming>, state: &WebhookState, peer: SocketAddr) -> Reply {
     let deadline = Instant::now() + state.request_timeout;
     if !is_identity_encoded(req.headers()) {
         return Reply {
@@ -265,7 +272,7 @@ async fn receive(req: Request<Incoming>, state: &WebhookState) -> Reply {
     }
     let (parts, body) = req.into_parts();
     let (body, _budget) =
-        match tokio::time::timeout_at(deadline.into(), read_body(body, state)).await {
+        match tokio::time::timeout_at(deadline.into(), read_body(body, state, peer)).await {
             Ok(Ok(read)) => read,
             Ok(Err(reply)) => return reply,
             Err(_) => {
@@ -346,13 +353,17 @@ async fn receive(req: Request<Incoming>, state: &WebhookState) -> Reply {
 /// checked is bounded as a whole, not only per request (issue #19: 1,024
 /// connections × 1 MiB could be buffered). A body that would go over the
 /// budget is answered 503 at once, so Telnyx retries; nothing waits for
-/// room.
+/// room. One source holds at most its share of the budget (the review of
+/// issue #19: 32 stalled 1 MiB bodies from one address took the whole
+/// 32 MiB, and every Telnyx delivery was shed).
 async fn read_body(
     mut body: Incoming,
     state: &WebhookState,
-) -> Result<(Bytes, Option<OwnedSemaphorePermit>), Reply> {
+    peer: SocketAddr,
+) -> Result<(Bytes, (Option<OwnedSemaphorePermit>, ShareGuard)), Reply> {
     let mut read = BytesMut::new();
     let mut held: Option<OwnedSemaphorePermit> = None;
+    let mut share = state.body_shares.guard(peer.ip());
     while let Some(frame) = body.frame().await {
         let frame = frame.map_err(|e| {
             Reply::new(
@@ -366,6 +377,11 @@ async fn read_body(
         };
         if read.len() + data.len() > state.max_body_bytes {
             return Err(too_large(state));
+        }
+        if !share.take(data.len()) {
+            return Err(shed(
+                "request bodies from this address held at its share of listener.body_budget_bytes",
+            ));
         }
         let Some(more) = u32::try_from(data.len())
             .ok()
@@ -381,7 +397,72 @@ async fn read_body(
         }
         read.extend_from_slice(&data);
     }
-    Ok((read.freeze(), held))
+    Ok((read.freeze(), (held, share)))
+}
+
+/// Into how many shares the body budget is cut: one source holds at most
+/// one (or one whole body, when bodies are larger).
+const BODY_SHARES: usize = 16;
+
+/// Body bytes held per source.
+struct BodyShares {
+    share: usize,
+    held: Arc<std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>>,
+}
+
+/// The bytes one request holds of its source's share; given back on drop.
+struct ShareGuard {
+    key: std::net::IpAddr,
+    bytes: usize,
+    share: usize,
+    held: Arc<std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>>,
+}
+
+impl BodyShares {
+    fn new(share: usize) -> Self {
+        Self {
+            share,
+            held: Arc::default(),
+        }
+    }
+
+    fn guard(&self, ip: std::net::IpAddr) -> ShareGuard {
+        ShareGuard {
+            key: crate::server::source_key(ip),
+            bytes: 0,
+            share: self.share,
+            held: self.held.clone(),
+        }
+    }
+}
+
+impl ShareGuard {
+    /// Takes `n` more bytes of the source's share, or refuses.
+    fn take(&mut self, n: usize) -> bool {
+        let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
+        let source = held.get(&self.key).copied().unwrap_or(0);
+        if source + n > self.share {
+            return false;
+        }
+        held.insert(self.key, source + n);
+        self.bytes += n;
+        true
+    }
+}
+
+impl Drop for ShareGuard {
+    fn drop(&mut self) {
+        if self.bytes == 0 {
+            return;
+        }
+        let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(source) = held.get_mut(&self.key) {
+            *source -= self.bytes;
+            if *source == 0 {
+                held.remove(&self.key);
+            }
+        }
+    }
 }
 
 /// A pooled connection. When every connection is busy, within

@@ -528,3 +528,64 @@ async fn a_body_over_the_listeners_byte_budget_is_shed_and_lands_on_its_retry(po
     );
     app.stop().await;
 }
+
+/// Found by the review of issue #19: one address that opened 32 unsigned
+/// POSTs of 1 MiB and stalled each before its last byte held the whole
+/// 32 MiB budget, and every Telnyx delivery meanwhile was shed. A source
+/// now holds at most its share (a sixteenth, or one whole body).
+#[sqlx::test(migrations = false)]
+async fn one_unsigned_source_cannot_hold_the_whole_body_budget(pool: PgPool) {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    const BODY: usize = 4096;
+    const HOLDERS: usize = 16;
+    const HOLDER_SOURCE: [u8; 4] = [127, 0, 0, 4];
+    let app = crate::overload::spawn_bounded(pool, |c| {
+        c.listener.max_body_bytes = BODY;
+        c.listener.body_budget_bytes = BODY * HOLDERS;
+        // Generous, so only the budget can refuse a request.
+        c.listener.request_timeout = Duration::from_secs(60);
+        c.listener.max_in_flight = 4 * HOLDERS;
+    })
+    .await;
+    // Sixteen bodies from one address, each stopping 16 bytes short: the
+    // whole budget, were a source allowed to take it.
+    let mut holders = Vec::new();
+    for _ in 0..HOLDERS {
+        let mut holder = connect_from(HOLDER_SOURCE, app.addr).await.unwrap();
+        holder
+            .write_all(
+                format!(
+                    "POST /webhooks/telnyx HTTP/1.1\r\nhost: relay\r\ncontent-length: {BODY}\r\n\r\n"
+                )
+                .as_bytes(),
+            )
+            .await
+            .unwrap();
+        holder.write_all(&[b'x'; BODY - 16]).await.unwrap();
+        holders.push(holder);
+    }
+    // The listener has read them once it answers one of them: past its
+    // share, the source's further bodies are shed at once.
+    let mut refused = 0;
+    for holder in &mut holders {
+        let mut answer = [0u8; 12];
+        if let Ok(Ok(n)) =
+            tokio::time::timeout(Duration::from_secs(2), holder.read(&mut answer)).await
+            && answer[..n].starts_with(b"HTTP/1.1 503")
+        {
+            refused += 1;
+        }
+    }
+    assert!(
+        refused >= HOLDERS - 1,
+        "one source held more than its share: {refused} of {HOLDERS} bodies refused"
+    );
+    // Telnyx, from another address, is stored meanwhile.
+    let event = testing::recording_saved_event("ev-share", "sess-share")
+        .to_string()
+        .into_bytes();
+    let res = app.post_signed(&event).await;
+    assert_eq!(res.status().as_u16(), 200);
+    drop(holders);
+    app.stop().await;
+}
