@@ -1,7 +1,8 @@
 //! Wiring: one process runs the listener, the worker, or both (and the
 //! playback server when configured) until the shared cancellation token
-//! fires. Pools: the listener's (webhooks, playback), the worker's, and a
-//! small one for `/readyz` and the queue gauges ([`crate::health`]). In
+//! fires. Pools: the listener's (webhooks), the playback API's, the
+//! worker's, and a small one for `/readyz` and the queue gauges
+//! ([`crate::health`]). In
 //! `serve` the worker has a pool of its own, as it has in `work`, so that
 //! its heartbeats and writes never wait behind webhooks.
 
@@ -50,6 +51,7 @@ pub struct App {
     /// In `serve`, the worker's own (`database.max_connections` more).
     worker_pool: Option<PgPool>,
     health_pool: PgPool,
+    playback_pool: Option<PgPool>,
     listener: Option<TcpListener>,
     metrics_listener: Option<TcpListener>,
     playback: Option<TcpListener>,
@@ -107,12 +109,17 @@ impl App {
             Some(addr) if matches!(role, Role::Listen | Role::Serve) => Some(bind(addr)?),
             _ => None,
         };
+        let playback_pool = match playback {
+            Some(_) => Some(db::playback_pool(&config)?),
+            None => None,
+        };
         Ok(Self {
             config,
             role,
             pool,
             worker_pool,
             health_pool,
+            playback_pool,
             listener,
             metrics_listener,
             playback,
@@ -160,7 +167,8 @@ impl App {
             ));
         }
         if let Some(listener) = self.playback {
-            let state = PlaybackState::from_config(&self.config, self.pool.clone())
+            let pool = self.playback_pool.clone().unwrap_or(self.pool.clone());
+            let state = PlaybackState::from_config(&self.config, pool)
                 .map_err(|e| AppError::Config(e.to_string()))?;
             parts.spawn(playback::run(listener, Arc::new(state), shutdown.clone()));
         }
@@ -204,6 +212,9 @@ impl App {
             pool.close().await;
         }
         self.health_pool.close().await;
+        if let Some(pool) = &self.playback_pool {
+            pool.close().await;
+        }
         info!("stopped");
         Ok(())
     }

@@ -141,6 +141,18 @@ pub fn health_pool(config: &Config) -> Result<PgPool, DbError> {
     )
 }
 
+/// The playback API's own pool (half the webhooks' size, at least 2), so
+/// that signed-in users, however many and however busy, never take a
+/// connection a webhook needs (the review of issue #19).
+pub fn playback_pool(config: &Config) -> Result<PgPool, DbError> {
+    sized_pool(
+        config,
+        (config.database.max_connections / 2).max(2),
+        config.database.acquire_timeout,
+        PING_IF_IDLE_FOR,
+    )
+}
+
 fn pool_pinging_after(config: &Config, ping_if_idle_for: Duration) -> Result<PgPool, DbError> {
     sized_pool(
         config,
