@@ -19,7 +19,11 @@ use super::DbError;
 /// test compares this list with one, so it cannot drift). `migrate` builds
 /// one from its definition with `CONCURRENTLY`, as the migrations did, so
 /// neither the listener's inserts nor ZScribe's writes to `intakes` wait.
-pub(crate) const EXPECTED: [(&str, &str); 17] = [
+pub(crate) const EXPECTED: [(&str, &str); 18] = [
+    (
+        "calls_received_idx",
+        "CREATE INDEX calls_received_idx ON recording_relay.calls USING btree (received_at)",
+    ),
     (
         "idx_intakes_recording_id",
         "CREATE INDEX idx_intakes_recording_id ON public.intakes USING btree (recording_id)",
