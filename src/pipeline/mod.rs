@@ -29,6 +29,7 @@ mod link;
 mod matching;
 mod relocate;
 mod resolve;
+mod rules;
 mod store;
 pub mod transfer;
 mod wav;
