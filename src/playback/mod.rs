@@ -13,7 +13,7 @@
 //! Routing is axum's; CORS (an exact-origin allow-list), the request
 //! timeout, the common response headers and the request log are tower-http
 //! layers (`router.rs`), the handlers are `handlers.rs` and their answers
-//! `reply.rs`; connections are accepted by [`crate::server`].
+//! `reply.rs`; connections are accepted by `server.rs`.
 //!
 //! Neither tokens nor signed URLs are logged: each is a credential. Every
 //! signed URL handed out is recorded in the access audit first
