@@ -7,6 +7,7 @@
 //!   heartbeated lease, and drains on shutdown.
 
 pub mod backoff;
+pub(crate) mod competitors;
 pub mod queue;
 pub mod worker;
 

@@ -3,7 +3,7 @@
 use tracing::info;
 
 use super::errors::storage_failure;
-use super::intakes;
+use super::intakes::{self, IntakeWrite};
 use super::{Run, duration_secs, lease_lost};
 use crate::jobs::JobError;
 
@@ -34,15 +34,15 @@ impl Run<'_> {
         )
         .await?
         {
-            intakes::Linked::Linked => {}
-            intakes::Linked::LeaseLost => return Err(lease_lost()),
-            intakes::Linked::Gone => {
+            IntakeWrite::Written => {}
+            IntakeWrite::LeaseLost => return Err(lease_lost()),
+            IntakeWrite::Gone => {
                 return Err(JobError::permanent(format!(
                     "cannot link: intake {intake} was deleted after the match; \
                      the recording is stored at {path}"
                 )));
             }
-            intakes::Linked::TakenBy(other) => {
+            IntakeWrite::TakenBy(other) => {
                 return Err(JobError::permanent(format!(
                     "cannot link: intake {intake} now holds recording {other}; \
                      this recording is stored at {path}"

@@ -2,38 +2,13 @@
 //! phone number and call time, within the call's tenant.
 
 use tracing::{info, warn};
-use uuid::Uuid;
 
-use super::intakes::{self, Claim, Found, MatchInput};
+use super::intakes::{self, IntakeWrite};
+use super::rules::{Found, MatchInput, Scope, intake_id_from_client_state};
 use super::{Run, duration_secs, lease_lost};
 use crate::config::Party;
 use crate::jobs::{JobError, QueueError};
 use crate::telemetry::mask_phone;
-
-/// Which tenant's intakes a job may match.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Scope {
-    /// `pipeline.connection_organizations` is empty: no tenants.
-    Unscoped,
-    Organization(Uuid),
-    /// Tenants are configured and this call's connection is none of theirs
-    /// (or the job has none).
-    Unknown,
-}
-
-impl Scope {
-    fn of(
-        connection: Option<&str>,
-        organizations: &std::collections::HashMap<String, Uuid>,
-    ) -> Scope {
-        if organizations.is_empty() {
-            return Scope::Unscoped;
-        }
-        connection
-            .and_then(|c| organizations.get(c))
-            .map_or(Scope::Unknown, |org| Scope::Organization(*org))
-    }
-}
 
 impl Run<'_> {
     /// Step 2. `Ok(None)`: matched. `Ok(Some(reason))`: store as unmatched
@@ -55,7 +30,7 @@ impl Run<'_> {
         let named = j
             .client_state
             .as_deref()
-            .and_then(intakes::intake_id_from_client_state);
+            .and_then(intake_id_from_client_state);
         let organization = match Scope::of(
             j.call.connection_id.as_deref(),
             &opts.connection_organizations,
@@ -153,14 +128,16 @@ impl Run<'_> {
         )
         .await?
         {
-            Claim::Claimed => {}
-            Claim::LeaseLost => return Err(lease_lost()),
-            Claim::TakenBy(other) => {
+            IntakeWrite::Written => {}
+            IntakeWrite::LeaseLost => return Err(lease_lost()),
+            IntakeWrite::TakenBy(other) => {
                 return self.unmatched_or_retry(format!(
                     "intake {intake} already holds recording {other}"
                 ));
             }
-            Claim::Gone => return self.unmatched_or_retry(format!("intake {intake} was deleted")),
+            IntakeWrite::Gone => {
+                return self.unmatched_or_retry(format!("intake {intake} was deleted"));
+            }
         }
         self.job.intake_id = Some(intake);
         info!(intake.id = %intake, method = method.as_str(), "intake matched");
@@ -178,22 +155,5 @@ impl Run<'_> {
         }
         warn!(reason = %why, "storing the recording as unmatched");
         Ok(Some(why))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn an_unlisted_connection_is_an_unknown_tenant() {
-        let org = Uuid::new_v4();
-        let none = std::collections::HashMap::new();
-        let some = std::collections::HashMap::from([("conn-a".to_owned(), org)]);
-        assert_eq!(Scope::of(Some("conn-a"), &none), Scope::Unscoped);
-        assert_eq!(Scope::of(None, &none), Scope::Unscoped);
-        assert_eq!(Scope::of(Some("conn-a"), &some), Scope::Organization(org));
-        assert_eq!(Scope::of(Some("conn-b"), &some), Scope::Unknown);
-        assert_eq!(Scope::of(None, &some), Scope::Unknown);
     }
 }

@@ -20,7 +20,9 @@
 //!
 //! This file keeps the sequence; each step is a file of its own
 //! (`resolve`, `matching`, `store`, `relocate`, `link`, `delete`), and
-//! `errors` says what a provider's failure means for the job.
+//! `errors` says what a provider's failure means for the job. The matching
+//! rules are plain code in `rules`, apart from the SQL on the host's tables
+//! in `intakes`.
 
 mod delete;
 mod errors;
@@ -29,6 +31,7 @@ mod link;
 mod matching;
 mod relocate;
 mod resolve;
+mod rules;
 mod store;
 pub mod transfer;
 mod wav;

@@ -2,7 +2,7 @@
 //! from the intake and its newest job, scoped to the caller's organization,
 //! and the one object path that may be signed for it: the intake's column
 //! only while it equals what the relay recorded for that intake, in that
-//! intake's own folder (issue #19; [`crate::object_paths`]).
+//! intake's own folder (issue #19; `object_paths.rs`).
 
 use serde::Serialize;
 use sqlx::PgPool;

@@ -7,7 +7,7 @@ use std::time::Duration;
 use crate::testing;
 use recording_relay::call::CallFacts;
 use recording_relay::jobs::{JobError, JobState, Lease, NewJob, Queue};
-use recording_relay::pipeline::intakes::{Claim, MatchMethod, claim_intake};
+use recording_relay::pipeline::intakes::{IntakeWrite, MatchMethod, claim_intake};
 use recording_relay_sim::{Fault, SimRecording};
 use sqlx::PgPool;
 use uuid::Uuid;
@@ -64,7 +64,7 @@ async fn matched_job(q: &Queue, event: &str, recording: &str, intake: Uuid) -> L
     )
     .await
     .unwrap();
-    assert_eq!(claim, Claim::Claimed);
+    assert_eq!(claim, IntakeWrite::Written);
     assert_eq!(held_by(q.pool(), intake).await.as_deref(), Some(recording));
     lease
 }

@@ -1,0 +1,345 @@
+//! The matching rules as plain code, apart from the SQL that gathers their
+//! input (`intakes.rs` for the host's intakes, `jobs/competitors.rs` for
+//! other recordings of the number): which tenant a call may match in, what
+//! `client_state` names, and which intake (if any) a recording takes by
+//! phone number and time. Each rule has a case in the table in `tests.rs`.
+
+use base64::Engine as _;
+use chrono::{DateTime, Utc};
+use uuid::Uuid;
+
+use crate::config::Party;
+use crate::jobs::competitors::Competitor;
+
+/// How an intake was found; stored in `recording_jobs.match_method`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MatchMethod {
+    ClientState,
+    PhoneAndTime,
+}
+
+impl MatchMethod {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MatchMethod::ClientState => "client_state",
+            MatchMethod::PhoneAndTime => "phone_and_time",
+        }
+    }
+}
+
+/// What the matcher knows about a recording.
+pub(crate) struct MatchInput<'a> {
+    /// This recording's job: never its own competitor.
+    pub(crate) job_id: i64,
+    pub(crate) recording_id: &'a str,
+    /// Other jobs of the same call are the same call's recordings, not
+    /// competitors from another call.
+    pub(crate) call_session_id: Option<&'a str>,
+    pub(crate) client_state: Option<&'a str>,
+    /// The patient's number: the remote party of the call.
+    pub(crate) number: Option<&'a str>,
+    /// Which number of other jobs is their patient's (the same setting).
+    pub(crate) party: Party,
+    /// When set, only intakes of this organization match (the Telnyx
+    /// connection the call came through identifies the tenant).
+    pub(crate) organization: Option<Uuid>,
+    pub(crate) around: DateTime<Utc>,
+    pub(crate) window: std::time::Duration,
+}
+
+/// What the matcher found.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Found {
+    Intake(Uuid, MatchMethod),
+    /// No intake to take: none in the window, or every one holds another
+    /// recording. The intake may not be saved yet, so matching is retried.
+    Nothing(String),
+    /// More than one reading fits (several free intakes, recordings
+    /// competing, a nearer intake already taken, a competitor whose number
+    /// is not known yet). A later attempt may see it settled (an intake
+    /// saved, a competitor matched); until then nothing is guessed.
+    Undecided(String),
+    /// Several patients share the number within the window: guessing could
+    /// put one patient's call in another's chart. Waiting does not help.
+    Ambiguous(String),
+}
+
+/// Which tenant's intakes a job may match.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Scope {
+    /// `pipeline.connection_organizations` is empty: no tenants.
+    Unscoped,
+    Organization(Uuid),
+    /// Tenants are configured and this call's connection is none of theirs
+    /// (or the job has none).
+    Unknown,
+}
+
+impl Scope {
+    pub(crate) fn of(
+        connection: Option<&str>,
+        organizations: &std::collections::HashMap<String, Uuid>,
+    ) -> Scope {
+        if organizations.is_empty() {
+            return Scope::Unscoped;
+        }
+        connection
+            .and_then(|c| organizations.get(c))
+            .map_or(Scope::Unknown, |org| Scope::Organization(*org))
+    }
+}
+
+/// `client_state` is set by whoever started the call: base64 of an intake
+/// id, of `{"intake_id": "..."}`, or (leniently) the bare id.
+pub(crate) fn intake_id_from_client_state(client_state: &str) -> Option<Uuid> {
+    let raw = client_state.trim();
+    let decoded = base64::engine::general_purpose::STANDARD
+        .decode(raw)
+        .ok()
+        .and_then(|b| String::from_utf8(b).ok());
+    [decoded.as_deref(), Some(raw)]
+        .into_iter()
+        .flatten()
+        .find_map(|text| {
+            let text = text.trim();
+            Uuid::parse_str(text).ok().or_else(|| {
+                serde_json::from_str::<serde_json::Value>(text)
+                    .ok()?
+                    .get("intake_id")?
+                    .as_str()
+                    .and_then(|s| Uuid::parse_str(s).ok())
+            })
+        })
+}
+
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub(crate) struct IntakeRow {
+    id: Uuid,
+    patient_id: Option<Uuid>,
+    created_at: DateTime<Utc>,
+    recording_id: Option<String>,
+    recording_object_path: Option<String>,
+}
+
+impl IntakeRow {
+    /// What the intake holds already, if anything: a recording, or the
+    /// object of one whose id the host cleared (then the path is the only
+    /// pointer to that object, and taking the intake would lose it).
+    fn holding(&self) -> Option<String> {
+        match (&self.recording_id, &self.recording_object_path) {
+            (Some(r), _) => Some(format!("recording {r}")),
+            (None, Some(path)) => Some(format!("object {path}")),
+            (None, None) => None,
+        }
+    }
+}
+
+fn stamp(t: DateTime<Utc>) -> String {
+    t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+}
+
+fn intake_name(i: &IntakeRow) -> String {
+    format!("intake {} ({})", i.id, stamp(i.created_at))
+}
+
+fn list(names: impl IntoIterator<Item = String>) -> String {
+    names.into_iter().collect::<Vec<_>>().join(", ")
+}
+
+/// A competitor as the reasons name it.
+fn recording_name(o: &Competitor) -> String {
+    match &o.recording_id {
+        Some(r) => format!("recording {r} (job {}, {})", o.id, stamp(o.at)),
+        None => format!("job {} ({})", o.id, stamp(o.at)),
+    }
+}
+
+/// The rules, apart from the SQL so each case is plain to read:
+///
+/// 1. An intake already holding this recording is this recording's.
+/// 2. Recordings and free intakes of the number are linked when they are
+///    within the window of each other; ours belongs to the group so linked
+///    to it. Recordings that hold an intake already are settled and take
+///    part in nothing; an intake named by another recording's
+///    `client_state` is that recording's.
+/// 3. The group's free intakes must be one patient's.
+/// 4. Alone in its group, the recording takes the group's only free intake.
+///    With other recordings, recordings and intakes are paired in time
+///    order, only when there are as many of each and every pair is within
+///    the window.
+/// 5. An intake nearer to the recording that holds another recording means
+///    the calls may have been mixed up already: nothing is taken.
+///
+/// Only recordings whose numbers are known take part. The official webhook
+/// carries none: a job learns them from the Recordings API in its first
+/// step, so a job that has not got that far yet is invisible here. Waiting
+/// for every such job would leave a burst of webhooks (or one stuck job)
+/// blocking every match around it; rule 5 and the pairing catch the usual
+/// order of events (the earlier call matched first).
+pub(crate) fn decide(
+    m: &MatchInput<'_>,
+    w: chrono::Duration,
+    span: (DateTime<Utc>, DateTime<Utc>),
+    intakes: Vec<IntakeRow>,
+    others: Vec<Competitor>,
+) -> Found {
+    if intakes.len() > 100 || others.len() > 100 {
+        return Found::Undecided(
+            "more than 100 intakes or recordings of this number around the recording".to_owned(),
+        );
+    }
+    // 1.
+    if let Some(ours) = intakes
+        .iter()
+        .find(|i| i.recording_id.as_deref() == Some(m.recording_id))
+    {
+        return Found::Intake(ours.id, MatchMethod::PhoneAndTime);
+    }
+    let near = |a: DateTime<Utc>, b: DateTime<Utc>| (a - b).abs() <= w;
+    // 2. Intakes reserved by another recording's client_state are not free.
+    let named: std::collections::HashSet<Uuid> = others
+        .iter()
+        .filter_map(|o| {
+            o.client_state
+                .as_deref()
+                .and_then(intake_id_from_client_state)
+        })
+        .collect();
+    let held: std::collections::HashSet<&str> = intakes
+        .iter()
+        .filter_map(|i| i.recording_id.as_deref())
+        .collect();
+    let free: Vec<&IntakeRow> = intakes
+        .iter()
+        .filter(|i| i.holding().is_none() && !named.contains(&i.id))
+        .collect();
+    let free_ids: std::collections::HashSet<Uuid> = free.iter().map(|i| i.id).collect();
+    // Competing: not named elsewhere, and holding no intake (an intake
+    // released after a failure is free again, so its job competes again).
+    let competes = |o: &Competitor| {
+        let names_intake = o
+            .client_state
+            .as_deref()
+            .and_then(intake_id_from_client_state)
+            .is_some();
+        let holds = o.recording_id.as_deref().is_some_and(|r| held.contains(r))
+            || o.intake_id.is_some_and(|i| !free_ids.contains(&i));
+        !names_intake && !holds
+    };
+    let competitors: Vec<&Competitor> = others.iter().filter(|o| competes(o)).collect();
+
+    // The group: grow from our recording through overlapping windows.
+    let mut group_recs: Vec<(DateTime<Utc>, Option<&Competitor>)> = vec![(m.around, None)];
+    let mut group_intakes: Vec<&IntakeRow> = Vec::new();
+    let mut grown = true;
+    while grown {
+        grown = false;
+        for i in &free {
+            if !group_intakes.iter().any(|g| g.id == i.id)
+                && group_recs.iter().any(|(t, _)| near(*t, i.created_at))
+            {
+                group_intakes.push(i);
+                grown = true;
+            }
+        }
+        for o in &competitors {
+            if !group_recs
+                .iter()
+                .any(|(_, g)| g.is_some_and(|g| g.id == o.id))
+                && group_intakes.iter().any(|i| near(o.at, i.created_at))
+            {
+                group_recs.push((o.at, Some(o)));
+                grown = true;
+            }
+        }
+    }
+    let beyond = |t: DateTime<Utc>| t - w < span.0 || t + w > span.1;
+    if group_intakes.iter().any(|i| beyond(i.created_at))
+        || group_recs.iter().any(|(t, _)| beyond(*t))
+    {
+        return Found::Undecided(
+            "the number's recordings and intakes run on in a chain too long to pair".to_owned(),
+        );
+    }
+    group_intakes.sort_by_key(|i| (i.created_at, i.id));
+    group_recs.sort_by_key(|(t, o)| (*t, o.map(|o| o.id)));
+    let taken_in_window = || {
+        list(
+            intakes
+                .iter()
+                .filter(|i| near(i.created_at, m.around))
+                .filter_map(|i| Some(format!("{} holds {}", intake_name(i), i.holding()?))),
+        )
+    };
+    if group_intakes.is_empty() {
+        let taken = taken_in_window();
+        return Found::Nothing(if taken.is_empty() {
+            "no intake of a patient with this number in the window".to_owned()
+        } else {
+            format!("no free intake in the window: {taken}")
+        });
+    }
+    // 3.
+    let patients: std::collections::HashSet<Option<Uuid>> =
+        group_intakes.iter().map(|i| i.patient_id).collect();
+    if patients.len() > 1 {
+        return Found::Ambiguous(format!(
+            "{} patients with this number have intakes in the window: {}",
+            patients.len(),
+            list(group_intakes.iter().map(|i| intake_name(i)))
+        ));
+    }
+    // 4.
+    let candidates = || list(group_intakes.iter().map(|i| intake_name(i)));
+    let chosen = if group_recs.len() == 1 {
+        if group_intakes.len() != 1 {
+            return Found::Undecided(format!(
+                "{} free intakes of the patient in the window: {}",
+                group_intakes.len(),
+                candidates()
+            ));
+        }
+        group_intakes[0]
+    } else {
+        let rivals = || list(group_recs.iter().filter_map(|(_, o)| o.map(recording_name)));
+        if group_recs.len() != group_intakes.len()
+            || group_recs
+                .iter()
+                .zip(&group_intakes)
+                .any(|((t, _), i)| !near(*t, i.created_at))
+        {
+            return Found::Undecided(format!(
+                "{} recordings of this number compete for {} free intake(s): {}; intakes: {}",
+                group_recs.len(),
+                group_intakes.len(),
+                rivals(),
+                candidates()
+            ));
+        }
+        let ours = group_recs
+            .iter()
+            .position(|(_, o)| o.is_none())
+            .unwrap_or_default();
+        group_intakes[ours]
+    };
+    // 5.
+    let distance = |t: DateTime<Utc>| (t - m.around).abs();
+    let nearer: Vec<String> = intakes
+        .iter()
+        .filter(|i| {
+            distance(i.created_at) < distance(chosen.created_at) && near(i.created_at, m.around)
+        })
+        .filter_map(|i| Some(format!("{} already holds {}", intake_name(i), i.holding()?)))
+        .collect();
+    if !nearer.is_empty() {
+        return Found::Undecided(format!(
+            "{} is free, but nearer to the recording {}",
+            intake_name(chosen),
+            list(nearer)
+        ));
+    }
+    Found::Intake(chosen.id, MatchMethod::PhoneAndTime)
+}
+
+#[cfg(test)]
+mod tests;
