@@ -1,5 +1,8 @@
 //! Questions other modules ask of the job table: reconcile's "is this
-//! recording known".
+//! recording known", and playback's "what is the newest job of this
+//! intake" (read with the intake and its link, in one statement).
+
+use uuid::Uuid;
 
 use super::{Queue, QueueError};
 
@@ -16,6 +19,20 @@ pub const HAS_JOB_FOR_RECORDING_SQL: &str = "SELECT EXISTS (
          SELECT 1 FROM recording_relay.recording_jobs
          WHERE call_session_id = $2 AND recording_id IS NULL
            AND state IN ('pending', 'running'))";
+
+/// One intake as playback reads it (`playback::recording` derives what the
+/// player may show from it).
+#[derive(Debug, sqlx::FromRow)]
+pub(crate) struct IntakeRecordingRow {
+    /// The intake's own `recording_object_path` (the host's to write).
+    pub(crate) column_path: Option<String>,
+    /// What the relay recorded for the intake in `recording_links`.
+    pub(crate) linked_path: Option<String>,
+    pub(crate) has_recording_id: bool,
+    pub(crate) duration_seconds: Option<i32>,
+    /// The state of the intake's newest job, if it has one.
+    pub(crate) newest_job: Option<String>,
+}
 
 impl Queue {
     /// Whether a job covers this recording (reconcile's question for each
@@ -36,6 +53,37 @@ impl Queue {
             .fetch_one(&self.pool)
             .await?;
         Ok(known)
+    }
+
+    /// The intake with its link and the state of its newest job, or `None`
+    /// when the intake does not exist or belongs to another organization
+    /// (compared as text). A plain read whose error playback reports as
+    /// the database's, so it is sqlx's.
+    pub(crate) async fn intake_recording(
+        &self,
+        intake: Uuid,
+        organization: &str,
+    ) -> Result<Option<IntakeRecordingRow>, sqlx::Error> {
+        sqlx::query_as(
+            "SELECT i.recording_object_path AS column_path,
+                l.object_path AS linked_path,
+                i.recording_id IS NOT NULL AS has_recording_id,
+                i.recording_duration AS duration_seconds,
+                j.state::text AS newest_job
+         FROM public.intakes i
+         LEFT JOIN recording_relay.recording_links l ON l.intake_id = i.id
+         LEFT JOIN LATERAL (
+             SELECT state FROM recording_relay.recording_jobs
+             WHERE intake_id = i.id
+             ORDER BY created_at DESC, id DESC
+             LIMIT 1
+         ) j ON true
+         WHERE i.id = $1 AND i.organization_id::text = $2",
+        )
+        .bind(intake)
+        .bind(organization)
+        .fetch_optional(&self.pool)
+        .await
     }
 }
 
