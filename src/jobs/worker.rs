@@ -18,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, error, info, info_span, warn};
 
 use super::backoff::Backoff;
+use super::queue::Completed;
 use super::queue::NOTIFY_CHANNEL;
 use super::{Job, JobContext, JobError, JobHandler, JobState, Lease, Outcome, Queue, QueueError};
 use crate::alerts::Alerter;
@@ -195,8 +196,11 @@ impl<H: JobHandler> Worker<H> {
         };
         for job in jobs {
             let Some(lease) = job.lease() else { continue };
+            // A lease lost meanwhile (cancelled) is given back all the same.
             match self.queue.release(&lease).await {
-                Ok(_) => info!(job.id = job.id, "job claimed as shutdown began; released"),
+                Ok(()) | Err(QueueError::LeaseLost) => {
+                    info!(job.id = job.id, "job claimed as shutdown began; released")
+                }
                 Err(e) => {
                     warn!(job.id = job.id, error = %e, "could not release a job claimed as shutdown began; it returns when its lease expires");
                 }
@@ -311,8 +315,9 @@ struct Completions {
 
 struct Completion {
     lease: Lease,
-    /// `Some(matched)`, or `None` when the batch statement failed.
-    reply: oneshot::Sender<Option<bool>>,
+    /// What the batch did with this lease, or `None` when the batch
+    /// statement failed.
+    reply: oneshot::Sender<Option<Completed>>,
 }
 
 /// Upper bound of one completion statement.
@@ -326,9 +331,9 @@ impl Completions {
             while rx.recv_many(&mut batch, MAX_COMPLETION_BATCH).await > 0 {
                 let leases: Vec<Lease> = batch.iter().map(|c| c.lease.clone()).collect();
                 match queue.complete_batch(&leases).await {
-                    Ok(matched) => {
-                        for (c, ok) in batch.drain(..).zip(matched) {
-                            let _ = c.reply.send(Some(ok));
+                    Ok(completed) => {
+                        for (c, done) in batch.drain(..).zip(completed) {
+                            let _ = c.reply.send(Some(done));
                         }
                     }
                     Err(e) => {
@@ -343,10 +348,10 @@ impl Completions {
         (Self { tx }, task)
     }
 
-    /// The fenced completion of one job: `false` when the lease was lost.
-    /// Falls back to a statement of its own when the batch could not be
-    /// written, so the caller sees that statement's real error.
-    async fn complete(&self, queue: &Queue, lease: &Lease) -> Result<bool, QueueError> {
+    /// The fenced completion of one job: `LeaseLost` when the lease was
+    /// lost. Falls back to a statement of its own when the batch could not
+    /// be written, so the caller sees that statement's real error.
+    async fn complete(&self, queue: &Queue, lease: &Lease) -> Result<(), QueueError> {
         let (reply, answer) = oneshot::channel();
         let sent = self
             .tx
@@ -356,9 +361,9 @@ impl Completions {
             })
             .await;
         if sent.is_ok()
-            && let Ok(Some(matched)) = answer.await
+            && let Ok(Some(done)) = answer.await
         {
-            return Ok(matched);
+            return done.into_result();
         }
         queue.complete(lease).await
     }
@@ -409,8 +414,8 @@ async fn keep_lease_alive(queue: &Queue, lease: &Lease, duration: Duration) {
     loop {
         every.tick().await;
         match queue.heartbeat(lease, duration).await {
-            Ok(true) => renewed = tokio::time::Instant::now(),
-            Ok(false) => return,
+            Ok(()) => renewed = tokio::time::Instant::now(),
+            Err(QueueError::LeaseLost) => return,
             Err(e) if renewed.elapsed() >= give_up_after => {
                 warn!(error = %e, "heartbeats failing for most of the lease; giving the job up");
                 return;
@@ -488,7 +493,8 @@ fn outcome_label(end: &RunEnd, state: JobState) -> &'static str {
     }
 }
 
-/// The fenced update for one result; `None` when the lease was lost first.
+/// The fenced update for one result; `None` when the lease was lost first
+/// (not an error to retry: another worker owns the job).
 async fn write_result(
     queue: &Queue,
     completions: &Completions,
@@ -496,37 +502,35 @@ async fn write_result(
     lease: &Lease,
     end: &RunEnd,
 ) -> Result<Option<JobState>, QueueError> {
-    let if_written = |ok: bool, state: JobState| ok.then_some(state);
-    Ok(match end {
-        RunEnd::Finished(Ok(Outcome::Succeeded)) => if_written(
-            completions.complete(queue, lease).await?,
-            JobState::Succeeded,
-        ),
-        RunEnd::Finished(Ok(Outcome::Unmatched { reason })) => if_written(
-            queue
-                .finish_unsuccessfully(lease, JobState::Unmatched, "unmatched", reason)
-                .await?,
-            JobState::Unmatched,
-        ),
-        RunEnd::Finished(Ok(Outcome::Duplicate { reason })) => if_written(
-            queue
-                .finish_unsuccessfully(lease, JobState::Duplicate, "duplicate", reason)
-                .await?,
-            JobState::Duplicate,
-        ),
-        RunEnd::Finished(Err(e @ JobError::Permanent { .. })) => if_written(
-            queue
-                .finish_unsuccessfully(lease, JobState::Failed, e.kind(), &e.to_string())
-                .await?,
-            JobState::Failed,
-        ),
+    let written = match end {
+        RunEnd::Finished(Ok(Outcome::Succeeded)) => completions
+            .complete(queue, lease)
+            .await
+            .map(|()| JobState::Succeeded),
+        RunEnd::Finished(Ok(Outcome::Unmatched { reason })) => queue
+            .finish_unsuccessfully(lease, JobState::Unmatched, "unmatched", reason)
+            .await
+            .map(|()| JobState::Unmatched),
+        RunEnd::Finished(Ok(Outcome::Duplicate { reason })) => queue
+            .finish_unsuccessfully(lease, JobState::Duplicate, "duplicate", reason)
+            .await
+            .map(|()| JobState::Duplicate),
+        RunEnd::Finished(Err(e @ JobError::Permanent { .. })) => queue
+            .finish_unsuccessfully(lease, JobState::Failed, e.kind(), &e.to_string())
+            .await
+            .map(|()| JobState::Failed),
         RunEnd::Finished(Err(e @ JobError::Retryable { retry_after, .. })) => {
             let delay = opts.backoff.delay(lease.attempt, *retry_after);
-            queue.retry(lease, e, delay).await?
+            queue.retry(lease, e, delay).await
         }
-        RunEnd::Interrupted => if_written(queue.release(lease).await?, JobState::Pending),
-        RunEnd::LeaseLost => None,
-    })
+        RunEnd::Interrupted => queue.release(lease).await.map(|()| JobState::Pending),
+        RunEnd::LeaseLost => return Ok(None),
+    };
+    match written {
+        Ok(state) => Ok(Some(state)),
+        Err(QueueError::LeaseLost) => Ok(None),
+        Err(e) => Err(e),
+    }
 }
 
 fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {

@@ -5,7 +5,7 @@ use tracing::{info, warn};
 use uuid::Uuid;
 
 use super::intakes::{self, Claim, Found, MatchInput};
-use super::{Run, duration_secs, lease_lost};
+use super::{Run, duration_secs};
 use crate::config::Party;
 use crate::jobs::{JobError, QueueError};
 use crate::telemetry::mask_phone;
@@ -154,7 +154,7 @@ impl Run<'_> {
         .await?
         {
             Claim::Claimed => {}
-            Claim::LeaseLost => return Err(lease_lost()),
+            Claim::LeaseLost => return Err(QueueError::LeaseLost.into()),
             Claim::TakenBy(other) => {
                 return self.unmatched_or_retry(format!(
                     "intake {intake} already holds recording {other}"

@@ -120,7 +120,7 @@ mod tests {
         q.enqueue(&last).await.unwrap();
         let lease = one_claimed(&q, "w").await.lease().unwrap();
         let state = q.retry(&lease, &JobError::retryable("503"), LEASE).await;
-        assert_eq!(state.unwrap(), Some(JobState::Failed));
+        assert_eq!(state.unwrap(), JobState::Failed);
         let last_retry = lease.job_id;
         let mut rescued = new_job("rescued");
         rescued.max_attempts = 1;
@@ -132,11 +132,11 @@ mod tests {
         // duplicate, a cancel, a job that was failed before the upgrade.
         q.enqueue(&new_job("succeeded")).await.unwrap();
         let lease = one_claimed(&q, "w").await.lease().unwrap();
-        assert!(q.complete(&lease).await.unwrap());
+        q.complete(&lease).await.unwrap();
         q.enqueue(&new_job("retried")).await.unwrap();
         let lease = one_claimed(&q, "w").await.lease().unwrap();
         let state = q.retry(&lease, &JobError::retryable("503"), LEASE).await;
-        assert_eq!(state.unwrap(), Some(JobState::Pending));
+        assert_eq!(state.unwrap(), JobState::Pending);
         q.enqueue(&new_job("duplicate")).await.unwrap();
         let lease = one_claimed(&q, "w").await.lease().unwrap();
         q.finish_unsuccessfully(&lease, JobState::Duplicate, "duplicate", "dup")

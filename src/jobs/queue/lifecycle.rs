@@ -5,8 +5,28 @@
 
 use std::time::Duration;
 
-use super::{Queue, QueueError, fenced, millis};
+use super::{Queue, QueueError, fenced, millis, one_row};
 use crate::jobs::{Job, JobError, JobState, Lease, NewJob};
+
+/// What one lease of a batched completion ([`Queue::complete_batch`])
+/// came to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Completed {
+    /// The job is `succeeded`.
+    Succeeded,
+    /// The lease was lost first: nothing was written for it.
+    LeaseLost,
+}
+
+impl Completed {
+    /// As [`Queue::complete`] answers for one lease.
+    pub fn into_result(self) -> Result<(), QueueError> {
+        match self {
+            Completed::Succeeded => Ok(()),
+            Completed::LeaseLost => Err(QueueError::LeaseLost),
+        }
+    }
+}
 
 /// Result of an enqueue: Telnyx redelivers, so a duplicate is normal.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -113,9 +133,9 @@ impl Queue {
         Ok(jobs)
     }
 
-    /// Extends the lease. `false` means the lease was lost (expired and
-    /// rescued, or cancelled by an operator): the caller must stop.
-    pub async fn heartbeat(&self, lease: &Lease, duration: Duration) -> Result<bool, QueueError> {
+    /// Extends the lease. `LeaseLost`: the lease expired and was rescued,
+    /// or an operator cancelled the job; the caller must stop.
+    pub async fn heartbeat(&self, lease: &Lease, duration: Duration) -> Result<(), QueueError> {
         let done = fenced(
             fenced_update!("locked_until = now() + $4 * interval '1 millisecond'"),
             lease,
@@ -123,11 +143,11 @@ impl Queue {
         .bind(millis(duration))
         .execute(&self.pool)
         .await?;
-        Ok(done.rows_affected() == 1)
+        one_row(&done)
     }
 
-    /// Marks the job succeeded. `false`: the lease was lost first.
-    pub async fn complete(&self, lease: &Lease) -> Result<bool, QueueError> {
+    /// Marks the job succeeded. `LeaseLost`: the lease was lost first.
+    pub async fn complete(&self, lease: &Lease) -> Result<(), QueueError> {
         let done = fenced(
             fenced_update!(
                 "state = 'succeeded', finished_at = now(), locked_by = NULL, locked_until = NULL"
@@ -136,15 +156,16 @@ impl Queue {
         )
         .execute(&self.pool)
         .await?;
-        Ok(done.rows_affected() == 1)
+        one_row(&done)
     }
 
     /// Marks many jobs succeeded in one statement, each fenced on its own
     /// lease exactly like [`Queue::complete`]. Returns, for each lease in
-    /// order, whether its row matched (`false`: that lease was lost first).
+    /// order, whether its row matched (`LeaseLost`: that lease was lost
+    /// first).
     /// The worker batches its completions through this (see
     /// `worker::Completions`): one round trip and one commit for many jobs.
-    pub async fn complete_batch(&self, leases: &[Lease]) -> Result<Vec<bool>, QueueError> {
+    pub async fn complete_batch(&self, leases: &[Lease]) -> Result<Vec<Completed>, QueueError> {
         if leases.is_empty() {
             return Ok(Vec::new());
         }
@@ -162,20 +183,26 @@ impl Queue {
         let done: std::collections::HashSet<(i64, i64)> = done.into_iter().collect();
         Ok(leases
             .iter()
-            .map(|l| done.contains(&(l.job_id, l.token)))
+            .map(|l| {
+                if done.contains(&(l.job_id, l.token)) {
+                    Completed::Succeeded
+                } else {
+                    Completed::LeaseLost
+                }
+            })
             .collect())
     }
 
     /// Records a failed attempt. With attempts left the job goes back to
     /// `pending` at `now() + delay`; without, it ends `failed`. Returns the
-    /// new state, or `None` when the lease was lost first.
+    /// new state, or `LeaseLost` when the lease was lost first.
     pub async fn retry(
         &self,
         lease: &Lease,
         error: &JobError,
         delay: Duration,
-    ) -> Result<Option<JobState>, QueueError> {
-        let state = sqlx::query_scalar(concat!(
+    ) -> Result<JobState, QueueError> {
+        let state: Option<JobState> = sqlx::query_scalar(concat!(
             "UPDATE recording_relay.recording_jobs
              SET state = CASE WHEN attempts >= max_attempts
                               THEN 'failed' ELSE 'pending' END::recording_relay.recording_job_state,
@@ -202,18 +229,19 @@ impl Queue {
         .bind(error.kind())
         .fetch_optional(&self.pool)
         .await?;
-        Ok(state)
+        state.ok_or(QueueError::LeaseLost)
     }
 
     /// Ends the job in a terminal state other than success (`failed` for a
-    /// permanent error, `unmatched` when no intake matched).
+    /// permanent error, `unmatched` when no intake matched). `LeaseLost`:
+    /// the lease was lost first.
     pub async fn finish_unsuccessfully(
         &self,
         lease: &Lease,
         state: JobState,
         kind: &str,
         reason: &str,
-    ) -> Result<bool, QueueError> {
+    ) -> Result<(), QueueError> {
         debug_assert!(matches!(
             state,
             JobState::Failed | JobState::Unmatched | JobState::Duplicate
@@ -233,12 +261,13 @@ impl Queue {
         .bind(kind)
         .execute(&self.pool)
         .await?;
-        Ok(done.rows_affected() == 1)
+        one_row(&done)
     }
 
     /// Gives a claimed job back without counting the attempt (shutdown): it
     /// is runnable at once and the trigger wakes another worker.
-    pub async fn release(&self, lease: &Lease) -> Result<bool, QueueError> {
+    /// `LeaseLost`: the lease was lost first.
+    pub async fn release(&self, lease: &Lease) -> Result<(), QueueError> {
         let done = fenced(
             fenced_update!(
                 "state = 'pending', attempts = attempts - 1, next_run_at = now(),
@@ -248,7 +277,7 @@ impl Queue {
         )
         .execute(&self.pool)
         .await?;
-        Ok(done.rows_affected() == 1)
+        one_row(&done)
     }
 
     /// Returns jobs whose worker stopped heartbeating (crashed, hung, or cut
@@ -287,6 +316,7 @@ mod tests {
 
     use super::super::NOTIFY_CHANNEL;
     use super::super::test_support::*;
+    use super::Completed::{LeaseLost, Succeeded};
     use super::*;
 
     #[sqlx::test(migrations = false)]
@@ -415,7 +445,10 @@ mod tests {
             leases[2].clone(),
         ];
         let done = q.complete_batch(&batch).await.unwrap();
-        assert_eq!(done, [true, false, true, false, true]);
+        assert_eq!(
+            done,
+            [Succeeded, LeaseLost, Succeeded, LeaseLost, Succeeded]
+        );
 
         let state = |id| {
             let q = q.clone();
@@ -437,10 +470,10 @@ mod tests {
         assert_eq!(state(leases[3].job_id).await.state, JobState::Cancelled);
 
         // The same lease again: already finished, so nothing matches.
-        assert_eq!(q.complete_batch(&leases[..1]).await.unwrap(), [false]);
+        assert_eq!(q.complete_batch(&leases[..1]).await.unwrap(), [LeaseLost]);
         assert!(q.complete_batch(&[]).await.unwrap().is_empty());
         // The new owner completes normally.
-        assert_eq!(q.complete_batch(&[fresh]).await.unwrap(), [true]);
+        assert_eq!(q.complete_batch(&[fresh]).await.unwrap(), [Succeeded]);
     }
 
     #[sqlx::test(migrations = false)]
@@ -458,7 +491,7 @@ mod tests {
             .complete_batch(&[first.clone(), second.clone()])
             .await
             .unwrap();
-        assert_eq!(done, [false, true]);
+        assert_eq!(done, [LeaseLost, Succeeded]);
     }
 
     #[sqlx::test(migrations = false)]
@@ -467,7 +500,7 @@ mod tests {
         q.enqueue(&new_job("ev-1")).await.unwrap();
         let job = one_claimed(&q, "w1").await;
         let lease = job.lease().unwrap();
-        assert!(q.heartbeat(&lease, Duration::from_secs(600)).await.unwrap());
+        q.heartbeat(&lease, Duration::from_secs(600)).await.unwrap();
         let after = q.get(job.id).await.unwrap().unwrap();
         assert!(
             after.locked_until.unwrap()
@@ -486,7 +519,7 @@ mod tests {
             .retry(&lease, &JobError::retryable("telnyx 503"), delay)
             .await
             .unwrap();
-        assert_eq!(state, Some(JobState::Pending));
+        assert_eq!(state, JobState::Pending);
         let job = q.get(lease.job_id).await.unwrap().unwrap();
         let wait = job.next_run_at - before;
         assert!(
@@ -519,7 +552,7 @@ mod tests {
             } else {
                 JobState::Failed
             };
-            assert_eq!(state, Some(expected));
+            assert_eq!(state, expected);
         }
         let job = q.get_by_event_id("ev-1").await.unwrap().unwrap();
         assert_eq!(job.state, JobState::Failed);
@@ -560,16 +593,14 @@ mod tests {
         let q = queue(pool).await;
         q.enqueue(&new_job("ev-1")).await.unwrap();
         let lease = one_claimed(&q, "w1").await.lease().unwrap();
-        assert!(
-            q.finish_unsuccessfully(
-                &lease,
-                JobState::Failed,
-                "permanent",
-                "recording not found at Telnyx"
-            )
-            .await
-            .unwrap()
-        );
+        q.finish_unsuccessfully(
+            &lease,
+            JobState::Failed,
+            "permanent",
+            "recording not found at Telnyx",
+        )
+        .await
+        .unwrap();
         let job = q.get(lease.job_id).await.unwrap().unwrap();
         assert_eq!(job.state, JobState::Failed);
         assert_eq!(job.attempts, 1);
@@ -581,7 +612,7 @@ mod tests {
         let q = queue(pool).await;
         q.enqueue(&new_job("ev-1")).await.unwrap();
         let lease = one_claimed(&q, "w1").await.lease().unwrap();
-        assert!(q.release(&lease).await.unwrap());
+        q.release(&lease).await.unwrap();
         let again = one_claimed(&q, "w2").await;
         assert_eq!(again.attempts, 1);
     }

@@ -21,7 +21,7 @@
 
 use std::time::Duration;
 
-use sqlx::postgres::PgArguments;
+use sqlx::postgres::{PgArguments, PgQueryResult};
 use sqlx::query::Query;
 use sqlx::{PgPool, Postgres};
 
@@ -63,6 +63,15 @@ fn fenced<'a>(sql: &'static str, lease: &'a Lease) -> Query<'a, Postgres, PgArgu
         .bind(&lease.worker)
 }
 
+/// A fenced UPDATE of one job: it matched its row, or the lease was lost.
+fn one_row(done: &PgQueryResult) -> Result<(), QueueError> {
+    if done.rows_affected() == 1 {
+        Ok(())
+    } else {
+        Err(QueueError::LeaseLost)
+    }
+}
+
 fn millis(d: Duration) -> i64 {
     i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
 }
@@ -83,7 +92,7 @@ mod test_support;
 
 pub use alerts::{CLAIM_ALERTS_SQL, OwedAlert};
 pub use gauges::{GAUGE_EXACT_UP_TO, GAUGES_SQL, OLDEST_RUNNABLE_SQL, QueueDepth, QueueGauges};
-pub use lifecycle::{CLAIM_SQL, COMPLETE_BATCH_SQL, Enqueued};
+pub use lifecycle::{CLAIM_SQL, COMPLETE_BATCH_SQL, Completed, Enqueued};
 pub use lookup::HAS_JOB_FOR_RECORDING_SQL;
 pub use retention::HOLDS_PATIENT_DATA;
 
@@ -101,6 +110,14 @@ pub enum QueueError {
     /// A live job already owns this recording (or its storage object).
     #[error("recording {recording} is already relayed by job {job_id}")]
     AlreadyOwned { recording: String, job_id: i64 },
+    /// A write fenced on a lease matched no row: the lease expired and was
+    /// rescued, or an operator cancelled the job, and another worker may
+    /// own it now. Nothing was written; the holder must stop. (underway's
+    /// `TaskNotFound`: an error, not a `bool` the caller must remember to
+    /// check.) As a [`JobError`](super::JobError) it is retryable, with
+    /// this message.
+    #[error("lease lost during the job; another worker owns it now")]
+    LeaseLost,
 }
 
 impl QueueError {

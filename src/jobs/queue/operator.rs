@@ -127,8 +127,8 @@ mod tests {
         q.enqueue(&new_job("ev-1")).await.unwrap();
         let lease = one_claimed(&q, "w").await.lease().unwrap();
         q.cancel(lease.job_id).await.unwrap();
-        assert!(!q.heartbeat(&lease, LEASE).await.unwrap());
-        assert!(!q.complete(&lease).await.unwrap());
+        lost(q.heartbeat(&lease, LEASE).await);
+        lost(q.complete(&lease).await);
         let job = q.get(lease.job_id).await.unwrap().unwrap();
         assert_eq!(job.state, JobState::Cancelled);
         assert!(job.last_error.unwrap().starts_with("cancelled by"));

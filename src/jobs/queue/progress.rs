@@ -3,7 +3,7 @@
 //! changes nothing. The transactional ones (`lock_lease`, `save_match`,
 //! `mark_linked`) run inside the caller's transaction on the intake.
 
-use super::{Queue, QueueError, fenced, is_unique_violation};
+use super::{Queue, QueueError, fenced, is_unique_violation, one_row};
 use crate::call::CallFacts;
 use crate::jobs::Lease;
 
@@ -19,7 +19,7 @@ impl Queue {
         lease: &Lease,
         recording_id: &str,
         r: &CallFacts,
-    ) -> Result<bool, QueueError> {
+    ) -> Result<(), QueueError> {
         let done = fenced(
             fenced_update!(
                 "recording_id = $4,
@@ -45,7 +45,7 @@ impl Queue {
         .execute(&self.pool)
         .await;
         match done {
-            Ok(done) => Ok(done.rows_affected() == 1),
+            Ok(done) => one_row(&done),
             Err(e) if is_unique_violation(&e, "recording_jobs_recording_id_key") => {
                 Err(self.owner_of(recording_id, lease.job_id).await)
             }
@@ -161,12 +161,12 @@ impl Queue {
         &self,
         lease: &Lease,
         url: Option<&str>,
-    ) -> Result<bool, QueueError> {
+    ) -> Result<(), QueueError> {
         let done = fenced(fenced_update!("tus_upload_url = $4"), lease)
             .bind(url)
             .execute(&self.pool)
             .await?;
-        Ok(done.rows_affected() == 1)
+        one_row(&done)
     }
 
     /// Step 3 done: the object is in the bucket and its size verified.
@@ -208,63 +208,61 @@ impl Queue {
     }
 
     /// Step 5 done: the recording was deleted at Telnyx.
-    pub async fn save_telnyx_deleted(&self, lease: &Lease) -> Result<bool, QueueError> {
+    pub async fn save_telnyx_deleted(&self, lease: &Lease) -> Result<(), QueueError> {
         let done = fenced(fenced_update!("telnyx_deleted_at = now()"), lease)
             .execute(&self.pool)
             .await?;
-        Ok(done.rows_affected() == 1)
+        one_row(&done)
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use super::super::Completed;
     use super::super::test_support::*;
     use super::*;
 
-    /// Every write a worker makes through its lease, each refused (false,
-    /// None): what a stale lease must amount to.
+    /// Every write a worker makes through its lease, each refused
+    /// (`LeaseLost`, or `false` where the answer is still a bool): what a
+    /// stale lease must amount to.
     async fn assert_every_write_is_refused(q: &Queue, stale: &Lease) {
-        assert!(!q.heartbeat(stale, LEASE).await.unwrap());
-        assert!(
-            !q.save_resolution(stale, "rec-1", &CallFacts::default())
-                .await
-                .unwrap()
+        lost(q.heartbeat(stale, LEASE).await);
+        lost(
+            q.save_resolution(stale, "rec-1", &CallFacts::default())
+                .await,
         );
         assert!(
             !q.plan_object(stale, "intakes/x/rec-1.wav", "audio/wav", None)
                 .await
                 .unwrap()
         );
-        assert!(
-            !q.save_tus_upload(stale, Some("http://tus/1"))
-                .await
-                .unwrap()
-        );
+        lost(q.save_tus_upload(stale, Some("http://tus/1")).await);
         assert!(
             !q.save_stored(stale, &"0".repeat(64), 1, None)
                 .await
                 .unwrap()
         );
-        assert!(!q.save_telnyx_deleted(stale).await.unwrap());
+        lost(q.save_telnyx_deleted(stale).await);
+        lost(
+            q.plan_move(stale, "unmatched/rec-1.wav", "intakes/x/rec-1.wav")
+                .await,
+        );
+        lost(q.cancel_move(stale).await);
+        lost(q.save_moved(stale).await);
+        lost(q.save_moved_from_deleted(stale).await);
         let mut tx = q.pool().begin().await.unwrap();
         assert!(!q.mark_linked(&mut tx, stale).await.unwrap());
         tx.rollback().await.unwrap();
-        assert!(!q.complete(stale).await.unwrap());
+        lost(q.complete(stale).await);
         assert_eq!(
             q.complete_batch(std::slice::from_ref(stale)).await.unwrap(),
-            [false]
+            [Completed::LeaseLost]
         );
-        assert_eq!(
-            q.retry(stale, &JobError::retryable("x"), LEASE)
-                .await
-                .unwrap(),
-            None
-        );
-        assert!(!q.release(stale).await.unwrap());
-        assert!(
-            !q.finish_unsuccessfully(stale, JobState::Failed, "permanent", "x")
-                .await
-                .unwrap()
+        lost(q.retry(stale, &JobError::retryable("x"), LEASE).await);
+        lost(q.release(stale).await);
+        lost(
+            q.finish_unsuccessfully(stale, JobState::Failed, "permanent", "x")
+                .await,
         );
     }
 
@@ -282,7 +280,7 @@ mod tests {
         let job = q.get(stale.job_id).await.unwrap().unwrap();
         assert_eq!(job.state, JobState::Running);
         assert_eq!(job.locked_by.as_deref(), Some("w2"));
-        assert!(q.complete(&fresh).await.unwrap());
+        q.complete(&fresh).await.unwrap();
         assert_eq!(
             q.get(stale.job_id).await.unwrap().unwrap().state,
             JobState::Succeeded
@@ -314,7 +312,7 @@ mod tests {
         assert_eq!(job.state, JobState::Running);
         assert!(job.resolved_at.is_none() && job.object_path.is_none());
         assert_eq!(job.attempts, 1);
-        assert!(q.heartbeat(&fresh, LEASE).await.unwrap());
-        assert!(q.complete(&fresh).await.unwrap());
+        q.heartbeat(&fresh, LEASE).await.unwrap();
+        q.complete(&fresh).await.unwrap();
     }
 }

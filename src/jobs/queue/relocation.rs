@@ -3,7 +3,7 @@
 //! undone when the destination holds other bytes, and recorded when the
 //! copy is verified and when the original is deleted.
 
-use super::{Queue, QueueError, fenced, is_unique_violation};
+use super::{Queue, QueueError, fenced, is_unique_violation, one_row};
 use crate::jobs::Lease;
 
 impl Queue {
@@ -13,7 +13,7 @@ impl Queue {
     /// Only from `from`: a job already planned (or moved by another
     /// attempt) is not planned twice. Fails with `AlreadyOwned` when
     /// another job owns the destination.
-    pub async fn plan_move(&self, lease: &Lease, from: &str, to: &str) -> Result<bool, QueueError> {
+    pub async fn plan_move(&self, lease: &Lease, from: &str, to: &str) -> Result<(), QueueError> {
         let done = sqlx::query(concat!(
             "UPDATE recording_relay.recording_jobs
              SET moved_from = object_path, object_path = $5, updated_at = now()
@@ -29,7 +29,7 @@ impl Queue {
         .execute(&self.pool)
         .await;
         match done {
-            Ok(done) => Ok(done.rows_affected() == 1),
+            Ok(done) => one_row(&done),
             Err(e) if is_unique_violation(&e, "recording_jobs_object_path_key") => {
                 Err(self.object_owner(to).await)
             }
@@ -56,7 +56,7 @@ impl Queue {
     /// Undoes a planned move whose destination holds other bytes: the job
     /// names the `unmatched/` object again, where the recording is, so
     /// nothing (an operator, retention) takes the other object for it.
-    pub async fn cancel_move(&self, lease: &Lease) -> Result<bool, QueueError> {
+    pub async fn cancel_move(&self, lease: &Lease) -> Result<(), QueueError> {
         let done = fenced(
             concat!(
                 fenced_update!("object_path = moved_from, moved_from = NULL"),
@@ -66,23 +66,23 @@ impl Queue {
         )
         .execute(&self.pool)
         .await?;
-        Ok(done.rows_affected() == 1)
+        one_row(&done)
     }
 
     /// The moved copy holds the recorded bytes: it may be linked.
-    pub async fn save_moved(&self, lease: &Lease) -> Result<bool, QueueError> {
+    pub async fn save_moved(&self, lease: &Lease) -> Result<(), QueueError> {
         let done = fenced(fenced_update!("moved_at = now()"), lease)
             .execute(&self.pool)
             .await?;
-        Ok(done.rows_affected() == 1)
+        one_row(&done)
     }
 
     /// The `unmatched/` original of a moved recording is deleted.
-    pub async fn save_moved_from_deleted(&self, lease: &Lease) -> Result<bool, QueueError> {
+    pub async fn save_moved_from_deleted(&self, lease: &Lease) -> Result<(), QueueError> {
         let done = fenced(fenced_update!("moved_from_deleted_at = now()"), lease)
             .execute(&self.pool)
             .await?;
-        Ok(done.rows_affected() == 1)
+        one_row(&done)
     }
 
     /// Whether a job other than `job_id` has `path` as its object: a moved

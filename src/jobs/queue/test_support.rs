@@ -6,7 +6,7 @@ pub(super) use std::time::Duration;
 
 pub(super) use sqlx::PgPool;
 
-pub(super) use super::Queue;
+pub(super) use super::{Queue, QueueError};
 pub(super) use crate::call::CallFacts;
 pub(super) use crate::jobs::{Job, JobError, JobState, NewJob};
 pub(super) use crate::testing::{self, Plan};
@@ -66,4 +66,12 @@ pub(super) async fn failed_job(q: &Queue, event_id: &str) -> i64 {
         .await
         .unwrap();
     lease.job_id
+}
+
+/// The write was refused because the lease was lost.
+pub(super) fn lost<T: std::fmt::Debug>(written: Result<T, QueueError>) {
+    assert!(
+        matches!(written, Err(QueueError::LeaseLost)),
+        "expected a lost lease, got {written:?}"
+    );
 }
