@@ -2,6 +2,11 @@
 //! fenced on the lease (`lease_fence!`), so a worker that lost its lease
 //! changes nothing. The transactional ones (`lock_lease`, `save_match`,
 //! `mark_linked`) run inside the caller's transaction on the intake.
+//!
+//! A lost lease fails with `QueueError::LeaseLost`, except in `lock_lease`,
+//! `save_match`, `mark_linked`, `plan_object` and `save_stored`, which
+//! still answer `Ok(false)`: `pipeline/intakes.rs` reads that bool (its own
+//! tests too) and is being refactored by another change; they follow it.
 
 use super::{Queue, QueueError, fenced, is_unique_violation, one_row};
 use crate::call::CallFacts;
@@ -96,6 +101,7 @@ impl Queue {
 
     /// Step 2 done: the intake this recording belongs to. Runs inside the
     /// transaction that claims the intake (see `pipeline::intakes`).
+    /// `false`: the lease was lost.
     pub async fn save_match(
         &self,
         tx: &mut sqlx::PgConnection,
@@ -119,7 +125,8 @@ impl Queue {
     /// Claims the object path before the first byte is uploaded, so a retry
     /// knows where an upload that finished unobserved would be. An
     /// `unmatched/` path is saved with the reason no intake matched, which
-    /// the attempt that finishes the job reports.
+    /// the attempt that finishes the job reports. `false`: the lease was
+    /// lost.
     pub async fn plan_object(
         &self,
         lease: &Lease,
@@ -172,6 +179,7 @@ impl Queue {
     /// Step 3 done: the object is in the bucket and its size verified.
     /// `unproven`: why the stored bytes are not proven the whole recording
     /// (the recording is then kept at Telnyx); `None` when they are.
+    /// `false`: the lease was lost.
     pub async fn save_stored(
         &self,
         lease: &Lease,
@@ -195,7 +203,8 @@ impl Queue {
     }
 
     /// Step 4 done, inside the transaction that updates the intake, so the
-    /// intake is linked exactly when the job says so.
+    /// intake is linked exactly when the job says so. `false`: the lease
+    /// was lost.
     pub async fn mark_linked(
         &self,
         tx: &mut sqlx::PgConnection,
