@@ -1,10 +1,13 @@
 //! The durable job queue: one `recording_jobs` row per recording webhook.
 //!
-//! - [`queue`]: every SQL statement the queue runs (enqueue, claim, heartbeat,
-//!   fenced completion/retry/failure/release, lease rescue), with its tests.
+//! - [`queue`]: every SQL statement on `recording_jobs`, one concept a file
+//!   (the job's lifecycle, the pipeline's fenced step writes, operator
+//!   commands, retention, alerts owed, gauges, lookups for reconcile and
+//!   playback), each with its tests. A write through a lost lease fails
+//!   with `QueueError::LeaseLost`.
 //! - [`backoff`]: the retry schedule (exponential, full jitter, capped).
 //! - [`worker`]: the loop that LISTENs, claims, runs a [`JobHandler`] under a
-//!   heartbeated lease, and drains on shutdown.
+//!   heartbeated lease, and drains on shutdown (one concept a file too).
 
 pub mod backoff;
 pub(crate) mod competitors;

@@ -5,8 +5,8 @@
 
 use tracing::{info, warn};
 
+use super::Run;
 use super::errors::telnyx_failure;
-use super::{Run, written};
 use crate::jobs::JobError;
 
 impl Run<'_> {
@@ -28,7 +28,7 @@ impl Run<'_> {
             .delete_recording(&recording_id)
             .await
             .map_err(telnyx_failure)?;
-        written(self.queue.save_telnyx_deleted(&self.lease).await?)?;
+        self.queue.save_telnyx_deleted(&self.lease).await?;
         info!("recording deleted at Telnyx");
         Ok(())
     }

@@ -4,8 +4,8 @@ use tracing::info;
 
 use super::errors::storage_failure;
 use super::intakes::{self, IntakeWrite};
-use super::{Run, duration_secs, lease_lost};
-use crate::jobs::JobError;
+use super::{Run, duration_secs};
+use crate::jobs::{JobError, QueueError};
 
 impl Run<'_> {
     pub(super) async fn link(&mut self) -> Result<(), JobError> {
@@ -35,7 +35,7 @@ impl Run<'_> {
         .await?
         {
             IntakeWrite::Written => {}
-            IntakeWrite::LeaseLost => return Err(lease_lost()),
+            IntakeWrite::LeaseLost => return Err(QueueError::LeaseLost.into()),
             IntakeWrite::Gone => {
                 return Err(JobError::permanent(format!(
                     "cannot link: intake {intake} was deleted after the match; \

@@ -5,7 +5,7 @@ use tracing::{info, warn};
 
 use super::intakes::{self, IntakeWrite};
 use super::rules::{Found, MatchInput, Scope, intake_id_from_client_state};
-use super::{Run, duration_secs, lease_lost};
+use super::{Run, duration_secs};
 use crate::config::Party;
 use crate::jobs::{JobError, QueueError};
 use crate::telemetry::mask_phone;
@@ -129,7 +129,7 @@ impl Run<'_> {
         .await?
         {
             IntakeWrite::Written => {}
-            IntakeWrite::LeaseLost => return Err(lease_lost()),
+            IntakeWrite::LeaseLost => return Err(QueueError::LeaseLost.into()),
             IntakeWrite::TakenBy(other) => {
                 return self.unmatched_or_retry(format!(
                     "intake {intake} already holds recording {other}"

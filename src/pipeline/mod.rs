@@ -39,7 +39,7 @@ mod wav;
 use std::time::Instant;
 
 use crate::config::{Config, PipelineConfig};
-use crate::jobs::{Job, JobContext, JobError, JobHandler, Lease, Outcome, Queue};
+use crate::jobs::{Job, JobContext, JobError, JobHandler, Lease, Outcome, Queue, QueueError};
 use crate::storage::{StorageClient, StorageError};
 use crate::telnyx::{Recording, TelnyxClient, TelnyxError};
 
@@ -104,13 +104,15 @@ struct Run<'a> {
     replaced: bool,
 }
 
-/// What a fenced step write returning `false` means.
-fn lease_lost() -> JobError {
-    JobError::retryable("lease lost during the job; another worker owns it now")
-}
-
+/// A fenced step write that still answers `false` for a lost lease
+/// (`plan_object`, `save_stored`: `pipeline::intakes` reads that bool too)
+/// fails as every other does: `QueueError::LeaseLost`, retryable.
 fn written(ok: bool) -> Result<(), JobError> {
-    if ok { Ok(()) } else { Err(lease_lost()) }
+    if ok {
+        Ok(())
+    } else {
+        Err(QueueError::LeaseLost.into())
+    }
 }
 
 /// The sequence of the steps; each step is an `impl Run` of its own file.

@@ -26,7 +26,7 @@ use uuid::Uuid;
 use super::errors::storage_failure;
 use super::store::format_of;
 use super::transfer;
-use super::{Run, object_path, written};
+use super::{Run, object_path};
 use crate::jobs::{JobError, QueueError};
 use crate::metrics::metrics;
 use crate::storage::StorageError;
@@ -90,14 +90,14 @@ impl Run<'_> {
             if let MoveCheck::OtherBytes(message) = e {
                 // The job names the recording's real place again, so no
                 // one takes the other object for it; nothing is deleted.
-                written(self.queue.cancel_move(&self.lease).await?)?;
+                self.queue.cancel_move(&self.lease).await?;
                 self.job.object_path = Some(from);
                 self.job.moved_from = None;
                 return Err(JobError::permanent(message));
             }
             return Err(e.into_job_error());
         }
-        written(self.queue.save_moved(&self.lease).await?)?;
+        self.queue.save_moved(&self.lease).await?;
         self.job.moved_at = Some(Utc::now());
         Ok(())
     }
@@ -108,7 +108,7 @@ impl Run<'_> {
         })?;
         let to = object_path(Some(intake), self.recording_id()?, format);
         match self.queue.plan_move(&self.lease, from, &to).await {
-            Ok(ok) => written(ok)?,
+            Ok(()) => {}
             Err(QueueError::AlreadyOwned { job_id, .. }) => {
                 return Err(JobError::permanent(format!(
                     "cannot move the recording to {to}: job {job_id} owns that object; \
@@ -213,7 +213,7 @@ impl Run<'_> {
         }
         match self.p.storage.delete_object(&from).await {
             Ok(()) | Err(StorageError::NotFound(_)) => {
-                written(self.queue.save_moved_from_deleted(&self.lease).await?)?;
+                self.queue.save_moved_from_deleted(&self.lease).await?;
                 self.job.moved_from_deleted_at = Some(Utc::now());
                 info!(
                     from,

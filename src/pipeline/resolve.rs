@@ -5,8 +5,8 @@ use std::time::Instant;
 
 use tracing::info;
 
+use super::Run;
 use super::errors::telnyx_failure;
-use super::{Run, written};
 use crate::jobs::{Job, JobError, Outcome, QueueError};
 use crate::telemetry::mask_phone;
 use crate::telnyx::Recording;
@@ -55,7 +55,7 @@ impl Run<'_> {
             .save_resolution(&self.lease, &recording.id, &recording.call)
             .await
         {
-            Ok(ok) => written(ok)?,
+            Ok(()) => {}
             Err(QueueError::AlreadyOwned { recording, job_id }) => {
                 return Ok(Some(Outcome::Duplicate {
                     reason: format!("recording {recording} is relayed by job {job_id}"),

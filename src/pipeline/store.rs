@@ -136,11 +136,9 @@ impl Run<'_> {
             }
             Err(e) => return Err(storage_failure(e)),
         };
-        written(
-            self.queue
-                .save_tus_upload(&self.lease, Some(&upload))
-                .await?,
-        )?;
+        self.queue
+            .save_tus_upload(&self.lease, Some(&upload))
+            .await?;
         self.job.tus_upload_url = Some(upload.clone());
         let tally = Tally::default();
         let stream = transfer::tallied(transfer::body_stream(download), tally.clone());
@@ -215,7 +213,7 @@ impl Run<'_> {
         path: &str,
         format: AudioFormat,
     ) -> Result<(Digest, Option<u64>), JobError> {
-        written(self.queue.save_tus_upload(&self.lease, None).await?)?;
+        self.queue.save_tus_upload(&self.lease, None).await?;
         self.job.tus_upload_url = None;
         self.upload_fresh(path, format).await
     }

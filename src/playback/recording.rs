@@ -8,6 +8,7 @@ use serde::Serialize;
 use sqlx::PgPool;
 use uuid::Uuid;
 
+use crate::jobs::Queue;
 use crate::object_paths::is_intake_recording;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -62,34 +63,9 @@ pub async fn lookup(
     intake: Uuid,
     organization: &str,
 ) -> Result<Option<IntakeRecording>, sqlx::Error> {
-    #[derive(sqlx::FromRow)]
-    struct Row {
-        column_path: Option<String>,
-        linked_path: Option<String>,
-        has_recording_id: bool,
-        duration_seconds: Option<i32>,
-        newest_job: Option<String>,
-    }
-    let row: Option<Row> = sqlx::query_as(
-        "SELECT i.recording_object_path AS column_path,
-                l.object_path AS linked_path,
-                i.recording_id IS NOT NULL AS has_recording_id,
-                i.recording_duration AS duration_seconds,
-                j.state::text AS newest_job
-         FROM public.intakes i
-         LEFT JOIN recording_relay.recording_links l ON l.intake_id = i.id
-         LEFT JOIN LATERAL (
-             SELECT state FROM recording_relay.recording_jobs
-             WHERE intake_id = i.id
-             ORDER BY created_at DESC, id DESC
-             LIMIT 1
-         ) j ON true
-         WHERE i.id = $1 AND i.organization_id::text = $2",
-    )
-    .bind(intake)
-    .bind(organization)
-    .fetch_optional(pool)
-    .await?;
+    let row = Queue::new(pool.clone())
+        .intake_recording(intake, organization)
+        .await?;
     Ok(row.map(|r| {
         let object_path = match (r.column_path.as_deref(), r.linked_path) {
             (Some(column), Some(linked))

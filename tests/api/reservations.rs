@@ -49,11 +49,9 @@ async fn matched_job(q: &Queue, event: &str, recording: &str, intake: Uuid) -> L
         .remove(0)
         .lease()
         .unwrap();
-    assert!(
-        q.save_resolution(&lease, recording, &CallFacts::default())
-            .await
-            .unwrap()
-    );
+    q.save_resolution(&lease, recording, &CallFacts::default())
+        .await
+        .unwrap();
     let claim = claim_intake(
         q,
         &lease,
@@ -110,7 +108,7 @@ async fn a_job_failing_after_its_match_releases_its_intake(pool: PgPool) {
         .retry(&lease, &JobError::retryable("storage 503"), Duration::ZERO)
         .await
         .unwrap();
-    assert_eq!(state, Some(JobState::Failed));
+    assert_eq!(state, JobState::Failed);
     assert_eq!(held_by(q.pool(), b).await, None);
 }
 

@@ -79,7 +79,7 @@ impl Run<'_> {
             Err(e) => return Err(storage_failure(e)),
         }
         if self.job.tus_upload_url.is_some() {
-            written(self.queue.save_tus_upload(&self.lease, None).await?)?;
+            self.queue.save_tus_upload(&self.lease, None).await?;
             self.job.tus_upload_url = None;
         }
         // Bounded by `replaced`: a second foreign object ends the attempt.

@@ -202,7 +202,7 @@ mod tests {
         let lease = q.claim("w", 1, Duration::from_secs(30)).await.unwrap()[0]
             .lease()
             .unwrap();
-        assert!(q.heartbeat(&lease, Duration::from_secs(30)).await.unwrap());
+        q.heartbeat(&lease, Duration::from_secs(30)).await.unwrap();
         q.cancel(lease.job_id).await.unwrap();
         q.requeue(lease.job_id).await.unwrap();
         let fresh = q.claim("w", 1, Duration::from_secs(30)).await.unwrap()[0]

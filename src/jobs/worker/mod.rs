@@ -1,0 +1,231 @@
+//! The worker loop: wake on NOTIFY (or the fallback poll), claim as many jobs
+//! as there are free slots, run each under a heartbeated lease, record the
+//! result with a fenced update, and drain on shutdown.
+//!
+//! This file is the claim/dispatch loop; `run.rs` is one job's run (its
+//! heartbeat and lease, and the result written back), `completions.rs`
+//! batches the completions, `shutdown.rs` gives back and drains, and
+//! `notify.rs` turns NOTIFYs into wake-ups.
+
+mod completions;
+mod notify;
+mod run;
+mod shutdown;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::Notify;
+use tokio::task::JoinSet;
+use tokio::time::MissedTickBehavior;
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, error, info, info_span, warn};
+
+use self::completions::Completions;
+use self::notify::forward_notifications;
+use self::run::run_job;
+use super::backoff::Backoff;
+use super::{Job, JobHandler, Queue, QueueError};
+use crate::alerts::Alerter;
+
+#[derive(Debug, Clone)]
+pub struct WorkerOptions {
+    /// Written to `locked_by`; unique per process so leases can be told apart.
+    pub worker_id: String,
+    pub concurrency: usize,
+    pub poll_interval: Duration,
+    pub lease: Duration,
+    pub shutdown_timeout: Duration,
+    pub backoff: Backoff,
+    /// Told about every job that ends failed or unmatched, whoever ended
+    /// it (`alerts::sweep`); without one, the alert is an error log line.
+    pub alerter: Option<Alerter>,
+}
+
+impl WorkerOptions {
+    pub fn from_config(config: &crate::config::Config, worker_id: String) -> Self {
+        Self {
+            worker_id,
+            concurrency: config.worker.concurrency,
+            poll_interval: config.worker.poll_interval,
+            lease: config.worker.lease,
+            shutdown_timeout: config.worker.shutdown_timeout,
+            backoff: Backoff {
+                base: config.retry.base,
+                cap: config.retry.cap,
+            },
+            alerter: None,
+        }
+    }
+}
+
+/// A process-unique worker id: host, pid and a random suffix (pids repeat
+/// across restarts and containers).
+pub fn default_worker_id() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_else(|_| "unknown-host".to_owned());
+    format!(
+        "{host}:{}:{:06x}",
+        std::process::id(),
+        fastrand::u32(..0x100_0000)
+    )
+}
+
+pub struct Worker<H> {
+    queue: Queue,
+    handler: Arc<H>,
+    opts: Arc<WorkerOptions>,
+    /// Wakes this worker's alert sweep: on every poll tick, and at once
+    /// when one of its jobs ends failed or unmatched.
+    alerts_due: Arc<Notify>,
+}
+
+impl<H: JobHandler> Worker<H> {
+    pub fn new(queue: Queue, handler: H, opts: WorkerOptions) -> Self {
+        Self {
+            queue,
+            handler: Arc::new(handler),
+            opts: Arc::new(opts),
+            alerts_due: Arc::new(Notify::new()),
+        }
+    }
+
+    /// Runs until `shutdown` is cancelled, then stops claiming, gives
+    /// in-flight jobs `shutdown_timeout` to finish and releases the rest.
+    pub async fn run(self, shutdown: CancellationToken) {
+        let wake = Arc::new(Notify::new());
+        let listener_stop = CancellationToken::new();
+        let listener = tokio::spawn(forward_notifications(
+            self.queue.pool().clone(),
+            wake.clone(),
+            listener_stop.clone(),
+        ));
+        let (completions, completer) =
+            Completions::start(self.queue.clone(), self.opts.concurrency);
+        let alerts_stop = CancellationToken::new();
+        let alerts = tokio::spawn(crate::alerts::sweep_until(
+            self.queue.clone(),
+            self.opts.alerter.clone(),
+            self.alerts_due.clone(),
+            alerts_stop.clone(),
+        ));
+        let hard_stop = CancellationToken::new();
+        let mut in_flight = JoinSet::new();
+        let mut poll = tokio::time::interval(self.opts.poll_interval);
+        poll.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        info!(
+            worker.id = %self.opts.worker_id,
+            concurrency = self.opts.concurrency,
+            "worker started"
+        );
+
+        loop {
+            let free = self.opts.concurrency.saturating_sub(in_flight.len());
+            if free > 0 {
+                let claim = self
+                    .queue
+                    .claim(&self.opts.worker_id, free, self.opts.lease);
+                tokio::pin!(claim);
+                let claimed = tokio::select! {
+                    biased;
+                    claimed = &mut claim => claimed,
+                    () = shutdown.cancelled() => {
+                        self.give_back_claim(claim).await;
+                        break;
+                    }
+                };
+                self.spawn_claimed(claimed, &mut in_flight, &completions, &hard_stop);
+            }
+            tokio::select! {
+                biased;
+                () = shutdown.cancelled() => break,
+                Some(joined) = in_flight.join_next(), if !in_flight.is_empty() => {
+                    log_join_error(joined);
+                    // Free every slot that is already free, so the next claim
+                    // takes as many jobs as it can in one statement.
+                    while let Some(joined) = in_flight.try_join_next() {
+                        log_join_error(joined);
+                    }
+                }
+                () = wake.notified() => {}
+                _ = poll.tick() => {
+                    self.rescue_expired_leases().await;
+                    // Also alerts that other processes owe, and sends that
+                    // failed: the poll is the sweep's clock.
+                    self.alerts_due.notify_one();
+                }
+            }
+        }
+
+        self.drain(in_flight, hard_stop).await;
+        // Every job task has ended, so every completion has been answered;
+        // the completer stops once its last sender is gone.
+        drop(completions);
+        let _ = completer.await;
+        // Alerts still owed stay owed: the next worker to sweep sends them.
+        alerts_stop.cancel();
+        let _ = alerts.await;
+        listener_stop.cancel();
+        let _ = listener.await;
+        info!(worker.id = %self.opts.worker_id, "worker stopped");
+    }
+
+    fn spawn_claimed(
+        &self,
+        claimed: Result<Vec<Job>, QueueError>,
+        in_flight: &mut JoinSet<()>,
+        completions: &Completions,
+        hard_stop: &CancellationToken,
+    ) {
+        let jobs = match claimed {
+            Ok(jobs) => jobs,
+            Err(e) => {
+                warn!(error = %e, "claiming jobs failed; retrying on the next wake-up or poll");
+                return;
+            }
+        };
+        for job in jobs {
+            let Some(lease) = job.lease() else {
+                error!(job.id = job.id, "claimed job has no lease; skipping");
+                continue;
+            };
+            // The recording id may only be learned by the pipeline, which
+            // records it on this span then.
+            let span = info_span!(
+                "job",
+                job.id = job.id,
+                recording.id = tracing::field::Empty,
+                attempt = job.attempts,
+            );
+            if let Some(id) = job.recording_id.as_deref() {
+                span.record("recording.id", id);
+            }
+            let run = run_job(
+                self.queue.clone(),
+                completions.clone(),
+                self.alerts_due.clone(),
+                self.handler.clone(),
+                self.opts.clone(),
+                job,
+                lease,
+                hard_stop.child_token(),
+            );
+            in_flight.spawn(run.instrument(span));
+        }
+    }
+
+    async fn rescue_expired_leases(&self) {
+        match self.queue.rescue_expired_leases().await {
+            Ok(0) => {}
+            Ok(n) => warn!(jobs = n, "rescued jobs whose worker stopped heartbeating"),
+            Err(e) => warn!(error = %e, "rescuing expired leases failed"),
+        }
+    }
+}
+
+fn log_join_error(joined: Result<(), tokio::task::JoinError>) {
+    if let Err(e) = joined {
+        error!(error = %e, "job task failed unexpectedly");
+    }
+}
