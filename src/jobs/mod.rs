@@ -10,7 +10,6 @@
 //!   heartbeated lease, and drains on shutdown (one concept a file too).
 
 pub mod backoff;
-pub(crate) mod competitors;
 pub mod queue;
 pub mod worker;
 

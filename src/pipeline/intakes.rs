@@ -1,14 +1,15 @@
 //! SQL against ZScribe's tables: find the intake a recording belongs to,
 //! and link the stored recording to it. The rules that pick the intake are
 //! `rules.rs`; the other recordings they weigh come from
-//! `jobs/competitors.rs`.
+//! `jobs/queue/competitors.rs`.
 
 use sqlx::PgPool;
 use uuid::Uuid;
 
 pub use super::rules::MatchMethod;
 use super::rules::{Found, IntakeRow, MatchInput, decide, intake_id_from_client_state};
-use crate::jobs::{Lease, Queue, QueueError, competitors};
+use crate::jobs::queue::competitors;
+use crate::jobs::{Lease, Queue, QueueError};
 
 /// The intakes of the number's patients in a span of time, free or not;
 /// the `EXPLAIN` test checks its plan. `$1` number, `$2`..`$3` the span,

@@ -1,5 +1,5 @@
 //! The matching rules as plain code, apart from the SQL that gathers their
-//! input (`intakes.rs` for the host's intakes, `jobs/competitors.rs` for
+//! input (`intakes.rs` for the host's intakes, `jobs/queue/competitors.rs` for
 //! other recordings of the number): which tenant a call may match in, what
 //! `client_state` names, and which intake (if any) a recording takes by
 //! phone number and time. Each rule has a case in the table in `tests.rs`.
@@ -9,7 +9,7 @@ use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
 use crate::config::Party;
-use crate::jobs::competitors::Competitor;
+use crate::jobs::queue::competitors::Competitor;
 
 /// How an intake was found; stored in `recording_jobs.match_method`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

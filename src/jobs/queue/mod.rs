@@ -79,6 +79,7 @@ fn millis(d: Duration) -> i64 {
 // Declared after the fence macros above: a `macro_rules!` is visible only
 // to the code that follows it.
 mod alerts;
+pub(crate) mod competitors;
 mod gauges;
 mod lifecycle;
 mod lookup;

@@ -1,6 +1,6 @@
 //! The rules as a table of cases in memory, one case per rule: no database,
 //! milliseconds. The SQL that gathers their input is tested against the
-//! database beside it (`intakes.rs`, `jobs/competitors.rs`).
+//! database beside it (`intakes.rs`, `jobs/queue/competitors.rs`).
 
 use std::collections::HashMap;
 use std::time::Duration;
