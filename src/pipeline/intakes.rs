@@ -109,9 +109,13 @@ pub async fn claim_intake(
     duration_secs: Option<i32>,
 ) -> Result<IntakeWrite, QueueError> {
     let mut tx = queue.pool().begin().await?;
-    if !queue.lock_lease(&mut tx, lease).await? {
-        tx.rollback().await?;
-        return Ok(IntakeWrite::LeaseLost);
+    match queue.lock_lease(&mut tx, lease).await {
+        Ok(()) => {}
+        Err(QueueError::LeaseLost) => {
+            tx.rollback().await?;
+            return Ok(IntakeWrite::LeaseLost);
+        }
+        Err(e) => return Err(e),
     }
     // Concurrent claims serialise on the row lock; the loser re-checks the
     // WHERE against the winner's value and updates nothing. An intake that
@@ -132,12 +136,16 @@ pub async fn claim_intake(
     .execute(&mut *tx)
     .await?;
     if updated.rows_affected() == 1 {
-        if !queue
+        match queue
             .save_match(&mut tx, lease, intake, method.as_str())
-            .await?
+            .await
         {
-            tx.rollback().await?;
-            return Ok(IntakeWrite::LeaseLost);
+            Ok(()) => {}
+            Err(QueueError::LeaseLost) => {
+                tx.rollback().await?;
+                return Ok(IntakeWrite::LeaseLost);
+            }
+            Err(e) => return Err(e),
         }
         tx.commit().await?;
         return Ok(IntakeWrite::Written);
@@ -167,9 +175,13 @@ pub async fn link(
     recording_url: &str,
 ) -> Result<IntakeWrite, QueueError> {
     let mut tx = queue.pool().begin().await?;
-    if !queue.lock_lease(&mut tx, lease).await? {
-        tx.rollback().await?;
-        return Ok(IntakeWrite::LeaseLost);
+    match queue.lock_lease(&mut tx, lease).await {
+        Ok(()) => {}
+        Err(QueueError::LeaseLost) => {
+            tx.rollback().await?;
+            return Ok(IntakeWrite::LeaseLost);
+        }
+        Err(e) => return Err(e),
     }
     let updated = sqlx::query(
         "UPDATE public.intakes
@@ -220,9 +232,13 @@ pub async fn link(
         .execute(&mut *tx)
         .await?;
     }
-    if !queue.mark_linked(&mut tx, lease).await? {
-        tx.rollback().await?;
-        return Ok(IntakeWrite::LeaseLost);
+    match queue.mark_linked(&mut tx, lease).await {
+        Ok(()) => {}
+        Err(QueueError::LeaseLost) => {
+            tx.rollback().await?;
+            return Ok(IntakeWrite::LeaseLost);
+        }
+        Err(e) => return Err(e),
     }
     tx.commit().await?;
     Ok(IntakeWrite::Written)
@@ -444,15 +460,13 @@ mod tests {
         // Its own object (the host cleared only the recording id after this
         // job linked it, and an operator requeued the job): taken again.
         let b = claimed(&queue, "b").await;
-        assert!(queue.plan_object(&b, old, "audio/wav", None).await.unwrap());
+        queue.plan_object(&b, old, "audio/wav", None).await.unwrap();
         let claim = claim_intake(&queue, &b, held, MatchMethod::ClientState, "rec-old", None).await;
         assert_eq!(claim.unwrap(), IntakeWrite::Written);
-        assert!(
-            queue
-                .save_stored(&b, &"0".repeat(64), 1, None)
-                .await
-                .unwrap()
-        );
+        queue
+            .save_stored(&b, &"0".repeat(64), 1, None)
+            .await
+            .unwrap();
         let linked = link(
             &queue,
             &b,

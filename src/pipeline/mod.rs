@@ -39,7 +39,7 @@ mod wav;
 use std::time::Instant;
 
 use crate::config::{Config, PipelineConfig};
-use crate::jobs::{Job, JobContext, JobError, JobHandler, Lease, Outcome, Queue, QueueError};
+use crate::jobs::{Job, JobContext, JobError, JobHandler, Lease, Outcome, Queue};
 use crate::storage::{StorageClient, StorageError};
 use crate::telnyx::{Recording, TelnyxClient, TelnyxError};
 
@@ -102,17 +102,6 @@ struct Run<'a> {
     /// A foreign object at the recording's path was already replaced in
     /// this attempt: a second one is not chased in a loop.
     replaced: bool,
-}
-
-/// A fenced step write that still answers `false` for a lost lease
-/// (`plan_object`, `save_stored`: `pipeline::intakes` reads that bool too)
-/// fails as every other does: `QueueError::LeaseLost`, retryable.
-fn written(ok: bool) -> Result<(), JobError> {
-    if ok {
-        Ok(())
-    } else {
-        Err(QueueError::LeaseLost.into())
-    }
 }
 
 /// The sequence of the steps; each step is an `impl Run` of its own file.

@@ -12,9 +12,9 @@ mod plan;
 
 use tracing::{info, warn};
 
+use super::Run;
 use super::errors::{storage_failure, telnyx_failure};
 use super::transfer::{self, Digest, Tally};
-use super::{Run, written};
 use crate::config::AudioFormat;
 use crate::jobs::{JobError, Outcome, QueueError};
 use crate::storage::{StorageError, TUS_CHUNK};
@@ -55,7 +55,7 @@ impl Run<'_> {
                 .plan_object(&self.lease, &path, format.content_type(), unmatched)
                 .await
             {
-                Ok(ok) => written(ok)?,
+                Ok(()) => {}
                 Err(QueueError::AlreadyOwned { job_id, .. }) => {
                     return Ok(Some(Outcome::Duplicate {
                         reason: format!("object {path} belongs to job {job_id}"),

@@ -3,10 +3,7 @@
 //! changes nothing. The transactional ones (`lock_lease`, `save_match`,
 //! `mark_linked`) run inside the caller's transaction on the intake.
 //!
-//! A lost lease fails with `QueueError::LeaseLost`, except in `lock_lease`,
-//! `save_match`, `mark_linked`, `plan_object` and `save_stored`, which
-//! still answer `Ok(false)`: `pipeline/intakes.rs` reads that bool (its own
-//! tests too) and is being refactored by another change; they follow it.
+//! A lost lease fails with `QueueError::LeaseLost`.
 
 use super::{Queue, QueueError, fenced, is_unique_violation, one_row};
 use crate::call::CallFacts;
@@ -77,15 +74,15 @@ impl Queue {
         }
     }
 
-    /// Locks the job row inside `tx` while the lease holds; `false` when it
-    /// was lost. Transactions that change an intake and the job call this
+    /// Locks the job row inside `tx` while the lease holds; `LeaseLost` when
+    /// it was lost. Transactions that change an intake and the job call this
     /// first, so every path locks the job row before the intake row (as the
     /// operator functions and the release trigger do) and none deadlocks.
     pub async fn lock_lease(
         &self,
         tx: &mut sqlx::PgConnection,
         lease: &Lease,
-    ) -> Result<bool, QueueError> {
+    ) -> Result<(), QueueError> {
         let held: Option<i64> = sqlx::query_scalar(concat!(
             "SELECT id FROM recording_relay.recording_jobs WHERE ",
             lease_fence!(),
@@ -96,19 +93,19 @@ impl Queue {
         .bind(&lease.worker)
         .fetch_optional(&mut *tx)
         .await?;
-        Ok(held.is_some())
+        held.map(|_| ()).ok_or(QueueError::LeaseLost)
     }
 
     /// Step 2 done: the intake this recording belongs to. Runs inside the
     /// transaction that claims the intake (see `pipeline::intakes`).
-    /// `false`: the lease was lost.
+    ///
     pub async fn save_match(
         &self,
         tx: &mut sqlx::PgConnection,
         lease: &Lease,
         intake_id: uuid::Uuid,
         method: &str,
-    ) -> Result<bool, QueueError> {
+    ) -> Result<(), QueueError> {
         let done = fenced(
             fenced_update!(
                 "intake_id = $4, match_method = $5, matched_at = now(), unmatched_reason = NULL"
@@ -119,21 +116,20 @@ impl Queue {
         .bind(method)
         .execute(&mut *tx)
         .await?;
-        Ok(done.rows_affected() == 1)
+        one_row(&done)
     }
 
     /// Claims the object path before the first byte is uploaded, so a retry
     /// knows where an upload that finished unobserved would be. An
     /// `unmatched/` path is saved with the reason no intake matched, which
-    /// the attempt that finishes the job reports. `false`: the lease was
-    /// lost.
+    /// the attempt that finishes the job reports.
     pub async fn plan_object(
         &self,
         lease: &Lease,
         path: &str,
         content_type: &str,
         unmatched_reason: Option<&str>,
-    ) -> Result<bool, QueueError> {
+    ) -> Result<(), QueueError> {
         let done = fenced(
             fenced_update!(
                 "object_path = $4, content_type = $5, tus_upload_url = NULL, unmatched_reason = $6"
@@ -146,7 +142,7 @@ impl Queue {
         .execute(&self.pool)
         .await;
         match done {
-            Ok(done) => Ok(done.rows_affected() == 1),
+            Ok(done) => one_row(&done),
             Err(e) if is_unique_violation(&e, "recording_jobs_object_path_key") => {
                 let owner: i64 = sqlx::query_scalar(
                     "SELECT id FROM recording_relay.recording_jobs WHERE object_path = $1",
@@ -179,14 +175,14 @@ impl Queue {
     /// Step 3 done: the object is in the bucket and its size verified.
     /// `unproven`: why the stored bytes are not proven the whole recording
     /// (the recording is then kept at Telnyx); `None` when they are.
-    /// `false`: the lease was lost.
+    ///
     pub async fn save_stored(
         &self,
         lease: &Lease,
         sha256: &str,
         size: i64,
         unproven: Option<&str>,
-    ) -> Result<bool, QueueError> {
+    ) -> Result<(), QueueError> {
         let done = fenced(
             fenced_update!(
                 "object_sha256 = $4, object_size = $5, stored_at = now(), tus_upload_url = NULL,
@@ -199,21 +195,20 @@ impl Queue {
         .bind(unproven)
         .execute(&self.pool)
         .await?;
-        Ok(done.rows_affected() == 1)
+        one_row(&done)
     }
 
     /// Step 4 done, inside the transaction that updates the intake, so the
-    /// intake is linked exactly when the job says so. `false`: the lease
-    /// was lost.
+    /// intake is linked exactly when the job says so.
     pub async fn mark_linked(
         &self,
         tx: &mut sqlx::PgConnection,
         lease: &Lease,
-    ) -> Result<bool, QueueError> {
+    ) -> Result<(), QueueError> {
         let done = fenced(fenced_update!("linked_at = now()"), lease)
             .execute(&mut *tx)
             .await?;
-        Ok(done.rows_affected() == 1)
+        one_row(&done)
     }
 
     /// Step 5 done: the recording was deleted at Telnyx.
@@ -232,25 +227,19 @@ mod tests {
     use super::*;
 
     /// Every write a worker makes through its lease, each refused
-    /// (`LeaseLost`, or `false` where the answer is still a bool): what a
-    /// stale lease must amount to.
+    /// (`LeaseLost`): what a stale lease must amount to.
     async fn assert_every_write_is_refused(q: &Queue, stale: &Lease) {
         lost(q.heartbeat(stale, LEASE).await);
         lost(
             q.save_resolution(stale, "rec-1", &CallFacts::default())
                 .await,
         );
-        assert!(
-            !q.plan_object(stale, "intakes/x/rec-1.wav", "audio/wav", None)
-                .await
-                .unwrap()
+        lost(
+            q.plan_object(stale, "intakes/x/rec-1.wav", "audio/wav", None)
+                .await,
         );
         lost(q.save_tus_upload(stale, Some("http://tus/1")).await);
-        assert!(
-            !q.save_stored(stale, &"0".repeat(64), 1, None)
-                .await
-                .unwrap()
-        );
+        lost(q.save_stored(stale, &"0".repeat(64), 1, None).await);
         lost(q.save_telnyx_deleted(stale).await);
         lost(
             q.plan_move(stale, "unmatched/rec-1.wav", "intakes/x/rec-1.wav")
@@ -260,7 +249,7 @@ mod tests {
         lost(q.save_moved(stale).await);
         lost(q.save_moved_from_deleted(stale).await);
         let mut tx = q.pool().begin().await.unwrap();
-        assert!(!q.mark_linked(&mut tx, stale).await.unwrap());
+        lost(q.mark_linked(&mut tx, stale).await);
         tx.rollback().await.unwrap();
         lost(q.complete(stale).await);
         assert_eq!(

@@ -7,7 +7,7 @@ use tracing::{info, warn};
 
 use super::super::errors::{storage_failure, telnyx_failure};
 use super::super::transfer::{self, Digest};
-use super::super::{Run, wav, written};
+use super::super::{Run, wav};
 use super::format_of;
 use crate::config::AudioFormat;
 use crate::jobs::JobError;
@@ -124,11 +124,9 @@ impl Run<'_> {
                 reason, "stored, but not proven the whole recording: it stays at Telnyx"
             );
         }
-        written(
-            self.queue
-                .save_stored(&self.lease, &digest.sha256, size, unproven.as_deref())
-                .await?,
-        )?;
+        self.queue
+            .save_stored(&self.lease, &digest.sha256, size, unproven.as_deref())
+            .await?;
         self.job.stored_at = Some(chrono::Utc::now());
         self.job.source_complete = unproven.is_none();
         self.job.telnyx_kept_reason = unproven;
