@@ -14,7 +14,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
-use crate::alerts::Alerter;
+use crate::ops::alerts::Alerter;
 use crate::config::{Config, Role};
 use crate::db::{self, DbError};
 use crate::health::Health;
@@ -239,7 +239,7 @@ async fn warn_unless_notifications_arrive(pool: &PgPool) {
 
 const NOTIFY_SELF_TEST_PATIENCE: Duration = Duration::from_secs(2);
 
-/// Retention (see [`crate::retention`]): deletes old finished jobs in small
+/// Retention (see [`crate::ops::retention`]): deletes old finished jobs in small
 /// batches, so the table stays small and vacuum keeps up, and keeps every
 /// job that points at patient data unless configured otherwise. Every
 /// worker does it; SKIP LOCKED and row locks keep them out of each other's
@@ -259,7 +259,7 @@ async fn prune_periodically(
         }
         // A paced pass through a large backlog can take minutes: it ends
         // at the next batch when shut down.
-        match crate::retention::run_once(
+        match crate::ops::retention::run_once(
             &queue,
             &retention,
             storage.as_ref(),
@@ -268,7 +268,7 @@ async fn prune_periodically(
         )
         .await
         {
-            Ok(r) if r == crate::retention::Report::default() => {}
+            Ok(r) if r == crate::ops::retention::Report::default() => {}
             Ok(r) => info!(
                 pruned = r.pruned,
                 alerted = r.alerted,

@@ -175,7 +175,7 @@ pub async fn run(cli: Cli, config: Config) -> Result<(), Failure> {
             .await
             .map_err(Failure::Runtime),
         Command::Check { json } => {
-            let checks = crate::check::run(&config).await;
+            let checks = crate::ops::check::run(&config).await;
             print_checks(&checks, json);
             if checks.iter().all(|c| c.ok) {
                 Ok(())
@@ -191,7 +191,7 @@ pub async fn run(cli: Cli, config: Config) -> Result<(), Failure> {
             let pool = db::pool(&config).map_err(anyhow::Error::from)?;
             let telnyx =
                 crate::telnyx::TelnyxClient::from_config(&config).map_err(anyhow::Error::from)?;
-            let report = crate::reconcile::reconcile(
+            let report = crate::ops::reconcile::reconcile(
                 &Queue::new(pool),
                 &telnyx,
                 since,
@@ -304,7 +304,7 @@ async fn ensure_bucket(config: &Config, file_size_limit: u64) -> anyhow::Result<
     Ok(())
 }
 
-fn print_checks(checks: &[crate::check::Check], json: bool) {
+fn print_checks(checks: &[crate::ops::check::Check], json: bool) {
     if json {
         println!(
             "{}",

@@ -58,11 +58,14 @@
 //! The provider clients ([`telnyx`], [`storage`], and [`urls`] under both)
 //! are leaves: they know the configuration, not jobs or metrics. What a
 //! provider's error means for a job, and counting it, is the pipeline's.
+//!
+//! [`reconcile`]: ops::reconcile
+//! [`retention`]: ops::retention
+//! [`alerts`]: ops::alerts
+//! [`check`]: ops::check
 
-pub mod alerts;
 pub mod app;
 pub mod call;
-pub mod check;
 pub mod cli;
 pub mod config;
 pub mod db;
@@ -70,10 +73,9 @@ pub mod health;
 pub mod jobs;
 pub mod metrics;
 mod object_paths;
+pub mod ops;
 pub mod pipeline;
 pub mod playback;
-pub mod reconcile;
-pub mod retention;
 mod server;
 pub mod storage;
 pub mod telemetry;

@@ -20,7 +20,7 @@ use tracing::{Instrument, debug, error, info, info_span, warn};
 use super::backoff::Backoff;
 use super::queue::NOTIFY_CHANNEL;
 use super::{Job, JobContext, JobError, JobHandler, JobState, Lease, Outcome, Queue, QueueError};
-use crate::alerts::Alerter;
+use crate::ops::alerts::Alerter;
 
 #[derive(Debug, Clone)]
 pub struct WorkerOptions {
@@ -107,7 +107,7 @@ impl<H: JobHandler> Worker<H> {
         let (completions, completer) =
             Completions::start(self.queue.clone(), self.opts.concurrency);
         let alerts_stop = CancellationToken::new();
-        let alerts = tokio::spawn(crate::alerts::sweep_until(
+        let alerts = tokio::spawn(crate::ops::alerts::sweep_until(
             self.queue.clone(),
             self.opts.alerter.clone(),
             self.alerts_due.clone(),

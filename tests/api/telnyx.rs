@@ -246,7 +246,7 @@ async fn reconciled_jobs_carry_the_connection_from_the_api(pool: PgPool) {
 
     let queue = Queue::new(p.app.pool.clone());
     let report =
-        recording_relay::reconcile::reconcile(&queue, &client_of(&p), Duration::from_secs(3600), 5)
+        recording_relay::ops::reconcile::reconcile(&queue, &client_of(&p), Duration::from_secs(3600), 5)
             .await
             .unwrap();
     assert_eq!(report.enqueued, [rec.id.as_str()]);
@@ -270,7 +270,7 @@ async fn timestamps_in_other_iso_8601_shapes_are_read(pool: PgPool) {
             ..TelnyxSimBehaviour::default()
         });
         let (rec, intake) = p.recorded_call(&Uuid::new_v4().to_string()).await;
-        let report = recording_relay::reconcile::reconcile(
+        let report = recording_relay::ops::reconcile::reconcile(
             &queue,
             &client_of(&p),
             Duration::from_secs(3600),

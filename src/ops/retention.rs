@@ -8,7 +8,7 @@
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
-use crate::alerts::{Alerter, JobAlert};
+use crate::ops::alerts::{Alerter, JobAlert};
 use crate::config::RetentionConfig;
 use crate::jobs::{Queue, QueueError};
 use crate::storage::{StorageClient, StorageError};
