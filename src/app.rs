@@ -14,12 +14,12 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
-use crate::ops::alerts::Alerter;
 use crate::config::{Config, Role};
 use crate::db::{self, DbError};
 use crate::health::Health;
 use crate::jobs::worker::default_worker_id;
 use crate::jobs::{JobHandler, Queue, Worker, WorkerOptions};
+use crate::ops::alerts::Alerter;
 use crate::playback::{self, PlaybackState};
 use crate::webhook::{self, WebhookState};
 
@@ -176,7 +176,7 @@ impl App {
             // Only deleting unresolved jobs' objects needs storage.
             let storage = match self.config.retention.unresolved_for {
                 Some(_) => Some(
-                    crate::storage::StorageClient::from_config(&self.config)
+                    crate::providers::storage_api::StorageClient::from_config(&self.config)
                         .map_err(|e| AppError::Config(e.to_string()))?,
                 ),
                 None => None,
@@ -247,7 +247,7 @@ const NOTIFY_SELF_TEST_PATIENCE: Duration = Duration::from_secs(2);
 async fn prune_periodically(
     queue: Queue,
     retention: crate::config::RetentionConfig,
-    storage: Option<crate::storage::StorageClient>,
+    storage: Option<crate::providers::storage_api::StorageClient>,
     alerter: Option<Alerter>,
     shutdown: CancellationToken,
 ) {

@@ -11,7 +11,7 @@ use crate::config::{Config, ConfigError, ProcessEnv, Role};
 use crate::db;
 use crate::jobs::{Job, JobState, Queue};
 use crate::pipeline::Pipeline;
-use crate::storage::{BucketSpec, RECORDINGS_BUCKET, StorageClient};
+use crate::providers::storage_api::{BucketSpec, RECORDINGS_BUCKET, StorageClient};
 use crate::telemetry::LogFormat;
 use crate::telemetry::mask_phone;
 
@@ -189,8 +189,8 @@ pub async fn run(cli: Cli, config: Config) -> Result<(), Failure> {
         }
         Command::Reconcile { since, json } => {
             let pool = db::pool(&config).map_err(anyhow::Error::from)?;
-            let telnyx =
-                crate::telnyx::TelnyxClient::from_config(&config).map_err(anyhow::Error::from)?;
+            let telnyx = crate::providers::telnyx_api::TelnyxClient::from_config(&config)
+                .map_err(anyhow::Error::from)?;
             let report = crate::ops::reconcile::reconcile(
                 &Queue::new(pool),
                 &telnyx,

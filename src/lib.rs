@@ -63,6 +63,9 @@
 //! [`retention`]: ops::retention
 //! [`alerts`]: ops::alerts
 //! [`check`]: ops::check
+//! [`telnyx`]: providers::telnyx_api
+//! [`storage`]: providers::storage_api
+//! [`urls`]: providers::urls
 
 pub mod app;
 pub mod call;
@@ -76,11 +79,9 @@ mod object_paths;
 pub mod ops;
 pub mod pipeline;
 pub mod playback;
+pub mod providers;
 mod server;
-pub mod storage;
 pub mod telemetry;
-pub mod telnyx;
 #[cfg(test)]
 mod testing;
-pub mod urls;
 pub mod webhook;

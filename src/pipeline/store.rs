@@ -14,8 +14,8 @@ use super::transfer::{self, Digest, Tally};
 use super::{Run, wav, written};
 use crate::config::AudioFormat;
 use crate::jobs::{JobError, Outcome, QueueError};
-use crate::storage::{StorageError, TUS_CHUNK};
-use crate::telnyx::{DownloadUrls, Recording};
+use crate::providers::storage_api::{StorageError, TUS_CHUNK};
+use crate::providers::telnyx_api::{DownloadUrls, Recording};
 
 /// Download URLs fetched this recently are reused within one attempt
 /// (Telnyx's expire after 10 minutes).

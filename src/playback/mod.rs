@@ -61,7 +61,7 @@ use uuid::Uuid;
 use self::auth::{AuthError, Authenticator};
 use self::recording::RecordingStatus;
 use crate::config::Config;
-use crate::storage::{StorageClient, StorageError};
+use crate::providers::storage_api::{StorageClient, StorageError};
 
 const PAGE: &str = include_str!("../../web/player.html");
 const SCRIPT: &str = include_str!("../../web/player.js");

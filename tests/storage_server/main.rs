@@ -8,7 +8,7 @@ use recording_relay_test_kit as testing;
 use std::time::{Duration, Instant};
 
 use recording_relay::jobs::JobState;
-use recording_relay::storage::{Bucket, StorageClient, StorageError, TUS_CHUNK};
+use recording_relay::providers::storage_api::{Bucket, StorageClient, StorageError, TUS_CHUNK};
 use recording_relay_sim::{Fault, SimAudio, SimRecording};
 use uuid::Uuid;
 
