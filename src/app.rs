@@ -84,7 +84,7 @@ impl App {
             Role::Serve => Some(db::pool(&config)?),
             _ => None,
         };
-        let health_pool = db::health_pool(&config)?;
+        let health_pool = crate::health::pool(&config)?;
         let session = db::wait_until_ready(&config, &pool, DATABASE_PATIENCE).await?;
         info!(connection = %session.describe(), "database session checked");
         if matches!(role, Role::Work | Role::Serve) {
@@ -191,7 +191,11 @@ impl App {
             ));
         }
         if let Some(listener) = self.metrics_listener {
-            parts.spawn(crate::metrics::serve(listener, health, shutdown.clone()));
+            parts.spawn(crate::health::serve_metrics(
+                listener,
+                health,
+                shutdown.clone(),
+            ));
         }
         systemd::ready();
         let watchdog = systemd::spawn_watchdog(shutdown.clone());
@@ -221,7 +225,10 @@ fn other_open_files(config: &Config) -> u64 {
     } else {
         0
     };
-    database + playback + crate::metrics::MAX_CONNECTIONS as u64 + crate::server::OTHER_OPEN_FILES
+    database
+        + playback
+        + crate::health::METRICS_CONNECTIONS as u64
+        + crate::server::OTHER_OPEN_FILES
 }
 
 /// Workers pick jobs up on NOTIFY and poll as a fallback; without

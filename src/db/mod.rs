@@ -27,9 +27,8 @@ mod rewrites;
 pub(crate) use checks::is_connection_lost;
 pub use checks::{SessionReport, check_session, notify_self_test, wait_until_ready};
 pub use migrate::{MIGRATE_LOCK_PATIENCE, MIGRATOR, ensure_migrated, migrate};
-pub use pool::{
-    PING_IF_IDLE_FOR, SESSION_SETTINGS, connect_options, health_pool, migration_pool, pool,
-};
+pub(crate) use pool::sized_pool;
+pub use pool::{PING_IF_IDLE_FOR, SESSION_SETTINGS, connect_options, migration_pool, pool};
 pub use rewrites::HOST_LOCK_TIMEOUT;
 
 /// The relay's own schema: tables, views, functions, migration history.

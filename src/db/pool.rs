@@ -34,17 +34,6 @@ pub fn pool(config: &Config) -> Result<PgPool, DbError> {
     pool_pinging_after(config, PING_IF_IDLE_FOR)
 }
 
-/// The small pool of `/readyz` and the queue gauges, apart from the one
-/// webhooks and the worker use (see [`crate::health`]).
-pub fn health_pool(config: &Config) -> Result<PgPool, DbError> {
-    sized_pool(
-        config,
-        crate::health::HEALTH_CONNECTIONS,
-        crate::health::HEALTH_ACQUIRE_TIMEOUT,
-        PING_IF_IDLE_FOR,
-    )
-}
-
 fn pool_pinging_after(config: &Config, ping_if_idle_for: Duration) -> Result<PgPool, DbError> {
     sized_pool(
         config,
@@ -54,7 +43,9 @@ fn pool_pinging_after(config: &Config, ping_if_idle_for: Duration) -> Result<PgP
     )
 }
 
-fn sized_pool(
+/// A pool of `max_connections`, each waited for at most `acquire_timeout`
+/// (the health pool is one: see `health.rs`).
+pub(crate) fn sized_pool(
     config: &Config,
     max_connections: u32,
     acquire_timeout: Duration,
