@@ -15,12 +15,12 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
-use crate::alerts::Alerter;
 use crate::config::{Config, Role};
 use crate::db::{self, DbError};
 use crate::health::Health;
 use crate::jobs::worker::default_worker_id;
 use crate::jobs::{JobHandler, Queue, Worker, WorkerOptions};
+use crate::ops::alerts::Alerter;
 use crate::playback::{self, PlaybackState};
 use crate::webhook::{self, WebhookState};
 
@@ -86,7 +86,7 @@ impl App {
             Role::Serve => Some(db::pool(&config)?),
             _ => None,
         };
-        let health_pool = db::health_pool(&config)?;
+        let health_pool = crate::health::pool(&config)?;
         let session = db::wait_until_ready(&config, &pool, DATABASE_PATIENCE).await?;
         info!(connection = %session.describe(), "database session checked");
         if matches!(role, Role::Work | Role::Serve) {
@@ -184,7 +184,7 @@ impl App {
             // Only deleting unresolved jobs' objects needs storage.
             let storage = match self.config.retention.unresolved_for {
                 Some(_) => Some(
-                    crate::storage::StorageClient::from_config(&self.config)
+                    crate::providers::storage_api::StorageClient::from_config(&self.config)
                         .map_err(|e| AppError::Config(e.to_string()))?,
                 ),
                 None => None,
@@ -199,7 +199,11 @@ impl App {
             ));
         }
         if let Some(listener) = self.metrics_listener {
-            parts.spawn(crate::metrics::serve(listener, health, shutdown.clone()));
+            parts.spawn(crate::health::serve_metrics(
+                listener,
+                health,
+                shutdown.clone(),
+            ));
         }
         systemd::ready();
         let watchdog = systemd::spawn_watchdog(shutdown.clone());
@@ -232,7 +236,10 @@ fn other_open_files(config: &Config) -> u64 {
     } else {
         0
     };
-    database + playback + crate::metrics::MAX_CONNECTIONS as u64 + crate::server::OTHER_OPEN_FILES
+    database
+        + playback
+        + crate::health::METRICS_CONNECTIONS as u64
+        + crate::server::OTHER_OPEN_FILES
 }
 
 /// Workers pick jobs up on NOTIFY and poll as a fallback; without
@@ -250,7 +257,7 @@ async fn warn_unless_notifications_arrive(pool: &PgPool) {
 
 const NOTIFY_SELF_TEST_PATIENCE: Duration = Duration::from_secs(2);
 
-/// Retention (see [`crate::retention`]): deletes old finished jobs in small
+/// Retention (see [`crate::ops::retention`]): deletes old finished jobs in small
 /// batches, so the table stays small and vacuum keeps up, and keeps every
 /// job that points at patient data unless configured otherwise. Every
 /// worker does it; SKIP LOCKED and row locks keep them out of each other's
@@ -258,7 +265,7 @@ const NOTIFY_SELF_TEST_PATIENCE: Duration = Duration::from_secs(2);
 async fn prune_periodically(
     queue: Queue,
     retention: crate::config::RetentionConfig,
-    storage: Option<crate::storage::StorageClient>,
+    storage: Option<crate::providers::storage_api::StorageClient>,
     alerter: Option<Alerter>,
     shutdown: CancellationToken,
 ) {
@@ -270,7 +277,7 @@ async fn prune_periodically(
         }
         // A paced pass through a large backlog can take minutes: it ends
         // at the next batch when shut down.
-        match crate::retention::run_once(
+        match crate::ops::retention::run_once(
             &queue,
             &retention,
             storage.as_ref(),
@@ -279,7 +286,7 @@ async fn prune_periodically(
         )
         .await
         {
-            Ok(r) if r == crate::retention::Report::default() => {}
+            Ok(r) if r == crate::ops::retention::Report::default() => {}
             Ok(r) => info!(
                 pruned = r.pruned,
                 alerted = r.alerted,

@@ -3,7 +3,7 @@
 //! Recordings API more; a job row holds what both said.
 //!
 //! One struct for all three ([`crate::jobs::NewJob`], [`crate::jobs::Job`],
-//! [`crate::telnyx::Recording`]), so a new fact is added here plus its SQL
+//! [`crate::providers::telnyx_api::Recording`]), so a new fact is added here plus its SQL
 //! (the columns, `Queue::enqueue`, and `Queue::save_resolution` if the
 //! Recordings API can tell it) and the reader of each source. A leaf: jobs
 //! and telnyx both use it without depending on each other.

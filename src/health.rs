@@ -4,7 +4,7 @@
 //! shared the webhooks' 10 connections, each counted the whole table, and
 //! the worker's heartbeats waited behind them).
 //!
-//! - The pool ([`crate::db::health_pool`]) has [`HEALTH_CONNECTIONS`]
+//! - The pool ([`pool`]) has [`HEALTH_CONNECTIONS`]
 //!   connections and a short acquire timeout: under a flood of probes a
 //!   probe fails, nothing else does.
 //! - Readiness is asked at most once every [`READY_MAX_AGE`]; probes in
@@ -12,15 +12,22 @@
 //!   flight instead of each asking.
 //! - The queue gauges are read at most once every
 //!   [`QUEUE_GAUGES_MAX_AGE`], along indexes only
-//!   ([`crate::jobs::Queue::gauges`]).
+//!   ([`crate::jobs::Queue::gauges`]), and handed to the metrics registry
+//!   as plain numbers when the text is rendered ([`Health::metrics_text`]),
+//!   so `metrics.rs` stays a leaf that knows nothing of the queue.
+//! - `GET /metrics` on an address of its own ([`serve_metrics`]), when one
+//!   is configured; otherwise the webhook listener answers it.
 
 use std::time::{Duration, Instant};
 
 use sqlx::PgPool;
 use tokio::sync::Mutex;
 
+use crate::config::Config;
+use crate::db::{self, DbError};
 use crate::jobs::Queue;
 use crate::jobs::queue::QueueGauges;
+use crate::metrics::{QueueReading, metrics};
 
 /// The queue gauges are read from the database at most this often; a
 /// scrape in between reports the last reading.
@@ -37,10 +44,40 @@ pub struct GaugeReading {
     pub gauges: Option<QueueGauges>,
 }
 
+impl GaugeReading {
+    /// What the metrics registry takes: state names and plain numbers.
+    fn plain(&self) -> QueueReading {
+        QueueReading {
+            database_up: self.database_up,
+            jobs: self
+                .gauges
+                .iter()
+                .flat_map(|g| &g.jobs)
+                .map(|(state, n)| (state.as_str(), *n))
+                .collect(),
+            oldest_runnable_age_seconds: self
+                .gauges
+                .as_ref()
+                .map(|g| g.oldest_runnable_age_seconds),
+        }
+    }
+}
+
 /// Connections of the health pool: one for readiness, one for the gauges.
 pub const HEALTH_CONNECTIONS: u32 = 2;
 /// How long a probe waits for one of them.
 pub const HEALTH_ACQUIRE_TIMEOUT: Duration = Duration::from_millis(500);
+/// The small pool of `/readyz` and the queue gauges, apart from the one
+/// webhooks and the worker use.
+pub fn pool(config: &Config) -> Result<PgPool, DbError> {
+    db::sized_pool(
+        config,
+        HEALTH_CONNECTIONS,
+        HEALTH_ACQUIRE_TIMEOUT,
+        db::PING_IF_IDLE_FOR,
+    )
+}
+
 /// Readiness is asked of the database at most this often.
 pub const READY_MAX_AGE: Duration = Duration::from_secs(1);
 /// The longest one readiness check may take.
@@ -90,6 +127,13 @@ impl Health {
         reading
     }
 
+    /// The text of `GET /metrics`: the queue gauges as last read (at most
+    /// [`QUEUE_GAUGES_MAX_AGE`] ago), then everything else.
+    pub async fn metrics_text(&self) -> String {
+        let reading = self.queue_gauges().await;
+        metrics().render(&reading.plain())
+    }
+
     /// Whether the database answers: asked at most once a second.
     pub async fn ready(&self) -> Result<(), String> {
         let mut last = self.ready.lock().await;
@@ -107,4 +151,49 @@ impl Health {
         *last = Some((Instant::now(), answer.clone()));
         answer
     }
+}
+
+/// Connections the metrics listener holds at once.
+pub(crate) const METRICS_CONNECTIONS: usize = 16;
+
+/// Serves `GET /metrics` alone on its own address, so the metrics need not
+/// be exposed wherever the webhook port is.
+pub async fn serve_metrics(
+    listener: tokio::net::TcpListener,
+    health: std::sync::Arc<Health>,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
+    // A Prometheus pair scrapes with one connection each.
+    let limits = crate::server::Limits {
+        header_read_timeout: Duration::from_secs(5),
+        max_connections: METRICS_CONNECTIONS,
+        max_connections_per_source: 8,
+        max_connection_age: Duration::from_secs(60),
+    };
+    crate::server::serve("metrics listener", listener, limits, shutdown, move |_peer| {
+        let health = health.clone();
+        hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+            let health = health.clone();
+            async move { Ok::<_, std::convert::Infallible>(metrics_response(&req, &health).await) }
+        })
+    })
+    .await;
+}
+
+async fn metrics_response(
+    req: &hyper::Request<hyper::body::Incoming>,
+    health: &Health,
+) -> hyper::Response<http_body_util::Full<bytes::Bytes>> {
+    use http_body_util::Full;
+    if req.method() != hyper::Method::GET || req.uri().path() != "/metrics" {
+        let mut r = hyper::Response::new(Full::new(bytes::Bytes::new()));
+        *r.status_mut() = hyper::StatusCode::NOT_FOUND;
+        return r;
+    }
+    let mut r = hyper::Response::new(Full::new(bytes::Bytes::from(health.metrics_text().await)));
+    r.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static(crate::metrics::CONTENT_TYPE),
+    );
+    r
 }

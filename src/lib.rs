@@ -58,11 +58,17 @@
 //! The provider clients ([`telnyx`], [`storage`], and [`urls`] under both)
 //! are leaves: they know the configuration, not jobs or metrics. What a
 //! provider's error means for a job, and counting it, is the pipeline's.
+//!
+//! [`reconcile`]: ops::reconcile
+//! [`retention`]: ops::retention
+//! [`alerts`]: ops::alerts
+//! [`check`]: ops::check
+//! [`telnyx`]: providers::telnyx_api
+//! [`storage`]: providers::storage_api
+//! [`urls`]: providers::urls
 
-pub mod alerts;
 pub mod app;
 pub mod call;
-pub mod check;
 pub mod cli;
 pub mod config;
 pub mod db;
@@ -70,15 +76,12 @@ pub mod health;
 pub mod jobs;
 pub mod metrics;
 mod object_paths;
+pub mod ops;
 pub mod pipeline;
 pub mod playback;
-pub mod reconcile;
-pub mod retention;
+pub mod providers;
 mod server;
-pub mod storage;
 pub mod telemetry;
-pub mod telnyx;
 #[cfg(test)]
 mod testing;
-pub mod urls;
 pub mod webhook;

@@ -1,11 +1,11 @@
-//! Prometheus metrics (`GET /metrics`, text format).
+//! Prometheus metrics (the text format of `GET /metrics`).
 //!
-//! Counters and histograms are process-local and live in one global
-//! registry; queue gauges (jobs by state, queue lag) are read from the
-//! database by a scrape, at most once every
-//! [`crate::health::QUEUE_GAUGES_MAX_AGE`] and
-//! through the health pool ([`crate::health`]), so every daemon reports the
-//! same shared queue and no number of scrapes costs the database more.
+//! A leaf that others report into: counters and histograms are
+//! process-local and live in one global registry. The queue gauges (jobs by
+//! state, queue lag) come in as plain numbers with each rendering
+//! ([`QueueReading`]); reading them from the database, and serving the
+//! text, is `health.rs`'s, so every daemon reports the same shared queue
+//! and no number of scrapes costs the database more.
 
 use std::sync::LazyLock;
 use std::time::Duration;
@@ -17,8 +17,6 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 use std::sync::atomic::AtomicU64;
-
-use crate::health::Health;
 
 type Labels = Vec<(&'static str, String)>;
 
@@ -178,20 +176,18 @@ impl Metrics {
             .inc();
     }
 
-    /// The queue gauges as `health` last read them (at most
-    /// [`crate::health::QUEUE_GAUGES_MAX_AGE`] ago), then everything.
-    pub async fn render(&self, health: &Health) -> String {
-        let reading = health.queue_gauges().await;
+    /// Everything, with the queue gauges set from `queue` first.
+    pub fn render(&self, queue: &QueueReading) -> String {
         let _whole = self.rendering.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(gauges) = reading.gauges {
-            for (state, n) in gauges.jobs {
-                self.jobs
-                    .get_or_create(&vec![("state", state.as_str().to_owned())])
-                    .set(n);
-            }
-            self.queue_lag.set(gauges.oldest_runnable_age_seconds);
+        for (state, n) in &queue.jobs {
+            self.jobs
+                .get_or_create(&vec![("state", (*state).to_owned())])
+                .set(*n);
         }
-        self.database_up.set(i64::from(reading.database_up));
+        if let Some(lag) = queue.oldest_runnable_age_seconds {
+            self.queue_lag.set(lag);
+        }
+        self.database_up.set(i64::from(queue.database_up));
         let mut out = String::new();
         if encode(&mut out, &self.registry).is_err() {
             out.clear();
@@ -200,57 +196,23 @@ impl Metrics {
     }
 }
 
+/// The queue as one rendering reports it, in plain numbers. Without a
+/// reading that ever succeeded, `jobs` is empty and the lag `None`: the
+/// gauges keep what they last showed.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct QueueReading {
+    /// Whether the last attempt to read the queue succeeded.
+    pub database_up: bool,
+    /// Jobs by state (the state's name), from the last successful reading.
+    pub jobs: Vec<(&'static str, i64)>,
+    /// How long the oldest runnable job had waited, in seconds, likewise.
+    pub oldest_runnable_age_seconds: Option<f64>,
+}
+
 static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::new);
 
 pub fn metrics() -> &'static Metrics {
     &METRICS
-}
-
-/// Connections the metrics listener holds at once.
-pub(crate) const MAX_CONNECTIONS: usize = 16;
-
-/// Serves `GET /metrics` alone on its own address, so the metrics need not
-/// be exposed wherever the webhook port is.
-pub async fn serve(
-    listener: tokio::net::TcpListener,
-    health: std::sync::Arc<Health>,
-    shutdown: tokio_util::sync::CancellationToken,
-) {
-    // A Prometheus pair scrapes with one connection each.
-    let limits = crate::server::Limits {
-        header_read_timeout: Duration::from_secs(5),
-        max_connections: MAX_CONNECTIONS,
-        max_connections_per_source: 8,
-        max_connection_age: Duration::from_secs(60),
-    };
-    crate::server::serve("metrics listener", listener, limits, shutdown, move |_peer| {
-        let health = health.clone();
-        hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
-            let health = health.clone();
-            async move { Ok::<_, std::convert::Infallible>(metrics_response(&req, &health).await) }
-        })
-    })
-    .await;
-}
-
-async fn metrics_response(
-    req: &hyper::Request<hyper::body::Incoming>,
-    health: &Health,
-) -> hyper::Response<http_body_util::Full<bytes::Bytes>> {
-    use http_body_util::Full;
-    if req.method() != hyper::Method::GET || req.uri().path() != "/metrics" {
-        let mut r = hyper::Response::new(Full::new(bytes::Bytes::new()));
-        *r.status_mut() = hyper::StatusCode::NOT_FOUND;
-        return r;
-    }
-    let mut r = hyper::Response::new(Full::new(bytes::Bytes::from(
-        metrics().render(health).await,
-    )));
-    r.headers_mut().insert(
-        hyper::header::CONTENT_TYPE,
-        hyper::header::HeaderValue::from_static(CONTENT_TYPE),
-    );
-    r
 }
 
 /// The Prometheus text exposition format.

@@ -10,7 +10,7 @@
 
 use uuid::Uuid;
 
-use crate::urls::check_segment;
+use crate::providers::urls::check_segment;
 
 /// Whether `path` is exactly a recording in `intake`'s own folder. The file
 /// name is the recording id as the pipeline sanitizes it (ASCII letters,

@@ -6,8 +6,8 @@
 
 use crate::jobs::JobError;
 use crate::metrics::metrics;
-use crate::storage::StorageError;
-use crate::telnyx::TelnyxError;
+use crate::providers::storage_api::StorageError;
+use crate::providers::telnyx_api::TelnyxError;
 
 /// Counts and classifies a failed Telnyx call: 5xx, 408, 429, transport
 /// and decode failures retry; 404, 401/403 and other 4xx are permanent.

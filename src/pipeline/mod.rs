@@ -40,8 +40,8 @@ use std::time::Instant;
 
 use crate::config::{Config, PipelineConfig};
 use crate::jobs::{Job, JobContext, JobError, JobHandler, Lease, Outcome, Queue};
-use crate::storage::{StorageClient, StorageError};
-use crate::telnyx::{Recording, TelnyxClient, TelnyxError};
+use crate::providers::storage_api::{StorageClient, StorageError};
+use crate::providers::telnyx_api::{Recording, TelnyxClient, TelnyxError};
 
 pub use self::store::object_path;
 

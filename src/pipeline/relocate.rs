@@ -29,7 +29,7 @@ use super::transfer;
 use super::{Run, object_path};
 use crate::jobs::{JobError, QueueError};
 use crate::metrics::metrics;
-use crate::storage::StorageError;
+use crate::providers::storage_api::StorageError;
 
 const UNMATCHED: &str = "unmatched/";
 

@@ -8,8 +8,8 @@ use tracing::info;
 use super::Run;
 use super::errors::telnyx_failure;
 use crate::jobs::{Job, JobError, Outcome, QueueError};
+use crate::providers::telnyx_api::Recording;
 use crate::telemetry::mask_phone;
-use crate::telnyx::Recording;
 
 impl Run<'_> {
     /// Step 1. `Some(outcome)` ends the job early (a duplicate).

@@ -17,7 +17,7 @@ use super::errors::{storage_failure, telnyx_failure};
 use super::transfer::{self, Digest, Tally};
 use crate::config::AudioFormat;
 use crate::jobs::{JobError, Outcome, QueueError};
-use crate::storage::{StorageError, TUS_CHUNK};
+use crate::providers::storage_api::{StorageError, TUS_CHUNK};
 
 pub(crate) use self::plan::format_of;
 pub use self::plan::object_path;

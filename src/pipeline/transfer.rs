@@ -53,7 +53,7 @@ pub fn body_stream(
     res: reqwest::Response,
 ) -> impl Stream<Item = io::Result<Bytes>> + Send + 'static {
     res.bytes_stream()
-        .map_err(|e| io::Error::other(crate::storage::error_chain(&e.without_url())))
+        .map_err(|e| io::Error::other(crate::providers::storage_api::error_chain(&e.without_url())))
 }
 
 /// Passes a stream through, hashing and counting every chunk.

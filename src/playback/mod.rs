@@ -46,7 +46,7 @@ use self::auth::Authenticator;
 pub use self::handlers::RecordingResponse;
 use self::router::router;
 use crate::config::Config;
-use crate::storage::{StorageClient, StorageError};
+use crate::providers::storage_api::{StorageClient, StorageError};
 
 pub(crate) const MAX_CONNECTIONS: usize = 512;
 

@@ -212,7 +212,7 @@ fn integer(obj: &Value, key: &str) -> Option<i64> {
 
 /// Telnyx's timestamps are plain strings "in ISO 8601", not always RFC 3339.
 fn timestamp(obj: &Value, key: &str) -> Option<DateTime<Utc>> {
-    crate::telnyx::parse_timestamp(obj.get(key)?.as_str()?)
+    crate::providers::telnyx_api::parse_timestamp(obj.get(key)?.as_str()?)
 }
 
 #[cfg(test)]

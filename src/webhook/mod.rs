@@ -224,7 +224,7 @@ async fn route(req: Request<Incoming>, state: &WebhookState, peer: SocketAddr) -
         (&Method::GET | &Method::HEAD, "/healthz") => Reply::new(StatusCode::OK, "ok", ""),
         (&Method::GET | &Method::HEAD, "/readyz") => readiness(state).await,
         (&Method::GET, "/metrics") if state.serve_metrics => Reply {
-            text: Some(crate::metrics::metrics().render(&state.health).await),
+            text: Some(state.health.metrics_text().await),
             ..Reply::new(StatusCode::OK, "metrics", "")
         },
         (_, "/healthz" | "/readyz") => Reply {

@@ -8,7 +8,7 @@ use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use std::time::Duration;
 
 use recording_relay::jobs::{Job, JobState, Queue};
-use recording_relay::storage::StorageClient;
+use recording_relay::providers::storage_api::StorageClient;
 use recording_relay_sim::{Fault, SimAudio, SimRecording};
 use serde_json::{Value, json};
 use sqlx::PgPool;

@@ -10,7 +10,7 @@ use recording_relay::app::{App, NoJobs};
 use recording_relay::config::{Config, Role};
 use recording_relay::jobs::{Job, JobHandler, Queue};
 use recording_relay::pipeline::Pipeline;
-use recording_relay::storage::RECORDINGS_BUCKET;
+use recording_relay::providers::storage_api::RECORDINGS_BUCKET;
 use recording_relay_sim::{SimRecording, StorageSim, StorageSimConfig, TelnyxSim, TelnyxSimConfig};
 use sqlx::PgPool;
 use tokio::net::{TcpListener, TcpStream};

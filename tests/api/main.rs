@@ -15,7 +15,7 @@ mod pooler;
 mod process;
 mod reservations;
 mod supabase;
-mod telnyx;
+mod telnyx_spec;
 mod testing;
 mod webhook;
 mod worker;

@@ -417,10 +417,10 @@ async fn requeue_wakes_a_listening_worker_at_once(pool: PgPool) {
 /// and only after an alert that went out `unresolved_alert_before` earlier.
 #[sqlx::test(migrations = false)]
 async fn retention_deletes_an_unresolved_job_with_its_object_only_after_an_alert(pool: PgPool) {
-    use recording_relay::alerts::Alerter;
     use recording_relay::config::RetentionConfig;
-    use recording_relay::retention::run_once;
-    use recording_relay::storage::StorageClient;
+    use recording_relay::ops::alerts::Alerter;
+    use recording_relay::ops::retention::run_once;
+    use recording_relay::providers::storage_api::StorageClient;
     use tokio_util::sync::CancellationToken;
 
     let pool = testing::prepare(pool).await;
@@ -526,10 +526,10 @@ async fn retention_deletes_an_unresolved_job_with_its_object_only_after_an_alert
 /// fresh alert.
 #[sqlx::test(migrations = false)]
 async fn a_job_requeued_after_a_retention_alert_is_alerted_again_before_deletion(pool: PgPool) {
-    use recording_relay::alerts::Alerter;
     use recording_relay::config::RetentionConfig;
-    use recording_relay::retention::run_once;
-    use recording_relay::storage::StorageClient;
+    use recording_relay::ops::alerts::Alerter;
+    use recording_relay::ops::retention::run_once;
+    use recording_relay::providers::storage_api::StorageClient;
     use tokio_util::sync::CancellationToken;
 
     let pool = testing::prepare(pool).await;

@@ -195,7 +195,7 @@ async fn an_upload_that_finished_unobserved_is_adopted_not_repeated(pool: PgPool
 #[sqlx::test(migrations = false)]
 async fn an_object_at_the_path_is_adopted_only_if_its_bytes_match(pool: PgPool) {
     let p = spawn_pipeline(pool, |_| {}).await;
-    let storage = recording_relay::storage::StorageClient::new(
+    let storage = recording_relay::providers::storage_api::StorageClient::new(
         &p.storage.base_url(),
         crate::helpers::STORAGE_KEY.to_owned().into(),
         &p.bucket,

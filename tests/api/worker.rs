@@ -507,8 +507,9 @@ async fn a_claim_in_flight_at_shutdown_is_released_with_the_attempt_uncounted(po
 
 fn alerting(id: &str, sink: &crate::helpers::AlertSink) -> WorkerOptions {
     let mut opts = options(id);
-    opts.alerter =
-        Some(recording_relay::alerts::Alerter::new(&sink.url(), Duration::from_secs(5)).unwrap());
+    opts.alerter = Some(
+        recording_relay::ops::alerts::Alerter::new(&sink.url(), Duration::from_secs(5)).unwrap(),
+    );
     opts
 }
 

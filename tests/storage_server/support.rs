@@ -25,7 +25,7 @@ use recording_relay::config::{Config, Role};
 use recording_relay::db;
 use recording_relay::jobs::{Job, Queue};
 use recording_relay::pipeline::Pipeline;
-use recording_relay::storage::StorageClient;
+use recording_relay::providers::storage_api::StorageClient;
 use recording_relay_sim::{SimRecording, TelnyxSim, TelnyxSimConfig};
 use sqlx::PgPool;
 use tokio::task::JoinHandle;

@@ -26,7 +26,7 @@ use self::notify::forward_notifications;
 use self::run::run_job;
 use super::backoff::Backoff;
 use super::{Job, JobHandler, Queue, QueueError};
-use crate::alerts::Alerter;
+use crate::ops::alerts::Alerter;
 
 #[derive(Debug, Clone)]
 pub struct WorkerOptions {
@@ -104,7 +104,7 @@ impl<H: JobHandler> Worker<H> {
         let (completions, completer) =
             Completions::start(self.queue.clone(), self.opts.concurrency);
         let alerts_stop = CancellationToken::new();
-        let alerts = tokio::spawn(crate::alerts::sweep_until(
+        let alerts = tokio::spawn(crate::ops::alerts::sweep_until(
             self.queue.clone(),
             self.opts.alerter.clone(),
             self.alerts_due.clone(),

@@ -11,7 +11,7 @@ use super::super::{Run, wav};
 use super::format_of;
 use crate::config::AudioFormat;
 use crate::jobs::JobError;
-use crate::storage::StorageError;
+use crate::providers::storage_api::StorageError;
 
 impl Run<'_> {
     /// An object is already at `path` (an earlier attempt's upload that

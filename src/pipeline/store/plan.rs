@@ -10,7 +10,7 @@ use super::super::Run;
 use super::super::errors::telnyx_failure;
 use crate::config::AudioFormat;
 use crate::jobs::JobError;
-use crate::telnyx::{DownloadUrls, Recording};
+use crate::providers::telnyx_api::{DownloadUrls, Recording};
 
 /// Download URLs fetched this recently are reused within one attempt
 /// (Telnyx's expire after 10 minutes).

@@ -135,7 +135,7 @@ impl RetentionLoop {
         let task = tokio::spawn(async move {
             let (mut passes, mut pruned) = (0, 0);
             while !token.is_cancelled() {
-                let report = recording_relay::retention::run_once(
+                let report = recording_relay::ops::retention::run_once(
                     &queue,
                     &config.retention,
                     None,

@@ -43,7 +43,7 @@ use anyhow::{Context, bail};
 use clap::Parser;
 use recording_relay::db;
 use recording_relay::jobs::Job;
-use recording_relay::storage::RECORDINGS_BUCKET;
+use recording_relay::providers::storage_api::RECORDINGS_BUCKET;
 use recording_relay_dev_tools::testing;
 use recording_relay_sim::{Fault, StorageSim, StorageSimConfig, TelnyxSim, TelnyxSimConfig};
 use sqlx::PgPool;

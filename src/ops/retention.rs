@@ -8,10 +8,10 @@
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
-use crate::alerts::{Alerter, JobAlert};
 use crate::config::RetentionConfig;
 use crate::jobs::{Queue, QueueError};
-use crate::storage::{StorageClient, StorageError};
+use crate::ops::alerts::{Alerter, JobAlert};
+use crate::providers::storage_api::{StorageClient, StorageError};
 
 /// Jobs handled per pass and step; the next pass takes the rest.
 const BATCH: i64 = 100;

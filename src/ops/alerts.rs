@@ -6,7 +6,7 @@
 //! `unmatched`, whoever wrote it (this worker, the lease rescuer, another
 //! process that died before alerting, a result whose commit this worker
 //! never saw): the database marks it (`alert_due_at`, set by a trigger in
-//! the same transaction), and [`sweep_until`], run by every worker, sends
+//! the same transaction), and `sweep_until`, run by every worker, sends
 //! what is owed and clears the mark. At least once: a sender that dies
 //! mid-send leaves its claim to run out ([`ALERT_CLAIM`]), then another
 //! sends; a failed send is tried again ([`ALERT_RETRY`]). Once per job, not

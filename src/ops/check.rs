@@ -5,8 +5,8 @@ use serde::Serialize;
 
 use crate::config::{Config, Role};
 use crate::db;
-use crate::storage::StorageClient;
-use crate::telnyx::{TelnyxClient, TelnyxError};
+use crate::providers::storage_api::StorageClient;
+use crate::providers::telnyx_api::{TelnyxClient, TelnyxError};
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Check {

@@ -9,7 +9,7 @@ use serde::Serialize;
 use tracing::{info, warn};
 
 use crate::jobs::{Enqueued, NewJob, Queue, QueueError};
-use crate::telnyx::{Recording, TelnyxClient, TelnyxError};
+use crate::providers::telnyx_api::{Recording, TelnyxClient, TelnyxError};
 
 const PAGE_SIZE: u32 = 250;
 

@@ -9,7 +9,7 @@ use base64::Engine as _;
 use bytes::Bytes;
 use recording_relay::config::AudioFormat;
 use recording_relay::jobs::{JobState, Queue};
-use recording_relay::telnyx::{TelnyxClient, Timeouts};
+use recording_relay::providers::telnyx_api::{TelnyxClient, Timeouts};
 use recording_relay_sim::{SimAudio, SimRecording, SimTimestamps, TelnyxSimBehaviour};
 use serde_json::Value;
 use sqlx::PgPool;
@@ -245,10 +245,14 @@ async fn reconciled_jobs_carry_the_connection_from_the_api(pool: PgPool) {
     }
 
     let queue = Queue::new(p.app.pool.clone());
-    let report =
-        recording_relay::reconcile::reconcile(&queue, &client_of(&p), Duration::from_secs(3600), 5)
-            .await
-            .unwrap();
+    let report = recording_relay::ops::reconcile::reconcile(
+        &queue,
+        &client_of(&p),
+        Duration::from_secs(3600),
+        5,
+    )
+    .await
+    .unwrap();
     assert_eq!(report.enqueued, [rec.id.as_str()]);
     let event_id = format!("reconcile:{}", rec.id);
     let job = p.finished_job(&event_id).await;
@@ -270,7 +274,7 @@ async fn timestamps_in_other_iso_8601_shapes_are_read(pool: PgPool) {
             ..TelnyxSimBehaviour::default()
         });
         let (rec, intake) = p.recorded_call(&Uuid::new_v4().to_string()).await;
-        let report = recording_relay::reconcile::reconcile(
+        let report = recording_relay::ops::reconcile::reconcile(
             &queue,
             &client_of(&p),
             Duration::from_secs(3600),
