@@ -52,11 +52,11 @@ pub struct WebhookState {
     /// `/metrics` here too, unless it has an address of its own.
     pub serve_metrics: bool,
     /// One permit per webhook being received and stored: with none left the
-    /// next is shed (see [`shed`]).
+    /// next is shed (see `shed`).
     pub in_flight: Arc<Semaphore>,
     /// The longest a webhook waits for a database connection.
     pub connection_wait: Duration,
-    /// One permit per body byte the listener holds (see [`read_body`]).
+    /// One permit per body byte the listener holds (see `body.rs`).
     pub body_budget: Arc<Semaphore>,
     /// What one source (an IPv4 address, an IPv6 /64) may hold of that
     /// budget at once, so one unsigned client cannot take it all.
