@@ -389,7 +389,9 @@ impl AlertSink {
     }
 
     pub(crate) async fn next(&self) -> serde_json::Value {
-        tokio::time::timeout(Duration::from_secs(10), self.received.lock().await.recv())
+        // Generous: on two cores busy with the whole suite, a claim, a
+        // failed run, the alert sweep and its POST took over 10 s once.
+        tokio::time::timeout(Duration::from_secs(30), self.received.lock().await.recv())
             .await
             .expect("an alert arrives")
             .expect("sink open")
