@@ -126,12 +126,6 @@ impl App {
         })
     }
 
-    pub fn metrics_addr(&self) -> Option<SocketAddr> {
-        self.metrics_listener
-            .as_ref()
-            .and_then(|l| l.local_addr().ok())
-    }
-
     /// Where the playback server listens, when it is on.
     pub fn playback_addr(&self) -> Option<SocketAddr> {
         self.playback.as_ref().and_then(|l| l.local_addr().ok())

@@ -3,7 +3,7 @@
 //! Recordings API more; a job row holds what both said.
 //!
 //! One struct for all three ([`crate::jobs::NewJob`], [`crate::jobs::Job`],
-//! [`crate::providers::telnyx_api::Recording`]), so a new fact is added here plus its SQL
+//! `Recording`), so a new fact is added here plus its SQL
 //! (the columns, `Queue::enqueue`, and `Queue::save_resolution` if the
 //! Recordings API can tell it) and the reader of each source. A leaf: jobs
 //! and telnyx both use it without depending on each other.
@@ -37,7 +37,7 @@ impl CallFacts {
     /// times win where it has them; the webhook's own connection wins (it
     /// is the one the tenant was configured by); which call and leg it was
     /// stays the webhook's.
-    pub fn resolve_with(&mut self, api: &CallFacts) {
+    pub(crate) fn resolve_with(&mut self, api: &CallFacts) {
         fn newer<T: Clone>(mine: &mut Option<T>, theirs: &Option<T>) {
             if theirs.is_some() {
                 mine.clone_from(theirs);

@@ -4,18 +4,18 @@
 //! shared the webhooks' 10 connections, each counted the whole table, and
 //! the worker's heartbeats waited behind them).
 //!
-//! - The pool ([`pool`]) has [`HEALTH_CONNECTIONS`]
+//! - The pool ([`pool`]) has `HEALTH_CONNECTIONS`
 //!   connections and a short acquire timeout: under a flood of probes a
 //!   probe fails, nothing else does.
-//! - Readiness is asked at most once every [`READY_MAX_AGE`]; probes in
+//! - Readiness is asked at most once every `READY_MAX_AGE`; probes in
 //!   between get the last answer, and concurrent ones wait for the one in
 //!   flight instead of each asking.
 //! - The queue gauges are read at most once every
-//!   [`QUEUE_GAUGES_MAX_AGE`], along indexes only
+//!   `QUEUE_GAUGES_MAX_AGE`, along indexes only
 //!   ([`crate::jobs::Queue::gauges`]), and handed to the metrics registry
-//!   as plain numbers when the text is rendered ([`Health::metrics_text`]),
+//!   as plain numbers when the text is rendered (`metrics_text`),
 //!   so `metrics.rs` stays a leaf that knows nothing of the queue.
-//! - `GET /metrics` on an address of its own ([`serve_metrics`]), when one
+//! - `GET /metrics` on an address of its own (`serve_metrics`), when one
 //!   is configured; otherwise the webhook listener answers it.
 
 use std::time::{Duration, Instant};
@@ -31,15 +31,15 @@ use crate::metrics::{QueueReading, metrics};
 
 /// The queue gauges are read from the database at most this often; a
 /// scrape in between reports the last reading.
-pub const QUEUE_GAUGES_MAX_AGE: Duration = Duration::from_secs(5);
+pub(crate) const QUEUE_GAUGES_MAX_AGE: Duration = Duration::from_secs(5);
 /// The longest one reading of the gauges may take.
 const GAUGES_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// The last reading of the queue gauges.
 #[derive(Debug, Clone, Default)]
-pub struct GaugeReading {
+pub(crate) struct GaugeReading {
     /// Whether the last reading succeeded.
-    pub database_up: bool,
+    pub(crate) database_up: bool,
     /// The last successful one.
     pub gauges: Option<QueueGauges>,
 }
@@ -64,9 +64,9 @@ impl GaugeReading {
 }
 
 /// Connections of the health pool: one for readiness, one for the gauges.
-pub const HEALTH_CONNECTIONS: u32 = 2;
+pub(crate) const HEALTH_CONNECTIONS: u32 = 2;
 /// How long a probe waits for one of them.
-pub const HEALTH_ACQUIRE_TIMEOUT: Duration = Duration::from_millis(500);
+pub(crate) const HEALTH_ACQUIRE_TIMEOUT: Duration = Duration::from_millis(500);
 /// The small pool of `/readyz` and the queue gauges, apart from the one
 /// webhooks and the worker use.
 pub fn pool(config: &Config) -> Result<PgPool, DbError> {
@@ -79,7 +79,7 @@ pub fn pool(config: &Config) -> Result<PgPool, DbError> {
 }
 
 /// Readiness is asked of the database at most this often.
-pub const READY_MAX_AGE: Duration = Duration::from_secs(1);
+pub(crate) const READY_MAX_AGE: Duration = Duration::from_secs(1);
 /// The longest one readiness check may take.
 const READY_TIMEOUT: Duration = Duration::from_secs(1);
 
@@ -105,7 +105,7 @@ impl Health {
     /// The queue gauges, read at most once every [`QUEUE_GAUGES_MAX_AGE`].
     /// A failed reading waits its turn too: a database that is down is not
     /// asked by every scrape.
-    pub async fn queue_gauges(&self) -> GaugeReading {
+    pub(crate) async fn queue_gauges(&self) -> GaugeReading {
         let mut last = self.gauges.lock().await;
         if let Some((at, reading)) = last.as_ref()
             && at.elapsed() < QUEUE_GAUGES_MAX_AGE
@@ -129,7 +129,7 @@ impl Health {
 
     /// The text of `GET /metrics`: the queue gauges as last read (at most
     /// [`QUEUE_GAUGES_MAX_AGE`] ago), then everything else.
-    pub async fn metrics_text(&self) -> String {
+    pub(crate) async fn metrics_text(&self) -> String {
         let reading = self.queue_gauges().await;
         metrics().render(&reading.plain())
     }
@@ -158,7 +158,7 @@ pub(crate) const METRICS_CONNECTIONS: usize = 16;
 
 /// Serves `GET /metrics` alone on its own address, so the metrics need not
 /// be exposed wherever the webhook port is.
-pub async fn serve_metrics(
+pub(crate) async fn serve_metrics(
     listener: tokio::net::TcpListener,
     health: std::sync::Arc<Health>,
     shutdown: tokio_util::sync::CancellationToken,

@@ -25,7 +25,7 @@ pub struct Metrics {
     webhooks: Family<Labels, Counter>,
     job_duration: Family<Labels, Histogram, fn() -> Histogram>,
     processing: Histogram,
-    pub bytes_relayed: Counter,
+    pub(crate) bytes_relayed: Counter,
     pub kept_at_telnyx: Counter,
     /// Objects the relay meant to delete and could not: the `unmatched/`
     /// original of a recording moved into its intake's folder. Each is
@@ -145,14 +145,14 @@ impl Metrics {
     /// The relay's own promise, end to end: from the moment the webhook was
     /// committed (the job's `created_at`) to the intake pointing at the
     /// stored recording. Job durations leave out queueing and retries.
-    pub fn recording_linked(&self, received_at: chrono::DateTime<chrono::Utc>) {
+    pub(crate) fn recording_linked(&self, received_at: chrono::DateTime<chrono::Utc>) {
         let waited = (chrono::Utc::now() - received_at)
             .to_std()
             .unwrap_or_default();
         self.processing.observe(waited.as_secs_f64());
     }
 
-    pub fn connection_refused(&self, listener: &'static str, reason: &'static str) {
+    pub(crate) fn connection_refused(&self, listener: &'static str, reason: &'static str) {
         self.refused_connections
             .get_or_create(&vec![
                 ("listener", listener.to_owned()),
@@ -161,7 +161,7 @@ impl Metrics {
             .inc();
     }
 
-    pub fn job_finished(&self, outcome: &'static str, took: Duration) {
+    pub(crate) fn job_finished(&self, outcome: &'static str, took: Duration) {
         self.job_duration
             .get_or_create(&vec![("outcome", outcome.to_owned())])
             .observe(took.as_secs_f64());
@@ -202,11 +202,11 @@ impl Metrics {
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct QueueReading {
     /// Whether the last attempt to read the queue succeeded.
-    pub database_up: bool,
+    pub(crate) database_up: bool,
     /// Jobs by state (the state's name), from the last successful reading.
     pub jobs: Vec<(&'static str, i64)>,
     /// How long the oldest runnable job had waited, in seconds, likewise.
-    pub oldest_runnable_age_seconds: Option<f64>,
+    pub(crate) oldest_runnable_age_seconds: Option<f64>,
 }
 
 static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::new);
@@ -216,4 +216,4 @@ pub fn metrics() -> &'static Metrics {
 }
 
 /// The Prometheus text exposition format.
-pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+pub(crate) const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";

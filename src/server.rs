@@ -52,7 +52,7 @@ pub struct Limits {
     pub max_connections: usize,
     /// Connections from one address (one /64 for IPv6); one more is closed
     /// at once.
-    pub max_connections_per_source: usize,
+    pub(crate) max_connections_per_source: usize,
     /// After this a connection finishes its request and closes.
     pub max_connection_age: Duration,
 }

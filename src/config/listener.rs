@@ -36,7 +36,7 @@ pub struct ListenerConfig {
     pub addr: SocketAddr,
     pub max_body_bytes: usize,
     #[serde(with = "humantime_serde")]
-    pub timestamp_tolerance: Duration,
+    pub(crate) timestamp_tolerance: Duration,
     /// Upper bound on the whole verify+insert+commit of one webhook; past it
     /// the answer is 503 so Telnyx retries instead of timing out on us.
     #[serde(with = "humantime_serde")]
@@ -53,7 +53,7 @@ pub struct ListenerConfig {
     /// closed at once, so a flood from one place cannot take the room
     /// Telnyx's few addresses need. Behind a reverse proxy every connection
     /// comes from the proxy: set it to `max_connections` there.
-    pub max_connections_per_source: usize,
+    pub(crate) max_connections_per_source: usize,
     /// A connection is closed after this (once its request is answered),
     /// so a client that keeps asking cannot keep its place for ever.
     #[serde(with = "humantime_serde")]

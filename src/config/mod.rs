@@ -28,17 +28,27 @@ use ed25519_dalek::VerifyingKey;
 use secrecy::ExposeSecret;
 use serde::Deserialize;
 
-pub use listener::{DatabaseConfig, ListenerConfig};
-pub use overrides::{Env, ProcessEnv};
+pub use listener::DatabaseConfig;
+
+pub use listener::ListenerConfig;
+pub use overrides::Env;
+pub(crate) use overrides::ProcessEnv;
 pub use playback::PlaybackConfig;
-pub use providers::{HttpConfig, SupabaseConfig, TelnyxConfig};
-pub use retention::{MetricsConfig, RetentionConfig};
-pub use secrets::{permission_warning, secret_settings};
-pub use worker::{AudioFormat, Party, PipelineConfig, RetryConfig, WorkerConfig};
+pub use providers::HttpConfig;
+pub use providers::SupabaseConfig;
+pub use providers::TelnyxConfig;
+pub use retention::MetricsConfig;
+pub use retention::RetentionConfig;
+pub(crate) use secrets::permission_warning;
+pub use worker::AudioFormat;
+pub(crate) use worker::Party;
+pub use worker::PipelineConfig;
+pub use worker::RetryConfig;
+pub use worker::WorkerConfig;
 
 /// Where the config file is looked for when `--config` is not given. A missing
 /// file at this default path is not an error (defaults plus environment).
-pub const DEFAULT_CONFIG_PATH: &str = "/etc/recording-relay/config.toml";
+pub(crate) const DEFAULT_CONFIG_PATH: &str = "/etc/recording-relay/config.toml";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -111,7 +121,7 @@ impl Config {
         Ok(config)
     }
 
-    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+    pub(crate) fn from_file(path: &Path) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.to_owned(),
             source,
@@ -131,7 +141,7 @@ impl Config {
     }
 
     /// Checks everything `role` needs, reporting every problem at once.
-    pub fn validate(&self, role: Role) -> Result<(), ConfigError> {
+    pub(crate) fn validate(&self, role: Role) -> Result<(), ConfigError> {
         let mut problems = Vec::new();
         match role {
             Role::Own => return Ok(()),
@@ -167,7 +177,7 @@ impl Config {
 
     /// Decodes `telnyx.public_key` into a verifying key, with a message that
     /// says what is wrong with it (never the key itself).
-    pub fn telnyx_public_key(&self) -> Result<VerifyingKey, String> {
+    pub(crate) fn telnyx_public_key(&self) -> Result<VerifyingKey, String> {
         let Some(b64) = self.telnyx.public_key.as_deref() else {
             return Err("telnyx.public_key is not set (or TELNYX_PUBLIC_KEY): \
                         the base64 Ed25519 public key from the Telnyx portal"

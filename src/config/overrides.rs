@@ -14,7 +14,7 @@ pub trait Env {
 }
 
 /// The real process environment plus systemd's credentials directory.
-pub struct ProcessEnv;
+pub(crate) struct ProcessEnv;
 
 impl Env for ProcessEnv {
     fn var(&self, name: &str) -> Option<String> {

@@ -27,9 +27,9 @@ pub struct PlaybackConfig {
     /// for projects whose user tokens are signed with asymmetric keys.
     pub jwks_url: Option<String>,
     /// Required `aud` of user tokens.
-    pub audience: String,
+    pub(crate) audience: String,
     /// Dotted path of the organization id inside the token's claims.
-    pub organization_claim: String,
+    pub(crate) organization_claim: String,
     /// Browser origins (`https://app.example.com`) allowed to call the API.
     pub allowed_origins: Vec<String>,
 }

@@ -49,7 +49,7 @@ impl Default for SupabaseConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct HttpConfig {
     #[serde(with = "humantime_serde")]
-    pub connect_timeout: Duration,
+    pub(crate) connect_timeout: Duration,
     /// Bound on one API call (metadata, list, delete, object info).
     #[serde(with = "humantime_serde")]
     pub request_timeout: Duration,

@@ -6,7 +6,7 @@ use super::Config;
 
 /// The secret settings a config holds, by name (never their values): what a
 /// reader of the file would learn.
-pub fn secret_settings(config: &Config) -> Vec<&'static str> {
+pub(crate) fn secret_settings(config: &Config) -> Vec<&'static str> {
     let mut found = Vec::new();
     if config.database_url().is_some_and(database_url_has_password) {
         found.push("database.url (with a password)");
@@ -35,7 +35,7 @@ fn database_url_has_password(url: &str) -> bool {
 /// Logged once at start-up rather than refused: an operator may have good
 /// reasons (a dedicated group), but should know. The fix is `chmod 600`, or
 /// moving the secrets to the environment or systemd credentials.
-pub fn permission_warning(path: &Path, file_config: &Config) -> Option<String> {
+pub(crate) fn permission_warning(path: &Path, file_config: &Config) -> Option<String> {
     let secrets = secret_settings(file_config);
     if secrets.is_empty() {
         return None;

@@ -60,7 +60,7 @@ impl Default for RetryConfig {
 /// A party of a call.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
-pub enum Party {
+pub(crate) enum Party {
     To,
     From,
 }
@@ -96,7 +96,7 @@ pub struct PipelineConfig {
     /// An intake matches when its created_at is this close to the start of
     /// the recording.
     #[serde(with = "humantime_serde")]
-    pub match_window: Duration,
+    pub(crate) match_window: Duration,
     /// Attempts to find the intake (it may not be committed yet) before the
     /// recording is stored under `unmatched/` for an operator to attach.
     pub match_attempts: i32,
@@ -107,14 +107,14 @@ pub struct PipelineConfig {
     /// Which party of the call is the patient: "to" for calls ZScribe places
     /// (the original guide's flow: an agent calls the patient, whose number
     /// it read from `to_number`), "from" for calls patients place.
-    pub patient_party: Party,
+    pub(crate) patient_party: Party,
     /// Telnyx connection id → organization id. When the call's connection is
     /// listed, only that organization's intakes can match it.
     pub connection_organizations: std::collections::HashMap<String, uuid::Uuid>,
     /// Delete the recording at Telnyx once it is stored, verified and linked.
     pub delete_from_telnyx: bool,
     /// Recordings larger than this use resumable (TUS) uploads.
-    pub resumable_threshold_bytes: u64,
+    pub(crate) resumable_threshold_bytes: u64,
     /// Optional: receives a JSON summary of every job that ends failed or
     /// unmatched.
     pub alert_webhook_url: Option<String>,

@@ -22,7 +22,7 @@ use crate::config::Config;
 /// not crash-loop; a wrong set-up (a transaction pooler, missing migrations)
 /// fails at once. The first query is a simple one: through a
 /// transaction-mode pooler a prepared one can fail with a misleading error
-/// before [`check_session`] gets to say what is wrong.
+/// before `check_session` gets to say what is wrong.
 pub async fn wait_until_ready(
     config: &Config,
     pool: &PgPool,
@@ -112,9 +112,9 @@ fn is_transaction_pooling_symptom(e: &sqlx::Error) -> bool {
 pub struct SessionReport {
     /// Whether the server's own port is the one in the URL; when it is not,
     /// a pooler or proxy sits in between (in session mode: it passed).
-    pub through_proxy: bool,
-    pub server_port: i32,
-    pub url_port: u16,
+    pub(crate) through_proxy: bool,
+    pub(crate) server_port: i32,
+    pub(crate) url_port: u16,
 }
 
 impl SessionReport {
@@ -141,7 +141,7 @@ impl SessionReport {
 /// transaction-mode pooler hands an idle client's server connection to the
 /// next client (PgBouncer reuses the most recent one), so the second client
 /// finds the first one's mark, or the first loses its own.
-pub async fn check_session(config: &Config) -> Result<SessionReport, DbError> {
+pub(crate) async fn check_session(config: &Config) -> Result<SessionReport, DbError> {
     let options = connect_options(config)?;
     let url_port = options.get_port();
     let mut first = connect_bounded(&options).await?;
@@ -219,7 +219,10 @@ async fn show(conn: &mut sqlx::PgConnection, name: &str) -> Result<String, DbErr
 /// listening connection: workers rely on notifications for prompt pick-up
 /// and fall back to polling when they do not arrive (a pooler that drops
 /// them, a replica).
-pub async fn notify_self_test(pool: &PgPool, patience: Duration) -> Result<Duration, DbError> {
+pub(crate) async fn notify_self_test(
+    pool: &PgPool,
+    patience: Duration,
+) -> Result<Duration, DbError> {
     let channel = format!("recording_relay_selftest_{:016x}", fastrand::u64(..));
     let mut listener = PgListener::connect_with(pool).await?;
     listener.listen(&channel).await?;

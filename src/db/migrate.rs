@@ -39,7 +39,7 @@ pub static MIGRATOR: LazyLock<Migrator> = LazyLock::new(|| {
 
 /// How long `migrate` keeps retrying a migration that could not get its
 /// locks within their short timeout.
-pub const MIGRATE_LOCK_PATIENCE: Duration = Duration::from_secs(120);
+pub(crate) const MIGRATE_LOCK_PATIENCE: Duration = Duration::from_secs(120);
 
 fn is_lock_timeout(e: &MigrateError) -> bool {
     let sql_error = match e {

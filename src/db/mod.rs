@@ -25,13 +25,12 @@ mod pool;
 mod rewrites;
 
 pub(crate) use checks::is_connection_lost;
-pub use checks::{SessionReport, check_session, notify_self_test, wait_until_ready};
-pub use migrate::{MIGRATE_LOCK_PATIENCE, MIGRATOR, ensure_migrated, migrate};
+pub use checks::wait_until_ready;
+pub(crate) use checks::{check_session, notify_self_test};
+pub use migrate::{MIGRATOR, ensure_migrated, migrate};
 pub(crate) use pool::sized_pool;
-pub use pool::{
-    PING_IF_IDLE_FOR, SESSION_SETTINGS, connect_options, migration_pool, playback_pool, pool,
-};
-pub use rewrites::HOST_LOCK_TIMEOUT;
+pub(crate) use pool::{PING_IF_IDLE_FOR, migration_pool, playback_pool};
+pub use pool::{connect_options, pool};
 
 /// The relay's own schema: tables, views, functions, migration history.
 pub const SCHEMA: &str = "recording_relay";

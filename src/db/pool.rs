@@ -15,19 +15,19 @@ use crate::config::Config;
 /// startup `options`: a pooler rejects or silently drops those. No statement
 /// of the daemon runs long; one stuck on a lock should fail (and be
 /// retried) rather than hold a worker or a webhook.
-pub const SESSION_SETTINGS: [(&str, &str); 2] =
+pub(crate) const SESSION_SETTINGS: [(&str, &str); 2] =
     [("statement_timeout", "30s"), ("lock_timeout", "10s")];
 
 /// A pooled connection idle for less than this is handed out without a
 /// ping first (see [`pool`]).
-pub const PING_IF_IDLE_FOR: Duration = Duration::from_secs(1);
+pub(crate) const PING_IF_IDLE_FOR: Duration = Duration::from_secs(1);
 
 /// Builds the pool. Connections are opened on demand, so a listener starts
 /// (and answers 503) while the database is down rather than refusing to run.
 ///
 /// sqlx pings every connection before handing it out by default: a round
 /// trip in front of every statement, a third of a webhook's. Here only a
-/// connection that sat idle for [`PING_IF_IDLE_FOR`] is pinged (it may have
+/// connection that sat idle for `PING_IF_IDLE_FOR` is pinged (it may have
 /// died unnoticed); a busier one answered a moment ago, and sqlx pings it
 /// on release anyway, closing it if that fails.
 pub fn pool(config: &Config) -> Result<PgPool, DbError> {
@@ -37,7 +37,7 @@ pub fn pool(config: &Config) -> Result<PgPool, DbError> {
 /// The playback API's own pool (half the webhooks' size, at least 2), so
 /// that signed-in users, however many and however busy, never take a
 /// connection a webhook needs (the review of issue #19).
-pub fn playback_pool(config: &Config) -> Result<PgPool, DbError> {
+pub(crate) fn playback_pool(config: &Config) -> Result<PgPool, DbError> {
     sized_pool(
         config,
         (config.database.max_connections / 2).max(2),
@@ -94,7 +94,7 @@ pub(super) fn session_settings_sql() -> sqlx::SqlStr {
 
 /// For `migrate`: no statement timeout, since building an index on a large
 /// host table may take minutes (the migrations bound their own lock waits).
-pub fn migration_pool(config: &Config) -> Result<PgPool, DbError> {
+pub(crate) fn migration_pool(config: &Config) -> Result<PgPool, DbError> {
     Ok(PgPoolOptions::new()
         .max_connections(1)
         .connect_lazy_with(connect_options(config)?))

@@ -22,7 +22,7 @@ const LOCK_FIRST: [(i64, &[&str]); 3] = [
 
 /// A lock wait on a busy host table stays below this; queries queued behind
 /// a migration's lock request wait no longer.
-pub const HOST_LOCK_TIMEOUT: &str = "500ms";
+pub(crate) const HOST_LOCK_TIMEOUT: &str = "500ms";
 
 pub(super) fn lock_host_tables_briefly(mut migration: Migration) -> Migration {
     let Some((_, tables)) = LOCK_FIRST.iter().find(|(v, _)| *v == migration.version) else {

@@ -21,7 +21,9 @@ use serde::Serialize;
 
 use crate::call::CallFacts;
 
-pub use queue::{Enqueued, Queue, QueueError};
+pub use queue::{Queue, QueueError};
+
+pub use queue::Enqueued;
 pub use worker::{Worker, WorkerOptions};
 
 /// Mirrors the `recording_job_state` Postgres enum.

@@ -8,8 +8,8 @@
 //! never saw): the database marks it (`alert_due_at`, set by a trigger in
 //! the same transaction), and `sweep_until`, run by every worker, sends
 //! what is owed and clears the mark. At least once: a sender that dies
-//! mid-send leaves its claim to run out ([`ALERT_CLAIM`]), then another
-//! sends; a failed send is tried again ([`ALERT_RETRY`]). Once per job, not
+//! mid-send leaves its claim to run out (`ALERT_CLAIM`), then another
+//! sends; a failed send is tried again (`ALERT_RETRY`). Once per job, not
 //! once per process: each owed alert is claimed by one sweep at a time.
 
 use std::sync::Arc;
@@ -27,10 +27,10 @@ use crate::jobs::{Job, JobState, Queue, QueueError};
 /// take with its retries (four tries of `http.request_timeout`, 30 s by
 /// default, and the pauses between them). Only a sender that died waits
 /// this out.
-pub const ALERT_CLAIM: Duration = Duration::from_secs(300);
+pub(crate) const ALERT_CLAIM: Duration = Duration::from_secs(300);
 /// A send that failed (the endpoint is down or refuses) is tried again
 /// after this, by whichever worker sweeps first.
-pub const ALERT_RETRY: Duration = Duration::from_secs(60);
+pub(crate) const ALERT_RETRY: Duration = Duration::from_secs(60);
 /// Owed alerts claimed per statement.
 const SWEEP_BATCH: i64 = 20;
 
@@ -58,7 +58,7 @@ pub struct JobAlert {
 }
 
 impl JobAlert {
-    pub fn from_job(job: &Job) -> Self {
+    pub(crate) fn from_job(job: &Job) -> Self {
         Self {
             kind: "recording_relay.job_ended_unsuccessfully",
             job_id: job.id,
@@ -75,7 +75,7 @@ impl JobAlert {
 
     /// Retention will delete this job (the only pointer to its recording)
     /// and its object at `delete_after`, unless someone resolves it first.
-    pub fn retention_due(job: &Job, delete_after: chrono::DateTime<chrono::Utc>) -> Self {
+    pub(crate) fn retention_due(job: &Job, delete_after: chrono::DateTime<chrono::Utc>) -> Self {
         Self {
             kind: "recording_relay.job_retention_due",
             delete_after: Some(delete_after),
@@ -113,7 +113,7 @@ impl Alerter {
 /// Sends every owed alert (see the module doc): to `alerter` when there is
 /// one, and an error log line for each. Stops at the first send that fails
 /// (the endpoint is likely down), giving back that alert and the rest of
-/// its batch for [`ALERT_RETRY`]. Returns how many alerts went out.
+/// its batch for `ALERT_RETRY`. Returns how many alerts went out.
 pub async fn sweep(queue: &Queue, alerter: Option<&Alerter>) -> Result<usize, QueueError> {
     let mut sent = 0;
     loop {

@@ -31,7 +31,7 @@ pub struct Report {
     pub enqueued: Vec<String>,
     /// Listed records that could not be read (no id, not an object): the
     /// rest of their page is still reconciled.
-    pub unreadable: usize,
+    pub(crate) unreadable: usize,
 }
 
 pub async fn reconcile(

@@ -14,7 +14,7 @@ use crate::jobs::{Lease, Queue, QueueError};
 /// The intakes of the number's patients in a span of time, free or not;
 /// the `EXPLAIN` test checks its plan. `$1` number, `$2`..`$3` the span,
 /// `$4` organization or NULL.
-pub const INTAKES_BY_PHONE_SQL: &str = "SELECT i.id, i.patient_id, i.created_at, i.recording_id,
+pub(crate) const INTAKES_BY_PHONE_SQL: &str = "SELECT i.id, i.patient_id, i.created_at, i.recording_id,
             i.recording_object_path
      FROM public.intakes i
      JOIN public.patients p ON p.id = i.patient_id

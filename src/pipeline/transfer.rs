@@ -49,7 +49,7 @@ impl Tally {
 
 /// A response body as a byte stream with transport errors as io errors,
 /// stripped of URLs (presigned URLs carry credentials).
-pub fn body_stream(
+pub(crate) fn body_stream(
     res: reqwest::Response,
 ) -> impl Stream<Item = io::Result<Bytes>> + Send + 'static {
     res.bytes_stream()
@@ -57,7 +57,10 @@ pub fn body_stream(
 }
 
 /// Passes a stream through, hashing and counting every chunk.
-pub fn tallied<S>(stream: S, tally: Tally) -> impl Stream<Item = io::Result<Bytes>> + Send + 'static
+pub(crate) fn tallied<S>(
+    stream: S,
+    tally: Tally,
+) -> impl Stream<Item = io::Result<Bytes>> + Send + 'static
 where
     S: Stream<Item = io::Result<Bytes>> + Send + 'static,
 {
@@ -65,7 +68,7 @@ where
 }
 
 /// Hashes a whole stream (a stored object read back).
-pub async fn digest_of<S>(stream: S) -> io::Result<Digest>
+pub(crate) async fn digest_of<S>(stream: S) -> io::Result<Digest>
 where
     S: Stream<Item = io::Result<Bytes>> + Send,
 {
@@ -78,9 +81,9 @@ where
 }
 
 /// A download shared by the consecutive PATCH bodies of a resumable upload.
-pub type SharedReader = Arc<tokio::sync::Mutex<Pin<Box<dyn AsyncRead + Send>>>>;
+pub(crate) type SharedReader = Arc<tokio::sync::Mutex<Pin<Box<dyn AsyncRead + Send>>>>;
 
-pub fn shared_reader<S>(stream: S) -> SharedReader
+pub(crate) fn shared_reader<S>(stream: S) -> SharedReader
 where
     S: Stream<Item = io::Result<Bytes>> + Send + 'static,
 {
@@ -89,7 +92,7 @@ where
 
 /// The next `len` bytes of `reader` as a request body. Ending early is an
 /// error, so a short source can never complete a chunk.
-pub fn chunk_body(reader: SharedReader, len: u64) -> reqwest::Body {
+pub(crate) fn chunk_body(reader: SharedReader, len: u64) -> reqwest::Body {
     let stream = futures_util::stream::try_unfold((reader, len), |(reader, left)| async move {
         if left == 0 {
             return Ok(None);

@@ -99,7 +99,11 @@ pub async fn list(pool: &PgPool, filter: &Filter, limit: i64) -> Result<Vec<Entr
 }
 
 /// Deletes up to `batch` records older than `keep_for`; returns how many.
-pub async fn prune(pool: &PgPool, keep_for: Duration, batch: i32) -> Result<u64, sqlx::Error> {
+pub(crate) async fn prune(
+    pool: &PgPool,
+    keep_for: Duration,
+    batch: i32,
+) -> Result<u64, sqlx::Error> {
     let keep_for = sqlx::postgres::types::PgInterval::try_from(keep_for)
         .map_err(|e| sqlx::Error::Encode(e.to_string().into()))?;
     let deleted: i32 = sqlx::query_scalar("SELECT recording_relay.playback_audit_prune($1, $2)")

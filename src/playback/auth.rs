@@ -19,7 +19,7 @@ use super::jwks::{Jwks, JwksError};
 use crate::config::Config;
 
 #[derive(Debug, thiserror::Error)]
-pub enum AuthError {
+pub(crate) enum AuthError {
     #[error("no bearer token")]
     Missing,
     #[error("token expired")]
@@ -36,14 +36,14 @@ pub enum AuthError {
 
 /// The verified caller.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Caller {
+pub(crate) struct Caller {
     /// The token's `sub`: the Supabase user, for the access audit.
     pub user_id: String,
     /// The organization claim as text (uuid, or a number written as text).
     pub organization: String,
 }
 
-pub struct Authenticator {
+pub(crate) struct Authenticator {
     secret: Option<DecodingKey>,
     jwks: Option<Jwks>,
     audience: String,
@@ -51,7 +51,7 @@ pub struct Authenticator {
 }
 
 impl Authenticator {
-    pub fn from_config(config: &Config) -> Result<Self, String> {
+    pub(crate) fn from_config(config: &Config) -> Result<Self, String> {
         let p = &config.playback;
         let jwks = match p.jwks_url.as_deref() {
             Some(url) => Some(
@@ -73,7 +73,7 @@ impl Authenticator {
     }
 
     /// Checks the `Authorization: Bearer …` header.
-    pub async fn authenticate(
+    pub(crate) async fn authenticate(
         &self,
         authorization: Option<&HeaderValue>,
     ) -> Result<Caller, AuthError> {

@@ -53,7 +53,7 @@ pub(super) async fn player_script() -> Reply {
 
 /// The API's answer for one intake.
 #[derive(Debug, Serialize)]
-pub struct RecordingResponse {
+pub(crate) struct RecordingResponse {
     pub status: RecordingStatus,
     pub duration_seconds: Option<i32>,
     /// A signed URL, only when `status` is `available`.

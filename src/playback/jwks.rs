@@ -19,7 +19,7 @@ use tracing::{info, warn};
 /// Why no key could be had for a token; [`super::auth`] decides what each
 /// means to the caller.
 #[derive(Debug, thiserror::Error)]
-pub enum JwksError {
+pub(crate) enum JwksError {
     #[error("token names no key (kid)")]
     NoKid,
     #[error("unknown signing key {0}")]
@@ -41,7 +41,7 @@ const MAX_AGE: Duration = Duration::from_secs(600);
 const REFETCH_COOLDOWN: Duration = Duration::from_secs(30);
 const FETCH_TIMEOUT: Duration = Duration::from_secs(5);
 
-pub struct Jwks {
+pub(crate) struct Jwks {
     url: String,
     http: reqwest::Client,
     /// An async mutex: concurrent requests with a new kid wait for one
@@ -57,7 +57,7 @@ struct Cache {
 }
 
 impl Jwks {
-    pub fn new(url: &str, connect_timeout: Duration) -> Result<Self, String> {
+    pub(crate) fn new(url: &str, connect_timeout: Duration) -> Result<Self, String> {
         let http = reqwest::Client::builder()
             .connect_timeout(connect_timeout)
             .timeout(FETCH_TIMEOUT)
@@ -72,7 +72,7 @@ impl Jwks {
     }
 
     /// The key `kid` names, provided it is a key for `alg`.
-    pub async fn key(
+    pub(crate) async fn key(
         &self,
         kid: Option<&str>,
         alg: Algorithm,

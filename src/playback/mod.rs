@@ -20,7 +20,7 @@
 //! ([`audit`]); when that write fails the URL is refused.
 //!
 //! Only a path the relay itself linked to that intake, in the intake's own
-//! folder, is signed ([`recording::lookup`]): `intakes.recording_object_path`
+//! folder, is signed (`lookup`): `intakes.recording_object_path`
 //! is the host's column, and the service key would sign whatever it names.
 
 pub mod audit;
@@ -43,7 +43,6 @@ use tokio_util::sync::CancellationToken;
 use tower::Layer;
 
 use self::auth::Authenticator;
-pub use self::handlers::RecordingResponse;
 use self::router::router;
 use crate::config::Config;
 use crate::providers::storage_api::{StorageClient, StorageError};

@@ -13,7 +13,7 @@ use crate::object_paths::is_intake_recording;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
-pub enum RecordingStatus {
+pub(crate) enum RecordingStatus {
     /// Stored and linked: a signed URL can be minted.
     Available,
     /// On its way: matched but not stored yet, or its job is queued/running.
@@ -29,7 +29,7 @@ impl RecordingStatus {
     /// `available` wins: a later job failing does not unplay a stored
     /// recording. A matched intake holds `recording_id` before its object is
     /// stored, which is what "processing" means without a live job.
-    pub fn derive(object_path: bool, recording_id: bool, newest_job: Option<&str>) -> Self {
+    pub(crate) fn derive(object_path: bool, recording_id: bool, newest_job: Option<&str>) -> Self {
         match newest_job {
             _ if object_path => Self::Available,
             Some("failed") => Self::Failed,
@@ -41,7 +41,7 @@ impl RecordingStatus {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct IntakeRecording {
+pub(crate) struct IntakeRecording {
     pub status: RecordingStatus,
     /// The path to sign: set only when the intake's column equals the
     /// relay's record and has the own-folder form.
@@ -50,7 +50,7 @@ pub struct IntakeRecording {
     /// The intake's column names an object the relay did not record for it
     /// (changed or set by hand, or an `unmatched/` object linked where it
     /// lay): answered as no recording, and worth a warning.
-    pub refused_path: bool,
+    pub(crate) refused_path: bool,
 }
 
 /// The intake's recording, or `None` when the intake does not exist or
@@ -58,7 +58,7 @@ pub struct IntakeRecording {
 ///
 /// The organization is compared as text so the host may use uuid, text or
 /// integer ids; the lookup itself goes by primary key.
-pub async fn lookup(
+pub(crate) async fn lookup(
     pool: &PgPool,
     intake: Uuid,
     organization: &str,

@@ -8,7 +8,7 @@ use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
 
 /// Cuts the query string off a URL: presigned and signed URLs carry their
 /// credentials there.
-pub fn redact_url(url: &str) -> &str {
+pub(crate) fn redact_url(url: &str) -> &str {
     url.split(['?', '#']).next().unwrap_or(url)
 }
 
@@ -28,7 +28,7 @@ pub struct UnsafePath {
 /// (a separator to some servers), and any `%`: `%2e%2e` is a dot segment
 /// to the WHATWG parser too, and a server that decodes once more would see
 /// `%2F` as a separator. Escaping is no defence against the first two.
-pub fn check_segment(segment: &str) -> Result<(), UnsafePath> {
+pub(crate) fn check_segment(segment: &str) -> Result<(), UnsafePath> {
     let why = if segment.is_empty() {
         "empty"
     } else if segment == "." || segment == ".." {
@@ -48,7 +48,7 @@ pub fn check_segment(segment: &str) -> Result<(), UnsafePath> {
 
 /// Escapes one URL path segment (ids and object names come from outside),
 /// refusing those that no escaping keeps in place ([`check_segment`]).
-pub fn encode_segment(segment: &str) -> Result<String, UnsafePath> {
+pub(crate) fn encode_segment(segment: &str) -> Result<String, UnsafePath> {
     const SEGMENT: &AsciiSet = &NON_ALPHANUMERIC
         .remove(b'-')
         .remove(b'_')
@@ -60,7 +60,7 @@ pub fn encode_segment(segment: &str) -> Result<String, UnsafePath> {
 
 /// Escapes each segment of a `/`-separated path, keeping the separators;
 /// refuses the whole path when any segment is unsafe.
-pub fn encode_path(path: &str) -> Result<String, UnsafePath> {
+pub(crate) fn encode_path(path: &str) -> Result<String, UnsafePath> {
     let segments = path
         .split('/')
         .map(encode_segment)

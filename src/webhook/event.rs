@@ -23,7 +23,7 @@ use serde_json::Value;
 use crate::call::CallFacts;
 use crate::jobs::NewJob;
 
-pub const RECORDING_SAVED: &str = "call.recording.saved";
+pub(crate) const RECORDING_SAVED: &str = "call.recording.saved";
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum EventError {
@@ -71,7 +71,7 @@ impl Envelope {
         })
     }
 
-    pub fn is_recording_saved(&self) -> bool {
+    pub(crate) fn is_recording_saved(&self) -> bool {
         self.event_type == RECORDING_SAVED
     }
 

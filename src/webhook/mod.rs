@@ -39,7 +39,7 @@ use crate::server::Limits;
 
 /// Telnyx's path, and the one the original integration guide told the
 /// backend to create (`POST /api/webhooks/telnyx/recording`).
-pub const WEBHOOK_PATHS: [&str; 2] = ["/webhooks/telnyx", "/api/webhooks/telnyx/recording"];
+pub(crate) const WEBHOOK_PATHS: [&str; 2] = ["/webhooks/telnyx", "/api/webhooks/telnyx/recording"];
 
 /// Everything a request handler needs; shared by all connections.
 pub struct WebhookState {
@@ -50,14 +50,14 @@ pub struct WebhookState {
     pub request_timeout: Duration,
     pub max_attempts: i32,
     /// `/metrics` here too, unless it has an address of its own.
-    pub serve_metrics: bool,
+    pub(crate) serve_metrics: bool,
     /// One permit per webhook being received and stored: with none left the
     /// next is shed (see `shed`).
     pub in_flight: Arc<Semaphore>,
     /// The longest a webhook waits for a database connection.
     pub connection_wait: Duration,
     /// One permit per body byte the listener holds (see `body.rs`).
-    pub body_budget: Arc<Semaphore>,
+    pub(crate) body_budget: Arc<Semaphore>,
     /// What one source (an IPv4 address, an IPv6 /64) may hold of that
     /// budget at once, so one unsigned client cannot take it all.
     body_shares: BodyShares,

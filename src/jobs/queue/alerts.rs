@@ -15,7 +15,7 @@ use crate::jobs::Job;
 /// that dies leaves the claim to run out, then another sends. The new
 /// `alert_due_at` of each row is its claim token. Its plan is tested to use
 /// `recording_jobs_alert_due_idx`.
-pub const CLAIM_ALERTS_SQL: &str = "UPDATE recording_relay.recording_jobs j
+pub(crate) const CLAIM_ALERTS_SQL: &str = "UPDATE recording_relay.recording_jobs j
      SET alert_due_at = now() + $2 * interval '1 millisecond'
      FROM (SELECT id FROM recording_relay.recording_jobs
            WHERE alert_due_at <= now() AND state IN ('failed', 'unmatched')
@@ -27,20 +27,20 @@ pub const CLAIM_ALERTS_SQL: &str = "UPDATE recording_relay.recording_jobs j
 
 /// One owed alert, claimed by [`Queue::claim_alerts`].
 #[derive(Debug, Clone, sqlx::FromRow)]
-pub struct OwedAlert {
+pub(crate) struct OwedAlert {
     #[sqlx(flatten)]
     pub job: Job,
     /// The claim: [`Queue::alert_sent`] and [`Queue::alert_failed`] match
     /// it, so a job that was requeued and ended again meanwhile (a new
     /// alert owed) is not marked by the old one.
     #[sqlx(rename = "alert_due_at")]
-    pub claimed_until: chrono::DateTime<chrono::Utc>,
+    pub(crate) claimed_until: chrono::DateTime<chrono::Utc>,
 }
 
 impl Queue {
     /// Claims up to `limit` owed alerts (see [`CLAIM_ALERTS_SQL`]) for
     /// `hold`: no other sweep takes them until then.
-    pub async fn claim_alerts(
+    pub(crate) async fn claim_alerts(
         &self,
         limit: i64,
         hold: Duration,
@@ -55,7 +55,7 @@ impl Queue {
 
     /// The alert went out: nothing is owed any more. `false` when the claim
     /// no longer holds (requeued, or claimed by another after it ran out).
-    pub async fn alert_sent(&self, owed: &OwedAlert) -> Result<bool, QueueError> {
+    pub(crate) async fn alert_sent(&self, owed: &OwedAlert) -> Result<bool, QueueError> {
         let done = sqlx::query(
             "UPDATE recording_relay.recording_jobs SET alert_due_at = NULL
              WHERE id = $1 AND alert_due_at = $2",
@@ -68,7 +68,7 @@ impl Queue {
     }
 
     /// The alert could not be sent: owed again after `retry_in`.
-    pub async fn alert_failed(
+    pub(crate) async fn alert_failed(
         &self,
         owed: &OwedAlert,
         retry_in: Duration,

@@ -7,14 +7,14 @@ use crate::jobs::JobState;
 
 /// Jobs of one state counted exactly by [`Queue::gauges`]; past this the
 /// estimate stands in. 10,000 index entries are a few milliseconds.
-pub const GAUGE_EXACT_UP_TO: i64 = 10_000;
+pub(crate) const GAUGE_EXACT_UP_TO: i64 = 10_000;
 
 /// `$1`: [`GAUGE_EXACT_UP_TO`]. Each state's count stops at `$1` entries
 /// of the state index; the estimate comes from the statistics alone. The
 /// ORDER BY is the index's: without it the planner may take the first `$1`
 /// rows of a sequential scan, which for a state with few rows reads the
 /// whole table to find them (its plan test caught this).
-pub const GAUGES_SQL: &str = "SELECT s.state,
+pub(crate) const GAUGES_SQL: &str = "SELECT s.state,
             (SELECT count(*) FROM (
                  SELECT 1 FROM recording_relay.recording_jobs j
                  WHERE j.state = s.state ORDER BY j.state, j.updated_at LIMIT $1
@@ -33,7 +33,8 @@ pub const GAUGES_SQL: &str = "SELECT s.state,
 
 /// How long the oldest runnable job has waited: the first entry of
 /// `recording_jobs_claim_idx`.
-pub const OLDEST_RUNNABLE_SQL: &str = "SELECT extract(epoch FROM now() - min(next_run_at))::float8
+pub(crate) const OLDEST_RUNNABLE_SQL: &str =
+    "SELECT extract(epoch FROM now() - min(next_run_at))::float8
      FROM recording_relay.recording_jobs
      WHERE state = 'pending' AND next_run_at <= now()";
 
@@ -41,28 +42,10 @@ pub const OLDEST_RUNNABLE_SQL: &str = "SELECT extract(epoch FROM now() - min(nex
 #[derive(Debug, Clone, PartialEq)]
 pub struct QueueGauges {
     pub jobs: Vec<(JobState, i64)>,
-    pub oldest_runnable_age_seconds: f64,
-}
-
-/// One row of the `recording_jobs_queue` view.
-#[derive(Debug, Clone, sqlx::FromRow, serde::Serialize)]
-pub struct QueueDepth {
-    pub state: JobState,
-    pub jobs: i64,
-    pub oldest_runnable_age_seconds: Option<f64>,
+    pub(crate) oldest_runnable_age_seconds: f64,
 }
 
 impl Queue {
-    pub async fn queue_depth(&self) -> Result<Vec<QueueDepth>, QueueError> {
-        let rows = sqlx::query_as::<_, QueueDepth>(
-            "SELECT state, jobs, oldest_runnable_age_seconds::float8 AS oldest_runnable_age_seconds
-             FROM recording_relay.recording_jobs_queue",
-        )
-        .fetch_all(&self.pool)
-        .await?;
-        Ok(rows)
-    }
-
     /// Jobs per state, for readiness output and tests.
     pub async fn count_by_state(&self) -> Result<Vec<(JobState, i64)>, QueueError> {
         let rows = sqlx::query_as(
@@ -76,7 +59,7 @@ impl Queue {
     /// The queue gauges of `/metrics`, at a cost that does not grow with
     /// the finished history (a scrape used to count the whole table): each
     /// state is counted along `recording_jobs_state_idx` up to
-    /// [`GAUGE_EXACT_UP_TO`] entries, exactly, so the alerts on failed and
+    /// `GAUGE_EXACT_UP_TO` entries, exactly, so the alerts on failed and
     /// unmatched jobs see every one; a state with more than that (the
     /// succeeded history) gets the planner's estimate instead, its share of
     /// the column in `pg_stats` times the table's `reltuples`, which

@@ -11,7 +11,7 @@ use crate::jobs::{Job, JobError, JobState, Lease, NewJob};
 /// What one lease of a batched completion ([`Queue::complete_batch`])
 /// came to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Completed {
+pub(crate) enum Completed {
     /// The job is `succeeded`.
     Succeeded,
     /// The lease was lost first: nothing was written for it.
@@ -20,7 +20,7 @@ pub enum Completed {
 
 impl Completed {
     /// As [`Queue::complete`] answers for one lease.
-    pub fn into_result(self) -> Result<(), QueueError> {
+    pub(crate) fn into_result(self) -> Result<(), QueueError> {
         match self {
             Completed::Succeeded => Ok(()),
             Completed::LeaseLost => Err(QueueError::LeaseLost),
@@ -39,7 +39,7 @@ pub enum Enqueued {
 /// leased and counted in one statement that commits at once. `$1` limit,
 /// `$2` worker, `$3` lease in milliseconds. Its plan is tested to use
 /// `recording_jobs_claim_idx`.
-pub const CLAIM_SQL: &str = "WITH picked AS (
+pub(crate) const CLAIM_SQL: &str = "WITH picked AS (
          SELECT id FROM recording_relay.recording_jobs
          WHERE state = 'pending' AND next_run_at <= now()
          ORDER BY next_run_at, id
@@ -62,7 +62,7 @@ pub const CLAIM_SQL: &str = "WITH picked AS (
 /// concurrent batches lock rows in the same order). Returns `(id, token)` of
 /// each row that matched; a lease that was lost matches nothing.
 /// Matched like `lease_fence!`, per row: no `state = 'running'`.
-pub const COMPLETE_BATCH_SQL: &str = "UPDATE recording_relay.recording_jobs j
+pub(crate) const COMPLETE_BATCH_SQL: &str = "UPDATE recording_relay.recording_jobs j
      SET state = 'succeeded', finished_at = now(), locked_by = NULL, locked_until = NULL,
          updated_at = now()
      FROM unnest($1::bigint[], $2::bigint[], $3::text[]) AS c(id, token, worker)
@@ -80,7 +80,7 @@ impl Queue {
 
     /// [`Queue::enqueue`] through `executor`: the listener passes a
     /// connection it acquired with a bound of its own (load shedding).
-    pub async fn enqueue_with<'c>(
+    pub(crate) async fn enqueue_with<'c>(
         executor: impl sqlx::PgExecutor<'c>,
         job: &NewJob,
     ) -> Result<Enqueued, QueueError> {
@@ -165,7 +165,10 @@ impl Queue {
     /// first).
     /// The worker batches its completions through this (see
     /// `worker::Completions`): one round trip and one commit for many jobs.
-    pub async fn complete_batch(&self, leases: &[Lease]) -> Result<Vec<Completed>, QueueError> {
+    pub(crate) async fn complete_batch(
+        &self,
+        leases: &[Lease],
+    ) -> Result<Vec<Completed>, QueueError> {
         if leases.is_empty() {
             return Ok(Vec::new());
         }
@@ -284,7 +287,7 @@ impl Queue {
     /// off from the database) to `pending`, or to `failed` when that was
     /// their last attempt. The attempt stays counted, so a job that kills its
     /// worker cannot loop forever. Returns how many were rescued.
-    pub async fn rescue_expired_leases(&self) -> Result<u64, QueueError> {
+    pub(crate) async fn rescue_expired_leases(&self) -> Result<u64, QueueError> {
         let done = sqlx::query(
             "UPDATE recording_relay.recording_jobs j
              SET state = CASE WHEN j.attempts >= j.max_attempts

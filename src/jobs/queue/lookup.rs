@@ -12,7 +12,7 @@ use super::{Queue, QueueError};
 /// `recording_id = $1` cannot use it and scans the table); a duplicate job
 /// always has an owner with the same recording id, which that index finds.
 /// The second half uses the call-session index. Its plan is tested.
-pub const HAS_JOB_FOR_RECORDING_SQL: &str = "SELECT EXISTS (
+pub(crate) const HAS_JOB_FOR_RECORDING_SQL: &str = "SELECT EXISTS (
          SELECT 1 FROM recording_relay.recording_jobs
          WHERE recording_id = $1 AND state <> 'duplicate')
      OR EXISTS (
@@ -42,7 +42,7 @@ impl Queue {
     /// finds nothing more, so it covers nothing: otherwise the session's
     /// recordings could never be enqueued by id, which is what the
     /// ambiguous-session error tells the operator to do.
-    pub async fn has_job_for_recording(
+    pub(crate) async fn has_job_for_recording(
         &self,
         recording_id: &str,
         call_session_id: Option<&str>,

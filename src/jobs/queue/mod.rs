@@ -91,14 +91,12 @@ mod retention;
 #[cfg(test)]
 mod test_support;
 
-pub use alerts::{CLAIM_ALERTS_SQL, OwedAlert};
-pub use gauges::{GAUGE_EXACT_UP_TO, GAUGES_SQL, OLDEST_RUNNABLE_SQL, QueueDepth, QueueGauges};
-pub use lifecycle::{CLAIM_SQL, COMPLETE_BATCH_SQL, Completed, Enqueued};
-pub use lookup::HAS_JOB_FOR_RECORDING_SQL;
-pub use retention::HOLDS_PATIENT_DATA;
+pub use gauges::QueueGauges;
+pub(crate) use lifecycle::Completed;
+pub use lifecycle::Enqueued;
 
 /// The channel the `recording_jobs_notify` trigger sends on.
-pub const NOTIFY_CHANNEL: &str = "recording_jobs";
+pub(crate) const NOTIFY_CHANNEL: &str = "recording_jobs";
 
 #[derive(Debug, thiserror::Error)]
 pub enum QueueError {

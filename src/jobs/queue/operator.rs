@@ -204,10 +204,15 @@ mod tests {
                 .await
                 .unwrap();
         assert_eq!(stuck_ids, [stuck.id]);
-        let depth = q.queue_depth().await.unwrap();
-        let pending = depth.iter().find(|d| d.state == JobState::Pending).unwrap();
-        assert_eq!(pending.jobs, 1);
-        let age = pending.oldest_runnable_age_seconds.unwrap();
+        let (jobs, age): (i64, Option<f64>) = sqlx::query_as(
+            "SELECT jobs, oldest_runnable_age_seconds::float8
+             FROM recording_relay.recording_jobs_queue WHERE state = 'pending'",
+        )
+        .fetch_one(q.pool())
+        .await
+        .unwrap();
+        assert_eq!(jobs, 1);
+        let age = age.unwrap();
         assert!((89.0..120.0).contains(&age), "{age}");
         q.enqueue(&new_job("orphan")).await.unwrap();
         let lease = one_claimed(&q, "w").await.lease().unwrap();

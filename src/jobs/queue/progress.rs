@@ -13,7 +13,7 @@ impl Queue {
     /// Step 1 done: the recording id and what the Recordings API said about
     /// the call are known. A fact it does not have keeps what the webhook
     /// said; which call and leg it was are not touched, and the job's own
-    /// connection wins ([`CallFacts::resolve_with`] does the same in
+    /// connection wins (`resolve_with` does the same in
     /// memory). Fails with `AlreadyOwned` when another live job has the
     /// same recording.
     pub async fn save_resolution(
@@ -78,7 +78,7 @@ impl Queue {
     /// it was lost. Transactions that change an intake and the job call this
     /// first, so every path locks the job row before the intake row (as the
     /// operator functions and the release trigger do) and none deadlocks.
-    pub async fn lock_lease(
+    pub(crate) async fn lock_lease(
         &self,
         tx: &mut sqlx::PgConnection,
         lease: &Lease,
@@ -99,7 +99,7 @@ impl Queue {
     /// Step 2 done: the intake this recording belongs to. Runs inside the
     /// transaction that claims the intake (see `pipeline::intakes`).
     ///
-    pub async fn save_match(
+    pub(crate) async fn save_match(
         &self,
         tx: &mut sqlx::PgConnection,
         lease: &Lease,
@@ -160,7 +160,7 @@ impl Queue {
     }
 
     /// Remembers (or forgets) the resumable upload in progress.
-    pub async fn save_tus_upload(
+    pub(crate) async fn save_tus_upload(
         &self,
         lease: &Lease,
         url: Option<&str>,
@@ -200,7 +200,7 @@ impl Queue {
 
     /// Step 4 done, inside the transaction that updates the intake, so the
     /// intake is linked exactly when the job says so.
-    pub async fn mark_linked(
+    pub(crate) async fn mark_linked(
         &self,
         tx: &mut sqlx::PgConnection,
         lease: &Lease,
@@ -212,7 +212,7 @@ impl Queue {
     }
 
     /// Step 5 done: the recording was deleted at Telnyx.
-    pub async fn save_telnyx_deleted(&self, lease: &Lease) -> Result<(), QueueError> {
+    pub(crate) async fn save_telnyx_deleted(&self, lease: &Lease) -> Result<(), QueueError> {
         let done = fenced(fenced_update!("telnyx_deleted_at = now()"), lease)
             .execute(&self.pool)
             .await?;

@@ -6,7 +6,7 @@ use super::{Queue, QueueError};
 impl Queue {
     /// Keeps a verified delivery that could not be parsed, byte for byte;
     /// a redelivery of the same body only counts up.
-    pub async fn quarantine(
+    pub(crate) async fn quarantine(
         &self,
         reason: &str,
         signed_at: Option<chrono::DateTime<chrono::Utc>>,

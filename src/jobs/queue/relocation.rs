@@ -13,7 +13,12 @@ impl Queue {
     /// Only from `from`: a job already planned (or moved by another
     /// attempt) is not planned twice. Fails with `AlreadyOwned` when
     /// another job owns the destination.
-    pub async fn plan_move(&self, lease: &Lease, from: &str, to: &str) -> Result<(), QueueError> {
+    pub(crate) async fn plan_move(
+        &self,
+        lease: &Lease,
+        from: &str,
+        to: &str,
+    ) -> Result<(), QueueError> {
         let done = sqlx::query(concat!(
             "UPDATE recording_relay.recording_jobs
              SET moved_from = object_path, object_path = $5, updated_at = now()
@@ -56,7 +61,7 @@ impl Queue {
     /// Undoes a planned move whose destination holds other bytes: the job
     /// names the `unmatched/` object again, where the recording is, so
     /// nothing (an operator, retention) takes the other object for it.
-    pub async fn cancel_move(&self, lease: &Lease) -> Result<(), QueueError> {
+    pub(crate) async fn cancel_move(&self, lease: &Lease) -> Result<(), QueueError> {
         let done = fenced(
             concat!(
                 fenced_update!("object_path = moved_from, moved_from = NULL"),
@@ -70,7 +75,7 @@ impl Queue {
     }
 
     /// The moved copy holds the recorded bytes: it may be linked.
-    pub async fn save_moved(&self, lease: &Lease) -> Result<(), QueueError> {
+    pub(crate) async fn save_moved(&self, lease: &Lease) -> Result<(), QueueError> {
         let done = fenced(fenced_update!("moved_at = now()"), lease)
             .execute(&self.pool)
             .await?;
@@ -78,7 +83,7 @@ impl Queue {
     }
 
     /// The `unmatched/` original of a moved recording is deleted.
-    pub async fn save_moved_from_deleted(&self, lease: &Lease) -> Result<(), QueueError> {
+    pub(crate) async fn save_moved_from_deleted(&self, lease: &Lease) -> Result<(), QueueError> {
         let done = fenced(fenced_update!("moved_from_deleted_at = now()"), lease)
             .execute(&self.pool)
             .await?;
@@ -88,7 +93,7 @@ impl Queue {
     /// Whether a job other than `job_id` has `path` as its object: a moved
     /// recording's `unmatched/` original is deleted only while none does
     /// (the path is free for another recording once the move is planned).
-    pub async fn object_owned_by_another(
+    pub(crate) async fn object_owned_by_another(
         &self,
         path: &str,
         job_id: i64,

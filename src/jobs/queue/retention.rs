@@ -14,7 +14,7 @@ use super::{Queue, QueueError, millis};
 /// session or an object (the recording may still be at Telnyx, or in the
 /// bucket); cancelled with an object no intake was linked to. Ordinary
 /// retention never deletes these.
-pub const HOLDS_PATIENT_DATA: &str = "j.state = 'unmatched'
+pub(crate) const HOLDS_PATIENT_DATA: &str = "j.state = 'unmatched'
      OR (j.state = 'failed' AND (j.recording_id IS NOT NULL OR j.call_session_id IS NOT NULL
                                  OR j.object_path IS NOT NULL))
      OR (j.state = 'cancelled' AND j.object_path IS NOT NULL AND j.linked_at IS NULL)";
@@ -50,7 +50,7 @@ impl Queue {
     /// repeats it (and paces it: `retention`). Jobs that point at patient
     /// data ([`HOLDS_PATIENT_DATA`]) are never deleted here: see
     /// [`Queue::unresolved_due`]. Returns how many rows were deleted.
-    pub async fn prune_finished_batch(
+    pub(crate) async fn prune_finished_batch(
         &self,
         succeeded_for: Duration,
         failed_for: Duration,
@@ -68,7 +68,7 @@ impl Queue {
     /// Jobs holding patient data that finished more than `older_than` ago,
     /// oldest first; with `alerted_before`, only those whose retention alert
     /// went out before then, else only those never alerted.
-    pub async fn unresolved_due(
+    pub(crate) async fn unresolved_due(
         &self,
         older_than: Duration,
         alerted_before: Option<Duration>,
@@ -92,7 +92,7 @@ impl Queue {
     }
 
     /// Records that the retention alert for `id` went out.
-    pub async fn mark_retention_alerted(&self, id: i64) -> Result<(), QueueError> {
+    pub(crate) async fn mark_retention_alerted(&self, id: i64) -> Result<(), QueueError> {
         sqlx::query(
             "UPDATE recording_relay.recording_jobs SET retention_alerted_at = now()
              WHERE id = $1 AND retention_alerted_at IS NULL",
@@ -111,7 +111,7 @@ impl Queue {
     /// `alerted_before` ago (any change of state since forgets that alert:
     /// `recording_jobs_alert_on_state`). An object that an intake links is
     /// left alone. `Ok(false)`: not due any more, nothing deleted.
-    pub async fn delete_unresolved<F, Fut, E>(
+    pub(crate) async fn delete_unresolved<F, Fut, E>(
         &self,
         id: i64,
         finished_before: Duration,

@@ -74,7 +74,7 @@ pub(super) fn transport(e: reqwest::Error) -> StorageError {
 /// The error and every cause under it, `: `-separated: reqwest's own text is
 /// only "error sending request", which tells an operator nothing (was the
 /// connection refused, reset, timed out?). URLs are already stripped.
-pub fn error_chain(e: &dyn std::error::Error) -> String {
+pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
     let mut text = e.to_string();
     let mut source = e.source();
     while let Some(cause) = source {

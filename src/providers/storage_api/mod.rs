@@ -15,8 +15,11 @@ mod buckets;
 mod errors;
 mod uploads;
 
-pub use buckets::{Bucket, BucketSpec, RECORDINGS_BUCKET};
-pub use errors::{StorageError, error_chain};
+pub use buckets::{Bucket, RECORDINGS_BUCKET};
+
+pub use buckets::BucketSpec;
+pub use errors::StorageError;
+pub(crate) use errors::error_chain;
 use errors::{check, transport};
 pub use uploads::TUS_CHUNK;
 
@@ -149,7 +152,7 @@ impl StorageClient {
 
     /// The object's authenticated URL: what `intakes.recording_url` holds. It
     /// plays only with credentials; the UI turns it into a signed URL.
-    pub fn authenticated_url(&self, path: &str) -> Result<String, StorageError> {
+    pub(crate) fn authenticated_url(&self, path: &str) -> Result<String, StorageError> {
         Ok(self.url(&self.object_route("/authenticated", path)?))
     }
 

@@ -17,7 +17,7 @@ mod recording;
 
 pub use errors::TelnyxError;
 use errors::{check, describe_json_error, transport};
-pub use recording::{DownloadUrls, Page, PageMeta, Recording, parse_timestamp};
+pub(crate) use recording::{DownloadUrls, Page, Recording, parse_timestamp};
 use recording::{One, text};
 
 #[derive(Debug, Clone)]
@@ -83,7 +83,7 @@ impl TelnyxClient {
 
     /// `GET /recordings/{id}`: metadata plus fresh presigned download URLs
     /// (the ones in the webhook expire after 10 minutes).
-    pub async fn get_recording(&self, id: &str) -> Result<Recording, TelnyxError> {
+    pub(crate) async fn get_recording(&self, id: &str) -> Result<Recording, TelnyxError> {
         let path = format!("/recordings/{}", encode_segment(id)?);
         let res = self
             .api(reqwest::Method::GET, &path)
@@ -104,7 +104,7 @@ impl TelnyxClient {
     }
 
     /// `GET /recordings` with filters such as `filter[call_session_id]`.
-    pub async fn list_recordings(
+    pub(crate) async fn list_recordings(
         &self,
         filters: &[(&str, String)],
         page_number: u32,
@@ -128,7 +128,7 @@ impl TelnyxClient {
 
     /// Recordings of one call; the webhook has the session id even when it
     /// lacks the recording id.
-    pub async fn recordings_of_call(
+    pub(crate) async fn recordings_of_call(
         &self,
         call_session_id: &str,
     ) -> Result<Vec<Recording>, TelnyxError> {
@@ -143,7 +143,7 @@ impl TelnyxClient {
     }
 
     /// `DELETE /recordings/{id}`. Already gone counts as deleted.
-    pub async fn delete_recording(&self, id: &str) -> Result<(), TelnyxError> {
+    pub(crate) async fn delete_recording(&self, id: &str) -> Result<(), TelnyxError> {
         let path = format!("/recordings/{}", encode_segment(id)?);
         let res = self
             .api(reqwest::Method::DELETE, &path)

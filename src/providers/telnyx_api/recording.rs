@@ -17,7 +17,7 @@ use crate::call::CallFacts;
 /// recording, let alone the page it is on. Only the id is needed; a listed
 /// record without one is skipped (see [`Page::skipped`]).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Recording {
+pub(crate) struct Recording {
     pub id: String,
     /// Telnyx names the numbers `from` and `to`.
     pub call: CallFacts,
@@ -28,14 +28,14 @@ pub struct Recording {
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct DownloadUrls {
+pub(crate) struct DownloadUrls {
     pub mp3: Option<String>,
     pub wav: Option<String>,
 }
 
 impl Recording {
     /// Reads one recording object; `None` when it has no usable id.
-    pub fn from_json(v: &Value) -> Option<Recording> {
+    pub(crate) fn from_json(v: &Value) -> Option<Recording> {
         let urls = v.get("download_urls");
         Some(Recording {
             id: text(v, "id")?,
@@ -111,7 +111,7 @@ fn when(v: &Value, key: &str) -> Option<DateTime<Utc>> {
 /// (`20190123T181002.574Z`), and no offset at all (taken as UTC, as
 /// Telnyx's clocks are). Anything else is `None`, never an error: a wrong
 /// time only widens what the matcher has to go on.
-pub fn parse_timestamp(text: &str) -> Option<DateTime<Utc>> {
+pub(crate) fn parse_timestamp(text: &str) -> Option<DateTime<Utc>> {
     let s = text.trim().replace(',', ".").to_ascii_uppercase();
     if s.is_empty() {
         return None;
@@ -175,7 +175,7 @@ impl<'de> Deserialize<'de> for One {
 
 /// One page of `GET /recordings`.
 #[derive(Debug, Default)]
-pub struct Page {
+pub(crate) struct Page {
     pub data: Vec<Recording>,
     /// Listed records that could not be used (not an object, no id).
     pub skipped: usize,
@@ -196,19 +196,15 @@ impl<'de> Deserialize<'de> for Page {
             skipped: listed.len() - data.len(),
             data,
             meta: PageMeta {
-                page_number: number("page_number"),
                 total_pages: number("total_pages"),
-                total_results: count(&meta, "total_results").and_then(|n| u64::try_from(n).ok()),
             },
         })
     }
 }
 
 #[derive(Debug, Default)]
-pub struct PageMeta {
-    pub page_number: Option<u32>,
+pub(crate) struct PageMeta {
     pub total_pages: Option<u32>,
-    pub total_results: Option<u64>,
 }
 
 #[cfg(test)]
