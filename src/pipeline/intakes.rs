@@ -94,7 +94,6 @@ pub enum IntakeWrite {
     /// object: the recording id, else the object's path (the host cleared
     /// only the id).
     TakenBy(String),
-    LeaseLost,
 }
 
 /// Saves `recording_id` and `recording_duration` on the intake (the UI's
@@ -109,14 +108,8 @@ pub async fn claim_intake(
     duration_secs: Option<i32>,
 ) -> Result<IntakeWrite, QueueError> {
     let mut tx = queue.pool().begin().await?;
-    match queue.lock_lease(&mut tx, lease).await {
-        Ok(()) => {}
-        Err(QueueError::LeaseLost) => {
-            tx.rollback().await?;
-            return Ok(IntakeWrite::LeaseLost);
-        }
-        Err(e) => return Err(e),
-    }
+    // A lost lease is an error; the transaction rolls back as it drops.
+    queue.lock_lease(&mut tx, lease).await?;
     // Concurrent claims serialise on the row lock; the loser re-checks the
     // WHERE against the winner's value and updates nothing. An intake that
     // points at an object other than this job's (the host cleared only its
@@ -136,17 +129,9 @@ pub async fn claim_intake(
     .execute(&mut *tx)
     .await?;
     if updated.rows_affected() == 1 {
-        match queue
+        queue
             .save_match(&mut tx, lease, intake, method.as_str())
-            .await
-        {
-            Ok(()) => {}
-            Err(QueueError::LeaseLost) => {
-                tx.rollback().await?;
-                return Ok(IntakeWrite::LeaseLost);
-            }
-            Err(e) => return Err(e),
-        }
+            .await?;
         tx.commit().await?;
         return Ok(IntakeWrite::Written);
     }
@@ -175,14 +160,8 @@ pub async fn link(
     recording_url: &str,
 ) -> Result<IntakeWrite, QueueError> {
     let mut tx = queue.pool().begin().await?;
-    match queue.lock_lease(&mut tx, lease).await {
-        Ok(()) => {}
-        Err(QueueError::LeaseLost) => {
-            tx.rollback().await?;
-            return Ok(IntakeWrite::LeaseLost);
-        }
-        Err(e) => return Err(e),
-    }
+    // A lost lease is an error; the transaction rolls back as it drops.
+    queue.lock_lease(&mut tx, lease).await?;
     let updated = sqlx::query(
         "UPDATE public.intakes
          SET recording_id = $2, recording_object_path = $3, recording_url = $4,
@@ -232,14 +211,8 @@ pub async fn link(
         .execute(&mut *tx)
         .await?;
     }
-    match queue.mark_linked(&mut tx, lease).await {
-        Ok(()) => {}
-        Err(QueueError::LeaseLost) => {
-            tx.rollback().await?;
-            return Ok(IntakeWrite::LeaseLost);
-        }
-        Err(e) => return Err(e),
-    }
+    // A lost lease is an error; the transaction rolls back as it drops.
+    queue.mark_linked(&mut tx, lease).await?;
     tx.commit().await?;
     Ok(IntakeWrite::Written)
 }
@@ -581,7 +554,7 @@ mod tests {
             None,
         )
         .await;
-        assert_eq!(claim.unwrap(), IntakeWrite::LeaseLost);
+        assert!(matches!(claim, Err(QueueError::LeaseLost)), "{claim:?}");
         let held: Option<String> =
             sqlx::query_scalar("SELECT recording_id FROM public.intakes WHERE id = $1")
                 .bind(intake)

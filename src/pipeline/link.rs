@@ -5,7 +5,7 @@ use tracing::info;
 use super::errors::storage_failure;
 use super::intakes::{self, IntakeWrite};
 use super::{Run, duration_secs};
-use crate::jobs::{JobError, QueueError};
+use crate::jobs::JobError;
 
 impl Run<'_> {
     pub(super) async fn link(&mut self) -> Result<(), JobError> {
@@ -35,7 +35,6 @@ impl Run<'_> {
         .await?
         {
             IntakeWrite::Written => {}
-            IntakeWrite::LeaseLost => return Err(QueueError::LeaseLost.into()),
             IntakeWrite::Gone => {
                 return Err(JobError::permanent(format!(
                     "cannot link: intake {intake} was deleted after the match; \

@@ -129,7 +129,6 @@ impl Run<'_> {
         .await?
         {
             IntakeWrite::Written => {}
-            IntakeWrite::LeaseLost => return Err(QueueError::LeaseLost.into()),
             IntakeWrite::TakenBy(other) => {
                 return self.unmatched_or_retry(format!(
                     "intake {intake} already holds recording {other}"
