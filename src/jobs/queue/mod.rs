@@ -11,7 +11,9 @@
 //! - `alerts.rs`: alerts owed for failed and unmatched jobs;
 //! - `gauges.rs`: the `/metrics` gauges, depth and counts;
 //! - `lookup.rs`: questions other modules ask (reconcile, playback);
-//! - `quarantine.rs`: deliveries that could not be parsed.
+//! - `quarantine.rs`: deliveries that could not be parsed;
+//! - `overdue_calls.rs`: calls Telnyx announced whose recording no job
+//!   knows yet (the look-up for recordings that never came).
 //!
 //! The claim commits at once (no transaction is held during HTTP work) and
 //! gives the lease a fresh token from a sequence; every later change is
@@ -84,6 +86,7 @@ mod gauges;
 mod lifecycle;
 mod lookup;
 mod operator;
+mod overdue_calls;
 mod progress;
 mod quarantine;
 mod relocation;
@@ -95,6 +98,7 @@ pub use alerts::{CLAIM_ALERTS_SQL, OwedAlert};
 pub use gauges::{GAUGE_EXACT_UP_TO, GAUGES_SQL, OLDEST_RUNNABLE_SQL, QueueDepth, QueueGauges};
 pub use lifecycle::{CLAIM_SQL, COMPLETE_BATCH_SQL, Completed, Enqueued};
 pub use lookup::HAS_JOB_FOR_RECORDING_SQL;
+pub(crate) use overdue_calls::OverdueCall;
 pub use retention::HOLDS_PATIENT_DATA;
 
 /// The channel the `recording_jobs_notify` trigger sends on.
