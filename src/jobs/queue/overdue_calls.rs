@@ -62,7 +62,10 @@ pub(crate) struct OverdueCall {
 
 impl Queue {
     /// Marks the overdue calls a job covers as settled; returns how many.
-    pub(crate) async fn settle_covered_calls(&self, overdue_after: Duration) -> Result<u64, QueueError> {
+    pub(crate) async fn settle_covered_calls(
+        &self,
+        overdue_after: Duration,
+    ) -> Result<u64, QueueError> {
         let done = sqlx::query(SETTLE_CALLS_SQL)
             .bind(millis(overdue_after))
             .execute(&self.pool)
@@ -89,7 +92,10 @@ impl Queue {
     }
 
     /// Telnyx had the call's recording(s) and a job covers them now.
-    pub(crate) async fn call_recording_found(&self, call_session_id: &str) -> Result<(), QueueError> {
+    pub(crate) async fn call_recording_found(
+        &self,
+        call_session_id: &str,
+    ) -> Result<(), QueueError> {
         sqlx::query(
             "UPDATE recording_relay.calls
              SET recording_found_at = now(), updated_at = now()
@@ -104,7 +110,10 @@ impl Queue {
     /// Records that the call's recording is missing. `true` only for the
     /// one caller that changed the row, so the report goes out once
     /// however many workers (or `reconcile` runs) got this far.
-    pub(crate) async fn call_recording_missing(&self, call_session_id: &str) -> Result<bool, QueueError> {
+    pub(crate) async fn call_recording_missing(
+        &self,
+        call_session_id: &str,
+    ) -> Result<bool, QueueError> {
         let done = sqlx::query(
             "UPDATE recording_relay.calls
              SET recording_missing_at = now(), updated_at = now()
@@ -221,8 +230,16 @@ mod tests {
         .await
         .unwrap();
         for (sql, args, kind) in [
-            (CLAIM_OVERDUE_CALLS_SQL, "(1800000, 7200000, 600000, 50)", Plan::Chosen),
-            (CLAIM_OVERDUE_CALLS_SQL, "(1800000, 7200000, 600000, 50)", Plan::Generic),
+            (
+                CLAIM_OVERDUE_CALLS_SQL,
+                "(1800000, 7200000, 600000, 50)",
+                Plan::Chosen,
+            ),
+            (
+                CLAIM_OVERDUE_CALLS_SQL,
+                "(1800000, 7200000, 600000, 50)",
+                Plan::Generic,
+            ),
             (SETTLE_CALLS_SQL, "(1800000)", Plan::Chosen),
             (SETTLE_CALLS_SQL, "(1800000)", Plan::Generic),
         ] {
