@@ -793,7 +793,7 @@ async fn an_overdue_call_without_a_recording_is_reported_missing_once(pool: PgPo
     let (a, b) = (a.unwrap(), b.unwrap());
     assert_eq!(a.asked + b.asked, 2, "{a:?} {b:?}");
     let reported: Vec<String> = a.missing.into_iter().chain(b.missing).collect();
-    assert_eq!(reported, [gone.clone()]);
+    assert_eq!(reported, std::slice::from_ref(&gone));
     assert_eq!(missing() - before, 1);
     let alert = sink.next().await;
     assert_eq!(alert["kind"], "recording_relay.recording_missing");
