@@ -183,6 +183,16 @@ impl App {
                 ),
                 None => None,
             };
+            let telnyx = crate::providers::telnyx_api::TelnyxClient::from_config(&self.config)
+                .map_err(|e| AppError::Config(e.to_string()))?;
+            parts.spawn(crate::ops::missing::run_until(
+                queue.clone(),
+                telnyx,
+                alerter.clone(),
+                crate::ops::missing::Patience::from_config(&self.config.pipeline),
+                self.config.retry.max_attempts,
+                shutdown.clone(),
+            ));
             parts.spawn(Worker::new(queue.clone(), handler, opts).run(shutdown.clone()));
             parts.spawn(prune_periodically(
                 queue.clone(),

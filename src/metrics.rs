@@ -31,6 +31,9 @@ pub struct Metrics {
     /// original of a recording moved into its intake's folder. Each is
     /// logged with its path; the job still succeeds.
     pub orphaned_objects: Counter,
+    /// Calls Telnyx announced whose recording never came (`ops::missing`),
+    /// each counted once, by the process that reported it.
+    pub recordings_missing: Counter,
     provider_errors: Family<Labels, Counter>,
     jobs: Family<Labels, Gauge>,
     queue_lag: Gauge<f64, AtomicU64>,
@@ -88,6 +91,12 @@ impl Metrics {
             "Objects left in the bucket because deleting them failed (the unmatched/ original of a moved recording)",
             orphaned_objects.clone(),
         );
+        let recordings_missing = Counter::default();
+        registry.register(
+            "recordings_missing",
+            "Calls announced by call.initiated for which Telnyx listed no recording within pipeline.recording_missing_after (or that nobody answered)",
+            recordings_missing.clone(),
+        );
         let provider_errors = Family::<Labels, Counter>::default();
         registry.register(
             "provider_errors",
@@ -124,6 +133,7 @@ impl Metrics {
             bytes_relayed,
             kept_at_telnyx,
             orphaned_objects,
+            recordings_missing,
             provider_errors,
             jobs,
             queue_lag,

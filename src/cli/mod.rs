@@ -162,10 +162,22 @@ async fn execute(command: Command, role: Role, config: Config) -> anyhow::Result
         Command::Reconcile { since, json } => {
             let pool = db::pool(&config)?;
             let telnyx = crate::providers::telnyx_api::TelnyxClient::from_config(&config)?;
-            let report = crate::ops::reconcile::reconcile(
-                &Queue::new(pool),
+            let queue = Queue::new(pool);
+            let mut report =
+                crate::ops::reconcile::reconcile(&queue, &telnyx, since, config.retry.max_attempts)
+                    .await?;
+            let alerter = match config.pipeline.alert_webhook_url.as_deref() {
+                Some(url) => Some(crate::ops::alerts::Alerter::new(
+                    url,
+                    config.http.request_timeout,
+                )?),
+                None => None,
+            };
+            report.overdue_calls = crate::ops::missing::check_overdue_calls(
+                &queue,
                 &telnyx,
-                since,
+                alerter.as_ref(),
+                crate::ops::missing::Patience::from_config(&config.pipeline),
                 config.retry.max_attempts,
             )
             .await?;
@@ -184,6 +196,19 @@ async fn execute(command: Command, role: Role, config: Config) -> anyhow::Result
                 );
                 for id in &report.enqueued {
                     println!("  enqueued {id}");
+                }
+                let calls = &report.overdue_calls;
+                println!(
+                    "overdue calls: {} asked about at Telnyx, {} recording(s) enqueued, {} reported missing",
+                    calls.asked,
+                    calls.enqueued.len(),
+                    calls.missing.len()
+                );
+                for id in &calls.enqueued {
+                    println!("  enqueued {id}");
+                }
+                for session in &calls.missing {
+                    println!("  missing: call session {session}");
                 }
             }
             Ok(())

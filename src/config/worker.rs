@@ -118,6 +118,15 @@ pub struct PipelineConfig {
     /// Optional: receives a JSON summary of every job that ends failed or
     /// unmatched.
     pub alert_webhook_url: Option<String>,
+    /// A call Telnyx announced (`call.initiated`) with no recording this
+    /// long after is asked about by its session in the Recordings API
+    /// (`ops::missing`), and again every few minutes.
+    #[serde(with = "humantime_serde")]
+    pub recording_overdue_after: Duration,
+    /// Still no recording this long after the call was announced: the
+    /// call is reported missing (metric and alert), once.
+    #[serde(with = "humantime_serde")]
+    pub recording_missing_after: Duration,
 }
 
 impl Default for PipelineConfig {
@@ -132,6 +141,10 @@ impl Default for PipelineConfig {
             delete_from_telnyx: false,
             resumable_threshold_bytes: 6 * 1024 * 1024,
             alert_webhook_url: None,
+            // Intake calls last minutes; Telnyx lists a recording moments
+            // after the call ends.
+            recording_overdue_after: Duration::from_secs(30 * 60),
+            recording_missing_after: Duration::from_secs(2 * 3600),
         }
     }
 }
@@ -165,6 +178,15 @@ impl Config {
         }
         if let Some(url) = p.alert_webhook_url.as_deref() {
             check_provider_url("pipeline.alert_webhook_url", url, problems);
+        }
+        if p.recording_overdue_after < Duration::from_secs(60)
+            || p.recording_missing_after < p.recording_overdue_after
+        {
+            problems.push(
+                "pipeline.recording_overdue_after must be at least 1m, and \
+                 pipeline.recording_missing_after not below it"
+                    .to_owned(),
+            );
         }
         if let Some(period) = self.retention.unresolved_for {
             // Deleting the only pointer to a recording without telling anyone

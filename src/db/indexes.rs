@@ -19,10 +19,14 @@ use super::DbError;
 /// test compares this list with one, so it cannot drift). `migrate` builds
 /// one from its definition with `CONCURRENTLY`, as the migrations did, so
 /// neither the listener's inserts nor ZScribe's writes to `intakes` wait.
-pub(crate) const EXPECTED: [(&str, &str); 18] = [
+pub(crate) const EXPECTED: [(&str, &str); 19] = [
     (
         "calls_received_idx",
         "CREATE INDEX calls_received_idx ON recording_relay.calls USING btree (received_at)",
+    ),
+    (
+        "calls_unsettled_idx",
+        "CREATE INDEX calls_unsettled_idx ON recording_relay.calls USING btree (received_at) WHERE ((recording_found_at IS NULL) AND (recording_missing_at IS NULL))",
     ),
     (
         "idx_intakes_recording_id",

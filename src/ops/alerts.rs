@@ -95,7 +95,7 @@ impl Alerter {
 
     /// POSTs `alert`, retrying a few times; the caller learns whether it
     /// arrived.
-    pub async fn send(&self, alert: &JobAlert) -> Result<(), reqwest::Error> {
+    pub async fn send(&self, alert: &(impl Serialize + Sync)) -> Result<(), reqwest::Error> {
         let send = || async {
             self.http
                 .post(&self.url)

@@ -32,6 +32,10 @@ pub struct Report {
     /// Listed records that could not be read (no id, not an object): the
     /// rest of their page is still reconciled.
     pub(crate) unreadable: usize,
+    /// The targeted look-up of announced calls whose recording is overdue
+    /// (`ops::missing`), which `recording-relay reconcile` runs after the
+    /// listing.
+    pub overdue_calls: super::missing::Report,
 }
 
 pub async fn reconcile(
@@ -91,7 +95,7 @@ pub async fn reconcile(
 
 /// A job as if the webhook had arrived. The event id is derived from the
 /// recording id, so running reconcile twice cannot enqueue twice.
-fn job_for(r: &Recording, max_attempts: i32) -> NewJob {
+pub(crate) fn job_for(r: &Recording, max_attempts: i32) -> NewJob {
     NewJob {
         event_id: format!("reconcile:{}", r.id),
         event_type: crate::webhook::event::RECORDING_SAVED.to_owned(),

@@ -675,3 +675,158 @@ async fn reconcile_enqueues_the_recordings_of_a_session_whose_job_gave_up(pool: 
     enqueued.sort();
     assert_eq!(enqueued, ["rec-part-1", "rec-part-2"], "{report}");
 }
+
+/// A `recording_relay.calls` row as the listener writes it from a
+/// verified `call.initiated` (issue #21), `minutes_ago` minutes old.
+async fn announced_call(
+    pool: &PgPool,
+    session: &str,
+    intake: Option<uuid::Uuid>,
+    minutes_ago: i32,
+) {
+    sqlx::query(
+        "INSERT INTO recording_relay.calls
+             (call_session_id, intake_id, from_number, to_number, connection_id,
+              first_event_id, first_event_type, received_at)
+         VALUES ($1, $2, '+15551230001', '+15557650002', '1684641123236054244',
+                 'ev-' || $1, 'call.initiated', now() - make_interval(mins => $3))",
+    )
+    .bind(session)
+    .bind(intake)
+    .bind(minutes_ago)
+    .execute(pool)
+    .await
+    .unwrap();
+}
+
+fn telnyx_client(p: &Providers) -> recording_relay::providers::telnyx_api::TelnyxClient {
+    let timeout = Duration::from_secs(5);
+    recording_relay::providers::telnyx_api::TelnyxClient::new(
+        &p.telnyx.base_url(),
+        TELNYX_KEY.to_owned().into(),
+        recording_relay::providers::telnyx_api::Timeouts {
+            connect: timeout,
+            request: timeout,
+            read_idle: timeout,
+        },
+    )
+    .unwrap()
+}
+
+/// Issue #21, item 4: a call known from `call.initiated` whose recording
+/// webhook never came is looked up by its session, and what Telnyx has is
+/// enqueued, once.
+#[sqlx::test(migrations = false)]
+async fn an_overdue_call_whose_recording_telnyx_has_is_enqueued(pool: PgPool) {
+    use recording_relay::ops::missing::{Patience, check_overdue_calls};
+    let pool = testing::prepare(pool).await;
+    let queue = Queue::new(pool.clone());
+    let p = providers(true);
+    let telnyx = telnyx_client(&p);
+    let late = SimRecording::sample("rec-late");
+    p.telnyx.add_recording(late.clone());
+    let not_yet = SimRecording::sample("rec-not-yet-due");
+    p.telnyx.add_recording(not_yet.clone());
+    announced_call(&pool, &late.call_session_id, None, 45).await;
+    // Announced ten minutes ago: its webhook may well be on its way.
+    announced_call(&pool, &not_yet.call_session_id, None, 10).await;
+    let patience = Patience::from_config(&Default::default());
+
+    let report = check_overdue_calls(&queue, &telnyx, None, patience, 5)
+        .await
+        .unwrap();
+    assert_eq!(report.asked, 1, "{report:?}");
+    assert_eq!(report.enqueued, ["rec-late"]);
+    assert!(report.missing.is_empty());
+    let job = queue
+        .get_by_event_id("reconcile:rec-late")
+        .await
+        .unwrap()
+        .expect("the late recording is enqueued");
+    assert_eq!(job.state, JobState::Pending);
+    assert_eq!(
+        job.call.call_session_id.as_deref(),
+        Some(late.call_session_id.as_str())
+    );
+
+    // Settled: not asked about again, not enqueued twice.
+    let again = check_overdue_calls(&queue, &telnyx, None, patience, 5)
+        .await
+        .unwrap();
+    assert_eq!(again.asked, 0, "{again:?}");
+    assert!(again.enqueued.is_empty());
+    let jobs: i64 = sqlx::query_scalar("SELECT count(*) FROM recording_relay.recording_jobs")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(jobs, 1);
+}
+
+/// Issue #21, item 4: a call whose recording Telnyx never made is reported
+/// (metric and alert, with the session and the intake, no phone number)
+/// once, however many passes and workers look, not left silent.
+#[sqlx::test(migrations = false)]
+async fn an_overdue_call_without_a_recording_is_reported_missing_once(pool: PgPool) {
+    use recording_relay::ops::alerts::Alerter;
+    use recording_relay::ops::missing::{Patience, check_overdue_calls};
+    let pool = testing::prepare(pool).await;
+    let queue = Queue::new(pool.clone());
+    let p = providers(true);
+    let telnyx = telnyx_client(&p);
+    let sink = crate::helpers::AlertSink::start().await;
+    let alerter = Alerter::new(&sink.url(), Duration::from_secs(5)).unwrap();
+    let gone = uuid::Uuid::new_v4().to_string();
+    let waiting = uuid::Uuid::new_v4().to_string();
+    let intake = uuid::Uuid::new_v4();
+    // Three hours: past `recording_missing_after` (2 h by default).
+    announced_call(&pool, &gone, Some(intake), 180).await;
+    // Overdue, not yet missing: asked about, not reported.
+    announced_call(&pool, &waiting, None, 45).await;
+    let patience = Patience::from_config(&Default::default());
+    let missing = || recording_relay::metrics::metrics().recordings_missing.get();
+    let before = missing();
+
+    let (a, b) = tokio::join!(
+        check_overdue_calls(&queue, &telnyx, Some(&alerter), patience, 5),
+        check_overdue_calls(&queue, &telnyx, Some(&alerter), patience, 5),
+    );
+    let (a, b) = (a.unwrap(), b.unwrap());
+    assert_eq!(a.asked + b.asked, 2, "{a:?} {b:?}");
+    let reported: Vec<String> = a.missing.into_iter().chain(b.missing).collect();
+    assert_eq!(reported, std::slice::from_ref(&gone));
+    assert_eq!(missing() - before, 1);
+    let alert = sink.next().await;
+    assert_eq!(alert["kind"], "recording_relay.recording_missing");
+    assert_eq!(alert["call_session_id"], gone.as_str());
+    assert_eq!(alert["intake_id"], intake.to_string());
+    let text = alert.to_string();
+    assert!(
+        !text.contains("5551230001") && !text.contains("5557650002"),
+        "{text}"
+    );
+
+    // Asked about again later (the recheck period over): still reported
+    // once, and the waiting call not yet at all.
+    sqlx::query(
+        "UPDATE recording_relay.calls SET recording_checked_at = now() - interval '1 hour'",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    let again = check_overdue_calls(&queue, &telnyx, Some(&alerter), patience, 5)
+        .await
+        .unwrap();
+    assert_eq!(again.asked, 1, "{again:?}");
+    assert!(again.missing.is_empty());
+    assert_eq!(missing() - before, 1);
+    // The send is awaited inside the pass: an alert would be here by now.
+    assert!(sink.try_next().is_none(), "a second alert went out");
+    let marked: Option<chrono::DateTime<chrono::Utc>> = sqlx::query_scalar(
+        "SELECT recording_missing_at FROM recording_relay.calls WHERE call_session_id = $1",
+    )
+    .bind(&gone)
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert!(marked.is_some());
+}

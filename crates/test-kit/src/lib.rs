@@ -169,6 +169,48 @@ pub fn recording_saved_event(event_id: &str, call_session_id: &str) -> serde_jso
     })
 }
 
+/// The SIP header in which ZScribe's dialer names the intake (issue #21):
+/// LiveKit's `CreateSIPParticipantRequest.headers` sends it on the INVITE,
+/// and Telnyx reports it in `call.initiated`'s `custom_headers`.
+pub const INTAKE_HEADER: &str = "X-Intake-Id";
+
+/// A `call.initiated` event as Telnyx sends it for an outbound call ZScribe
+/// places through LiveKit SIP over a Telnyx trunk (RESEARCH21: team-telnyx
+/// openapi spec3.yml): `custom_headers` is an array of `{name, value}`
+/// objects carrying [`INTAKE_HEADER`], and there is no `client_state` (only
+/// Call Control sets one). `from` is the organization's number, `to` the
+/// patient's.
+pub fn call_initiated_event(
+    event_id: &str,
+    call_session_id: &str,
+    intake_id: &str,
+    from: &str,
+    to: &str,
+) -> serde_json::Value {
+    serde_json::json!({
+        "data": {
+            "record_type": "event",
+            "event_type": "call.initiated",
+            "id": event_id,
+            "occurred_at": "2025-11-19T10:29:58.000Z",
+            "payload": {
+                "call_control_id": format!("v3:{call_session_id}"),
+                "call_leg_id": uuid::Uuid::new_v4().to_string(),
+                "call_session_id": call_session_id,
+                "connection_id": "1494404757140276705",
+                "from": from,
+                "to": to,
+                "direction": "outgoing",
+                "state": "bridging",
+                "start_time": "2025-11-19T10:29:58.000Z",
+                "custom_headers": [
+                    {"name": INTAKE_HEADER, "value": intake_id}
+                ]
+            }
+        }
+    })
+}
+
 /// The URL of the database behind `pool` (a `#[sqlx::test]` database), on
 /// the server `DATABASE_URL` names, optionally through another port.
 pub fn database_url_of(pool: &PgPool, port: Option<u16>) -> String {
@@ -192,6 +234,22 @@ fn url_without_path(url: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Telnyx's shape: the header in an array of {name, value}, no
+    /// client_state, the session and numbers in the payload.
+    #[test]
+    fn a_call_initiated_names_its_intake_in_an_array_of_custom_headers() {
+        let event = call_initiated_event("ev-1", "s-1", "intake-1", "+19712656795", "+15550104477");
+        let payload = &event["data"]["payload"];
+        assert_eq!(event["data"]["event_type"], "call.initiated");
+        assert_eq!(payload["call_session_id"], "s-1");
+        assert_eq!(
+            payload["custom_headers"],
+            serde_json::json!([{"name": "X-Intake-Id", "value": "intake-1"}])
+        );
+        assert!(payload.get("client_state").is_none());
+        assert_eq!(payload["direction"], "outgoing");
+    }
 
     #[test]
     fn urls_name_another_database_and_keep_their_query() {

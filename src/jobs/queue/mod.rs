@@ -11,7 +11,9 @@
 //! - `alerts.rs`: alerts owed for failed and unmatched jobs;
 //! - `gauges.rs`: the `/metrics` gauges, depth and counts;
 //! - `lookup.rs`: questions other modules ask (reconcile, playback);
-//! - `quarantine.rs`: deliveries that could not be parsed.
+//! - `quarantine.rs`: deliveries that could not be parsed;
+//! - `overdue_calls.rs`: calls Telnyx announced whose recording no job
+//!   knows yet (the look-up for recordings that never came).
 //!
 //! The claim commits at once (no transaction is held during HTTP work) and
 //! gives the lease a fresh token from a sequence; every later change is
@@ -84,6 +86,7 @@ mod gauges;
 mod lifecycle;
 mod lookup;
 mod operator;
+mod overdue_calls;
 mod progress;
 mod quarantine;
 mod relocation;
@@ -94,6 +97,7 @@ mod test_support;
 pub use gauges::QueueGauges;
 pub(crate) use lifecycle::Completed;
 pub use lifecycle::Enqueued;
+pub(crate) use overdue_calls::OverdueCall;
 
 /// The channel the `recording_jobs_notify` trigger sends on.
 pub(crate) const NOTIFY_CHANNEL: &str = "recording_jobs";

@@ -4,8 +4,11 @@
 //! It creates a fresh `recording_relay_demo` database with a minimal host
 //! schema (on the given server, the default one, or a throwaway cluster of
 //! its own: [`cluster`]), starts the real daemon (listener, worker and
-//! playback API) on loopback, sends signed `call.recording.saved` webhooks
-//! shaped like Telnyx's (no recording id, no numbers), prints one line per
+//! playback API) on loopback, sends signed webhooks shaped like Telnyx's
+//! the way ZScribe's calls produce them (issue #21): `call.initiated`
+//! naming the intake in the SIP header `X-Intake-Id`, no `client_state`,
+//! and `call.recording.saved` (no recording id, no numbers); one patient
+//! is called twice within ten minutes. It prints one line per
 //! change of each job ([`story`]), and ends with a table of what is in the
 //! bucket and on the intakes, checked against the source.
 
@@ -42,34 +45,70 @@ pub const DEFAULT_SERVER: &str = "postgres://postgres@127.0.0.1:5432/postgres";
 /// How long the `--keep` player link's token stays valid.
 const KEEP_TOKEN_LIFETIME: Duration = Duration::from_secs(8 * 3600);
 
-/// One call of the demo: who was called, how long, and what should happen.
+/// One call of the demo: who was called, how long, when, and how Telnyx
+/// announced it.
 struct Call {
     label: &'static str,
     patient_phone: Option<&'static str>,
     dialled: &'static str,
     seconds: u64,
+    /// When the recording started, in seconds after the demo's first call.
+    starts_at: i64,
+    /// When `call.initiated` (with the intake in `X-Intake-Id`, ZScribe's
+    /// way) is sent relative to `call.recording.saved`.
+    initiated: Initiated,
 }
 
-const CALLS: [Call; 3] = [
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Initiated {
+    /// As Telnyx does: the call starts, then its recording is saved.
+    Before,
+    /// A delivery that came late: the recording's webhook first.
+    After,
+}
+
+/// ZScribe's dial path (issue #21): every call is announced by
+/// `call.initiated` naming its intake in `X-Intake-Id`, none carries
+/// `client_state`. Call 4 calls call 1's patient again six minutes later,
+/// for a second intake: by phone number and time the two would be
+/// ambiguous, by the header each lands on its own intake.
+const CALLS: [Call; 4] = [
     Call {
         label: "3-minute intake call",
         patient_phone: Some("(555) 010-4477"),
         dialled: "+15550104477",
         seconds: 180,
+        starts_at: 0,
+        initiated: Initiated::Before,
     },
     Call {
-        label: "12-minute intake call (resumable upload)",
+        label: "12-minute intake call (resumable upload), call.initiated delivered late",
         patient_phone: Some("555.010.9001"),
         dialled: "+1 555 010 9001",
         seconds: 720,
+        starts_at: 60,
+        initiated: Initiated::After,
     },
     Call {
-        label: "call to a number with no intake",
+        label: "call to a number with no intake (no X-Intake-Id)",
         patient_phone: None,
         dialled: "+15550100000",
         seconds: 30,
+        starts_at: 120,
+        initiated: Initiated::Before,
+    },
+    Call {
+        label: "call 1's patient called again 6 minutes later, for a new intake",
+        patient_phone: Some("(555) 010-4477"),
+        dialled: "+15550104477",
+        seconds: 120,
+        starts_at: 360,
+        initiated: Initiated::Before,
     },
 ];
+
+/// The organization's own number: ZScribe dials from it (`from`).
+const ORGANIZATION_NUMBER: &str = "+15550001000";
 
 /// Which PostgreSQL the demo runs on.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -256,8 +295,14 @@ async fn run_on(
     let organization = Uuid::new_v4();
     let mut expected = Vec::new();
     let mut labels = HashMap::new();
+    // Half an hour ago, so every call has ended (whole milliseconds, as
+    // the API's timestamps have).
+    let first_call = chrono::DateTime::from_timestamp_millis(
+        (chrono::Utc::now() - chrono::Duration::minutes(30)).timestamp_millis(),
+    )
+    .context("the clock")?;
     for (n, call) in CALLS.iter().enumerate() {
-        expected.push(prepare_call(&setup_pool, &telnyx, n, call, organization).await?);
+        expected.push(prepare_call(&setup_pool, &telnyx, n, call, organization, first_call).await?);
         labels.insert(event_id(n), format!("call {}", n + 1));
     }
 
@@ -273,26 +318,45 @@ async fn run_on(
     say(&format!(
         "daemon listening on http://{addr}/webhooks/telnyx, playback API on http://{playback}"
     ));
-    say("sending the three webhooks; what happens to each job, as it happens:");
+    say(&format!(
+        "sending {} calls ZScribe's way: call.initiated with X-Intake-Id (no client_state), and call.recording.saved; what happens to each job, as it happens:",
+        CALLS.len()
+    ));
 
     let http = reqwest::Client::new();
-    for (n, (rec, _)) in expected.iter().enumerate() {
-        let mut event = testing::recording_saved_event(&event_id(n), &rec.call_session_id);
-        event["data"]["payload"]["recording_started_at"] =
-            rec.recording_started_at.to_rfc3339().into();
-        event["data"]["payload"]["call_leg_id"] = rec.call_leg_id.clone().into();
-        let body = event.to_string().into_bytes();
-        let mut req = http.post(format!("http://{addr}/webhooks/telnyx"));
-        for (name, value) in testing::signature_headers(&key, testing::unix_now(), &body) {
-            req = req.header(name, value);
+    let send = |event: serde_json::Value, what: String| {
+        let http = http.clone();
+        let key = key.clone();
+        async move {
+            let body = event.to_string().into_bytes();
+            let mut req = http.post(format!("http://{addr}/webhooks/telnyx"));
+            for (name, value) in testing::signature_headers(&key, testing::unix_now(), &body) {
+                req = req.header(name, value);
+            }
+            let res = req.body(body).send().await?;
+            if !res.status().is_success() {
+                say(&format!("{what} answered {}", res.status()));
+            }
+            anyhow::Ok(())
         }
-        let res = req.body(body).send().await?;
-        if !res.status().is_success() {
-            say(&format!(
-                "webhook for call {} answered {}",
-                n + 1,
-                res.status()
-            ));
+    };
+    for (n, (call, (rec, intake))) in CALLS.iter().zip(&expected).enumerate() {
+        let initiated = call_initiated(n, rec, *intake);
+        let saved = {
+            let mut event = testing::recording_saved_event(&event_id(n), &rec.call_session_id);
+            event["data"]["payload"]["recording_started_at"] =
+                rec.recording_started_at.to_rfc3339().into();
+            event["data"]["payload"]["call_leg_id"] = rec.call_leg_id.clone().into();
+            event
+        };
+        let told = format!("call {}: call.initiated", n + 1);
+        let recorded = format!("call {}: call.recording.saved", n + 1);
+        if call.initiated == Initiated::Before {
+            send(initiated, told).await?;
+            send(saved, recorded).await?;
+        } else {
+            send(saved, recorded).await?;
+            send(initiated, told).await?;
         }
     }
 
@@ -348,6 +412,27 @@ async fn run_on(
 
 fn event_id(n: usize) -> String {
     format!("demo-event-{n}")
+}
+
+/// The `call.initiated` of call `n` as Telnyx sends it for a trunk call
+/// LiveKit placed with `headers={"X-Intake-Id": …}`; without an intake,
+/// no custom header at all.
+fn call_initiated(n: usize, rec: &SimRecording, intake: Option<Uuid>) -> serde_json::Value {
+    let mut event = testing::call_initiated_event(
+        &format!("demo-initiated-{n}"),
+        &rec.call_session_id,
+        &intake.map(|i| i.to_string()).unwrap_or_default(),
+        &rec.from,
+        &rec.to,
+    );
+    let started = rec.recording_started_at - chrono::Duration::seconds(2);
+    event["data"]["occurred_at"] = started.to_rfc3339().into();
+    event["data"]["payload"]["start_time"] = started.to_rfc3339().into();
+    event["data"]["payload"]["call_leg_id"] = rec.call_leg_id.clone().into();
+    if intake.is_none() {
+        event["data"]["payload"]["custom_headers"] = json!([]);
+    }
+    event
 }
 
 pub(crate) fn say(line: &str) {
@@ -429,6 +514,7 @@ async fn prepare_call(
     n: usize,
     call: &Call,
     organization: Uuid,
+    first_call: chrono::DateTime<chrono::Utc>,
 ) -> anyhow::Result<(SimRecording, Option<Uuid>)> {
     let mut rec = SimRecording::sample(format!(
         "rec-{}-{}",
@@ -436,19 +522,37 @@ async fn prepare_call(
         &Uuid::new_v4().simple().to_string()[..8]
     ));
     rec.to = call.dialled.to_owned();
-    rec.from = "+15550001000".to_owned();
+    rec.from = ORGANIZATION_NUMBER.to_owned();
     rec.duration_millis = call.seconds * 1000;
+    // The calls of the last half hour, in the order of `CALLS`.
+    let seconds = i64::try_from(call.seconds).unwrap_or(0);
+    rec.recording_started_at = first_call + chrono::Duration::seconds(call.starts_at);
+    rec.recording_ended_at = rec.recording_started_at + chrono::Duration::seconds(seconds);
+    rec.created_at = rec.recording_ended_at + chrono::Duration::seconds(2);
     rec.content = audio::timed_tones(call.seconds, u32::try_from(n + 1).unwrap_or(1));
     let intake = match call.patient_phone {
         Some(phone) => {
-            let patient: Uuid = sqlx::query_scalar(
-                "INSERT INTO public.patients (organization_id, name, phone) VALUES ($1, $2, $3) RETURNING id",
+            // A patient called twice is one patient with two intakes.
+            let known: Option<Uuid> = sqlx::query_scalar(
+                "SELECT id FROM public.patients WHERE organization_id = $1 AND phone = $2",
             )
             .bind(organization)
-            .bind(format!("Demo patient {}", n + 1))
             .bind(phone)
-            .fetch_one(pool)
+            .fetch_optional(pool)
             .await?;
+            let patient: Uuid = match known {
+                Some(id) => id,
+                None => {
+                    sqlx::query_scalar(
+                        "INSERT INTO public.patients (organization_id, name, phone) VALUES ($1, $2, $3) RETURNING id",
+                    )
+                    .bind(organization)
+                    .bind(format!("Demo patient {}", n + 1))
+                    .bind(phone)
+                    .fetch_one(pool)
+                    .await?
+                }
+            };
             let intake: Uuid = sqlx::query_scalar(
                 "INSERT INTO public.intakes (patient_id, organization_id, room_name, created_at)
                  VALUES ($1, $2, $3, $4 - interval '20 seconds') RETURNING id",
@@ -487,6 +591,8 @@ struct Row {
     state: String,
     object: String,
     sha256: &'static str,
+    /// How the job found its intake (`match_method`).
+    method: String,
     ok: bool,
 }
 
@@ -517,6 +623,7 @@ async fn report(
                 state: "no job".into(),
                 object: "-".into(),
                 sha256: "-",
+                method: "-".into(),
                 ok: false,
             });
             continue;
@@ -565,6 +672,7 @@ async fn report(
                 (true, true) => "matches",
                 (true, false) => "DIFFERS",
             },
+            method: job.match_method.clone().unwrap_or_else(|| "-".to_owned()),
             ok,
         });
         if uploads > 1 {
@@ -573,6 +681,20 @@ async fn report(
     }
     print_table(&rows);
     let mut ok = rows.iter().all(|r| r.ok);
+    // The twice-called patient: each recording on the intake its call named.
+    if let (Some(first), Some(again)) = (rows.first(), rows.get(3))
+        && first.ok
+        && again.ok
+        && first.intake != again.intake
+    {
+        // Said as it happened: by the header, or (a daemon that does not
+        // read it) by phone number and time, which the nearer-intake rule
+        // happened to settle.
+        say(&format!(
+            "calls 1 and 4 called the same patient six minutes apart: each recording is on the intake its call.initiated named in X-Intake-Id, {} and {} (matched by {} and {})",
+            first.intake, again.intake, first.method, again.method
+        ));
+    }
 
     let deleted = telnyx.deleted_ids().len();
     say(&format!(

@@ -107,6 +107,9 @@ pub fn changes(before: Option<&Snapshot>, now: &Snapshot) -> Vec<String> {
             match now.match_method.as_deref() {
                 Some("phone_and_time") => "phone number and call time",
                 Some("client_state") => "the call's client_state",
+                Some("call_initiated" | "intake_header" | "sip_header") => {
+                    "the X-Intake-Id of its call.initiated"
+                }
                 Some(other) => other,
                 None => "?",
             }
