@@ -31,6 +31,12 @@ pub struct Metrics {
     /// original of a recording moved into its intake's folder. Each is
     /// logged with its path; the job still succeeds.
     pub orphaned_objects: Counter,
+    /// Deletes at Telnyx that failed after the recording was linked (the
+    /// job succeeded; the delete is retried apart: issue #21 item 6).
+    pub telnyx_cleanup_failed: Counter,
+    /// Deletes at Telnyx owed, as this process's clean-up sweep last
+    /// counted them in the database (every worker counts the same rows).
+    pub telnyx_cleanup_pending: Gauge,
     provider_errors: Family<Labels, Counter>,
     jobs: Family<Labels, Gauge>,
     queue_lag: Gauge<f64, AtomicU64>,
@@ -88,6 +94,18 @@ impl Metrics {
             "Objects left in the bucket because deleting them failed (the unmatched/ original of a moved recording)",
             orphaned_objects.clone(),
         );
+        let telnyx_cleanup_failed = Counter::default();
+        registry.register(
+            "telnyx_cleanup_failed",
+            "Deletes at Telnyx that failed after the recording was stored and linked (it plays; the delete is retried)",
+            telnyx_cleanup_failed.clone(),
+        );
+        let telnyx_cleanup_pending = Gauge::default();
+        registry.register(
+            "telnyx_cleanup_pending",
+            "Recordings that play from the bucket and whose delete at Telnyx is still owed (recording_cleanups_pending)",
+            telnyx_cleanup_pending.clone(),
+        );
         let provider_errors = Family::<Labels, Counter>::default();
         registry.register(
             "provider_errors",
@@ -124,6 +142,8 @@ impl Metrics {
             bytes_relayed,
             kept_at_telnyx,
             orphaned_objects,
+            telnyx_cleanup_failed,
+            telnyx_cleanup_pending,
             provider_errors,
             jobs,
             queue_lag,

@@ -16,7 +16,9 @@
 //! 4. link: point the intake at the object;
 //! 5. delete at Telnyx (optional, only after 3 and 4, and only when step 3
 //!    proved the stored bytes the whole recording: a known source length
-//!    equal to the bytes stored and, for WAV, a header that agrees).
+//!    equal to the bytes stored and, for WAV, a header that agrees). A
+//!    delete that fails leaves the job succeeded (the recording plays) and
+//!    owes the delete, which `cleanup` retries apart.
 //!
 //! This file keeps the sequence; each step is a file of its own
 //! (`resolve`, `matching`, `store`, `relocate`, `link`, `delete`), and
@@ -24,6 +26,7 @@
 //! rules are plain code in `rules`, apart from the SQL on the host's tables
 //! in `intakes`.
 
+mod cleanup;
 mod delete;
 mod errors;
 pub mod intakes;
@@ -88,6 +91,12 @@ impl JobHandler for Pipeline {
             replaced: false,
         };
         run.execute().await
+    }
+
+    async fn sweep(&self, queue: &Queue, alerter: Option<&crate::ops::alerts::Alerter>) {
+        if let Err(e) = self.sweep_telnyx_cleanups(queue, alerter).await {
+            tracing::warn!(error = %e, "clean-up sweep failed; trying again on the next poll");
+        }
     }
 }
 

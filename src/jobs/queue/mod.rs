@@ -9,6 +9,7 @@
 //! - `operator.rs`: get, list, requeue, cancel, attach;
 //! - `retention.rs`: pruning, and the jobs that point at patient data;
 //! - `alerts.rs`: alerts owed for failed and unmatched jobs;
+//! - `cleanup.rs`: deletes at Telnyx owed by succeeded jobs;
 //! - `gauges.rs`: the `/metrics` gauges, depth and counts;
 //! - `lookup.rs`: questions other modules ask (reconcile, playback);
 //! - `quarantine.rs`: deliveries that could not be parsed.
@@ -79,6 +80,7 @@ fn millis(d: Duration) -> i64 {
 // Declared after the fence macros above: a `macro_rules!` is visible only
 // to the code that follows it.
 mod alerts;
+mod cleanup;
 pub(crate) mod competitors;
 mod gauges;
 mod lifecycle;
@@ -92,6 +94,7 @@ mod retention;
 mod test_support;
 
 pub use alerts::{CLAIM_ALERTS_SQL, OwedAlert};
+pub use cleanup::{CLAIM_CLEANUPS_SQL, OwedCleanup};
 pub use gauges::{GAUGE_EXACT_UP_TO, GAUGES_SQL, OLDEST_RUNNABLE_SQL, QueueDepth, QueueGauges};
 pub use lifecycle::{CLAIM_SQL, COMPLETE_BATCH_SQL, Completed, Enqueued};
 pub use lookup::HAS_JOB_FOR_RECORDING_SQL;
