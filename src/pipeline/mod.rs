@@ -150,10 +150,16 @@ impl Run<'_> {
             return Ok(Outcome::Unmatched { reason });
         }
         if self.job.linked_at.is_none() {
-            if self.needs_move() {
-                self.move_into_intake_folder().await?;
+            match self.move_and_link().await {
+                Ok(()) => {}
+                // A planned move that can no longer end in a link is
+                // undone, so the job names the one object that holds the
+                // recording (`relocate`).
+                Err(e @ JobError::Permanent { .. }) if self.job.moved_from.is_some() => {
+                    return Err(self.undo_move(e).await?);
+                }
+                Err(e) => return Err(e),
             }
-            self.link().await?;
         }
         if self.job.moved_from.is_some() && self.job.moved_from_deleted_at.is_none() {
             self.delete_moved_original().await?;
@@ -162,6 +168,13 @@ impl Run<'_> {
             self.delete_at_telnyx().await?;
         }
         Ok(Outcome::Succeeded)
+    }
+
+    async fn move_and_link(&mut self) -> Result<(), JobError> {
+        if self.needs_move() {
+            self.move_into_intake_folder().await?;
+        }
+        self.link().await
     }
 
     fn recording_id(&self) -> Result<&str, JobError> {
