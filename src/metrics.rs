@@ -34,6 +34,12 @@ pub struct Metrics {
     /// Calls Telnyx announced whose recording never came (`ops::missing`),
     /// each counted once, by the process that reported it.
     pub recordings_missing: Counter,
+    /// Deletes at Telnyx that failed after the recording was linked (the
+    /// job succeeded; the delete is retried apart: issue #21 item 6).
+    pub telnyx_cleanup_failed: Counter,
+    /// Deletes at Telnyx owed, as this process's clean-up sweep last
+    /// counted them in the database (every worker counts the same rows).
+    pub telnyx_cleanup_pending: Gauge,
     provider_errors: Family<Labels, Counter>,
     jobs: Family<Labels, Gauge>,
     queue_lag: Gauge<f64, AtomicU64>,
@@ -97,6 +103,18 @@ impl Metrics {
             "Calls announced by call.initiated for which Telnyx listed no recording within pipeline.recording_missing_after (or that nobody answered)",
             recordings_missing.clone(),
         );
+        let telnyx_cleanup_failed = Counter::default();
+        registry.register(
+            "telnyx_cleanup_failed",
+            "Deletes at Telnyx that failed after the recording was stored and linked (it plays; the delete is retried)",
+            telnyx_cleanup_failed.clone(),
+        );
+        let telnyx_cleanup_pending = Gauge::default();
+        registry.register(
+            "telnyx_cleanup_pending",
+            "Recordings that play from the bucket and whose delete at Telnyx is still owed (recording_cleanups_pending)",
+            telnyx_cleanup_pending.clone(),
+        );
         let provider_errors = Family::<Labels, Counter>::default();
         registry.register(
             "provider_errors",
@@ -134,6 +152,8 @@ impl Metrics {
             kept_at_telnyx,
             orphaned_objects,
             recordings_missing,
+            telnyx_cleanup_failed,
+            telnyx_cleanup_pending,
             provider_errors,
             jobs,
             queue_lag,

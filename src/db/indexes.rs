@@ -19,7 +19,7 @@ use super::DbError;
 /// test compares this list with one, so it cannot drift). `migrate` builds
 /// one from its definition with `CONCURRENTLY`, as the migrations did, so
 /// neither the listener's inserts nor ZScribe's writes to `intakes` wait.
-pub(crate) const EXPECTED: [(&str, &str); 19] = [
+pub(crate) const EXPECTED: [(&str, &str); 20] = [
     (
         "calls_received_idx",
         "CREATE INDEX calls_received_idx ON recording_relay.calls USING btree (received_at)",
@@ -91,6 +91,10 @@ pub(crate) const EXPECTED: [(&str, &str); 19] = [
     (
         "recording_jobs_state_idx",
         "CREATE INDEX recording_jobs_state_idx ON recording_relay.recording_jobs USING btree (state, updated_at)",
+    ),
+    (
+        "recording_jobs_telnyx_delete_due_idx",
+        "CREATE INDEX recording_jobs_telnyx_delete_due_idx ON recording_relay.recording_jobs USING btree (telnyx_delete_due_at) WHERE (telnyx_delete_due_at IS NOT NULL)",
     ),
     (
         "recording_jobs_to_number_key_idx",

@@ -240,4 +240,16 @@ pub trait JobHandler: Send + Sync + 'static {
         job: Job,
         ctx: JobContext,
     ) -> impl Future<Output = Result<Outcome, JobError>> + Send;
+
+    /// Work owed after jobs ended, done on the worker's poll (in a task of
+    /// its own, one sweep at a time per worker): the pipeline retries the
+    /// deletes at Telnyx that failed after a link. Nothing by default.
+    fn sweep(
+        &self,
+        queue: &Queue,
+        alerter: Option<&crate::ops::alerts::Alerter>,
+    ) -> impl Future<Output = ()> + Send {
+        let _ = (queue, alerter);
+        std::future::ready(())
+    }
 }

@@ -55,6 +55,10 @@ pub struct JobAlert {
     /// Retention alerts only: when the job and its object will be deleted.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub delete_after: Option<chrono::DateTime<chrono::Utc>>,
+    /// Clean-up alerts only: what is and is not wrong, for the reader who
+    /// would take any alert for a missing recording.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub note: Option<&'static str>,
 }
 
 impl JobAlert {
@@ -70,6 +74,23 @@ impl JobAlert {
             attempts: job.attempts,
             last_error: job.last_error.clone(),
             delete_after: None,
+            note: None,
+        }
+    }
+
+    /// The recording is stored, verified and linked, and plays; only its
+    /// copy at Telnyx could not be deleted after `attempts` tries
+    /// (`error`, the last). Not a failed job: its state is `succeeded`.
+    pub fn telnyx_cleanup_failed(job: &Job, attempts: i32, error: &str) -> Self {
+        Self {
+            kind: "recording_relay.telnyx_cleanup_failed",
+            attempts,
+            last_error: Some(error.to_owned()),
+            note: Some(
+                "the recording is stored, verified, linked and plays; only its copy at \
+                 Telnyx is not deleted yet (retried; recording_relay.recording_cleanups_pending)",
+            ),
+            ..Self::from_job(job)
         }
     }
 

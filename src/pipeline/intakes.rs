@@ -194,8 +194,8 @@ pub async fn link(
     // intake's column only while it equals this, and the table's CHECK
     // takes only the intake's own folder. The pipeline moves an
     // `unmatched/` recording into that folder before it links it
-    // (`relocate`); jobs linked where they lay before that are not recorded
-    // and do not play.
+    // (`relocate`) and refuses to link any other path (`link`); jobs linked
+    // where they lay before that are not recorded and do not play.
     if crate::object_paths::is_intake_recording(object_path, intake) {
         sqlx::query(
             "INSERT INTO recording_relay.recording_links (intake_id, recording_id, object_path, job_id)

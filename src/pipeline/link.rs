@@ -14,6 +14,17 @@ impl Run<'_> {
                 "cannot link: no intake or no stored object",
             ));
         };
+        // Never link a path playback would refuse (issue #19 review, L6):
+        // the intake's column would name an object with no link record, a
+        // recording that does not play and that nothing tells apart from
+        // one that does. Only the intake's own folder is linked; `relocate`
+        // moves an `unmatched/` recording there first.
+        if !crate::object_paths::is_intake_recording(&path, intake) {
+            return Err(JobError::permanent(format!(
+                "cannot link: {path} is not in intake {intake}'s own folder, which is all \
+                 playback plays; the recording is stored at {path}"
+            )));
+        }
         let recording_id = self.recording_id()?.to_owned();
         let url = self
             .p

@@ -16,7 +16,9 @@
 //! 4. link: point the intake at the object;
 //! 5. delete at Telnyx (optional, only after 3 and 4, and only when step 3
 //!    proved the stored bytes the whole recording: a known source length
-//!    equal to the bytes stored and, for WAV, a header that agrees).
+//!    equal to the bytes stored and, for WAV, a header that agrees). A
+//!    delete that fails leaves the job succeeded (the recording plays) and
+//!    owes the delete, which `cleanup` retries apart.
 //!
 //! This file keeps the sequence; each step is a file of its own
 //! (`resolve`, `matching`, `store`, `relocate`, `link`, `delete`), and
@@ -24,6 +26,7 @@
 //! rules are plain code in `rules`, apart from the SQL on the host's tables
 //! in `intakes`.
 
+mod cleanup;
 mod delete;
 mod errors;
 pub mod intakes;
@@ -89,6 +92,12 @@ impl JobHandler for Pipeline {
         };
         run.execute().await
     }
+
+    async fn sweep(&self, queue: &Queue, alerter: Option<&crate::ops::alerts::Alerter>) {
+        if let Err(e) = self.sweep_telnyx_cleanups(queue, alerter).await {
+            tracing::warn!(error = %e, "clean-up sweep failed; trying again on the next poll");
+        }
+    }
 }
 
 /// One attempt at one job.
@@ -141,10 +150,16 @@ impl Run<'_> {
             return Ok(Outcome::Unmatched { reason });
         }
         if self.job.linked_at.is_none() {
-            if self.needs_move() {
-                self.move_into_intake_folder().await?;
+            match self.move_and_link().await {
+                Ok(()) => {}
+                // A planned move that can no longer end in a link is
+                // undone, so the job names the one object that holds the
+                // recording (`relocate`).
+                Err(e @ JobError::Permanent { .. }) if self.job.moved_from.is_some() => {
+                    return Err(self.undo_move(e).await?);
+                }
+                Err(e) => return Err(e),
             }
-            self.link().await?;
         }
         if self.job.moved_from.is_some() && self.job.moved_from_deleted_at.is_none() {
             self.delete_moved_original().await?;
@@ -153,6 +168,13 @@ impl Run<'_> {
             self.delete_at_telnyx().await?;
         }
         Ok(Outcome::Succeeded)
+    }
+
+    async fn move_and_link(&mut self) -> Result<(), JobError> {
+        if self.needs_move() {
+            self.move_into_intake_folder().await?;
+        }
+        self.link().await
     }
 
     fn recording_id(&self) -> Result<&str, JobError> {

@@ -235,6 +235,51 @@ impl Run<'_> {
     }
 }
 
+impl Run<'_> {
+    /// A permanent failure after the move was planned (the intake was
+    /// deleted or took another recording, the copy could not be checked):
+    /// no link will follow, so the job must name the one object that holds
+    /// the recording. Left planned, it named the copy while the original
+    /// stayed under `unmatched/`, and retention (`unresolved_for`) deleted
+    /// the copy and left the original with no row naming it (issue #19
+    /// review, M2). Never deletes the only copy: while the original is
+    /// there, the verified copy is deleted and the job names the original;
+    /// when the original is gone, the job names the verified copy. Returns
+    /// the job's error, saying where the recording is now.
+    pub(super) async fn undo_move(&mut self, failure: JobError) -> Result<JobError, JobError> {
+        let (Some(from), Some(to)) = (self.job.moved_from.clone(), self.job.object_path.clone())
+        else {
+            return Ok(failure);
+        };
+        let original_there = self
+            .p
+            .storage
+            .object_info(&from)
+            .await
+            .map_err(storage_failure)?
+            .is_some();
+        let verified_copy = self.job.moved_at.is_some();
+        let keep_copy = !original_there && verified_copy;
+        if original_there && verified_copy {
+            // Ours: planned under the job's unique object path and checked
+            // against its recorded hash.
+            match self.p.storage.delete_object(&to).await {
+                Ok(()) | Err(StorageError::NotFound(_)) => {}
+                Err(e) => return Err(storage_failure(e)),
+            }
+        }
+        self.queue.undo_move(&self.lease, keep_copy).await?;
+        let at = if keep_copy { to } else { from };
+        self.job.object_path = Some(at.clone());
+        self.job.moved_from = None;
+        self.job.moved_at = None;
+        warn!(at, "the planned move was undone after a permanent failure");
+        Ok(JobError::permanent(format!(
+            "{failure}; the move into the intake's folder was undone: the recording is at {at}"
+        )))
+    }
+}
+
 /// Why a moved object was not accepted.
 enum MoveCheck {
     /// Other bytes at the destination: never linked, the plan is undone.

@@ -13,7 +13,7 @@ use crate::object_paths::is_intake_recording;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
-pub(crate) enum RecordingStatus {
+pub enum RecordingStatus {
     /// Stored and linked: a signed URL can be minted.
     Available,
     /// On its way: matched but not stored yet, or its job is queued/running.
@@ -41,7 +41,7 @@ impl RecordingStatus {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct IntakeRecording {
+pub struct IntakeRecording {
     pub status: RecordingStatus,
     /// The path to sign: set only when the intake's column equals the
     /// relay's record and has the own-folder form.
@@ -58,7 +58,7 @@ pub(crate) struct IntakeRecording {
 ///
 /// The organization is compared as text so the host may use uuid, text or
 /// integer ids; the lookup itself goes by primary key.
-pub(crate) async fn lookup(
+pub async fn lookup(
     pool: &PgPool,
     intake: Uuid,
     organization: &str,

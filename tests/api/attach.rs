@@ -337,3 +337,95 @@ async fn an_original_that_cannot_be_deleted_is_an_orphan_not_a_failed_job(pool: 
     assert_eq!(playback(&p, intake, org).await["status"], "available");
     p.stop().await;
 }
+
+/// Issue #19 review, M2: a move planned and verified, then a link refused
+/// for good (the intake took another object meanwhile), left the job naming
+/// the copy while the original stayed under `unmatched/`; retention then
+/// deleted the copy and left the original unnamed. The plan is undone: the
+/// copy is deleted (the original is there) and the job names the original.
+#[sqlx::test(migrations = false)]
+async fn a_move_whose_link_is_refused_for_good_is_undone(pool: PgPool) {
+    let p = start(pool).await;
+    let (rec, job) = unmatched(&p, "rec-undone").await;
+    let org = Uuid::new_v4();
+    let intake = intake_of(&p.app.pool, org).await;
+    let own = format!("intakes/{intake}/rec-undone.wav");
+    // In one transaction with the attach, so the rerun sees both: the
+    // intake names another object by the time the link runs.
+    let mut tx = p.app.pool.begin().await.unwrap();
+    sqlx::query("SELECT recording_relay.recording_jobs_attach($1, $2)")
+        .bind(job.id)
+        .bind(intake)
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    sqlx::query("UPDATE public.intakes SET recording_object_path = $2 WHERE id = $1")
+        .bind(intake)
+        .bind(format!("intakes/{intake}/someone-else.wav"))
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+
+    let job = rerun(&p, &job).await;
+    assert_eq!(job.state, JobState::Failed, "{:?}", job.last_error);
+    let error = job.last_error.unwrap();
+    assert!(
+        error.contains("undone") && error.contains("unmatched/rec-undone.wav"),
+        "{error}"
+    );
+    assert_eq!(
+        (job.object_path.as_deref(), job.moved_from.as_deref()),
+        (Some("unmatched/rec-undone.wav"), None),
+        "the job names the one object that holds the recording"
+    );
+    assert!(
+        p.storage.object(&p.bucket, &own).is_none(),
+        "the copy is gone"
+    );
+    assert_eq!(
+        p.storage
+            .object(&p.bucket, "unmatched/rec-undone.wav")
+            .unwrap()
+            .sha256_hex,
+        rec.content.sha256_hex()
+    );
+    p.stop().await;
+}
+
+/// Issue #19 review, L6: a path outside the intake's own folder was
+/// written to the intake's column with no link record (a recording that
+/// never plays, and looks linked). It is a permanent job error now.
+#[sqlx::test(migrations = false)]
+async fn a_path_outside_the_intakes_folder_is_never_linked(pool: PgPool) {
+    let p = start(pool).await;
+    let (_rec, job) = unmatched(&p, "rec-elsewhere").await;
+    let org = Uuid::new_v4();
+    let intake = intake_of(&p.app.pool, org).await;
+    let elsewhere = format!("intakes/{}/rec-elsewhere.wav", Uuid::new_v4());
+    // As if moved and verified into another intake's folder (a DBA's edit).
+    sqlx::query(
+        "UPDATE recording_relay.recording_jobs
+         SET moved_from = object_path, object_path = $2, moved_at = now() WHERE id = $1",
+    )
+    .bind(job.id)
+    .bind(&elsewhere)
+    .execute(&p.app.pool)
+    .await
+    .unwrap();
+    storage_client(&p)
+        .copy_object("unmatched/rec-elsewhere.wav", &elsewhere)
+        .await
+        .unwrap();
+    Queue::new(p.app.pool.clone())
+        .attach(job.id, intake)
+        .await
+        .unwrap();
+
+    let job = rerun(&p, &job).await;
+    assert_eq!(job.state, JobState::Failed, "{:?}", job.last_error);
+    assert!(job.last_error.unwrap().contains("own folder"), "says why");
+    assert_eq!(column(&p.app.pool, intake).await, None);
+    assert_eq!(link_record(&p.app.pool, intake).await, None);
+    p.stop().await;
+}

@@ -7,7 +7,7 @@ use serde_json::Value;
 use sqlx::PgPool;
 use uuid::Uuid;
 
-use crate::helpers::{AlertSink, PipelineApp, intake_for, spawn_pipeline, webhook_for};
+use crate::helpers::{AlertSink, PipelineApp, eventually, intake_for, spawn_pipeline, webhook_for};
 
 const MIB: u64 = 1024 * 1024;
 
@@ -445,6 +445,99 @@ async fn deletion_at_telnyx_after_success(pool: PgPool) {
     assert!(job.telnyx_deleted_at.is_some());
     assert!(job.source_complete, "{:?}", job.telnyx_kept_reason);
     assert_eq!(p.telnyx.deleted_ids(), ["rec-del"]);
+    p.stop().await;
+}
+
+/// Issue #21 item 6: a recording stored, verified and linked whose delete
+/// at Telnyx kept failing ended `failed`, alerted as if it were missing.
+/// Now the job succeeds and plays; the delete is retried apart, alerted
+/// once as clean-up after repeated failures, and cleared by a later success.
+#[sqlx::test(migrations = false)]
+async fn a_failing_delete_at_telnyx_is_a_cleanup_not_a_failed_job(pool: PgPool) {
+    let sink = AlertSink::start().await;
+    let url = sink.url();
+    let p = spawn_pipeline(pool, move |c| {
+        c.pipeline.delete_from_telnyx = true;
+        c.pipeline.alert_webhook_url = Some(url);
+    })
+    .await;
+    p.telnyx.set_behaviour(TelnyxSimBehaviour {
+        delete_status: Some(503),
+        ..TelnyxSimBehaviour::default()
+    });
+    let (rec, intake) = p.recorded_call("rec-sticky").await;
+    post(&p, "ev-sticky", &rec).await;
+    let job = p.finished_job("ev-sticky").await;
+    assert_eq!(job.state, JobState::Succeeded, "{:?}", job.last_error);
+    assert!(job.telnyx_deleted_at.is_none());
+    let org: Uuid = sqlx::query_scalar(
+        "UPDATE public.intakes SET organization_id = gen_random_uuid() WHERE id = $1
+         RETURNING organization_id",
+    )
+    .bind(intake)
+    .fetch_one(&p.app.pool)
+    .await
+    .unwrap();
+    let playing =
+        recording_relay::playback::recording::lookup(&p.app.pool, intake, &org.to_string())
+            .await
+            .unwrap()
+            .unwrap();
+    assert_eq!(
+        playing.status,
+        recording_relay::playback::recording::RecordingStatus::Available
+    );
+    // The sweep retries on every poll once due; the test makes each due now.
+    let attempts = || async {
+        sqlx::query_scalar::<_, i32>(
+            "UPDATE recording_relay.recording_jobs
+             SET telnyx_delete_due_at = CASE WHEN telnyx_delete_due_at > now() THEN now()
+                                         ELSE telnyx_delete_due_at END
+             WHERE id = $1 RETURNING telnyx_delete_attempts",
+        )
+        .bind(job.id)
+        .fetch_one(&p.app.pool)
+        .await
+        .unwrap()
+    };
+    assert!(
+        eventually(std::time::Duration::from_secs(30), || async {
+            attempts().await >= 6
+        })
+        .await,
+        "the delete is retried"
+    );
+    let alert = sink.next().await;
+    assert_eq!(alert["kind"], "recording_relay.telnyx_cleanup_failed");
+    assert_eq!(alert["state"], "succeeded");
+    assert!(alert["note"].as_str().unwrap().contains("plays"), "{alert}");
+    assert!(
+        sink.try_next().is_none(),
+        "one clean-up alert, no failed-job alert"
+    );
+    let job = p.finished_job("ev-sticky").await;
+    assert_eq!(job.state, JobState::Succeeded);
+    assert!(job.last_error.is_none(), "{:?}", job.last_error);
+
+    p.telnyx.set_behaviour(TelnyxSimBehaviour::default());
+    assert!(
+        eventually(std::time::Duration::from_secs(30), || async {
+            attempts().await;
+            p.telnyx.deleted_ids() == ["rec-sticky"]
+        })
+        .await
+    );
+    let cleared = || async {
+        sqlx::query_scalar::<_, bool>(
+            "SELECT telnyx_deleted_at IS NOT NULL AND telnyx_delete_due_at IS NULL
+             FROM recording_relay.recording_jobs WHERE id = $1",
+        )
+        .bind(job.id)
+        .fetch_one(&p.app.pool)
+        .await
+        .unwrap()
+    };
+    assert!(eventually(std::time::Duration::from_secs(10), cleared).await);
     p.stop().await;
 }
 

@@ -9,6 +9,7 @@
 //! - `operator.rs`: get, list, requeue, cancel, attach;
 //! - `retention.rs`: pruning, and the jobs that point at patient data;
 //! - `alerts.rs`: alerts owed for failed and unmatched jobs;
+//! - `cleanup.rs`: deletes at Telnyx owed by succeeded jobs;
 //! - `gauges.rs`: the `/metrics` gauges, depth and counts;
 //! - `lookup.rs`: questions other modules ask (reconcile, playback);
 //! - `quarantine.rs`: deliveries that could not be parsed;
@@ -81,6 +82,7 @@ fn millis(d: Duration) -> i64 {
 // Declared after the fence macros above: a `macro_rules!` is visible only
 // to the code that follows it.
 mod alerts;
+mod cleanup;
 pub(crate) mod competitors;
 mod gauges;
 mod lifecycle;

@@ -173,6 +173,52 @@ mod tests {
         ));
     }
 
+    /// Issue #19 review, L3: attach checked only the intake's recording
+    /// id, not the object it holds, so a job was attached to an intake
+    /// whose link would be refused, and moved into its folder first.
+    #[sqlx::test(migrations = false)]
+    async fn attach_refuses_an_intake_that_holds_another_object(pool: PgPool) {
+        let q = queue(pool).await;
+        q.enqueue(&new_job("ev-1")).await.unwrap();
+        let lease = one_claimed(&q, "w").await.lease().unwrap();
+        q.finish_unsuccessfully(&lease, JobState::Unmatched, "unmatched", "no intake")
+            .await
+            .unwrap();
+        sqlx::query(
+            "UPDATE recording_relay.recording_jobs
+             SET recording_id = 'rec:1', object_path = 'unmatched/rec_1.wav'",
+        )
+        .execute(q.pool())
+        .await
+        .unwrap();
+        let intake = |path: String| {
+            let q = q.clone();
+            async move {
+                let id = uuid::Uuid::new_v4();
+                sqlx::query(
+                    "INSERT INTO public.intakes (id, recording_object_path)
+                     VALUES ($1, replace($2, '{id}', $1::text))",
+                )
+                .bind(id)
+                .bind(path)
+                .execute(q.pool())
+                .await
+                .unwrap();
+                id
+            }
+        };
+        let taken = intake("intakes/{id}/someone-else.wav".to_owned()).await;
+        let err = q.attach(lease.job_id, taken).await.unwrap_err();
+        assert!(
+            err.to_string().contains("already holds another object"),
+            "{err}"
+        );
+        // This recording's own file in the intake's folder is no other
+        // object (an earlier link of the same recording).
+        let own = intake("intakes/{id}/rec_1.wav".to_owned()).await;
+        q.attach(lease.job_id, own).await.unwrap();
+    }
+
     #[sqlx::test(migrations = false)]
     async fn dba_views_show_failed_unmatched_stuck_and_depth(pool: PgPool) {
         let q = queue(pool).await;

@@ -74,6 +74,27 @@ impl Queue {
         one_row(&done)
     }
 
+    /// Undoes a planned move after a permanent failure before the link
+    /// (issue #19 review, M2), so the job names the one object that holds
+    /// the recording: with `keep_copy`, the verified copy (the original is
+    /// gone), else the `unmatched/` original again.
+    pub async fn undo_move(&self, lease: &Lease, keep_copy: bool) -> Result<(), QueueError> {
+        let done = fenced(
+            concat!(
+                fenced_update!(
+                    "object_path = CASE WHEN $4 THEN object_path ELSE moved_from END,
+                     moved_from = NULL, moved_at = NULL"
+                ),
+                " AND moved_from IS NOT NULL AND linked_at IS NULL"
+            ),
+            lease,
+        )
+        .bind(keep_copy)
+        .execute(&self.pool)
+        .await?;
+        one_row(&done)
+    }
+
     /// The moved copy holds the recorded bytes: it may be linked.
     pub(crate) async fn save_moved(&self, lease: &Lease) -> Result<(), QueueError> {
         let done = fenced(fenced_update!("moved_at = now()"), lease)

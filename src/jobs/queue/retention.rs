@@ -19,6 +19,16 @@ pub(crate) const HOLDS_PATIENT_DATA: &str = "j.state = 'unmatched'
                                  OR j.object_path IS NOT NULL))
      OR (j.state = 'cancelled' AND j.object_path IS NOT NULL AND j.linked_at IS NULL)";
 
+/// A succeeded job that is the only pointer to a copy it left behind: a
+/// delete at Telnyx still owed (issue #21 item 6), or the `unmatched/`
+/// original of a moved recording that could not be deleted (an orphan,
+/// listed in `recording_cleanups_pending`). Retention keeps these; they are
+/// not unresolved (the recording plays), so retention never deletes them
+/// with their object either.
+const LEFT_A_COPY_BEHIND: &str = "j.state = 'succeeded'
+     AND (j.telnyx_delete_due_at IS NOT NULL
+          OR (j.moved_from IS NOT NULL AND j.moved_from_deleted_at IS NULL))";
+
 /// One retention batch: `$1` succeeded/duplicate/cancelled retention and
 /// `$2` failed retention in milliseconds, `$3` the batch size. Oldest first
 /// along `recording_jobs_finished_idx`, bounded by the shorter period, so a
@@ -34,6 +44,7 @@ fn prune_finished_sql() -> String {
              WHERE j.state IN ('succeeded', 'duplicate', 'cancelled', 'failed')
                AND j.finished_at < now() - least($1, $2) * interval '1 millisecond'
                AND NOT ({HOLDS_PATIENT_DATA})
+               AND NOT ({LEFT_A_COPY_BEHIND})
                AND ((j.state IN ('succeeded', 'duplicate', 'cancelled')
                      AND j.finished_at < now() - $1 * interval '1 millisecond')
                  OR (j.state = 'failed'

@@ -110,6 +110,16 @@ impl<H: JobHandler> Worker<H> {
             self.alerts_due.clone(),
             alerts_stop.clone(),
         ));
+        // The handler's own sweep (the pipeline's owed deletes at Telnyx),
+        // apart from the claim loop: it calls providers.
+        let sweep_due = Arc::new(Notify::new());
+        let sweeps = tokio::spawn(sweep_until(
+            self.handler.clone(),
+            self.queue.clone(),
+            self.opts.alerter.clone(),
+            sweep_due.clone(),
+            alerts_stop.clone(),
+        ));
         let hard_stop = CancellationToken::new();
         let mut in_flight = JoinSet::new();
         let mut poll = tokio::time::interval(self.opts.poll_interval);
@@ -154,6 +164,7 @@ impl<H: JobHandler> Worker<H> {
                     // Also alerts that other processes owe, and sends that
                     // failed: the poll is the sweep's clock.
                     self.alerts_due.notify_one();
+                    sweep_due.notify_one();
                 }
             }
         }
@@ -166,6 +177,7 @@ impl<H: JobHandler> Worker<H> {
         // Alerts still owed stay owed: the next worker to sweep sends them.
         alerts_stop.cancel();
         let _ = alerts.await;
+        let _ = sweeps.await;
         listener_stop.cancel();
         let _ = listener.await;
         info!(worker.id = %self.opts.worker_id, "worker stopped");
@@ -220,6 +232,30 @@ impl<H: JobHandler> Worker<H> {
             Ok(0) => {}
             Ok(n) => warn!(jobs = n, "rescued jobs whose worker stopped heartbeating"),
             Err(e) => warn!(error = %e, "rescuing expired leases failed"),
+        }
+    }
+}
+
+/// Runs the handler's sweep whenever `wake` is notified, until `stop`
+/// (cut off mid-sweep: what it claimed is taken over by another worker
+/// once the claim runs out).
+async fn sweep_until<H: JobHandler>(
+    handler: Arc<H>,
+    queue: Queue,
+    alerter: Option<Alerter>,
+    wake: Arc<Notify>,
+    stop: CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            biased;
+            () = stop.cancelled() => return,
+            () = wake.notified() => {}
+        }
+        tokio::select! {
+            biased;
+            () = stop.cancelled() => return,
+            () = handler.sweep(&queue, alerter.as_ref()) => {}
         }
     }
 }

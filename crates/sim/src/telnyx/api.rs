@@ -156,6 +156,13 @@ fn api(state: &State, req: &Request<Incoming>) -> Resp {
             let data = recording_json(state, &behaviour, entry, now);
             json_response(200, &json!({ "data": data }))
         }
+        Method::DELETE if behaviour.delete_status.is_some() => {
+            let status = behaviour.delete_status.unwrap_or(500);
+            json_response(
+                status,
+                &json!({ "errors": [{ "detail": "delete refused" }] }),
+            )
+        }
         Method::DELETE => {
             entry.deleted = true;
             entry.updated_at = now;

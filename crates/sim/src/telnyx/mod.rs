@@ -120,6 +120,9 @@ pub struct TelnyxSimBehaviour {
     /// cut file on the host. With a length the client sees the shortfall;
     /// without one nothing in HTTP does.
     pub download_short_by: u64,
+    /// Every `DELETE /v2/recordings/{id}` is answered with this status and
+    /// deletes nothing: a Telnyx that keeps refusing the clean-up.
+    pub delete_status: Option<u16>,
 }
 
 impl Default for TelnyxSimBehaviour {
@@ -132,6 +135,7 @@ impl Default for TelnyxSimBehaviour {
             refuse_unknown_filters: true,
             retry_after: None,
             ratelimit_reset: Some("1".to_owned()),
+            delete_status: None,
             download_length: true,
             download_short_by: 0,
         }
