@@ -31,6 +31,9 @@ pub struct Metrics {
     /// original of a recording moved into its intake's folder. Each is
     /// logged with its path; the job still succeeds.
     pub orphaned_objects: Counter,
+    /// `call.recording.error` jobs handled: calls Telnyx could not record.
+    /// Each also ends its job `failed`, which alerts.
+    pub recording_errors: Counter,
     provider_errors: Family<Labels, Counter>,
     jobs: Family<Labels, Gauge>,
     queue_lag: Gauge<f64, AtomicU64>,
@@ -88,6 +91,12 @@ impl Metrics {
             "Objects left in the bucket because deleting them failed (the unmatched/ original of a moved recording)",
             orphaned_objects.clone(),
         );
+        let recording_errors = Counter::default();
+        registry.register(
+            "recording_errors",
+            "Calls Telnyx could not record (call.recording.error events handled; the view recording_relay.recording_errors lists them)",
+            recording_errors.clone(),
+        );
         let provider_errors = Family::<Labels, Counter>::default();
         registry.register(
             "provider_errors",
@@ -124,6 +133,7 @@ impl Metrics {
             bytes_relayed,
             kept_at_telnyx,
             orphaned_objects,
+            recording_errors,
             provider_errors,
             jobs,
             queue_lag,
