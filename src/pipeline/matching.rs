@@ -46,7 +46,7 @@ impl Run<'_> {
             Scope::Unknown => {
                 let why = format!(
                     "connection {} is not in pipeline.connection_organizations, so the call \
-                     could be any tenant's and matches no intake, by phone or by client_state{}; \
+                     could be any tenant's and matches no intake, by phone, client_state or SIP header{}; \
                      add the connection to the map, or attach the recording by hand",
                     j.call.connection_id.as_deref().unwrap_or("(none)"),
                     named.map_or(String::new(), |id| format!(

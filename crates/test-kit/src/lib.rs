@@ -169,6 +169,60 @@ pub fn recording_saved_event(event_id: &str, call_session_id: &str) -> serde_jso
     })
 }
 
+/// A `call.initiated` event shaped like Telnyx's OpenAPI schema: the custom
+/// headers of the SIP INVITE are a list of `{name, value}`. With `intake`,
+/// the dialer named it in `X-Intake-Id` (as ZScribe's LiveKit dialer would,
+/// README "The exact link from the SIP INVITE").
+pub fn call_initiated_event(
+    event_id: &str,
+    call_session_id: &str,
+    intake: Option<&str>,
+) -> serde_json::Value {
+    let headers = intake.map_or_else(Vec::new, |id| {
+        vec![serde_json::json!({"name": "X-Intake-Id", "value": id})]
+    });
+    serde_json::json!({
+        "data": {
+            "record_type": "event",
+            "event_type": "call.initiated",
+            "id": event_id,
+            "occurred_at": chrono::Utc::now().to_rfc3339(),
+            "payload": {
+                "call_control_id": format!("v3:{call_session_id}"),
+                "call_leg_id": uuid::Uuid::new_v4().to_string(),
+                "call_session_id": call_session_id,
+                "connection_id": "1684641123236054244",
+                "direction": "outgoing",
+                "from": "+15551230001",
+                "to": "+15557650002",
+                "state": "bridging",
+                "start_time": chrono::Utc::now().to_rfc3339(),
+                "custom_headers": headers
+            }
+        },
+        "meta": {"attempt": 1, "delivered_to": "https://relay/webhooks/telnyx"}
+    })
+}
+
+/// A `call.recording.error` event (Telnyx's schema: no recording, a reason).
+pub fn recording_error_event(event_id: &str, call_session_id: &str, reason: &str) -> serde_json::Value {
+    serde_json::json!({
+        "data": {
+            "record_type": "event",
+            "event_type": "call.recording.error",
+            "id": event_id,
+            "occurred_at": chrono::Utc::now().to_rfc3339(),
+            "payload": {
+                "call_control_id": format!("v3:{call_session_id}"),
+                "call_leg_id": uuid::Uuid::new_v4().to_string(),
+                "call_session_id": call_session_id,
+                "connection_id": "1684641123236054244",
+                "reason": reason
+            }
+        }
+    })
+}
+
 /// The URL of the database behind `pool` (a `#[sqlx::test]` database), on
 /// the server `DATABASE_URL` names, optionally through another port.
 pub fn database_url_of(pool: &PgPool, port: Option<u16>) -> String {
