@@ -61,7 +61,9 @@ fn an_intake_header_that_is_no_sip_header_name_is_refused() {
         let mut problems = Vec::new();
         c.validate_worker(&mut problems);
         assert!(
-            problems.iter().any(|p| p.contains("pipeline.intake_header")),
+            problems
+                .iter()
+                .any(|p| p.contains("pipeline.intake_header")),
             "{bad:?}: {problems:?}"
         );
     }

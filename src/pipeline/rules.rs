@@ -153,11 +153,9 @@ pub(crate) fn exact_link(client_state: Option<Uuid>, session: &SessionLink) -> E
         (_, SessionLink::Conflicting(values)) => Exact::Disagree(format!(
             "the call session's events name different intakes in the SIP header ({values})"
         )),
-        (Some(named), SessionLink::Intake(header)) if named != *header => {
-            Exact::Disagree(format!(
-                "client_state names intake {named} and the SIP header intake {header}"
-            ))
-        }
+        (Some(named), SessionLink::Intake(header)) if named != *header => Exact::Disagree(format!(
+            "client_state names intake {named} and the SIP header intake {header}"
+        )),
         (Some(named), _) => Exact::Named(named, MatchMethod::ClientState),
         (None, SessionLink::Intake(header)) => Exact::Named(*header, MatchMethod::SipHeader),
         (None, SessionLink::Unknown | SessionLink::NoIntake) => Exact::None,

@@ -129,7 +129,13 @@ pub(crate) fn intake_header(custom_headers: Option<&Value>, name: &str) -> Intak
 /// the raw header.
 macro_rules! named {
     ($row:literal) => {
-        concat!("coalesce(", $row, ".intake_id::text, ", $row, ".intake_header)")
+        concat!(
+            "coalesce(",
+            $row,
+            ".intake_id::text, ",
+            $row,
+            ".intake_header)"
+        )
     };
 }
 
@@ -285,12 +291,11 @@ mod tests {
         assert_eq!(again.intake_id, Some(a));
         let without = stored(&pool, &event("ev-3", "call.answered", None)).await;
         assert_eq!(without.intake_id, Some(a), "no header is no change");
-        let (rows, first_event): (i64, String) = sqlx::query_as(
-            "SELECT count(*), min(first_event_id) FROM recording_relay.calls",
-        )
-        .fetch_one(&pool)
-        .await
-        .unwrap();
+        let (rows, first_event): (i64, String) =
+            sqlx::query_as("SELECT count(*), min(first_event_id) FROM recording_relay.calls")
+                .fetch_one(&pool)
+                .await
+                .unwrap();
         assert_eq!((rows, first_event.as_str()), (1, "ev-1"));
     }
 

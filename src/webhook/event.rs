@@ -65,8 +65,13 @@ impl Envelope {
         let id = non_empty_str(data, "id").ok_or(EventError::NotAnEnvelope("no data.id"))?;
         let event_type = non_empty_str(data, "event_type")
             .ok_or(EventError::NotAnEnvelope("no data.event_type"))?;
-        if [RECORDING_SAVED, RECORDING_ERROR, CALL_INITIATED, CALL_ANSWERED]
-            .contains(&event_type.as_str())
+        if [
+            RECORDING_SAVED,
+            RECORDING_ERROR,
+            CALL_INITIATED,
+            CALL_ANSWERED,
+        ]
+        .contains(&event_type.as_str())
             && !data.get("payload").is_some_and(Value::is_object)
         {
             return Err(EventError::NotAnEnvelope(

@@ -1264,8 +1264,7 @@ async fn a_recording_error_shows_the_intake_failed_with_telnyxs_reason(pool: PgP
     let init = testing::call_initiated_event("ev-init", &session, Some(&intake.to_string()));
     s.p.post_event(&init).await;
     let reason = "Failed to authorize with storage using custom credentials";
-    s.p
-        .post_event(&testing::recording_error_event("ev-err", &session, reason))
+    s.p.post_event(&testing::recording_error_event("ev-err", &session, reason))
         .await;
 
     let job = s.p.finished_job("ev-err").await;
@@ -1282,12 +1281,11 @@ async fn a_recording_error_shows_the_intake_failed_with_telnyxs_reason(pool: PgP
 
     let alert = alerts.next().await;
     assert_eq!(alert["job_id"], job.id, "{alert}");
-    let listed: Vec<(String, Option<Uuid>)> = sqlx::query_as(
-        "SELECT reason, intake_id FROM recording_relay.recording_errors",
-    )
-    .fetch_all(&s.p.app.pool)
-    .await
-    .unwrap();
+    let listed: Vec<(String, Option<Uuid>)> =
+        sqlx::query_as("SELECT reason, intake_id FROM recording_relay.recording_errors")
+            .fetch_all(&s.p.app.pool)
+            .await
+            .unwrap();
     assert_eq!(listed, [(reason.to_owned(), Some(intake))]);
     assert_eq!(
         s.p.telnyx.request_count("/v2/recordings"),

@@ -39,11 +39,8 @@ async fn intake(pool: &PgPool, patient: Uuid, ago: Duration, org: Option<Uuid>) 
 }
 
 async fn call_initiated(p: &PipelineApp, event_id: &str, rec: &SimRecording, intake: Uuid) {
-    let event = testing::call_initiated_event(
-        event_id,
-        &rec.call_session_id,
-        Some(&intake.to_string()),
-    );
+    let event =
+        testing::call_initiated_event(event_id, &rec.call_session_id, Some(&intake.to_string()));
     p.post_event(&event).await;
 }
 
@@ -77,17 +74,25 @@ async fn call_initiated_with_the_intake_header_is_kept_once_per_session(pool: Pg
     }
     let mut answered = testing::call_initiated_event("ev-answer", "sess-1", None);
     answered["data"]["event_type"] = "call.answered".into();
-    assert_eq!(app.post_signed(answered.to_string().as_bytes()).await.status(), 200);
+    assert_eq!(
+        app.post_signed(answered.to_string().as_bytes())
+            .await
+            .status(),
+        200
+    );
 
-    let rows: Vec<(Option<Uuid>, String, Option<String>)> = sqlx::query_as(
-        "SELECT intake_id, first_event_id, to_number FROM recording_relay.calls",
-    )
-    .fetch_all(&app.pool)
-    .await
-    .unwrap();
+    let rows: Vec<(Option<Uuid>, String, Option<String>)> =
+        sqlx::query_as("SELECT intake_id, first_event_id, to_number FROM recording_relay.calls")
+            .fetch_all(&app.pool)
+            .await
+            .unwrap();
     assert_eq!(
         rows,
-        [(Some(intake), "ev-init".to_owned(), Some(PATIENT_PHONE.to_owned()))]
+        [(
+            Some(intake),
+            "ev-init".to_owned(),
+            Some(PATIENT_PHONE.to_owned())
+        )]
     );
     assert_eq!(app.job_count().await, 0, "a call event is not a job");
     app.stop().await;
@@ -116,9 +121,17 @@ async fn a_patient_called_twice_within_ten_minutes_gets_each_recording_on_its_ow
     recording(&p, "ev-rec-b", &rec_b).await;
     recording(&p, "ev-rec-a", &rec_a).await;
 
-    for (event, intake, rec) in [("ev-rec-a", first, "rec-first-call"), ("ev-rec-b", second, "rec-second-call")] {
+    for (event, intake, rec) in [
+        ("ev-rec-a", first, "rec-first-call"),
+        ("ev-rec-b", second, "rec-second-call"),
+    ] {
         let job = p.finished_job(event).await;
-        assert_eq!(job.state, JobState::Succeeded, "{event}: {:?}", job.last_error);
+        assert_eq!(
+            job.state,
+            JobState::Succeeded,
+            "{event}: {:?}",
+            job.last_error
+        );
         assert_eq!(job.intake_id, Some(intake), "{event}");
         assert_eq!(job.match_method.as_deref(), Some("sip_header"));
         assert_eq!(intake_recording(&pool, intake).await.as_deref(), Some(rec));
@@ -138,8 +151,12 @@ async fn a_recording_before_its_call_initiated_waits_and_then_links_exactly(pool
     let named = intake(&pool, patient, Duration::from_secs(100), None).await;
     let _other = intake(&pool, patient, Duration::from_secs(90), None).await;
     // Call events arrive at all: an earlier call's.
-    p.post_event(&testing::call_initiated_event("ev-earlier", "sess-earlier", None))
-        .await;
+    p.post_event(&testing::call_initiated_event(
+        "ev-earlier",
+        "sess-earlier",
+        None,
+    ))
+    .await;
     let rec = SimRecording::sample("rec-early");
     p.telnyx.add_recording(rec.clone());
     recording(&p, "ev-rec", &rec).await;
@@ -147,7 +164,9 @@ async fn a_recording_before_its_call_initiated_waits_and_then_links_exactly(pool
     let waiting = eventually(Duration::from_secs(20), || async {
         p.job("ev-rec").await.is_some_and(|j| {
             j.state == JobState::Pending
-                && j.last_error.as_deref().is_some_and(|e| e.contains("pipeline.link_wait"))
+                && j.last_error
+                    .as_deref()
+                    .is_some_and(|e| e.contains("pipeline.link_wait"))
         })
     })
     .await;
@@ -198,6 +217,10 @@ async fn a_header_naming_another_organizations_intake_matches_nothing(pool: PgPo
         "{reason}"
     );
     assert_eq!(intake_recording(&pool, foreign).await, None);
-    assert_eq!(intake_recording(&pool, by_phone).await, None, "no guess by phone");
+    assert_eq!(
+        intake_recording(&pool, by_phone).await,
+        None,
+        "no guess by phone"
+    );
     p.stop().await;
 }

@@ -205,7 +205,11 @@ pub fn call_initiated_event(
 }
 
 /// A `call.recording.error` event (Telnyx's schema: no recording, a reason).
-pub fn recording_error_event(event_id: &str, call_session_id: &str, reason: &str) -> serde_json::Value {
+pub fn recording_error_event(
+    event_id: &str,
+    call_session_id: &str,
+    reason: &str,
+) -> serde_json::Value {
     serde_json::json!({
         "data": {
             "record_type": "event",
