@@ -295,6 +295,7 @@ async fn prune_periodically(
                 pruned = r.pruned,
                 alerted = r.alerted,
                 deleted = r.deleted,
+                calls = r.calls,
                 "retention pass"
             ),
             Err(e) => tracing::warn!(error = %e, "retention pass failed"),

@@ -40,6 +40,9 @@ pub struct Metrics {
     /// Deletes at Telnyx owed, as this process's clean-up sweep last
     /// counted them in the database (every worker counts the same rows).
     pub telnyx_cleanup_pending: Gauge,
+    /// `call.recording.error` jobs handled: calls Telnyx could not record.
+    /// Each also ends its job `failed`, which alerts.
+    pub recording_errors: Counter,
     provider_errors: Family<Labels, Counter>,
     jobs: Family<Labels, Gauge>,
     queue_lag: Gauge<f64, AtomicU64>,
@@ -115,6 +118,12 @@ impl Metrics {
             "Recordings that play from the bucket and whose delete at Telnyx is still owed (recording_cleanups_pending)",
             telnyx_cleanup_pending.clone(),
         );
+        let recording_errors = Counter::default();
+        registry.register(
+            "recording_errors",
+            "Calls Telnyx could not record (call.recording.error events handled; the view recording_relay.recording_errors lists them)",
+            recording_errors.clone(),
+        );
         let provider_errors = Family::<Labels, Counter>::default();
         registry.register(
             "provider_errors",
@@ -154,6 +163,7 @@ impl Metrics {
             recordings_missing,
             telnyx_cleanup_failed,
             telnyx_cleanup_pending,
+            recording_errors,
             provider_errors,
             jobs,
             queue_lag,

@@ -46,6 +46,27 @@ fn the_example_config_parses_and_matches_the_defaults() {
     );
     assert_eq!(r.unresolved_alert_before, d.unresolved_alert_before);
     assert_eq!(r.playback_audit_for, d.playback_audit_for);
+    let (p, d) = (&parsed.pipeline, &defaults.pipeline);
+    assert_eq!(
+        (&p.intake_header, p.link_wait),
+        (&d.intake_header, d.link_wait)
+    );
+}
+
+#[test]
+fn an_intake_header_that_is_no_sip_header_name_is_refused() {
+    for bad in ["", "X Intake", "X-Intake:Id", "X-Intäke"] {
+        let mut c = Config::from_toml("").unwrap();
+        c.pipeline.intake_header = bad.to_owned();
+        let mut problems = Vec::new();
+        c.validate_worker(&mut problems);
+        assert!(
+            problems
+                .iter()
+                .any(|p| p.contains("pipeline.intake_header")),
+            "{bad:?}: {problems:?}"
+        );
+    }
 }
 
 #[test]

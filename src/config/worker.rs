@@ -127,6 +127,17 @@ pub struct PipelineConfig {
     /// call is reported missing (metric and alert), once.
     #[serde(with = "humantime_serde")]
     pub recording_missing_after: Duration,
+    /// The SIP INVITE header in which the dialer names the intake (an
+    /// intake UUID), as Telnyx reports it in `call.initiated`'s
+    /// `custom_headers`. Compared case-insensitively: SIP header names are.
+    pub intake_header: String,
+    /// How long a recording whose call session Telnyx has not reported yet
+    /// (no `call.initiated`: webhooks arrive out of order) waits for it
+    /// before phone and time may match it, counted from the recording's end
+    /// (or the job's creation, if earlier). Only while call events arrive
+    /// at all (one in the last day); zero never waits.
+    #[serde(with = "humantime_serde")]
+    pub link_wait: Duration,
 }
 
 impl Default for PipelineConfig {
@@ -145,8 +156,20 @@ impl Default for PipelineConfig {
             // after the call ends.
             recording_overdue_after: Duration::from_secs(30 * 60),
             recording_missing_after: Duration::from_secs(2 * 3600),
+            intake_header: "X-Intake-Id".to_owned(),
+            // Telnyx delivers a call's events within seconds of each other;
+            // its retries of a failed delivery come within minutes.
+            link_wait: Duration::from_secs(180),
         }
     }
+}
+
+/// RFC 3261's `token`: what a header name may be.
+fn is_sip_token(name: &str) -> bool {
+    !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-.!%*_+`'~".contains(&b))
 }
 
 impl Config {
@@ -175,6 +198,18 @@ impl Config {
         }
         if p.resumable_threshold_bytes == 0 {
             problems.push("pipeline.resumable_threshold_bytes must be above 0".to_owned());
+        }
+        if !is_sip_token(&p.intake_header) {
+            problems.push(format!(
+                "pipeline.intake_header {:?} is not a SIP header name (letters, digits and -.!%*_+`'~, like X-Intake-Id)",
+                p.intake_header
+            ));
+        }
+        if p.link_wait > Duration::from_secs(3600) {
+            problems.push(
+                "pipeline.link_wait must be at most 1h: recordings wait that long before phone and time"
+                    .to_owned(),
+            );
         }
         if let Some(url) = p.alert_webhook_url.as_deref() {
             check_provider_url("pipeline.alert_webhook_url", url, problems);

@@ -35,6 +35,8 @@ pub struct Report {
     pub alerted: usize,
     /// Jobs holding patient data deleted with their object.
     pub deleted: usize,
+    /// `recording_relay.calls` rows deleted (older than `succeeded_for`).
+    pub calls: u64,
 }
 
 /// Rows per retention DELETE: a short transaction each.
@@ -72,6 +74,46 @@ async fn prune_finished_paced(
     }
 }
 
+/// One batch of old call sessions: received more than `$1` milliseconds
+/// ago, oldest first along `calls_received_idx`, `$2` at most. Their
+/// numbers are health data, and the exact link they hold is read only when
+/// a recording is matched, within minutes of the call.
+pub(crate) const PRUNE_CALLS_SQL: &str = "DELETE FROM recording_relay.calls
+     WHERE call_session_id = ANY (ARRAY(
+         SELECT call_session_id FROM recording_relay.calls
+         WHERE received_at < now() - $1 * interval '1 millisecond'
+         ORDER BY received_at
+         LIMIT $2
+         FOR UPDATE SKIP LOCKED))";
+
+/// Deletes every call session older than `keep_for`, in paced batches like
+/// the jobs.
+async fn prune_calls_paced(
+    queue: &Queue,
+    keep_for: std::time::Duration,
+    shutdown: &CancellationToken,
+) -> Result<u64, QueueError> {
+    let keep_ms = i64::try_from(keep_for.as_millis()).unwrap_or(i64::MAX);
+    let mut total = 0;
+    loop {
+        let started = std::time::Instant::now();
+        let deleted = sqlx::query(PRUNE_CALLS_SQL)
+            .bind(keep_ms)
+            .bind(PRUNE_BATCH)
+            .execute(queue.pool())
+            .await?
+            .rows_affected();
+        total += deleted;
+        if deleted < PRUNE_BATCH.unsigned_abs() {
+            return Ok(total);
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => return Ok(total),
+            () = tokio::time::sleep(started.elapsed() * REST_PER_BATCH_TIME) => {}
+        }
+    }
+}
+
 /// One retention pass. `storage` and `alerter` are needed only when
 /// `unresolved_for` is set. `shutdown` ends the pass early: between batches
 /// of ordinary pruning, and between unresolved jobs, never inside one (an
@@ -88,6 +130,9 @@ pub async fn run_once(
         pruned: prune_finished_paced(queue, config, shutdown).await?,
         ..Report::default()
     };
+    if !shutdown.is_cancelled() {
+        report.calls = prune_calls_paced(queue, config.succeeded_for, shutdown).await?;
+    }
     let Some(period) = config.unresolved_for else {
         return Ok(report);
     };
@@ -203,6 +248,61 @@ mod tests {
 
     /// A paced pass through a large backlog can take minutes; shutdown
     /// must not wait for all of it.
+    #[sqlx::test(migrations = false)]
+    async fn call_sessions_older_than_succeeded_for_are_deleted_in_batches(pool: PgPool) {
+        let pool = testing::prepare(pool).await;
+        sqlx::query(
+            "INSERT INTO recording_relay.calls (call_session_id, first_event_id, first_event_type, received_at)
+             SELECT 'old-' || g, 'ev-' || g, 'call.initiated', now() - interval '31 days'
+             FROM generate_series(1, 1200) g
+             UNION ALL
+             SELECT 'new', 'ev-new', 'call.initiated', now() - interval '29 days'",
+        )
+        .execute(&pool)
+        .await
+        .unwrap();
+        let queue = Queue::new(pool.clone());
+        let config = RetentionConfig::default();
+        assert_eq!(config.succeeded_for, Duration::from_secs(30 * 86_400));
+        let report = run_once(&queue, &config, None, None, &CancellationToken::new())
+            .await
+            .unwrap();
+        assert_eq!(report.calls, 1_200);
+        let left: Vec<String> =
+            sqlx::query_scalar("SELECT call_session_id FROM recording_relay.calls")
+                .fetch_all(&pool)
+                .await
+                .unwrap();
+        assert_eq!(left, ["new"]);
+    }
+
+    /// Its plan walks `calls_received_idx`, not the whole table.
+    #[sqlx::test(migrations = false)]
+    async fn pruning_call_sessions_reads_them_oldest_first_by_index(pool: PgPool) {
+        let pool = testing::prepare(pool).await;
+        sqlx::query(
+            "INSERT INTO recording_relay.calls (call_session_id, first_event_id, first_event_type, received_at)
+             SELECT 's-' || g, 'ev-' || g, 'call.initiated', now() - g * interval '1 minute'
+             FROM generate_series(1, 20000) g",
+        )
+        .execute(&pool)
+        .await
+        .unwrap();
+        sqlx::query("ANALYZE recording_relay.calls")
+            .execute(&pool)
+            .await
+            .unwrap();
+        let mut conn = pool.acquire().await.unwrap();
+        let plan = testing::explain(
+            &mut conn,
+            &format!("PREPARE prune_calls(bigint, bigint) AS {PRUNE_CALLS_SQL}"),
+            "EXECUTE prune_calls(2592000000, 500)",
+            testing::Plan::Generic,
+        )
+        .await;
+        assert!(plan.contains("calls_received_idx"), "{plan}");
+    }
+
     #[sqlx::test(migrations = false)]
     async fn shutdown_ends_a_pass_after_the_batch_in_progress(pool: PgPool) {
         let queue = with_due_jobs(pool, 1_200).await;

@@ -7,7 +7,10 @@ use sqlx::PgPool;
 use uuid::Uuid;
 
 pub use super::rules::MatchMethod;
-use super::rules::{Found, IntakeRow, MatchInput, decide, intake_id_from_client_state};
+use super::rules::{
+    Exact, Found, IntakeRow, MatchInput, SessionLink, decide, exact_link,
+    intake_id_from_client_state,
+};
 use crate::jobs::queue::competitors;
 use crate::jobs::{Lease, Queue, QueueError};
 
@@ -24,31 +27,91 @@ pub(crate) const INTAKES_BY_PHONE_SQL: &str = "SELECT i.id, i.patient_id, i.crea
      ORDER BY i.created_at, i.id
      LIMIT 101";
 
-/// Finds the intake. An intake named by `client_state` always wins, and
-/// nothing else is tried when it names one. Otherwise a phone-and-time match
-/// is made only when it is unambiguous (the rules are on `decide`, below).
+/// What `recording_relay.calls` says about the recording's session. By
+/// primary key.
+pub(crate) async fn session_link(
+    pool: &PgPool,
+    session: Option<&str>,
+) -> Result<SessionLink, sqlx::Error> {
+    let Some(session) = session else {
+        return Ok(SessionLink::Unknown);
+    };
+    let row: Option<(Option<Uuid>, Option<String>)> = sqlx::query_as(
+        "SELECT intake_id, intake_conflict FROM recording_relay.calls WHERE call_session_id = $1",
+    )
+    .bind(session)
+    .fetch_optional(pool)
+    .await?;
+    Ok(match row {
+        None => SessionLink::Unknown,
+        Some((_, Some(values))) => SessionLink::Conflicting(values),
+        Some((Some(intake), None)) => SessionLink::Intake(intake),
+        Some((None, None)) => SessionLink::NoIntake,
+    })
+}
+
+/// Whether call events arrive at all (one in the last day): only then is
+/// a recording's missing `call.initiated` worth waiting for. By
+/// `calls_received_idx`.
+pub(crate) async fn session_links_in_use(pool: &PgPool) -> Result<bool, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM recording_relay.calls
+                        WHERE received_at > now() - interval '1 day')",
+    )
+    .fetch_one(pool)
+    .await
+}
+
+/// Whether the intake exists, in `organization` when one is given.
+pub(crate) async fn intake_in(
+    pool: &PgPool,
+    intake: Uuid,
+    organization: Option<Uuid>,
+) -> Result<bool, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM public.intakes
+                        WHERE id = $1 AND ($2::uuid IS NULL OR organization_id = $2))",
+    )
+    .bind(intake)
+    .bind(organization)
+    .fetch_one(pool)
+    .await
+}
+
+/// Finds the intake. An intake named exactly (by `client_state`, or by the
+/// SIP header its call session reported) always wins, and nothing else is
+/// tried when one is named, or when they disagree. Otherwise a
+/// phone-and-time match is made only when it is unambiguous (the rules are
+/// on `decide`, below).
 pub(crate) async fn find_intake(pool: &PgPool, m: &MatchInput<'_>) -> Result<Found, sqlx::Error> {
-    if let Some(id) = m.client_state.and_then(intake_id_from_client_state) {
-        let exists: Option<Uuid> = sqlx::query_scalar(
-            "SELECT id FROM public.intakes WHERE id = $1 AND ($2::uuid IS NULL OR organization_id = $2)",
-        )
-        .bind(id)
-        .bind(m.organization)
-        .fetch_optional(pool)
-        .await?;
-        // The caller named the intake: another one found by phone would be a
-        // guess against what they said.
-        return Ok(match exists {
-            Some(id) => Found::Intake(id, MatchMethod::ClientState),
-            None => Found::Nothing(format!(
-                "client_state names intake {id}, which does not exist{}",
-                if m.organization.is_some() {
-                    " in this connection's organization"
-                } else {
-                    ""
-                }
-            )),
-        });
+    let session = session_link(pool, m.call_session_id).await?;
+    let client_state = m.client_state.and_then(intake_id_from_client_state);
+    match exact_link(client_state, &session) {
+        Exact::None => {}
+        Exact::Disagree(why) => return Ok(Found::Ambiguous(why)),
+        Exact::Named(id, method) => {
+            let exists = intake_in(pool, id, m.organization).await?;
+            // The caller named the intake: another one found by phone would
+            // be a guess against what they said. Another organization's
+            // intake is as good as none (the header, like client_state, is
+            // the dialer's word, not proof).
+            let by = match method {
+                MatchMethod::SipHeader => "the SIP header",
+                _ => "client_state",
+            };
+            return Ok(if exists {
+                Found::Intake(id, method)
+            } else {
+                Found::Nothing(format!(
+                    "{by} names intake {id}, which does not exist{}",
+                    if m.organization.is_some() {
+                        " in this connection's organization"
+                    } else {
+                        ""
+                    }
+                ))
+            });
+        }
     }
     let Some(number) = m.number else {
         return Ok(Found::Nothing(

@@ -1,10 +1,11 @@
-//! Step 2: the intake the recording belongs to, by `client_state` or by
-//! phone number and call time, within the call's tenant.
+//! Step 2: the intake the recording belongs to, by `client_state` or the
+//! SIP header of its call session (exact), or by phone number and call
+//! time, within the call's tenant.
 
 use tracing::{info, warn};
 
 use super::intakes::{self, IntakeWrite};
-use super::rules::{Found, MatchInput, Scope, intake_id_from_client_state};
+use super::rules::{Found, MatchInput, Scope, intake_id_from_client_state, link_wait_until};
 use super::{Run, duration_secs};
 use crate::config::Party;
 use crate::jobs::{JobError, QueueError};
@@ -45,7 +46,7 @@ impl Run<'_> {
             Scope::Unknown => {
                 let why = format!(
                     "connection {} is not in pipeline.connection_organizations, so the call \
-                     could be any tenant's and matches no intake, by phone or by client_state{}; \
+                     could be any tenant's and matches no intake, by phone, client_state or SIP header{}; \
                      add the connection to the map, or attach the recording by hand",
                     j.call.connection_id.as_deref().unwrap_or("(none)"),
                     named.map_or(String::new(), |id| format!(
@@ -56,6 +57,7 @@ impl Run<'_> {
                 return Ok(Some(why));
             }
         };
+        self.wait_for_link(named.is_some()).await?;
         let input = MatchInput {
             job_id: j.id,
             recording_id: &recording_id,
@@ -141,6 +143,56 @@ impl Run<'_> {
         self.job.intake_id = Some(intake);
         info!(intake.id = %intake, method = method.as_str(), "intake matched");
         Ok(None)
+    }
+
+    /// Webhooks come out of order: a recording whose session Telnyx has not
+    /// reported yet may get its exact link (the SIP header) in a moment.
+    /// Until `pipeline.link_wait` after the recording ended (or the job was
+    /// created, if earlier), it waits instead of letting phone and time
+    /// guess. One retry at the end of the wait, with the job backoff as
+    /// usual: the listener makes the job runnable at once when the
+    /// session's `call.initiated` arrives (`Queue::wake_session`), so the
+    /// wait costs one attempt, and never the last.
+    pub(super) async fn wait_for_link(&self, has_client_state: bool) -> Result<(), JobError> {
+        let j = &self.job;
+        let wait = self.p.opts.link_wait;
+        let session = j.call.call_session_id.as_deref();
+        if wait.is_zero() || has_client_state || session.is_none() {
+            return Ok(());
+        }
+        let pool = self.queue.pool();
+        let link = intakes::session_link(pool, session)
+            .await
+            .map_err(QueueError::from)?;
+        let in_use = link == super::rules::SessionLink::Unknown
+            && intakes::session_links_in_use(pool)
+                .await
+                .map_err(QueueError::from)?;
+        let from = j
+            .call
+            .recording_ended_at
+            .map_or(j.created_at, |ended| ended.min(j.created_at));
+        let deadline = from + chrono::Duration::from_std(wait).unwrap_or(chrono::Duration::zero());
+        let now = chrono::Utc::now();
+        let Some(until) = link_wait_until(
+            &link,
+            has_client_state,
+            session.is_some(),
+            in_use,
+            deadline,
+            now,
+            j.max_attempts - j.attempts,
+        ) else {
+            return Ok(());
+        };
+        Err(JobError::Retryable {
+            message: format!(
+                "waiting until {} for the call session's call.initiated (its SIP header is the \
+                 exact link) before matching by phone and time (pipeline.link_wait)",
+                until.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+            ),
+            retry_after: (until - now).to_std().ok(),
+        })
     }
 
     /// Retries matching a few times (the intake may not be saved yet), then

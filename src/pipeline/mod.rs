@@ -20,6 +20,10 @@
 //!    delete that fails leaves the job succeeded (the recording plays) and
 //!    owes the delete, which `cleanup` retries apart.
 //!
+//! A `call.recording.error` job takes none of these steps: it finds its
+//! intake exactly and ends `failed` with Telnyx's reason
+//! (`recording_error`).
+//!
 //! This file keeps the sequence; each step is a file of its own
 //! (`resolve`, `matching`, `store`, `relocate`, `link`, `delete`), and
 //! `errors` says what a provider's failure means for the job. The matching
@@ -32,6 +36,7 @@ mod errors;
 pub mod intakes;
 mod link;
 mod matching;
+mod recording_error;
 mod relocate;
 mod resolve;
 mod rules;
@@ -116,6 +121,11 @@ struct Run<'a> {
 /// The sequence of the steps; each step is an `impl Run` of its own file.
 impl Run<'_> {
     async fn execute(&mut self) -> Result<Outcome, JobError> {
+        // No recording to fetch: it never was made. Only its intake's
+        // playback state changes.
+        if self.job.event_type == crate::webhook::event::RECORDING_ERROR {
+            return self.recording_error().await;
+        }
         if self.job.resolved_at.is_none()
             && let Some(outcome) = self.resolve().await?
         {

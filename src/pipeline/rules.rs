@@ -1,8 +1,10 @@
 //! The matching rules as plain code, apart from the SQL that gathers their
-//! input (`intakes.rs` for the host's intakes, `jobs/queue/competitors.rs` for
-//! other recordings of the number): which tenant a call may match in, what
-//! `client_state` names, and which intake (if any) a recording takes by
-//! phone number and time. Each rule has a case in the table in `tests.rs`.
+//! input (`intakes.rs` for the host's intakes and the call session's link,
+//! `jobs/queue/competitors.rs` for other recordings of the number): which
+//! tenant a call may match in, what `client_state` and the SIP header name
+//! (and how long a recording waits for the header), and which intake (if
+//! any) a recording takes by phone number and time. Each rule has a case in
+//! the table in `tests.rs`.
 
 use base64::Engine as _;
 use chrono::{DateTime, Utc};
@@ -15,6 +17,9 @@ use crate::jobs::queue::competitors::Competitor;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum MatchMethod {
     ClientState,
+    /// The intake the dialer named in the SIP INVITE's header, as
+    /// `call.initiated` reported it (`recording_relay.calls`).
+    SipHeader,
     PhoneAndTime,
 }
 
@@ -22,6 +27,7 @@ impl MatchMethod {
     pub fn as_str(self) -> &'static str {
         match self {
             MatchMethod::ClientState => "client_state",
+            MatchMethod::SipHeader => "sip_header",
             MatchMethod::PhoneAndTime => "phone_and_time",
         }
     }
@@ -110,6 +116,74 @@ pub(crate) fn intake_id_from_client_state(client_state: &str) -> Option<Uuid> {
                     .and_then(|s| Uuid::parse_str(s).ok())
             })
         })
+}
+
+/// What `recording_relay.calls` says about a recording's call session.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum SessionLink {
+    /// No row for the session (not yet: webhooks come out of order), or
+    /// the recording names no session.
+    Unknown,
+    /// The session is known and names no intake (no header, or a value
+    /// that is not a UUID).
+    NoIntake,
+    Intake(Uuid),
+    /// The session's events named different intakes (the values).
+    Conflicting(String),
+}
+
+/// What the exact keys say, before phone and time.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Exact {
+    /// Neither names an intake: phone and time decide.
+    None,
+    /// This intake, and nothing else is tried.
+    Named(Uuid, MatchMethod),
+    /// They disagree: no intake is taken, by either or by phone and time.
+    Disagree(String),
+}
+
+/// The exact link: `client_state`, or the SIP header of the call session.
+/// Both say which intake the dialer meant, so either wins over phone and
+/// time; when they disagree, or the session's own events do, the dialer's
+/// word is unreliable and a guess by phone could be the wrong chart: no
+/// intake (fail closed).
+pub(crate) fn exact_link(client_state: Option<Uuid>, session: &SessionLink) -> Exact {
+    match (client_state, session) {
+        (_, SessionLink::Conflicting(values)) => Exact::Disagree(format!(
+            "the call session's events name different intakes in the SIP header ({values})"
+        )),
+        (Some(named), SessionLink::Intake(header)) if named != *header => Exact::Disagree(format!(
+            "client_state names intake {named} and the SIP header intake {header}"
+        )),
+        (Some(named), _) => Exact::Named(named, MatchMethod::ClientState),
+        (None, SessionLink::Intake(header)) => Exact::Named(*header, MatchMethod::SipHeader),
+        (None, SessionLink::Unknown | SessionLink::NoIntake) => Exact::None,
+    }
+}
+
+/// Whether a recording waits for its session's `call.initiated` before
+/// phone and time may match it, and until when. It waits only when all
+/// hold: no exact key of its own (`client_state`), a session to wait for,
+/// none known yet, call events arriving at all (`in_use`: else the wait
+/// would hold every recording for nothing), the wait not over, and attempts
+/// left after this one (a wait must not end the job `failed`).
+pub(crate) fn link_wait_until(
+    session: &SessionLink,
+    has_client_state: bool,
+    has_session: bool,
+    in_use: bool,
+    deadline: DateTime<Utc>,
+    now: DateTime<Utc>,
+    attempts_left: i32,
+) -> Option<DateTime<Utc>> {
+    let waits = *session == SessionLink::Unknown
+        && !has_client_state
+        && has_session
+        && in_use
+        && now < deadline
+        && attempts_left > 1;
+    waits.then_some(deadline)
 }
 
 #[derive(Debug, Clone, sqlx::FromRow)]

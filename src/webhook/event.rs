@@ -23,7 +23,13 @@ use serde_json::Value;
 use crate::call::CallFacts;
 use crate::jobs::NewJob;
 
-pub(crate) const RECORDING_SAVED: &str = "call.recording.saved";
+pub const RECORDING_SAVED: &str = "call.recording.saved";
+/// Telnyx could not make (or store) the recording; its `reason` says why.
+pub const RECORDING_ERROR: &str = "call.recording.error";
+/// The events that say what a call session is (numbers, connection, the
+/// custom headers of the SIP INVITE): kept in `recording_relay.calls`.
+pub const CALL_INITIATED: &str = "call.initiated";
+pub const CALL_ANSWERED: &str = "call.answered";
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum EventError {
@@ -59,9 +65,17 @@ impl Envelope {
         let id = non_empty_str(data, "id").ok_or(EventError::NotAnEnvelope("no data.id"))?;
         let event_type = non_empty_str(data, "event_type")
             .ok_or(EventError::NotAnEnvelope("no data.event_type"))?;
-        if event_type == RECORDING_SAVED && !data.get("payload").is_some_and(Value::is_object) {
+        if [
+            RECORDING_SAVED,
+            RECORDING_ERROR,
+            CALL_INITIATED,
+            CALL_ANSWERED,
+        ]
+        .contains(&event_type.as_str())
+            && !data.get("payload").is_some_and(Value::is_object)
+        {
             return Err(EventError::NotAnEnvelope(
-                "call.recording.saved without a payload object",
+                "a call or recording event without a payload object",
             ));
         }
         Ok(Self {
@@ -75,7 +89,18 @@ impl Envelope {
         self.event_type == RECORDING_SAVED
     }
 
-    /// The job row for a `call.recording.saved` event.
+    /// A job of its own, like a recording: `call.recording.saved`, and
+    /// `call.recording.error`, which ends its intake's playback `failed`.
+    pub fn is_job(&self) -> bool {
+        self.is_recording_saved() || self.event_type == RECORDING_ERROR
+    }
+
+    /// `call.initiated` or `call.answered`: kept in `recording_relay.calls`.
+    pub fn is_call_event(&self) -> bool {
+        self.event_type == CALL_INITIATED || self.event_type == CALL_ANSWERED
+    }
+
+    /// The job row for a `call.recording.saved` (or `.error`) event.
     pub fn into_job(self, max_attempts: i32) -> NewJob {
         let data = &self.value["data"];
         let p = &data["payload"];
@@ -104,8 +129,10 @@ impl Envelope {
 }
 
 /// The objects whose keys the relay reads: the envelope, `data` and
-/// `data.payload`. Deeper objects (`recording_urls`, `meta`) are kept as
-/// jsonb but never read, so their duplicates are harmless.
+/// `data.payload`, and the entries of `data.payload.custom_headers` (each a
+/// `{name, value}`: a second `value` could name another intake). Other
+/// deeper objects (`recording_urls`, `meta`) are kept as jsonb but never
+/// read, so their duplicates are harmless.
 const READ_PATH: &[&str] = &["data", "payload"];
 
 /// Walks a JSON value without building it, failing on a repeated key in
@@ -136,6 +163,9 @@ impl<'de> Visitor<'de> for UniqueKeys {
             match self.path.split_first() {
                 Some((child, rest)) if key == *child => {
                     map.next_value_seed(UniqueKeys { path: rest })?;
+                }
+                None if key == "custom_headers" => {
+                    map.next_value_seed(HeaderEntries)?;
                 }
                 _ => {
                     map.next_value::<IgnoredAny>()?;
@@ -178,6 +208,54 @@ impl<'de> Visitor<'de> for UniqueKeys {
     }
 }
 
+/// `custom_headers`: a list of `{name, value}` objects (or, leniently, one
+/// object), each checked for repeated keys.
+struct HeaderEntries;
+
+impl<'de> DeserializeSeed<'de> for HeaderEntries {
+    type Value = ();
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<(), D::Error> {
+        deserializer.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for HeaderEntries {
+    type Value = ();
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("any JSON value")
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        while seq.next_element_seed(UniqueKeys { path: &[] })?.is_some() {}
+        Ok(())
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<(), A::Error> {
+        UniqueKeys { path: &[] }.visit_map(map)
+    }
+
+    fn visit_bool<E>(self, _: bool) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_i64<E>(self, _: i64) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_u64<E>(self, _: u64) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_f64<E>(self, _: f64) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_str<E>(self, _: &str) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_unit<E>(self) -> Result<(), E> {
+        Ok(())
+    }
+}
+
 impl UniqueKeys {
     /// Where this level sits, for the quarantine reason.
     fn level(&self) -> &'static str {
@@ -189,7 +267,7 @@ impl UniqueKeys {
     }
 }
 
-fn non_empty_str(obj: &Value, key: &str) -> Option<String> {
+pub(super) fn non_empty_str(obj: &Value, key: &str) -> Option<String> {
     match obj.get(key)? {
         Value::String(s) if !s.trim().is_empty() => Some(s.clone()),
         Value::Number(n) => Some(n.to_string()),
@@ -211,7 +289,7 @@ fn integer(obj: &Value, key: &str) -> Option<i64> {
 }
 
 /// Telnyx's timestamps are plain strings "in ISO 8601", not always RFC 3339.
-fn timestamp(obj: &Value, key: &str) -> Option<DateTime<Utc>> {
+pub(super) fn timestamp(obj: &Value, key: &str) -> Option<DateTime<Utc>> {
     crate::providers::telnyx_api::parse_timestamp(obj.get(key)?.as_str()?)
 }
 
@@ -358,6 +436,14 @@ mod tests {
                 "{body}: {got:?}"
             );
         }
+    }
+
+    /// A header entry with two values could be read as either intake.
+    #[test]
+    fn a_custom_header_entry_with_two_values_makes_the_body_ambiguous() {
+        let body = r#"{"data":{"id":"a","event_type":"call.initiated","payload":{"custom_headers":[{"name":"X-Intake-Id","value":"1","value":"2"}]}}}"#;
+        let got = Envelope::parse(body.as_bytes());
+        assert!(matches!(got, Err(EventError::DuplicateKey(_))), "{got:?}");
     }
 
     #[test]

@@ -6,6 +6,7 @@
 //! redeliveries are deduplicated on `data.id`.
 
 mod body;
+mod calls;
 pub mod event;
 pub mod verify;
 
@@ -64,6 +65,8 @@ pub struct WebhookState {
     /// `/readyz` and `/metrics` reach the database through this, never
     /// through the webhooks' pool.
     pub health: Arc<Health>,
+    /// The SIP header that names the intake (`pipeline.intake_header`).
+    pub intake_header: String,
 }
 
 impl WebhookState {
@@ -86,6 +89,7 @@ impl WebhookState {
                     .max(config.listener.max_body_bytes),
             ),
             health,
+            intake_header: config.pipeline.intake_header.clone(),
         })
     }
 }
@@ -306,7 +310,10 @@ async fn receive(req: Request<Incoming>, state: &WebhookState, peer: SocketAddr)
         Ok(envelope) => envelope,
         Err(e) => return quarantine(state, deadline, &e.to_string(), signed_at, &body).await,
     };
-    if !envelope.is_recording_saved() {
+    if envelope.is_call_event() {
+        return store_call(state, deadline, &envelope).await;
+    }
+    if !envelope.is_job() {
         return Reply::new(
             StatusCode::OK,
             "ignored",
@@ -346,6 +353,56 @@ async fn receive(req: Request<Incoming>, state: &WebhookState, peer: SocketAddr)
         // The insert may still commit after this; the redelivery is then a
         // duplicate, which is harmless.
         Err(_) => unavailable("storing the event timed out".to_owned()).event(&event_id),
+    }
+}
+
+/// `call.initiated` / `call.answered`: the session's row in
+/// `recording_relay.calls`, and any job of the session waiting for it made
+/// runnable now, in one transaction committed before the 200.
+async fn store_call(state: &WebhookState, deadline: Instant, envelope: &Envelope) -> Reply {
+    let Some(call) = calls::CallEvent::from_envelope(envelope, &state.intake_header) else {
+        return Reply::new(StatusCode::OK, "ignored", "no call_session_id").event(&envelope.id);
+    };
+    // One more try on a fresh connection, as for jobs (see `receive`):
+    // the upsert is idempotent.
+    let mut tries = 0;
+    let outcome = loop {
+        tries += 1;
+        let mut conn = match connection_within(state, deadline).await {
+            Ok(conn) => conn,
+            Err(reply) => return reply.event(&envelope.id),
+        };
+        let store = async {
+            let mut tx = sqlx::Connection::begin(&mut *conn).await?;
+            let stored = calls::upsert(&mut *tx, &call).await?;
+            Queue::wake_session(&mut *tx, &call.call_session_id).await?;
+            tx.commit().await?;
+            Ok::<_, crate::jobs::QueueError>(stored)
+        };
+        match tokio::time::timeout_at(deadline.into(), store).await {
+            Ok(Err(e)) if tries == 1 && e.is_connection_lost() => {
+                conn.close_on_drop();
+                continue;
+            }
+            outcome => break outcome,
+        }
+    };
+    match outcome {
+        Ok(Ok(stored)) => {
+            if let Some(values) = &stored.intake_conflict
+                && call.intake != calls::IntakeHeader::Absent
+            {
+                // The session links no intake now; its recording goes to
+                // phone and time's strict rules, or to a person.
+                warn!(event.id = %envelope.id, call.session_id = %call.call_session_id,
+                      header = %state.intake_header, values = %values,
+                      "the call session's events name different intakes; it links none");
+            }
+            let outcome = if stored.inserted { "stored" } else { "merged" };
+            Reply::new(StatusCode::OK, outcome, "").event(&envelope.id)
+        }
+        Ok(Err(e)) => unavailable(e.to_string()).event(&envelope.id),
+        Err(_) => unavailable("storing the call event timed out".to_owned()).event(&envelope.id),
     }
 }
 

@@ -14,6 +14,7 @@ mod playback;
 mod pooler;
 mod process;
 mod reservations;
+mod sip_links;
 mod supabase;
 mod telnyx_spec;
 mod testing;

@@ -1248,3 +1248,49 @@ async fn the_react_player_shows_each_state_and_renews_in_chromium(pool: PgPool) 
     );
     s.stop().await;
 }
+
+/// Issue #21: Telnyx could not record the call. The intake the call's SIP
+/// header named shows `failed` (not "processing" nor "none"), the job says
+/// Telnyx's reason, the operator is alerted, and the DBA view lists it;
+/// nothing is downloaded.
+#[sqlx::test(migrations = false)]
+async fn a_recording_error_shows_the_intake_failed_with_telnyxs_reason(pool: PgPool) {
+    let alerts = crate::helpers::AlertSink::start().await;
+    let alert_url = alerts.url();
+    let s = Playback::start(pool, |c| c.pipeline.alert_webhook_url = Some(alert_url)).await;
+    let org = Uuid::new_v4();
+    let intake = plain_intake(&s.p.app.pool, org).await;
+    let session = Uuid::new_v4().to_string();
+    let init = testing::call_initiated_event("ev-init", &session, Some(&intake.to_string()));
+    s.p.post_event(&init).await;
+    let reason = "Failed to authorize with storage using custom credentials";
+    s.p.post_event(&testing::recording_error_event("ev-err", &session, reason))
+        .await;
+
+    let job = s.p.finished_job("ev-err").await;
+    assert_eq!(job.state, JobState::Failed);
+    assert_eq!(job.intake_id, Some(intake));
+    assert_eq!(job.match_method.as_deref(), Some("sip_header"));
+    assert_eq!(
+        job.last_error.as_deref(),
+        Some(format!("Telnyx could not record the call: {reason}").as_str())
+    );
+    let (status, body) = s.recording(&intake.to_string(), Some(&token(org))).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["status"], "failed", "{body}");
+
+    let alert = alerts.next().await;
+    assert_eq!(alert["job_id"], job.id, "{alert}");
+    let listed: Vec<(String, Option<Uuid>)> =
+        sqlx::query_as("SELECT reason, intake_id FROM recording_relay.recording_errors")
+            .fetch_all(&s.p.app.pool)
+            .await
+            .unwrap();
+    assert_eq!(listed, [(reason.to_owned(), Some(intake))]);
+    assert_eq!(
+        s.p.telnyx.request_count("/v2/recordings"),
+        0,
+        "nothing to fetch"
+    );
+    s.stop().await;
+}

@@ -70,6 +70,8 @@ async fn the_api_roles_can_neither_read_nor_change_nor_call_anything_of_the_rela
         "SELECT * FROM recording_relay.recording_jobs_unmatched".to_owned(),
         "SELECT * FROM recording_relay.recording_jobs_stuck".to_owned(),
         "SELECT * FROM recording_relay.recording_jobs_queue".to_owned(),
+        "SELECT * FROM recording_relay.recording_errors".to_owned(),
+        "SELECT * FROM recording_relay.calls".to_owned(),
         format!("SELECT recording_relay.recording_jobs_cancel({job})"),
         format!("SELECT recording_relay.recording_jobs_requeue({job})"),
         "SELECT recording_relay.recording_jobs_requeue_failed()".to_owned(),
@@ -223,6 +225,7 @@ async fn the_operator_role_reads_jobs_and_changes_them_only_through_the_function
     for sql in [
         "SELECT * FROM recording_relay.recording_jobs_queue".to_owned(),
         "SELECT * FROM recording_relay.recording_jobs_failed".to_owned(),
+        "SELECT * FROM recording_relay.recording_errors".to_owned(),
         "SELECT * FROM recording_relay.webhook_quarantine".to_owned(),
         format!("SELECT recording_relay.recording_jobs_cancel({job})"),
     ] {

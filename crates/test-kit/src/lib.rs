@@ -169,43 +169,82 @@ pub fn recording_saved_event(event_id: &str, call_session_id: &str) -> serde_jso
     })
 }
 
+/// A `call.initiated` event shaped like Telnyx's OpenAPI schema: the custom
+/// headers of the SIP INVITE are a list of `{name, value}`. With `intake`,
+/// the dialer named it in `X-Intake-Id` (as ZScribe's LiveKit dialer would,
+/// README "The exact link from the SIP INVITE").
+pub fn call_initiated_event(
+    event_id: &str,
+    call_session_id: &str,
+    intake: Option<&str>,
+) -> serde_json::Value {
+    let headers = intake.map_or_else(Vec::new, |id| {
+        vec![serde_json::json!({"name": INTAKE_HEADER, "value": id})]
+    });
+    serde_json::json!({
+        "data": {
+            "record_type": "event",
+            "event_type": "call.initiated",
+            "id": event_id,
+            "occurred_at": chrono::Utc::now().to_rfc3339(),
+            "payload": {
+                "call_control_id": format!("v3:{call_session_id}"),
+                "call_leg_id": uuid::Uuid::new_v4().to_string(),
+                "call_session_id": call_session_id,
+                "connection_id": "1684641123236054244",
+                "direction": "outgoing",
+                "from": "+15551230001",
+                "to": "+15557650002",
+                "state": "bridging",
+                "start_time": chrono::Utc::now().to_rfc3339(),
+                "custom_headers": headers
+            }
+        },
+        "meta": {"attempt": 1, "delivered_to": "https://relay/webhooks/telnyx"}
+    })
+}
+
 /// The SIP header in which ZScribe's dialer names the intake (issue #21):
 /// LiveKit's `CreateSIPParticipantRequest.headers` sends it on the INVITE,
 /// and Telnyx reports it in `call.initiated`'s `custom_headers`.
 pub const INTAKE_HEADER: &str = "X-Intake-Id";
 
-/// A `call.initiated` event as Telnyx sends it for an outbound call ZScribe
-/// places through LiveKit SIP over a Telnyx trunk (RESEARCH21: team-telnyx
-/// openapi spec3.yml): `custom_headers` is an array of `{name, value}`
-/// objects carrying [`INTAKE_HEADER`], and there is no `client_state` (only
-/// Call Control sets one). `from` is the organization's number, `to` the
-/// patient's.
-pub fn call_initiated_event(
+/// [`call_initiated_event`] for an outbound call ZScribe places through
+/// LiveKit SIP over a Telnyx trunk: `from` is the organization's number,
+/// `to` the patient's, and the intake is named in [`INTAKE_HEADER`]; no
+/// `client_state` (only Call Control sets one).
+pub fn dialled_call_initiated_event(
     event_id: &str,
     call_session_id: &str,
     intake_id: &str,
     from: &str,
     to: &str,
 ) -> serde_json::Value {
+    let mut event = call_initiated_event(event_id, call_session_id, Some(intake_id));
+    let payload = &mut event["data"]["payload"];
+    payload["from"] = serde_json::Value::from(from);
+    payload["to"] = serde_json::Value::from(to);
+    event
+}
+
+/// A `call.recording.error` event (Telnyx's schema: no recording, a reason).
+pub fn recording_error_event(
+    event_id: &str,
+    call_session_id: &str,
+    reason: &str,
+) -> serde_json::Value {
     serde_json::json!({
         "data": {
             "record_type": "event",
-            "event_type": "call.initiated",
+            "event_type": "call.recording.error",
             "id": event_id,
-            "occurred_at": "2025-11-19T10:29:58.000Z",
+            "occurred_at": chrono::Utc::now().to_rfc3339(),
             "payload": {
                 "call_control_id": format!("v3:{call_session_id}"),
                 "call_leg_id": uuid::Uuid::new_v4().to_string(),
                 "call_session_id": call_session_id,
-                "connection_id": "1494404757140276705",
-                "from": from,
-                "to": to,
-                "direction": "outgoing",
-                "state": "bridging",
-                "start_time": "2025-11-19T10:29:58.000Z",
-                "custom_headers": [
-                    {"name": INTAKE_HEADER, "value": intake_id}
-                ]
+                "connection_id": "1684641123236054244",
+                "reason": reason
             }
         }
     })
@@ -239,7 +278,8 @@ mod tests {
     /// client_state, the session and numbers in the payload.
     #[test]
     fn a_call_initiated_names_its_intake_in_an_array_of_custom_headers() {
-        let event = call_initiated_event("ev-1", "s-1", "intake-1", "+19712656795", "+15550104477");
+        let event =
+            dialled_call_initiated_event("ev-1", "s-1", "intake-1", "+19712656795", "+15550104477");
         let payload = &event["data"]["payload"];
         assert_eq!(event["data"]["event_type"], "call.initiated");
         assert_eq!(payload["call_session_id"], "s-1");

@@ -116,6 +116,28 @@ impl Queue {
         Ok(id.map_or(Enqueued::Duplicate, Enqueued::Inserted))
     }
 
+    /// A call event of `session` arrived: its jobs that wait (for that event,
+    /// mostly: see `pipeline::matching`) are runnable now, so an exact link
+    /// that came late is used at once instead of after `pipeline.link_wait`.
+    /// A job of the session in a provider's backoff is woken too and spends
+    /// an attempt early; a session's call events come before its recording,
+    /// so that is rare. Finds the jobs through `recording_jobs_call_session_idx`.
+    pub async fn wake_session<'c>(
+        executor: impl sqlx::PgExecutor<'c>,
+        session: &str,
+    ) -> Result<u64, QueueError> {
+        let done = sqlx::query(
+            "UPDATE recording_relay.recording_jobs
+             SET next_run_at = now(), updated_at = now()
+             WHERE call_session_id = $1 AND state = 'pending' AND next_run_at > now()
+               AND intake_id IS NULL",
+        )
+        .bind(session)
+        .execute(executor)
+        .await?;
+        Ok(done.rows_affected())
+    }
+
     /// Claims up to `limit` runnable jobs for `worker`: sets the lease and
     /// counts the attempt in one statement that commits at once.
     pub async fn claim(

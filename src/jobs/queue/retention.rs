@@ -12,11 +12,13 @@ use super::{Queue, QueueError, millis};
 /// on `recording_relay.recording_jobs j`: unmatched (its object under
 /// `unmatched/` is known nowhere else); failed with a recording id, a call
 /// session or an object (the recording may still be at Telnyx, or in the
-/// bucket); cancelled with an object no intake was linked to. Ordinary
-/// retention never deletes these.
+/// bucket), unless it is a `call.recording.error` (no recording was made:
+/// its session points at nothing); cancelled with an object no intake was
+/// linked to. Ordinary retention never deletes these.
 pub(crate) const HOLDS_PATIENT_DATA: &str = "j.state = 'unmatched'
-     OR (j.state = 'failed' AND (j.recording_id IS NOT NULL OR j.call_session_id IS NOT NULL
-                                 OR j.object_path IS NOT NULL))
+     OR (j.state = 'failed' AND (j.recording_id IS NOT NULL OR j.object_path IS NOT NULL
+                                 OR (j.call_session_id IS NOT NULL
+                                     AND j.event_type <> 'call.recording.error')))
      OR (j.state = 'cancelled' AND j.object_path IS NOT NULL AND j.linked_at IS NULL)";
 
 /// A succeeded job that is the only pointer to a copy it left behind: a

@@ -384,3 +384,153 @@ fn client_state_forms() {
         );
     }
 }
+
+#[test]
+fn the_exact_keys_and_when_they_disagree() {
+    let a = Uuid::from_u128(1);
+    let b = Uuid::from_u128(2);
+    let cases = [
+        ("nothing named", None, SessionLink::Unknown, Exact::None),
+        (
+            "a session without header",
+            None,
+            SessionLink::NoIntake,
+            Exact::None,
+        ),
+        (
+            "the header alone",
+            None,
+            SessionLink::Intake(a),
+            Exact::Named(a, MatchMethod::SipHeader),
+        ),
+        (
+            "client_state alone",
+            Some(a),
+            SessionLink::Unknown,
+            Exact::Named(a, MatchMethod::ClientState),
+        ),
+        (
+            "both, agreeing",
+            Some(a),
+            SessionLink::Intake(a),
+            Exact::Named(a, MatchMethod::ClientState),
+        ),
+    ];
+    for (name, client_state, session, expected) in cases {
+        assert_eq!(
+            exact_link(client_state, &session),
+            expected,
+            "case {name:?}"
+        );
+    }
+    for (name, client_state, session) in [
+        ("both, disagreeing", Some(a), SessionLink::Intake(b)),
+        (
+            "a session naming two",
+            None,
+            SessionLink::Conflicting(format!("{a}, {b}")),
+        ),
+        (
+            "client_state and a session naming two",
+            Some(a),
+            SessionLink::Conflicting(format!("{a}, {b}")),
+        ),
+    ] {
+        assert!(
+            matches!(exact_link(client_state, &session), Exact::Disagree(_)),
+            "case {name:?}"
+        );
+    }
+}
+
+#[test]
+fn a_recording_waits_for_its_sessions_link_only_while_it_can_come() {
+    let now = Utc::now();
+    let later = now + chrono::Duration::minutes(2);
+    let unknown = SessionLink::Unknown;
+    // (case, session, client_state, has session, in use, deadline, attempts left, waits)
+    let cases = [
+        (
+            "not known yet, within the wait",
+            &unknown,
+            false,
+            true,
+            true,
+            later,
+            11,
+            true,
+        ),
+        (
+            "the wait is over",
+            &unknown,
+            false,
+            true,
+            true,
+            now,
+            11,
+            false,
+        ),
+        (
+            "known, without intake",
+            &SessionLink::NoIntake,
+            false,
+            true,
+            true,
+            later,
+            11,
+            false,
+        ),
+        (
+            "client_state names one",
+            &unknown,
+            true,
+            true,
+            true,
+            later,
+            11,
+            false,
+        ),
+        (
+            "no session to wait for",
+            &unknown,
+            false,
+            false,
+            true,
+            later,
+            11,
+            false,
+        ),
+        (
+            "no call events arrive at all",
+            &unknown,
+            false,
+            true,
+            false,
+            later,
+            11,
+            false,
+        ),
+        (
+            "the last attempt",
+            &unknown,
+            false,
+            true,
+            true,
+            later,
+            1,
+            false,
+        ),
+    ];
+    for (name, session, client_state, has_session, in_use, deadline, left, waits) in cases {
+        let got = link_wait_until(
+            session,
+            client_state,
+            has_session,
+            in_use,
+            deadline,
+            now,
+            left,
+        );
+        assert_eq!(got.is_some(), waits, "case {name:?}");
+    }
+}

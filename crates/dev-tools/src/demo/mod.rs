@@ -418,7 +418,7 @@ fn event_id(n: usize) -> String {
 /// LiveKit placed with `headers={"X-Intake-Id": …}`; without an intake,
 /// no custom header at all.
 fn call_initiated(n: usize, rec: &SimRecording, intake: Option<Uuid>) -> serde_json::Value {
-    let mut event = testing::call_initiated_event(
+    let mut event = testing::dialled_call_initiated_event(
         &format!("demo-initiated-{n}"),
         &rec.call_session_id,
         &intake.map(|i| i.to_string()).unwrap_or_default(),
