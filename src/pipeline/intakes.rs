@@ -3,13 +3,33 @@
 //! `rules.rs`; the other recordings they weigh come from
 //! `jobs/queue/competitors.rs`.
 
+use chrono::{DateTime, Utc};
 use sqlx::PgPool;
 use uuid::Uuid;
 
 pub use super::rules::MatchMethod;
-use super::rules::{Found, IntakeRow, MatchInput, decide, intake_id_from_client_state};
+use super::rules::{Found, IntakeRow, Listed, MatchInput, decide, intake_id_from_client_state};
 use crate::jobs::queue::competitors;
 use crate::jobs::{Lease, Queue, QueueError};
+use crate::providers::telnyx_api::TelnyxError;
+
+/// What Telnyx listed for the number around the recording.
+#[derive(Debug)]
+pub(crate) enum Listing {
+    Recordings(Vec<Listed>),
+    /// More than the look-up reads (`n` at least): too many to weigh.
+    TooMany(usize),
+}
+
+/// Why no decision could be made: a retry may get one.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum FindError {
+    #[error(transparent)]
+    Db(#[from] sqlx::Error),
+    /// The phone-and-time match does not go ahead without Telnyx's list.
+    #[error("listing the number's recordings at Telnyx: {0}")]
+    Telnyx(#[from] TelnyxError),
+}
 
 /// The intakes of the number's patients in a span of time, free or not;
 /// the `EXPLAIN` test checks its plan. `$1` number, `$2`..`$3` the span,
@@ -26,8 +46,19 @@ pub const INTAKES_BY_PHONE_SQL: &str = "SELECT i.id, i.patient_id, i.created_at,
 
 /// Finds the intake. An intake named by `client_state` always wins, and
 /// nothing else is tried when it names one. Otherwise a phone-and-time match
-/// is made only when it is unambiguous (the rules are on `decide`, below).
-pub(crate) async fn find_intake(pool: &PgPool, m: &MatchInput<'_>) -> Result<Found, sqlx::Error> {
+/// is made only when it is unambiguous (the rules are on `decide`), and
+/// only after `list` has asked Telnyx for the number's other recordings in
+/// the span (it is called only then, so a `client_state` match needs no
+/// list).
+pub(crate) async fn find_intake<L, F>(
+    pool: &PgPool,
+    m: &MatchInput<'_>,
+    list: L,
+) -> Result<Found, FindError>
+where
+    L: FnOnce((DateTime<Utc>, DateTime<Utc>)) -> F,
+    F: std::future::Future<Output = Result<Listing, TelnyxError>>,
+{
     if let Some(id) = m.client_state.and_then(intake_id_from_client_state) {
         let exists: Option<Uuid> = sqlx::query_scalar(
             "SELECT id FROM public.intakes WHERE id = $1 AND ($2::uuid IS NULL OR organization_id = $2)",
@@ -78,7 +109,16 @@ pub(crate) async fn find_intake(pool: &PgPool, m: &MatchInput<'_>) -> Result<Fou
         m.call_session_id,
     )
     .await?;
-    Ok(decide(m, w, (from, to), intakes, others))
+    let listed = match list((from, to)).await? {
+        Listing::Recordings(listed) => listed,
+        Listing::TooMany(n) => {
+            return Ok(Found::Ambiguous(format!(
+                "Telnyx lists {n} or more recordings of this number around the recording: \
+                 too many to weigh"
+            )));
+        }
+    };
+    Ok(decide(m, w, (from, to), intakes, others, listed))
 }
 
 /// What a claim or a link found: both write the intake in one transaction
@@ -249,7 +289,6 @@ mod tests {
     use std::time::Duration;
 
     use base64::Engine as _;
-    use chrono::{DateTime, Utc};
 
     use super::*;
     use crate::config::Party;
@@ -281,6 +320,11 @@ mod tests {
         .fetch_one(pool)
         .await
         .unwrap()
+    }
+
+    /// Telnyx lists nothing beyond our own table's jobs.
+    async fn unlisted(_: (DateTime<Utc>, DateTime<Utc>)) -> Result<Listing, TelnyxError> {
+        Ok(Listing::Recordings(Vec::new()))
     }
 
     fn input<'a>(number: &'a str, rec: &'a str) -> MatchInput<'a> {
@@ -354,12 +398,12 @@ mod tests {
         let p = patient(&pool, "(971) 265-6795").await;
         let near = intake(&pool, p, -2).await;
         let _outside = intake(&pool, p, -30).await;
-        let found = find_intake(&pool, &input("+1 971 265 6795", "rec-1"))
+        let found = find_intake(&pool, &input("+1 971 265 6795", "rec-1"), unlisted)
             .await
             .unwrap();
         assert_eq!(found, Found::Intake(near, MatchMethod::PhoneAndTime));
         assert!(matches!(
-            find_intake(&pool, &input("+1 503 000 0000", "rec-1"))
+            find_intake(&pool, &input("+1 503 000 0000", "rec-1"), unlisted)
                 .await
                 .unwrap(),
             Found::Nothing(_)
@@ -385,7 +429,7 @@ mod tests {
         .await;
         assert_eq!(claim.unwrap(), IntakeWrite::Written);
         // rec-B may be the second recording of the call that rec-A is from.
-        let found = find_intake(&pool, &input("+19712656795", "rec-B"))
+        let found = find_intake(&pool, &input("+19712656795", "rec-B"), unlisted)
             .await
             .unwrap();
         let Found::Undecided(why) = found else {
@@ -402,7 +446,7 @@ mod tests {
         assert_eq!(again.unwrap(), IntakeWrite::Written, "idempotent");
         // The recording that holds it finds it again (a retry after the claim).
         assert_eq!(
-            find_intake(&pool, &input("+19712656795", "rec-A"))
+            find_intake(&pool, &input("+19712656795", "rec-A"), unlisted)
                 .await
                 .unwrap(),
             Found::Intake(newer, MatchMethod::PhoneAndTime)
@@ -426,7 +470,7 @@ mod tests {
             .execute(&pool)
             .await
             .unwrap();
-        let found = find_intake(&pool, &input("+19712656795", "rec-new"))
+        let found = find_intake(&pool, &input("+19712656795", "rec-new"), unlisted)
             .await
             .unwrap();
         assert!(
@@ -497,7 +541,7 @@ mod tests {
 
         let mut m = input("+19712656795", "rec-2");
         m.around = call2;
-        let found = find_intake(&pool, &m).await.unwrap();
+        let found = find_intake(&pool, &m, unlisted).await.unwrap();
         let Found::Undecided(why) = found else {
             panic!("{found:?}")
         };
@@ -505,27 +549,25 @@ mod tests {
             why.contains("rec-1") && why.contains(&intake1.to_string()),
             "the reason names the candidates: {why}"
         );
-        // And call 1's recording does not take it either while call 2's
-        // competes: 2 recordings, 1 intake.
+        // Call 1's recording is the first after intake 1 was created: it
+        // takes it, though call 2's recording competes (issue #21; issue
+        // #10 refused both until call 2's intake was saved).
         let mut m = input("+19712656795", "rec-1");
         m.job_id = job1;
         m.around = call1;
         let call2_job =
             other_job(&pool, Some("rec-2"), Some("+19712656795"), call2, "pending").await;
-        let found = find_intake(&pool, &m).await.unwrap();
-        assert!(matches!(found, Found::Undecided(_)), "{found:?}");
-        // Once call 2's intake is saved, both sets are complete: paired in
-        // time order.
-        let intake2 = intake_at(&pool, p, call2 - min(0.5)).await;
         assert_eq!(
-            find_intake(&pool, &m).await.unwrap(),
+            find_intake(&pool, &m, unlisted).await.unwrap(),
             Found::Intake(intake1, MatchMethod::PhoneAndTime)
         );
+        // Once call 2's intake is saved, call 2 takes it.
+        let intake2 = intake_at(&pool, p, call2 - min(0.5)).await;
         let mut m2 = input("+19712656795", "rec-2");
         m2.job_id = call2_job;
         m2.around = call2;
         assert_eq!(
-            find_intake(&pool, &m2).await.unwrap(),
+            find_intake(&pool, &m2, unlisted).await.unwrap(),
             Found::Intake(intake2, MatchMethod::PhoneAndTime)
         );
     }
@@ -551,14 +593,14 @@ mod tests {
             .await
             .unwrap();
         assert!(matches!(
-            find_intake(&pool, &input("9712656795", "rec-2"))
+            find_intake(&pool, &input("9712656795", "rec-2"), unlisted)
                 .await
                 .unwrap(),
             Found::Nothing(_)
         ));
         let free = intake_at(&pool, p, t - min(0.5)).await;
         assert_eq!(
-            find_intake(&pool, &input("9712656795", "rec-2"))
+            find_intake(&pool, &input("9712656795", "rec-2"), unlisted)
                 .await
                 .unwrap(),
             Found::Intake(free, MatchMethod::PhoneAndTime)
@@ -598,7 +640,7 @@ mod tests {
         let child = patient(&pool, "(971) 265 6795").await;
         intake(&pool, parent, -2).await;
         intake(&pool, child, -3).await;
-        let found = find_intake(&pool, &input("+19712656795", "rec-1"))
+        let found = find_intake(&pool, &input("+19712656795", "rec-1"), unlisted)
             .await
             .unwrap();
         assert!(matches!(found, Found::Ambiguous(_)), "{found:?}");
@@ -619,7 +661,7 @@ mod tests {
         let mut m = input("+19712656795", "rec-1");
         m.organization = Some(org);
         assert!(matches!(
-            find_intake(&pool, &m).await.unwrap(),
+            find_intake(&pool, &m, unlisted).await.unwrap(),
             Found::Nothing(_)
         ));
     }
@@ -634,14 +676,14 @@ mod tests {
         let mut m = input("9712656795", "rec-1");
         m.client_state = Some(&state);
         assert_eq!(
-            find_intake(&pool, &m).await.unwrap(),
+            find_intake(&pool, &m, unlisted).await.unwrap(),
             Found::Intake(other, MatchMethod::ClientState)
         );
         // Naming an intake that does not exist is not an invitation to guess
         // by phone.
         let missing = base64::engine::general_purpose::STANDARD.encode(Uuid::new_v4().to_string());
         m.client_state = Some(&missing);
-        let found = find_intake(&pool, &m).await.unwrap();
+        let found = find_intake(&pool, &m, unlisted).await.unwrap();
         assert!(
             matches!(&found, Found::Nothing(why) if why.contains("client_state names intake")),
             "{found:?}"

@@ -717,3 +717,56 @@ async fn a_requeued_unmatched_job_is_matched_again_and_moved_into_the_intakes_fo
     assert_eq!(p.telnyx.download_count("rec-late-intake"), 1);
     p.stop().await;
 }
+
+/// Issue #21 item 3: a patient's call 1 has its intake; call 2, six minutes
+/// later, has none yet; call 2's webhook arrives first. Only jobs already
+/// in our table counted as competitors, and call 1's webhook had not come,
+/// so call 2's recording took call 1's intake. Telnyx lists call 1's
+/// recording by the patient's number: call 2's recording waits and ends
+/// unmatched, and call 1's recording, when its webhook comes, lands on its
+/// own intake (the one created nearest before it, with no other recording
+/// between).
+#[sqlx::test(migrations = false)]
+async fn a_later_calls_webhook_first_does_not_take_the_earlier_calls_intake(pool: PgPool) {
+    let p = spawn_pipeline(pool, |_| {}).await;
+    let mut call1 = SimRecording::sample("rec-first-call");
+    for t in [
+        &mut call1.recording_started_at,
+        &mut call1.recording_ended_at,
+        &mut call1.created_at,
+    ] {
+        *t -= chrono::Duration::minutes(6);
+    }
+    let call2 = SimRecording::sample("rec-second-call");
+    p.telnyx.add_recording(call1.clone());
+    p.telnyx.add_recording(call2.clone());
+    let intake1 = intake_for(&p.app.pool, &call1, "+15557650002").await;
+
+    post(&p, "ev-second", &call2).await;
+    let job2 = p.finished_job("ev-second").await;
+    assert_eq!(job2.state, JobState::Unmatched, "{:?}", job2.intake_id);
+    let reason = job2.last_error.unwrap_or_default();
+    assert!(
+        reason.contains("rec-first-call") && reason.contains(&intake1.to_string()),
+        "the reason names the earlier call's recording and intake: {reason}"
+    );
+    assert!(
+        intake_row(&p.app.pool, intake1)
+            .await
+            .recording_id
+            .is_none()
+    );
+
+    post(&p, "ev-first", &call1).await;
+    let job1 = p.finished_job("ev-first").await;
+    assert_eq!(job1.state, JobState::Succeeded, "{:?}", job1.last_error);
+    assert_eq!(job1.intake_id, Some(intake1));
+    assert_eq!(
+        intake_row(&p.app.pool, intake1)
+            .await
+            .recording_id
+            .as_deref(),
+        Some("rec-first-call")
+    );
+    p.stop().await;
+}
