@@ -34,7 +34,9 @@ pub use playback::PlaybackConfig;
 pub use providers::{HttpConfig, SupabaseConfig, TelnyxConfig};
 pub use retention::{MetricsConfig, RetentionConfig};
 pub use secrets::{permission_warning, secret_settings};
-pub use worker::{AudioFormat, Party, PipelineConfig, RetryConfig, WorkerConfig};
+pub use worker::{
+    AudioFormat, CallerIdOrganizations, Party, PipelineConfig, RetryConfig, WorkerConfig,
+};
 
 /// Where the config file is looked for when `--config` is not given. A missing
 /// file at this default path is not an error (defaults plus environment).

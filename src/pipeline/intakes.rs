@@ -81,6 +81,12 @@ where
             )),
         });
     }
+    // Final: the caller ID will not change on a later attempt.
+    if let Some(why) = m.no_phone_match.as_deref() {
+        return Ok(Found::Ambiguous(format!(
+            "no match by phone and time: {why}"
+        )));
+    }
     let Some(number) = m.number else {
         return Ok(Found::Nothing(
             "the patient's number is unknown (set client_state to the intake id when dialing)"
@@ -119,6 +125,20 @@ where
         }
     };
     Ok(decide(m, w, (from, to), intakes, others, listed))
+}
+
+/// The organizations whose number (`caller_id`'s table and column) is
+/// `number`, compared by the phone key; at most two (two is already too
+/// many).
+pub(crate) async fn organizations_by_number(
+    pool: &PgPool,
+    caller_id: &crate::config::CallerIdOrganizations,
+    number: &str,
+) -> Result<Vec<Uuid>, sqlx::Error> {
+    sqlx::query_scalar(sqlx::AssertSqlSafe(caller_id.lookup_sql()))
+        .bind(number)
+        .fetch_all(pool)
+        .await
 }
 
 /// What a claim or a link found: both write the intake in one transaction
@@ -336,6 +356,7 @@ mod tests {
             number: Some(number),
             party: Party::To,
             organization: None,
+            no_phone_match: None,
             around: Utc::now(),
             window: Duration::from_secs(600),
         }

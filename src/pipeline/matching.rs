@@ -7,7 +7,9 @@ use chrono::{DateTime, Utc};
 
 use super::errors::telnyx_failure;
 use super::intakes::{self, FindError, IntakeWrite, Listing};
-use super::rules::{Found, Listed, MatchInput, Scope, intake_id_from_client_state};
+use super::rules::{
+    CallerId, Found, Listed, MatchInput, Scope, intake_id_from_client_state, phone_scope,
+};
 use super::{Run, duration_secs};
 use crate::config::Party;
 use crate::jobs::{JobError, QueueError};
@@ -60,6 +62,12 @@ impl Run<'_> {
                 return Ok(Some(why));
             }
         };
+        let caller = self.caller_id().await?;
+        let (organization, no_phone_match) = match phone_scope(organization, &caller) {
+            Ok(scope) => (scope, None),
+            // The exact links keep the connection's scope.
+            Err(why) => (organization, Some(why)),
+        };
         let input = MatchInput {
             job_id: j.id,
             recording_id: &recording_id,
@@ -68,6 +76,7 @@ impl Run<'_> {
             number,
             party: opts.patient_party,
             organization,
+            no_phone_match,
             around,
             window: opts.match_window,
         };
@@ -160,6 +169,44 @@ impl Run<'_> {
         self.job.intake_id = Some(intake);
         info!(intake.id = %intake, method = method.as_str(), "intake matched");
         Ok(None)
+    }
+
+    /// The organization whose number the call's non-patient party is,
+    /// through `pipeline.caller_id_organizations`.
+    async fn caller_id(&self) -> Result<CallerId, JobError> {
+        let Some(table) = &self.p.opts.caller_id_organizations else {
+            return Ok(CallerId::Off);
+        };
+        let (party, number) = match self.p.opts.patient_party {
+            Party::To => ("from", self.job.call.from_number.as_deref()),
+            Party::From => ("to", self.job.call.to_number.as_deref()),
+        };
+        let Some(number) = number else {
+            return Ok(CallerId::Unknown(format!(
+                "the call has no {party} number, so pipeline.caller_id_organizations cannot \
+                 name its organization"
+            )));
+        };
+        let found = intakes::organizations_by_number(self.queue.pool(), table, number)
+            .await
+            .map_err(QueueError::from)?;
+        Ok(match found.as_slice() {
+            [org] => CallerId::Organization(*org),
+            [] => CallerId::Unknown(format!(
+                "the call's {party} number {} is no organization's number in {}.{} \
+                 (pipeline.caller_id_organizations)",
+                mask_phone(number),
+                table.table,
+                table.phone_column
+            )),
+            _ => CallerId::Unknown(format!(
+                "the call's {party} number {} is the number of more than one organization in \
+                 {}.{} (pipeline.caller_id_organizations)",
+                mask_phone(number),
+                table.table,
+                table.phone_column
+            )),
+        })
     }
 
     /// Retries matching a few times (the intake may not be saved yet), then

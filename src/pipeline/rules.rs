@@ -41,8 +41,12 @@ pub(crate) struct MatchInput<'a> {
     /// Which number of other jobs is their patient's (the same setting).
     pub(crate) party: Party,
     /// When set, only intakes of this organization match (the Telnyx
-    /// connection the call came through identifies the tenant).
+    /// connection the call came through, or the caller ID, identifies the
+    /// tenant; see [`phone_scope`]).
     pub(crate) organization: Option<Uuid>,
+    /// Why no phone-and-time match may be made at all (the caller ID names
+    /// no one organization); exact links still follow their own rules.
+    pub(crate) no_phone_match: Option<String>,
     pub(crate) around: DateTime<Utc>,
     pub(crate) window: std::time::Duration,
 }
@@ -86,6 +90,38 @@ impl Scope {
         connection
             .and_then(|c| organizations.get(c))
             .map_or(Scope::Unknown, |org| Scope::Organization(*org))
+    }
+}
+
+/// What `pipeline.caller_id_organizations` says about a call: the
+/// organization whose number the call's non-patient party is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum CallerId {
+    /// Not configured.
+    Off,
+    /// The number is this organization's and no other's.
+    Organization(Uuid),
+    /// No number, no organization's number, or several's: why.
+    Unknown(String),
+}
+
+/// The organization a phone-and-time match is confined to (`None`: not
+/// confined), or why none may be made. The connection's organization
+/// (`pipeline.connection_organizations`) and the caller ID's must agree
+/// when both are known; an unknown caller ID fails closed, since the
+/// patient's number alone would look across every organization's patients.
+pub(crate) fn phone_scope(
+    connection: Option<Uuid>,
+    caller: &CallerId,
+) -> Result<Option<Uuid>, String> {
+    match (connection, caller) {
+        (connection, CallerId::Off) => Ok(connection),
+        (Some(c), CallerId::Organization(o)) if c != *o => Err(format!(
+            "the call's connection is organization {c}'s (pipeline.connection_organizations) \
+             but its caller ID is organization {o}'s"
+        )),
+        (_, CallerId::Organization(o)) => Ok(Some(*o)),
+        (_, CallerId::Unknown(why)) => Err(why.clone()),
     }
 }
 

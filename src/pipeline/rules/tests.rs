@@ -355,6 +355,7 @@ fn run(case: &Case, now: DateTime<Utc>) -> Found {
         number: Some("+19712656795"),
         party: Party::To,
         organization: None,
+        no_phone_match: None,
         around,
         window: WINDOW,
     };
@@ -438,6 +439,64 @@ fn an_unlisted_connection_is_an_unknown_tenant() {
             expected,
             "case {name:?}"
         );
+    }
+}
+
+#[test]
+fn the_caller_id_confines_the_phone_match_to_one_organization() {
+    let (a, b) = (Uuid::from_u128(0xa), Uuid::from_u128(0xb));
+    let unknown = CallerId::Unknown("the from number is no organization's".into());
+    let cases = [
+        (
+            "off, no connection scope: unscoped",
+            None,
+            CallerId::Off,
+            Ok(None),
+        ),
+        (
+            "off: the connection's organization",
+            Some(a),
+            CallerId::Off,
+            Ok(Some(a)),
+        ),
+        (
+            "the caller ID's organization",
+            None,
+            CallerId::Organization(b),
+            Ok(Some(b)),
+        ),
+        (
+            "both agree",
+            Some(a),
+            CallerId::Organization(a),
+            Ok(Some(a)),
+        ),
+        (
+            "they disagree: none",
+            Some(a),
+            CallerId::Organization(b),
+            Err("but its caller ID"),
+        ),
+        (
+            "unknown caller ID: none",
+            None,
+            unknown.clone(),
+            Err("no organization's"),
+        ),
+        (
+            "unknown, whatever the connection",
+            Some(a),
+            unknown,
+            Err("no organization's"),
+        ),
+    ];
+    for (name, connection, caller, expected) in cases {
+        let got = phone_scope(connection, &caller);
+        match (expected, got) {
+            (Ok(want), Ok(got)) => assert_eq!(got, want, "case {name:?}"),
+            (Err(needle), Err(why)) => assert!(why.contains(needle), "case {name:?}: {why}"),
+            (want, got) => panic!("case {name:?}: expected {want:?}, got {got:?}"),
+        }
     }
 }
 
