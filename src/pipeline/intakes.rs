@@ -141,6 +141,54 @@ pub(crate) async fn organizations_by_number(
         .await
 }
 
+/// Whether `public.intakes` holds intakes of more than one organization:
+/// the first organization found, then any other. Stops at the first row of
+/// a second organization; with one organization it reads the table, so it
+/// runs once at start-up, under a statement timeout.
+pub(crate) async fn intakes_of_several_organizations(pool: &PgPool) -> Result<bool, sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    sqlx::query("SET LOCAL statement_timeout = '10s'")
+        .execute(&mut *tx)
+        .await?;
+    let several: bool = sqlx::query_scalar(
+        "WITH one AS (SELECT organization_id FROM public.intakes
+                      WHERE organization_id IS NOT NULL LIMIT 1)
+         SELECT EXISTS (SELECT 1 FROM public.intakes i, one
+                        WHERE i.organization_id <> one.organization_id)",
+    )
+    .fetch_one(&mut *tx)
+    .await?;
+    tx.rollback().await?;
+    Ok(several)
+}
+
+/// At a worker's start-up (issue #19's review): with neither
+/// `pipeline.connection_organizations` nor `pipeline.caller_id_organizations`
+/// set, matching by phone looks at every organization's patients. Where the
+/// intakes are one organization's that is fine; where they are several's,
+/// one organization's call can land in another's chart when their patients
+/// share a number, and the operator must hear of it.
+pub async fn warn_if_matching_is_unscoped(opts: &crate::config::PipelineConfig, pool: &PgPool) {
+    if !opts.connection_organizations.is_empty() || opts.caller_id_organizations.is_some() {
+        return;
+    }
+    const SET: &str = "set pipeline.caller_id_organizations (ZScribe: { table = \"public.organizations\", \
+         id_column = \"id\", phone_column = \"phone\" }) or pipeline.connection_organizations";
+    match intakes_of_several_organizations(pool).await {
+        Ok(false) => {}
+        Ok(true) => tracing::warn!(
+            "MATCHING IS NOT SCOPED BY ORGANIZATION, and public.intakes holds intakes of more \
+             than one organization: a recording can be matched by phone to another \
+             organization's patient with the same number; {SET}"
+        ),
+        Err(e) => tracing::warn!(
+            error = %e,
+            "matching is not scoped by organization, and whether public.intakes holds more than \
+             one organization could not be checked; if it does, {SET}"
+        ),
+    }
+}
+
 /// What a claim or a link found: both write the intake in one transaction
 /// fenced on the lease, and meet the same obstacles.
 #[derive(Debug, PartialEq, Eq)]
@@ -625,6 +673,41 @@ mod tests {
                 .await
                 .unwrap(),
             Found::Intake(free, MatchMethod::PhoneAndTime)
+        );
+    }
+
+    #[sqlx::test(migrations = false)]
+    async fn intakes_of_a_second_organization_are_noticed(pool: PgPool) {
+        let pool = testing::prepare(pool).await;
+        assert!(
+            !intakes_of_several_organizations(&pool).await.unwrap(),
+            "empty"
+        );
+        let p = patient(&pool, "9712656795").await;
+        let (a, b) = (Uuid::new_v4(), Uuid::new_v4());
+        for org in [Some(a), None, Some(a)] {
+            let i = intake(&pool, p, -1).await;
+            sqlx::query("UPDATE public.intakes SET organization_id = $2 WHERE id = $1")
+                .bind(i)
+                .bind(org)
+                .execute(&pool)
+                .await
+                .unwrap();
+        }
+        assert!(
+            !intakes_of_several_organizations(&pool).await.unwrap(),
+            "one"
+        );
+        let i = intake(&pool, p, -1).await;
+        sqlx::query("UPDATE public.intakes SET organization_id = $2 WHERE id = $1")
+            .bind(i)
+            .bind(b)
+            .execute(&pool)
+            .await
+            .unwrap();
+        assert!(
+            intakes_of_several_organizations(&pool).await.unwrap(),
+            "two"
         );
     }
 
