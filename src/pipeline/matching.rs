@@ -266,7 +266,7 @@ async fn listed_around(
                     .recording_started_at
                     .or(r.created_at)
                     .unwrap_or(around);
-                (span.0..=span.1).contains(&at).then(|| Listed {
+                (span.0..=span.1).contains(&at).then_some(Listed {
                     recording_id: r.id,
                     call_session_id: r.call.call_session_id,
                     at,
