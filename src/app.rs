@@ -91,6 +91,7 @@ impl App {
         info!(connection = %session.describe(), "database session checked");
         if matches!(role, Role::Work | Role::Serve) {
             warn_unless_notifications_arrive(&pool).await;
+            crate::pipeline::intakes::warn_if_matching_is_unscoped(&config.pipeline, &pool).await;
         }
         let listener = if matches!(role, Role::Listen | Role::Serve) {
             config.listener.max_connections = crate::server::fit_to_open_files(

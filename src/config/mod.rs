@@ -41,6 +41,7 @@ pub use retention::MetricsConfig;
 pub use retention::RetentionConfig;
 pub(crate) use secrets::permission_warning;
 pub use worker::AudioFormat;
+pub use worker::CallerIdOrganizations;
 pub(crate) use worker::Party;
 pub use worker::PipelineConfig;
 pub use worker::RetryConfig;

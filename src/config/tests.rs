@@ -51,6 +51,7 @@ fn the_example_config_parses_and_matches_the_defaults() {
         (&p.intake_header, p.link_wait),
         (&d.intake_header, d.link_wait)
     );
+    assert_eq!(p.caller_id_organizations, d.caller_id_organizations);
 }
 
 #[test]
@@ -65,6 +66,45 @@ fn an_intake_header_that_is_no_sip_header_name_is_refused() {
                 .iter()
                 .any(|p| p.contains("pipeline.intake_header")),
             "{bad:?}: {problems:?}"
+        );
+    }
+}
+
+#[test]
+fn caller_id_organization_names_are_plain_identifiers() {
+    let line = include_str!("../../config.toml.example")
+        .lines()
+        .find_map(|l| l.strip_prefix("# caller_id_organizations = "))
+        .expect("the example shows the setting");
+    let c = Config::from_toml(&format!("[pipeline]\ncaller_id_organizations = {line}\n")).unwrap();
+    let caller_id = c.pipeline.caller_id_organizations.clone().unwrap();
+    assert_eq!(caller_id.table, "public.organizations");
+    let sql = caller_id.lookup_sql();
+    assert!(
+        sql.contains(r#"FROM "public"."organizations""#) && sql.contains(r#""phone""#),
+        "{sql}"
+    );
+    for (table, id, phone, wrong) in [
+        ("organizations", "id", "phone", "table"),
+        ("public.organizations; drop table x", "id", "phone", "table"),
+        ("public.Organizations", "id", "phone", "table"),
+        ("public.organizations", "id\"", "phone", "id_column"),
+        ("public.organizations", "id", "1phone", "phone_column"),
+        ("public.organizations", "id", "", "phone_column"),
+    ] {
+        let mut c = c.clone();
+        c.pipeline.caller_id_organizations = Some(crate::config::CallerIdOrganizations {
+            table: table.into(),
+            id_column: id.into(),
+            phone_column: phone.into(),
+        });
+        let mut problems = Vec::new();
+        c.validate_worker(&mut problems);
+        assert!(
+            problems
+                .iter()
+                .any(|p| p.contains(&format!("caller_id_organizations.{wrong}"))),
+            "{table} {id} {phone}: {problems:?}"
         );
     }
 }

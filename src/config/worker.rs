@@ -111,6 +111,12 @@ pub struct PipelineConfig {
     /// Telnyx connection id → organization id. When the call's connection is
     /// listed, only that organization's intakes can match it.
     pub connection_organizations: std::collections::HashMap<String, uuid::Uuid>,
+    /// Optional: the host table that names each organization's calling
+    /// number. When set, the call's non-patient party (`from` for calls
+    /// ZScribe places) must be exactly one organization's number, and a
+    /// phone-and-time match looks only at that organization's intakes; an
+    /// unknown number matches nothing by phone (issue #21).
+    pub caller_id_organizations: Option<CallerIdOrganizations>,
     /// Delete the recording at Telnyx once it is stored, verified and linked.
     pub delete_from_telnyx: bool,
     /// Recordings larger than this use resumable (TUS) uploads.
@@ -140,6 +146,71 @@ pub struct PipelineConfig {
     pub link_wait: Duration,
 }
 
+/// Where the host keeps its organizations' calling numbers (ZScribe:
+/// `public.organizations`, `id`, `phone`). These names go into SQL, so they
+/// are checked as plain lower-case identifiers at load and quoted.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CallerIdOrganizations {
+    /// `schema.table`.
+    pub table: String,
+    pub id_column: String,
+    pub phone_column: String,
+}
+
+impl CallerIdOrganizations {
+    /// The problems with these names, one line each.
+    fn problems(&self) -> Vec<String> {
+        let plain = |s: &str| {
+            let mut chars = s.chars();
+            chars
+                .next()
+                .is_some_and(|c| c.is_ascii_lowercase() || c == '_')
+                && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+                && s.len() <= 63
+        };
+        let mut problems = Vec::new();
+        let table_ok = matches!(self.table.split_once('.'), Some((schema, table)) if plain(schema) && plain(table));
+        if !table_ok {
+            problems.push(format!(
+                "pipeline.caller_id_organizations.table must be schema.table in lower-case \
+                 letters, digits and _ (e.g. public.organizations), not {:?}",
+                self.table
+            ));
+        }
+        for (key, value) in [
+            ("id_column", &self.id_column),
+            ("phone_column", &self.phone_column),
+        ] {
+            if !plain(value) {
+                problems.push(format!(
+                    "pipeline.caller_id_organizations.{key} must be a column name in lower-case \
+                     letters, digits and _, not {value:?}"
+                ));
+            }
+        }
+        problems
+    }
+
+    /// The SQL that finds the organizations whose number is `$1` (by the
+    /// phone key, last ten digits). Only checked identifiers, quoted, go
+    /// into it.
+    pub(crate) fn lookup_sql(&self) -> String {
+        let (schema, table) = self
+            .table
+            .split_once('.')
+            .unwrap_or(("public", &self.table));
+        format!(
+            "SELECT \"{id}\"::uuid FROM \"{schema}\".\"{table}\"
+             WHERE recording_relay.recording_relay_phone_key(\"{phone}\"::text)
+                   = recording_relay.recording_relay_phone_key($1)
+             LIMIT 2",
+            id = self.id_column,
+            phone = self.phone_column,
+        )
+    }
+}
+
 impl Default for PipelineConfig {
     fn default() -> Self {
         Self {
@@ -149,6 +220,7 @@ impl Default for PipelineConfig {
             match_retry_delay: Duration::from_secs(30),
             patient_party: Party::To,
             connection_organizations: std::collections::HashMap::new(),
+            caller_id_organizations: None,
             delete_from_telnyx: false,
             resumable_threshold_bytes: 6 * 1024 * 1024,
             alert_webhook_url: None,
@@ -195,6 +267,9 @@ impl Config {
             problems.push(
                 "pipeline.match_attempts must be between 1 and retry.max_attempts".to_owned(),
             );
+        }
+        if let Some(caller_id) = &p.caller_id_organizations {
+            problems.extend(caller_id.problems());
         }
         if p.resumable_threshold_bytes == 0 {
             problems.push("pipeline.resumable_threshold_bytes must be above 0".to_owned());

@@ -3,16 +3,36 @@
 //! `rules.rs`; the other recordings they weigh come from
 //! `jobs/queue/competitors.rs`.
 
+use chrono::{DateTime, Utc};
 use sqlx::PgPool;
 use uuid::Uuid;
 
 pub use super::rules::MatchMethod;
 use super::rules::{
-    Exact, Found, IntakeRow, MatchInput, SessionLink, decide, exact_link,
+    Exact, Found, IntakeRow, Listed, MatchInput, SessionLink, decide, exact_link,
     intake_id_from_client_state,
 };
 use crate::jobs::queue::competitors;
 use crate::jobs::{Lease, Queue, QueueError};
+use crate::providers::telnyx_api::TelnyxError;
+
+/// What Telnyx listed for the number around the recording.
+#[derive(Debug)]
+pub(crate) enum Listing {
+    Recordings(Vec<Listed>),
+    /// More than the look-up reads (`n` at least): too many to weigh.
+    TooMany(usize),
+}
+
+/// Why no decision could be made: a retry may get one.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum FindError {
+    #[error(transparent)]
+    Db(#[from] sqlx::Error),
+    /// The phone-and-time match does not go ahead without Telnyx's list.
+    #[error("listing the number's recordings at Telnyx: {0}")]
+    Telnyx(#[from] TelnyxError),
+}
 
 /// The intakes of the number's patients in a span of time, free or not;
 /// the `EXPLAIN` test checks its plan. `$1` number, `$2`..`$3` the span,
@@ -82,8 +102,18 @@ pub(crate) async fn intake_in(
 /// SIP header its call session reported) always wins, and nothing else is
 /// tried when one is named, or when they disagree. Otherwise a
 /// phone-and-time match is made only when it is unambiguous (the rules are
-/// on `decide`, below).
-pub(crate) async fn find_intake(pool: &PgPool, m: &MatchInput<'_>) -> Result<Found, sqlx::Error> {
+/// on `decide`), and only after `list` has asked Telnyx for the number's
+/// other recordings in the span (it is called only then, so an exact match
+/// needs no list).
+pub(crate) async fn find_intake<L, F>(
+    pool: &PgPool,
+    m: &MatchInput<'_>,
+    list: L,
+) -> Result<Found, FindError>
+where
+    L: FnOnce((DateTime<Utc>, DateTime<Utc>)) -> F,
+    F: std::future::Future<Output = Result<Listing, TelnyxError>>,
+{
     let session = session_link(pool, m.call_session_id).await?;
     let client_state = m.client_state.and_then(intake_id_from_client_state);
     match exact_link(client_state, &session) {
@@ -113,6 +143,12 @@ pub(crate) async fn find_intake(pool: &PgPool, m: &MatchInput<'_>) -> Result<Fou
             });
         }
     }
+    // Final: the caller ID will not change on a later attempt.
+    if let Some(why) = m.no_phone_match.as_deref() {
+        return Ok(Found::Ambiguous(format!(
+            "no match by phone and time: {why}"
+        )));
+    }
     let Some(number) = m.number else {
         return Ok(Found::Nothing(
             "the patient's number is unknown (set client_state to the intake id when dialing)"
@@ -141,7 +177,78 @@ pub(crate) async fn find_intake(pool: &PgPool, m: &MatchInput<'_>) -> Result<Fou
         m.call_session_id,
     )
     .await?;
-    Ok(decide(m, w, (from, to), intakes, others))
+    let listed = match list((from, to)).await? {
+        Listing::Recordings(listed) => listed,
+        Listing::TooMany(n) => {
+            return Ok(Found::Ambiguous(format!(
+                "Telnyx lists {n} or more recordings of this number around the recording: \
+                 too many to weigh"
+            )));
+        }
+    };
+    Ok(decide(m, w, (from, to), intakes, others, listed))
+}
+
+/// The organizations whose number (`caller_id`'s table and column) is
+/// `number`, compared by the phone key; at most two (two is already too
+/// many).
+pub(crate) async fn organizations_by_number(
+    pool: &PgPool,
+    caller_id: &crate::config::CallerIdOrganizations,
+    number: &str,
+) -> Result<Vec<Uuid>, sqlx::Error> {
+    sqlx::query_scalar(sqlx::AssertSqlSafe(caller_id.lookup_sql()))
+        .bind(number)
+        .fetch_all(pool)
+        .await
+}
+
+/// Whether `public.intakes` holds intakes of more than one organization:
+/// the first organization found, then any other. Stops at the first row of
+/// a second organization; with one organization it reads the table, so it
+/// runs once at start-up, under a statement timeout.
+pub(crate) async fn intakes_of_several_organizations(pool: &PgPool) -> Result<bool, sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    sqlx::query("SET LOCAL statement_timeout = '10s'")
+        .execute(&mut *tx)
+        .await?;
+    let several: bool = sqlx::query_scalar(
+        "WITH one AS (SELECT organization_id FROM public.intakes
+                      WHERE organization_id IS NOT NULL LIMIT 1)
+         SELECT EXISTS (SELECT 1 FROM public.intakes i, one
+                        WHERE i.organization_id <> one.organization_id)",
+    )
+    .fetch_one(&mut *tx)
+    .await?;
+    tx.rollback().await?;
+    Ok(several)
+}
+
+/// At a worker's start-up (issue #19's review): with neither
+/// `pipeline.connection_organizations` nor `pipeline.caller_id_organizations`
+/// set, matching by phone looks at every organization's patients. Where the
+/// intakes are one organization's that is fine; where they are several's,
+/// one organization's call can land in another's chart when their patients
+/// share a number, and the operator must hear of it.
+pub async fn warn_if_matching_is_unscoped(opts: &crate::config::PipelineConfig, pool: &PgPool) {
+    if !opts.connection_organizations.is_empty() || opts.caller_id_organizations.is_some() {
+        return;
+    }
+    const SET: &str = "set pipeline.caller_id_organizations (ZScribe: { table = \"public.organizations\", \
+         id_column = \"id\", phone_column = \"phone\" }) or pipeline.connection_organizations";
+    match intakes_of_several_organizations(pool).await {
+        Ok(false) => {}
+        Ok(true) => tracing::warn!(
+            "MATCHING IS NOT SCOPED BY ORGANIZATION, and public.intakes holds intakes of more \
+             than one organization: a recording can be matched by phone to another \
+             organization's patient with the same number; {SET}"
+        ),
+        Err(e) => tracing::warn!(
+            error = %e,
+            "matching is not scoped by organization, and whether public.intakes holds more than \
+             one organization could not be checked; if it does, {SET}"
+        ),
+    }
 }
 
 /// What a claim or a link found: both write the intake in one transaction
@@ -285,7 +392,6 @@ mod tests {
     use std::time::Duration;
 
     use base64::Engine as _;
-    use chrono::{DateTime, Utc};
 
     use super::*;
     use crate::config::Party;
@@ -319,6 +425,11 @@ mod tests {
         .unwrap()
     }
 
+    /// Telnyx lists nothing beyond our own table's jobs.
+    async fn unlisted(_: (DateTime<Utc>, DateTime<Utc>)) -> Result<Listing, TelnyxError> {
+        Ok(Listing::Recordings(Vec::new()))
+    }
+
     fn input<'a>(number: &'a str, rec: &'a str) -> MatchInput<'a> {
         MatchInput {
             job_id: 0,
@@ -328,6 +439,7 @@ mod tests {
             number: Some(number),
             party: Party::To,
             organization: None,
+            no_phone_match: None,
             around: Utc::now(),
             window: Duration::from_secs(600),
         }
@@ -390,12 +502,12 @@ mod tests {
         let p = patient(&pool, "(971) 265-6795").await;
         let near = intake(&pool, p, -2).await;
         let _outside = intake(&pool, p, -30).await;
-        let found = find_intake(&pool, &input("+1 971 265 6795", "rec-1"))
+        let found = find_intake(&pool, &input("+1 971 265 6795", "rec-1"), unlisted)
             .await
             .unwrap();
         assert_eq!(found, Found::Intake(near, MatchMethod::PhoneAndTime));
         assert!(matches!(
-            find_intake(&pool, &input("+1 503 000 0000", "rec-1"))
+            find_intake(&pool, &input("+1 503 000 0000", "rec-1"), unlisted)
                 .await
                 .unwrap(),
             Found::Nothing(_)
@@ -421,7 +533,7 @@ mod tests {
         .await;
         assert_eq!(claim.unwrap(), IntakeWrite::Written);
         // rec-B may be the second recording of the call that rec-A is from.
-        let found = find_intake(&pool, &input("+19712656795", "rec-B"))
+        let found = find_intake(&pool, &input("+19712656795", "rec-B"), unlisted)
             .await
             .unwrap();
         let Found::Undecided(why) = found else {
@@ -438,7 +550,7 @@ mod tests {
         assert_eq!(again.unwrap(), IntakeWrite::Written, "idempotent");
         // The recording that holds it finds it again (a retry after the claim).
         assert_eq!(
-            find_intake(&pool, &input("+19712656795", "rec-A"))
+            find_intake(&pool, &input("+19712656795", "rec-A"), unlisted)
                 .await
                 .unwrap(),
             Found::Intake(newer, MatchMethod::PhoneAndTime)
@@ -462,7 +574,7 @@ mod tests {
             .execute(&pool)
             .await
             .unwrap();
-        let found = find_intake(&pool, &input("+19712656795", "rec-new"))
+        let found = find_intake(&pool, &input("+19712656795", "rec-new"), unlisted)
             .await
             .unwrap();
         assert!(
@@ -533,7 +645,7 @@ mod tests {
 
         let mut m = input("+19712656795", "rec-2");
         m.around = call2;
-        let found = find_intake(&pool, &m).await.unwrap();
+        let found = find_intake(&pool, &m, unlisted).await.unwrap();
         let Found::Undecided(why) = found else {
             panic!("{found:?}")
         };
@@ -541,27 +653,25 @@ mod tests {
             why.contains("rec-1") && why.contains(&intake1.to_string()),
             "the reason names the candidates: {why}"
         );
-        // And call 1's recording does not take it either while call 2's
-        // competes: 2 recordings, 1 intake.
+        // Call 1's recording is the first after intake 1 was created: it
+        // takes it, though call 2's recording competes (issue #21; issue
+        // #10 refused both until call 2's intake was saved).
         let mut m = input("+19712656795", "rec-1");
         m.job_id = job1;
         m.around = call1;
         let call2_job =
             other_job(&pool, Some("rec-2"), Some("+19712656795"), call2, "pending").await;
-        let found = find_intake(&pool, &m).await.unwrap();
-        assert!(matches!(found, Found::Undecided(_)), "{found:?}");
-        // Once call 2's intake is saved, both sets are complete: paired in
-        // time order.
-        let intake2 = intake_at(&pool, p, call2 - min(0.5)).await;
         assert_eq!(
-            find_intake(&pool, &m).await.unwrap(),
+            find_intake(&pool, &m, unlisted).await.unwrap(),
             Found::Intake(intake1, MatchMethod::PhoneAndTime)
         );
+        // Once call 2's intake is saved, call 2 takes it.
+        let intake2 = intake_at(&pool, p, call2 - min(0.5)).await;
         let mut m2 = input("+19712656795", "rec-2");
         m2.job_id = call2_job;
         m2.around = call2;
         assert_eq!(
-            find_intake(&pool, &m2).await.unwrap(),
+            find_intake(&pool, &m2, unlisted).await.unwrap(),
             Found::Intake(intake2, MatchMethod::PhoneAndTime)
         );
     }
@@ -587,17 +697,52 @@ mod tests {
             .await
             .unwrap();
         assert!(matches!(
-            find_intake(&pool, &input("9712656795", "rec-2"))
+            find_intake(&pool, &input("9712656795", "rec-2"), unlisted)
                 .await
                 .unwrap(),
             Found::Nothing(_)
         ));
         let free = intake_at(&pool, p, t - min(0.5)).await;
         assert_eq!(
-            find_intake(&pool, &input("9712656795", "rec-2"))
+            find_intake(&pool, &input("9712656795", "rec-2"), unlisted)
                 .await
                 .unwrap(),
             Found::Intake(free, MatchMethod::PhoneAndTime)
+        );
+    }
+
+    #[sqlx::test(migrations = false)]
+    async fn intakes_of_a_second_organization_are_noticed(pool: PgPool) {
+        let pool = testing::prepare(pool).await;
+        assert!(
+            !intakes_of_several_organizations(&pool).await.unwrap(),
+            "empty"
+        );
+        let p = patient(&pool, "9712656795").await;
+        let (a, b) = (Uuid::new_v4(), Uuid::new_v4());
+        for org in [Some(a), None, Some(a)] {
+            let i = intake(&pool, p, -1).await;
+            sqlx::query("UPDATE public.intakes SET organization_id = $2 WHERE id = $1")
+                .bind(i)
+                .bind(org)
+                .execute(&pool)
+                .await
+                .unwrap();
+        }
+        assert!(
+            !intakes_of_several_organizations(&pool).await.unwrap(),
+            "one"
+        );
+        let i = intake(&pool, p, -1).await;
+        sqlx::query("UPDATE public.intakes SET organization_id = $2 WHERE id = $1")
+            .bind(i)
+            .bind(b)
+            .execute(&pool)
+            .await
+            .unwrap();
+        assert!(
+            intakes_of_several_organizations(&pool).await.unwrap(),
+            "two"
         );
     }
 
@@ -634,7 +779,7 @@ mod tests {
         let child = patient(&pool, "(971) 265 6795").await;
         intake(&pool, parent, -2).await;
         intake(&pool, child, -3).await;
-        let found = find_intake(&pool, &input("+19712656795", "rec-1"))
+        let found = find_intake(&pool, &input("+19712656795", "rec-1"), unlisted)
             .await
             .unwrap();
         assert!(matches!(found, Found::Ambiguous(_)), "{found:?}");
@@ -655,7 +800,7 @@ mod tests {
         let mut m = input("+19712656795", "rec-1");
         m.organization = Some(org);
         assert!(matches!(
-            find_intake(&pool, &m).await.unwrap(),
+            find_intake(&pool, &m, unlisted).await.unwrap(),
             Found::Nothing(_)
         ));
     }
@@ -670,14 +815,14 @@ mod tests {
         let mut m = input("9712656795", "rec-1");
         m.client_state = Some(&state);
         assert_eq!(
-            find_intake(&pool, &m).await.unwrap(),
+            find_intake(&pool, &m, unlisted).await.unwrap(),
             Found::Intake(other, MatchMethod::ClientState)
         );
         // Naming an intake that does not exist is not an invitation to guess
         // by phone.
         let missing = base64::engine::general_purpose::STANDARD.encode(Uuid::new_v4().to_string());
         m.client_state = Some(&missing);
-        let found = find_intake(&pool, &m).await.unwrap();
+        let found = find_intake(&pool, &m, unlisted).await.unwrap();
         assert!(
             matches!(&found, Found::Nothing(why) if why.contains("client_state names intake")),
             "{found:?}"

@@ -4,11 +4,18 @@
 
 use tracing::{info, warn};
 
-use super::intakes::{self, IntakeWrite};
-use super::rules::{Found, MatchInput, Scope, intake_id_from_client_state, link_wait_until};
+use chrono::{DateTime, Utc};
+
+use super::errors::telnyx_failure;
+use super::intakes::{self, FindError, IntakeWrite, Listing};
+use super::rules::{
+    CallerId, Found, Listed, MatchInput, Scope, intake_id_from_client_state, link_wait_until,
+    phone_scope,
+};
 use super::{Run, duration_secs};
 use crate::config::Party;
 use crate::jobs::{JobError, QueueError};
+use crate::providers::telnyx_api::{TelnyxClient, TelnyxError};
 use crate::telemetry::mask_phone;
 
 impl Run<'_> {
@@ -58,6 +65,12 @@ impl Run<'_> {
             }
         };
         self.wait_for_link(named.is_some()).await?;
+        let caller = self.caller_id().await?;
+        let (organization, no_phone_match) = match phone_scope(organization, &caller) {
+            Ok(scope) => (scope, None),
+            // The exact links keep the connection's scope.
+            Err(why) => (organization, Some(why)),
+        };
         let input = MatchInput {
             job_id: j.id,
             recording_id: &recording_id,
@@ -66,12 +79,27 @@ impl Run<'_> {
             number,
             party: opts.patient_party,
             organization,
+            no_phone_match,
             around,
             window: opts.match_window,
         };
-        let found = intakes::find_intake(self.queue.pool(), &input)
-            .await
-            .map_err(QueueError::from)?;
+        let telnyx = &self.p.telnyx;
+        let party = opts.patient_party;
+        let listed_number = number.unwrap_or_default();
+        let found = intakes::find_intake(self.queue.pool(), &input, |span| {
+            listed_around(telnyx, party, listed_number, around, span)
+        })
+        .await
+        .map_err(|e| match e {
+            FindError::Db(e) => JobError::from(QueueError::from(e)),
+            // Never a phone match without the list: whatever Telnyx's
+            // answer was, this attempt decides nothing, and a later one
+            // asks again (its hint, when it gave one, kept).
+            FindError::Telnyx(e) => match telnyx_failure(e) {
+                JobError::Permanent { message } => JobError::retryable(message),
+                retry => retry,
+            },
+        })?;
         let (intake, method) = match found {
             Found::Intake(intake, method) => (intake, method),
             Found::Ambiguous(why) => return Ok(Some(why)),
@@ -195,6 +223,44 @@ impl Run<'_> {
         })
     }
 
+    /// The organization whose number the call's non-patient party is,
+    /// through `pipeline.caller_id_organizations`.
+    async fn caller_id(&self) -> Result<CallerId, JobError> {
+        let Some(table) = &self.p.opts.caller_id_organizations else {
+            return Ok(CallerId::Off);
+        };
+        let (party, number) = match self.p.opts.patient_party {
+            Party::To => ("from", self.job.call.from_number.as_deref()),
+            Party::From => ("to", self.job.call.to_number.as_deref()),
+        };
+        let Some(number) = number else {
+            return Ok(CallerId::Unknown(format!(
+                "the call has no {party} number, so pipeline.caller_id_organizations cannot \
+                 name its organization"
+            )));
+        };
+        let found = intakes::organizations_by_number(self.queue.pool(), table, number)
+            .await
+            .map_err(QueueError::from)?;
+        Ok(match found.as_slice() {
+            [org] => CallerId::Organization(*org),
+            [] => CallerId::Unknown(format!(
+                "the call's {party} number {} is no organization's number in {}.{} \
+                 (pipeline.caller_id_organizations)",
+                mask_phone(number),
+                table.table,
+                table.phone_column
+            )),
+            _ => CallerId::Unknown(format!(
+                "the call's {party} number {} is the number of more than one organization in \
+                 {}.{} (pipeline.caller_id_organizations)",
+                mask_phone(number),
+                table.table,
+                table.phone_column
+            )),
+        })
+    }
+
     /// Retries matching a few times (the intake may not be saved yet), then
     /// gives up so the recording is stored as unmatched.
     fn unmatched_or_retry(&self, why: String) -> Result<Option<String>, JobError> {
@@ -207,4 +273,57 @@ impl Run<'_> {
         warn!(reason = %why, "storing the recording as unmatched");
         Ok(Some(why))
     }
+}
+
+/// Pages of 250 read from Telnyx's list before the number counts as having
+/// too many recordings around this one to weigh (the rules weigh at most
+/// 100 anyway).
+const MAX_LIST_PAGES: u32 = 4;
+
+/// Telnyx's `max_length` of a recording (4 hours): a recording started in
+/// the span was created (saved) by its end plus this.
+const LONGEST_RECORDING: chrono::Duration = chrono::Duration::hours(4);
+
+/// The recordings Telnyx has of the patient's number (as Telnyx writes it
+/// on this recording: its filters are exact) that started in `span`,
+/// whether or not their webhooks have come (issue #21). Telnyx filters by
+/// creation, which is when a recording is saved, after it started: the
+/// list asks from the span's start to its end plus the longest recording,
+/// and keeps those that started in the span. One with no time it can read
+/// is placed at the recording's own start, where it conflicts most.
+async fn listed_around(
+    telnyx: &TelnyxClient,
+    party: Party,
+    number: &str,
+    around: DateTime<Utc>,
+    span: (DateTime<Utc>, DateTime<Utc>),
+) -> Result<Listing, TelnyxError> {
+    let filter = match party {
+        Party::To => "filter[to]",
+        Party::From => "filter[from]",
+    };
+    let created = (span.0, span.1 + LONGEST_RECORDING);
+    let Some(recordings) = telnyx
+        .recordings_of_number(filter, number, created, MAX_LIST_PAGES)
+        .await?
+    else {
+        return Ok(Listing::TooMany(MAX_LIST_PAGES as usize * 250));
+    };
+    Ok(Listing::Recordings(
+        recordings
+            .into_iter()
+            .filter_map(|r| {
+                let at = r
+                    .call
+                    .recording_started_at
+                    .or(r.created_at)
+                    .unwrap_or(around);
+                (span.0..=span.1).contains(&at).then_some(Listed {
+                    recording_id: r.id,
+                    call_session_id: r.call.call_session_id,
+                    at,
+                })
+            })
+            .collect(),
+    ))
 }

@@ -47,8 +47,12 @@ pub(crate) struct MatchInput<'a> {
     /// Which number of other jobs is their patient's (the same setting).
     pub(crate) party: Party,
     /// When set, only intakes of this organization match (the Telnyx
-    /// connection the call came through identifies the tenant).
+    /// connection the call came through, or the caller ID, identifies the
+    /// tenant; see [`phone_scope`]).
     pub(crate) organization: Option<Uuid>,
+    /// Why no phone-and-time match may be made at all (the caller ID names
+    /// no one organization); exact links still follow their own rules.
+    pub(crate) no_phone_match: Option<String>,
     pub(crate) around: DateTime<Utc>,
     pub(crate) window: std::time::Duration,
 }
@@ -92,6 +96,38 @@ impl Scope {
         connection
             .and_then(|c| organizations.get(c))
             .map_or(Scope::Unknown, |org| Scope::Organization(*org))
+    }
+}
+
+/// What `pipeline.caller_id_organizations` says about a call: the
+/// organization whose number the call's non-patient party is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum CallerId {
+    /// Not configured.
+    Off,
+    /// The number is this organization's and no other's.
+    Organization(Uuid),
+    /// No number, no organization's number, or several's: why.
+    Unknown(String),
+}
+
+/// The organization a phone-and-time match is confined to (`None`: not
+/// confined), or why none may be made. The connection's organization
+/// (`pipeline.connection_organizations`) and the caller ID's must agree
+/// when both are known; an unknown caller ID fails closed, since the
+/// patient's number alone would look across every organization's patients.
+pub(crate) fn phone_scope(
+    connection: Option<Uuid>,
+    caller: &CallerId,
+) -> Result<Option<Uuid>, String> {
+    match (connection, caller) {
+        (connection, CallerId::Off) => Ok(connection),
+        (Some(c), CallerId::Organization(o)) if c != *o => Err(format!(
+            "the call's connection is organization {c}'s (pipeline.connection_organizations) \
+             but its caller ID is organization {o}'s"
+        )),
+        (_, CallerId::Organization(o)) => Ok(Some(*o)),
+        (_, CallerId::Unknown(why)) => Err(why.clone()),
     }
 }
 
@@ -223,9 +259,33 @@ fn list(names: impl IntoIterator<Item = String>) -> String {
 /// A competitor as the reasons name it.
 fn recording_name(o: &Competitor) -> String {
     match &o.recording_id {
+        Some(r) if o.listed_only => {
+            format!(
+                "recording {r} (listed by Telnyx, no job yet, {})",
+                stamp(o.at)
+            )
+        }
         Some(r) => format!("recording {r} (job {}, {})", o.id, stamp(o.at)),
         None => format!("job {} ({})", o.id, stamp(o.at)),
     }
+}
+
+/// Two times closer than this are taken as the same moment: ZScribe's
+/// database and Telnyx keep separate clocks, and a test's or a retry's
+/// "now" is not exact either. An intake created up to this long after the
+/// recording started may still be its call's, two intakes created this
+/// close are equally plausible, and a recording started this close to ours
+/// may be either call's.
+pub(crate) const AT_ONCE: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// A recording of the number that Telnyx lists (`GET /v2/recordings`
+/// filtered by the patient's number and time), whether or not a job of
+/// ours knows it: its webhook may not have come yet (issue #21).
+#[derive(Debug, Clone)]
+pub(crate) struct Listed {
+    pub(crate) recording_id: String,
+    pub(crate) call_session_id: Option<String>,
+    pub(crate) at: DateTime<Utc>,
 }
 
 /// The rules, apart from the SQL so each case is plain to read:
@@ -237,26 +297,55 @@ fn recording_name(o: &Competitor) -> String {
 ///    part in nothing; an intake named by another recording's
 ///    `client_state` is that recording's.
 /// 3. The group's free intakes must be one patient's.
-/// 4. Alone in its group, the recording takes the group's only free intake.
-///    With other recordings, recordings and intakes are paired in time
-///    order, only when there are as many of each and every pair is within
-///    the window.
+/// 4. ZScribe creates an intake just before it dials the call, so a
+///    recording's intake is the free one created nearest before the
+///    recording started (up to [`AT_ONCE`] after it, for clocks). An intake
+///    created later is another call's, even when nothing earlier
+///    qualifies: a call whose recording is not saved yet would otherwise
+///    lose its intake to the recording before it. Two free intakes created
+///    within [`AT_ONCE`] of each other are not guessed between. When
+///    another competing recording started between that intake and ours,
+///    the intake is that recording's call's (it came first after the
+///    intake), and ours has none yet: nothing is taken.
 /// 5. An intake nearer to the recording that holds another recording means
 ///    the calls may have been mixed up already: nothing is taken.
 ///
-/// Only recordings whose numbers are known take part. The official webhook
-/// carries none: a job learns them from the Recordings API in its first
-/// step, so a job that has not got that far yet is invisible here. Waiting
-/// for every such job would leave a burst of webhooks (or one stuck job)
-/// blocking every match around it; rule 5 and the pairing catch the usual
-/// order of events (the earlier call matched first).
+/// Competitors are the jobs whose numbers are known plus the recordings
+/// Telnyx lists for the number (`listed`, deduplicated by recording id).
+/// The official webhook carries no numbers: a job learns them from the
+/// Recordings API in its first step, so a job that has not got that far
+/// yet is invisible in our table, and a recording whose webhook has not
+/// come has no job at all (issue #21: the later call's webhook came first
+/// and its recording took the earlier call's intake). Telnyx's list sees
+/// both.
 pub(crate) fn decide(
     m: &MatchInput<'_>,
     w: chrono::Duration,
     span: (DateTime<Utc>, DateTime<Utc>),
     intakes: Vec<IntakeRow>,
-    others: Vec<Competitor>,
+    mut others: Vec<Competitor>,
+    listed: Vec<Listed>,
 ) -> Found {
+    // A recording Telnyx lists is a competitor unless it is ours, another
+    // recording of our own call, or already a job (the job knows more:
+    // its client_state, its intake).
+    for (l, n) in listed.into_iter().zip(1..) {
+        let ours = l.recording_id == m.recording_id
+            || (l.call_session_id.is_some() && l.call_session_id.as_deref() == m.call_session_id);
+        let known = others
+            .iter()
+            .any(|o| o.recording_id.as_deref() == Some(l.recording_id.as_str()));
+        if !ours && !known {
+            others.push(Competitor {
+                id: -n,
+                recording_id: Some(l.recording_id),
+                client_state: None,
+                intake_id: None,
+                at: l.at,
+                listed_only: true,
+            });
+        }
+    }
     if intakes.len() > 100 || others.len() > 100 {
         return Found::Undecided(
             "more than 100 intakes or recordings of this number around the recording".to_owned(),
@@ -336,7 +425,6 @@ pub(crate) fn decide(
         );
     }
     group_intakes.sort_by_key(|i| (i.created_at, i.id));
-    group_recs.sort_by_key(|(t, o)| (*t, o.map(|o| o.id)));
     let taken_in_window = || {
         list(
             intakes
@@ -365,37 +453,47 @@ pub(crate) fn decide(
     }
     // 4.
     let candidates = || list(group_intakes.iter().map(|i| intake_name(i)));
-    let chosen = if group_recs.len() == 1 {
-        if group_intakes.len() != 1 {
-            return Found::Undecided(format!(
-                "{} free intakes of the patient in the window: {}",
-                group_intakes.len(),
-                candidates()
-            ));
-        }
-        group_intakes[0]
-    } else {
-        let rivals = || list(group_recs.iter().filter_map(|(_, o)| o.map(recording_name)));
-        if group_recs.len() != group_intakes.len()
-            || group_recs
-                .iter()
-                .zip(&group_intakes)
-                .any(|((t, _), i)| !near(*t, i.created_at))
-        {
-            return Found::Undecided(format!(
-                "{} recordings of this number compete for {} free intake(s): {}; intakes: {}",
-                group_recs.len(),
-                group_intakes.len(),
-                rivals(),
-                candidates()
-            ));
-        }
-        let ours = group_recs
-            .iter()
-            .position(|(_, o)| o.is_none())
-            .unwrap_or_default();
-        group_intakes[ours]
+    let at_once = chrono::Duration::from_std(AT_ONCE).unwrap_or_default();
+    let before: Vec<&IntakeRow> = group_intakes
+        .iter()
+        .copied()
+        .filter(|i| i.created_at <= m.around + at_once)
+        .collect();
+    // Sorted by creation: the last is the nearest before.
+    let Some(&chosen) = before.last() else {
+        return Found::Nothing(format!(
+            "the patient's free intakes in the window were all created after the recording \
+             started, so none is its call's: {}",
+            candidates()
+        ));
     };
+    let tied: Vec<&IntakeRow> = before
+        .iter()
+        .copied()
+        .filter(|i| chosen.created_at - i.created_at <= at_once)
+        .collect();
+    if tied.len() > 1 {
+        return Found::Undecided(format!(
+            "{} free intakes of the patient were created within {} of each other before the \
+             recording: {}",
+            tied.len(),
+            humantime::format_duration(AT_ONCE),
+            list(tied.iter().map(|i| intake_name(i)))
+        ));
+    }
+    let between: Vec<&Competitor> = competitors
+        .iter()
+        .copied()
+        .filter(|o| o.at >= chosen.created_at - at_once && o.at < m.around + at_once)
+        .collect();
+    if !between.is_empty() {
+        return Found::Undecided(format!(
+            "{} is the free intake created nearest before the recording, but {} started between \
+             them (or with it): the intake is that call's, and this call's may not be saved yet",
+            intake_name(chosen),
+            list(between.iter().map(|o| recording_name(o)))
+        ));
+    }
     // 5.
     let distance = |t: DateTime<Utc>| (t - m.around).abs();
     let nearer: Vec<String> = intakes

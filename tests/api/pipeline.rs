@@ -810,3 +810,161 @@ async fn a_requeued_unmatched_job_is_matched_again_and_moved_into_the_intakes_fo
     assert_eq!(p.telnyx.download_count("rec-late-intake"), 1);
     p.stop().await;
 }
+
+/// Issue #21 item 3: a patient's call 1 has its intake; call 2, six minutes
+/// later, has none yet; call 2's webhook arrives first. Only jobs already
+/// in our table counted as competitors, and call 1's webhook had not come,
+/// so call 2's recording took call 1's intake. Telnyx lists call 1's
+/// recording by the patient's number: call 2's recording waits and ends
+/// unmatched, and call 1's recording, when its webhook comes, lands on its
+/// own intake (the one created nearest before it, with no other recording
+/// between).
+#[sqlx::test(migrations = false)]
+async fn a_later_calls_webhook_first_does_not_take_the_earlier_calls_intake(pool: PgPool) {
+    let p = spawn_pipeline(pool, |_| {}).await;
+    let mut call1 = SimRecording::sample("rec-first-call");
+    for t in [
+        &mut call1.recording_started_at,
+        &mut call1.recording_ended_at,
+        &mut call1.created_at,
+    ] {
+        *t -= chrono::Duration::minutes(6);
+    }
+    let call2 = SimRecording::sample("rec-second-call");
+    p.telnyx.add_recording(call1.clone());
+    p.telnyx.add_recording(call2.clone());
+    let intake1 = intake_for(&p.app.pool, &call1, "+15557650002").await;
+
+    post(&p, "ev-second", &call2).await;
+    let job2 = p.finished_job("ev-second").await;
+    assert_eq!(job2.state, JobState::Unmatched, "{:?}", job2.intake_id);
+    let reason = job2.last_error.unwrap_or_default();
+    assert!(
+        reason.contains("rec-first-call") && reason.contains(&intake1.to_string()),
+        "the reason names the earlier call's recording and intake: {reason}"
+    );
+    assert!(
+        intake_row(&p.app.pool, intake1)
+            .await
+            .recording_id
+            .is_none()
+    );
+
+    post(&p, "ev-first", &call1).await;
+    let job1 = p.finished_job("ev-first").await;
+    assert_eq!(job1.state, JobState::Succeeded, "{:?}", job1.last_error);
+    assert_eq!(job1.intake_id, Some(intake1));
+    assert_eq!(
+        intake_row(&p.app.pool, intake1)
+            .await
+            .recording_id
+            .as_deref(),
+        Some("rec-first-call")
+    );
+    p.stop().await;
+}
+
+/// ZScribe's organizations, each with its own calling number, for
+/// `pipeline.caller_id_organizations`.
+async fn organization(pool: &PgPool, phone: &str) -> Uuid {
+    sqlx::query_scalar("INSERT INTO public.organizations (phone) VALUES ($1) RETURNING id")
+        .bind(phone)
+        .fetch_one(pool)
+        .await
+        .unwrap()
+}
+
+async fn set_organization(pool: &PgPool, intake: Uuid, org: Uuid) {
+    sqlx::query("UPDATE public.intakes SET organization_id = $2 WHERE id = $1")
+        .bind(intake)
+        .bind(org)
+        .execute(pool)
+        .await
+        .unwrap();
+}
+
+fn caller_id_organizations(c: &mut recording_relay::config::Config) {
+    c.pipeline.caller_id_organizations = Some(recording_relay::config::CallerIdOrganizations {
+        table: "public.organizations".into(),
+        id_column: "id".into(),
+        phone_column: "phone".into(),
+    });
+}
+
+/// Issue #21 item 2: the call's `from` is its organization's number, so a
+/// phone match looks only at that organization's patients. Another
+/// organization's patient with the same number, with an intake nearer the
+/// recording, is not matched (unscoped, the two patients would make the
+/// match ambiguous).
+#[sqlx::test(migrations = false)]
+async fn the_caller_id_confines_the_phone_match_to_its_organization(pool: PgPool) {
+    let p = spawn_pipeline(pool, caller_id_organizations).await;
+    let rec = SimRecording::sample("rec-org");
+    p.telnyx.add_recording(rec.clone());
+    let ours = organization(&p.app.pool, "(555) 123-0001").await; // rec.from
+    let theirs = organization(&p.app.pool, "+15550009999").await;
+    let our_intake = intake_for(&p.app.pool, &rec, "+15557650002").await;
+    set_organization(&p.app.pool, our_intake, ours).await;
+    sqlx::query(
+        "UPDATE public.intakes SET created_at = created_at - interval '2 minutes' WHERE id = $1",
+    )
+    .bind(our_intake)
+    .execute(&p.app.pool)
+    .await
+    .unwrap();
+    let their_intake = intake_for(&p.app.pool, &rec, "+15557650002").await;
+    set_organization(&p.app.pool, their_intake, theirs).await;
+
+    post(&p, "ev-org", &rec).await;
+    let job = p.finished_job("ev-org").await;
+    assert_eq!(job.state, JobState::Succeeded, "{:?}", job.last_error);
+    assert_eq!(job.intake_id, Some(our_intake));
+    assert!(
+        intake_row(&p.app.pool, their_intake)
+            .await
+            .recording_id
+            .is_none()
+    );
+    p.stop().await;
+}
+
+/// An unknown `from` (no organization's number) fails closed: no phone
+/// match, unmatched at once with a reason that says so; an intake named by
+/// `client_state` is still linked.
+#[sqlx::test(migrations = false)]
+async fn an_unknown_caller_id_matches_nothing_by_phone(pool: PgPool) {
+    let p = spawn_pipeline(pool, caller_id_organizations).await;
+    organization(&p.app.pool, "+15550009999").await;
+    let rec = SimRecording::sample("rec-unknown-org");
+    p.telnyx.add_recording(rec.clone());
+    let intake = intake_for(&p.app.pool, &rec, "+15557650002").await;
+
+    post(&p, "ev-unknown-org", &rec).await;
+    let job = p.finished_job("ev-unknown-org").await;
+    assert_eq!(job.state, JobState::Unmatched, "{:?}", job.intake_id);
+    assert_eq!(
+        job.attempts, 1,
+        "final at once: the caller ID will not change"
+    );
+    let reason = job.last_error.unwrap_or_default();
+    assert!(
+        reason.contains("no organization's number") && reason.contains("caller_id_organizations"),
+        "{reason}"
+    );
+    assert!(!reason.contains("1230001"), "numbers are masked: {reason}");
+    assert!(intake_row(&p.app.pool, intake).await.recording_id.is_none());
+
+    let rec = SimRecording::sample("rec-unknown-org-named");
+    p.telnyx.add_recording(rec.clone());
+    let named = intake_for(&p.app.pool, &rec, "+15550000001").await;
+    let mut event: Value =
+        serde_json::from_slice(&webhook_for("ev-unknown-org-named", &rec)).unwrap();
+    event["data"]["payload"]["client_state"] = base64::engine::general_purpose::STANDARD
+        .encode(named.to_string())
+        .into();
+    p.post_event(&event).await;
+    let job = p.finished_job("ev-unknown-org-named").await;
+    assert_eq!(job.state, JobState::Succeeded, "{:?}", job.last_error);
+    assert_eq!(job.intake_id, Some(named));
+    p.stop().await;
+}

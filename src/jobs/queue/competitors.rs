@@ -43,6 +43,10 @@ pub(crate) struct Competitor {
     pub(crate) client_state: Option<String>,
     pub(crate) intake_id: Option<Uuid>,
     pub(crate) at: DateTime<Utc>,
+    /// Listed by Telnyx with no job here (its webhook has not come): `id`
+    /// is no job's, only distinct among the competitors.
+    #[sqlx(default)]
+    pub(crate) listed_only: bool,
 }
 
 /// The other recordings of `number` (the `party` side of their call) in

@@ -30,6 +30,8 @@ struct O {
     names: Option<&'static str>,
     /// The intake its job matched (and, while that is free, released).
     matched: Option<&'static str>,
+    /// Listed by Telnyx only: no job of ours knows it yet.
+    listed: bool,
 }
 
 enum Expect {
@@ -71,6 +73,15 @@ const fn other(recording: &'static str, at: Minutes) -> O {
         at,
         names: None,
         matched: None,
+        listed: false,
+    }
+}
+
+/// A recording Telnyx lists whose webhook has not come (issue #21).
+const fn at_telnyx(recording: &'static str, at: Minutes) -> O {
+    O {
+        listed: true,
+        ..other(recording, at)
     }
 }
 
@@ -148,7 +159,7 @@ const CASES: &[Case] = &[
             matched: Some("released"),
             ..other("rec-1", -6.0)
         }],
-        expect: Expect::Undecided(&["2 recordings", "rec-1", "@released"]),
+        expect: Expect::Undecided(&["rec-1", "started between", "@released"]),
     },
     Case {
         name: "rule 2: a chain of overlapping windows beyond the span is not paired",
@@ -165,25 +176,74 @@ const CASES: &[Case] = &[
         expect: Expect::Ambiguous(&["2 patients", "@parent", "@child"]),
     },
     Case {
-        name: "rule 4: two free intakes of the patient in the window are not guessed between",
+        name: "rule 4: of two free intakes, the one created nearest before the recording is taken",
         ours: ("rec-1", 0.0),
         intakes: &[free("far", 1, -9.0), free("near", 1, -2.0)],
         others: &[],
-        expect: Expect::Undecided(&["2 free intakes", "@far", "@near"]),
+        expect: Expect::Intake("near"),
+    },
+    Case {
+        name: "rule 4: an intake created after the recording started is another call's",
+        ours: ("rec-1", 0.0),
+        intakes: &[free("before", 1, -3.0), free("after", 1, 2.0)],
+        others: &[],
+        expect: Expect::Intake("before"),
+    },
+    Case {
+        name: "rule 4: even when no intake was created before the recording",
+        ours: ("rec-1", 0.0),
+        intakes: &[free("after", 1, 3.0)],
+        others: &[],
+        expect: Expect::Nothing(&["created after the recording started", "@after"]),
+    },
+    Case {
+        name: "rule 4: an intake created within a minute after the start is the call's (clocks)",
+        ours: ("rec-1", 0.0),
+        intakes: &[free("skewed", 1, 0.5)],
+        others: &[],
+        expect: Expect::Intake("skewed"),
+    },
+    Case {
+        name: "rule 4: two free intakes created within a minute of each other are not guessed between",
+        ours: ("rec-1", 0.0),
+        intakes: &[free("first", 1, -2.5), free("second", 1, -2.0)],
+        others: &[],
+        expect: Expect::Undecided(&["2 free intakes", "within 1m", "@first", "@second"]),
     },
     Case {
         name: "rule 4: a later call does not take an earlier call's intake (issue #10)",
         ours: ("rec-2", 0.0),
         intakes: &[free("call1", 1, -6.5)],
         others: &[other("rec-1", -6.0)],
-        expect: Expect::Undecided(&["2 recordings", "rec-1", "@call1"]),
+        expect: Expect::Undecided(&["rec-1", "started between", "@call1"]),
     },
     Case {
-        name: "rule 4: nor does the earlier call while the later one competes",
+        name: "rule 4: nor when the earlier call's recording is only listed by Telnyx (issue #21)",
+        ours: ("rec-2", 0.0),
+        intakes: &[free("call1", 1, -6.5)],
+        others: &[at_telnyx("rec-1", -6.0)],
+        expect: Expect::Undecided(&["rec-1 (listed by Telnyx, no job yet", "@call1"]),
+    },
+    Case {
+        name: "rule 4: a listed recording that is already a job counts once, as the job",
+        ours: ("rec-2", 0.0),
+        intakes: &[holding("call1", -6.5, "rec-1"), free("call2", 1, -0.5)],
+        others: &[other("rec-1", -6.0), at_telnyx("rec-1", -6.0)],
+        expect: Expect::Intake("call2"),
+    },
+    Case {
+        name: "rule 4: a recording started at the same time as ours is not guessed between",
+        ours: ("rec-2", 0.0),
+        intakes: &[free("call", 1, -1.0)],
+        others: &[at_telnyx("rec-1", 0.3)],
+        expect: Expect::Undecided(&["rec-1", "@call"]),
+    },
+    Case {
+        name: "rule 4: the earlier call takes its intake though the later one competes (issue #21)",
         ours: ("rec-1", -6.0),
         intakes: &[free("call1", 1, -6.5)],
-        others: &[other("rec-2", 0.0)],
-        expect: Expect::Undecided(&["2 recordings", "rec-2", "@call1"]),
+        others: &[at_telnyx("rec-2", 0.0)],
+        expect: Expect::Intake("call1"),
     },
     Case {
         name: "rule 4: with both intakes saved, the earlier call takes the earlier intake",
@@ -200,11 +260,18 @@ const CASES: &[Case] = &[
         expect: Expect::Intake("call2"),
     },
     Case {
-        name: "rule 4: pairing needs as many intakes as recordings",
+        name: "rule 4: each call takes the intake created just before it, a call between has none",
         ours: ("rec-3", 0.0),
         intakes: &[free("first", 1, -4.5), free("last", 1, -0.5)],
         others: &[other("rec-1", -4.0), other("rec-2", -2.0)],
-        expect: Expect::Undecided(&["3 recordings", "2 free intake(s)", "rec-1", "rec-2"]),
+        expect: Expect::Intake("last"),
+    },
+    Case {
+        name: "rule 4: the call between has no intake yet",
+        ours: ("rec-2", -2.0),
+        intakes: &[free("first", 1, -4.5), free("last", 1, -0.5)],
+        others: &[other("rec-1", -4.0), other("rec-3", 0.0)],
+        expect: Expect::Undecided(&["@first", "rec-1", "started between"]),
     },
     Case {
         name: "rule 5: a nearer intake holding another recording blocks the match",
@@ -258,6 +325,7 @@ fn run(case: &Case, now: DateTime<Utc>) -> Found {
         .others
         .iter()
         .zip(1..)
+        .filter(|(o, _)| !o.listed)
         .map(|(o, job)| Competitor {
             id: job,
             recording_id: Some(o.recording.to_owned()),
@@ -265,6 +333,17 @@ fn run(case: &Case, now: DateTime<Utc>) -> Found {
                 .names
                 .map(|n| base64::engine::general_purpose::STANDARD.encode(id(n).to_string())),
             intake_id: o.matched.map(id),
+            at: at(o.at),
+            listed_only: false,
+        })
+        .collect();
+    let listed = case
+        .others
+        .iter()
+        .filter(|o| o.listed)
+        .map(|o| Listed {
+            recording_id: o.recording.to_owned(),
+            call_session_id: None,
             at: at(o.at),
         })
         .collect();
@@ -276,10 +355,11 @@ fn run(case: &Case, now: DateTime<Utc>) -> Found {
         number: Some("+19712656795"),
         party: Party::To,
         organization: None,
+        no_phone_match: None,
         around,
         window: WINDOW,
     };
-    decide(&m, w, span, intakes, others)
+    decide(&m, w, span, intakes, others, listed)
 }
 
 #[test]
@@ -359,6 +439,64 @@ fn an_unlisted_connection_is_an_unknown_tenant() {
             expected,
             "case {name:?}"
         );
+    }
+}
+
+#[test]
+fn the_caller_id_confines_the_phone_match_to_one_organization() {
+    let (a, b) = (Uuid::from_u128(0xa), Uuid::from_u128(0xb));
+    let unknown = CallerId::Unknown("the from number is no organization's".into());
+    let cases = [
+        (
+            "off, no connection scope: unscoped",
+            None,
+            CallerId::Off,
+            Ok(None),
+        ),
+        (
+            "off: the connection's organization",
+            Some(a),
+            CallerId::Off,
+            Ok(Some(a)),
+        ),
+        (
+            "the caller ID's organization",
+            None,
+            CallerId::Organization(b),
+            Ok(Some(b)),
+        ),
+        (
+            "both agree",
+            Some(a),
+            CallerId::Organization(a),
+            Ok(Some(a)),
+        ),
+        (
+            "they disagree: none",
+            Some(a),
+            CallerId::Organization(b),
+            Err("but its caller ID"),
+        ),
+        (
+            "unknown caller ID: none",
+            None,
+            unknown.clone(),
+            Err("no organization's"),
+        ),
+        (
+            "unknown, whatever the connection",
+            Some(a),
+            unknown,
+            Err("no organization's"),
+        ),
+    ];
+    for (name, connection, caller, expected) in cases {
+        let got = phone_scope(connection, &caller);
+        match (expected, got) {
+            (Ok(want), Ok(got)) => assert_eq!(got, want, "case {name:?}"),
+            (Err(needle), Err(why)) => assert!(why.contains(needle), "case {name:?}: {why}"),
+            (want, got) => panic!("case {name:?}: expected {want:?}, got {got:?}"),
+        }
     }
 }
 

@@ -5,6 +5,7 @@
 
 use std::time::Duration;
 
+use chrono::{DateTime, Utc};
 use reqwest::StatusCode;
 use secrecy::{ExposeSecret, SecretString};
 use serde_json::Value;
@@ -140,6 +141,38 @@ impl TelnyxClient {
             )
             .await?;
         Ok(page.data)
+    }
+
+    /// Recordings whose `filter` (`filter[to]` or `filter[from]`) is
+    /// `number`, exactly as Telnyx writes it (the filter is case-sensitive
+    /// and matches whole values), created in `created`, reading page after
+    /// page of 250 up to `max_pages`. `Ok(None)`: there are more than that.
+    pub(crate) async fn recordings_of_number(
+        &self,
+        filter: &'static str,
+        number: &str,
+        created: (DateTime<Utc>, DateTime<Utc>),
+        max_pages: u32,
+    ) -> Result<Option<Vec<Recording>>, TelnyxError> {
+        const SIZE: u32 = 250;
+        let stamp = |t: DateTime<Utc>| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+        let filters = [
+            (filter, number.to_owned()),
+            ("filter[created_at][gte]", stamp(created.0)),
+            ("filter[created_at][lte]", stamp(created.1)),
+        ];
+        let mut all = Vec::new();
+        for number in 1..=max_pages {
+            let page = self.list_recordings(&filters, number, SIZE).await?;
+            let listed = page.data.len() + page.skipped;
+            all.extend(page.data);
+            let last = listed < SIZE as usize
+                || page.meta.total_pages.is_some_and(|total| number >= total);
+            if last {
+                return Ok(Some(all));
+            }
+        }
+        Ok(None)
     }
 
     /// `DELETE /recordings/{id}`. Already gone counts as deleted.
