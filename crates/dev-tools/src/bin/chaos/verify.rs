@@ -244,6 +244,15 @@ pub(crate) struct Figures {
     pub sender_connection_errors: usize,
     pub acknowledged: usize,
     pub never_acknowledged: usize,
+    /// `call.initiated` deliveries (first and redeliveries) among `deliveries`.
+    pub initiated_deliveries: usize,
+    pub initiated_acknowledged: usize,
+    /// Calls whose `call.initiated` was first sent after the recording's webhook.
+    pub initiated_after_recording: usize,
+    /// Second calls to a patient within ten minutes.
+    pub patients_called_twice: usize,
+    /// Jobs by `match_method` (`none`: not matched).
+    pub match_methods: BTreeMap<String, usize>,
     pub jobs: usize,
     pub jobs_by_state: BTreeMap<String, usize>,
     pub attempts_histogram: BTreeMap<i32, usize>,
@@ -283,6 +292,10 @@ pub(crate) fn verify(ev: &Evidence<'_>) -> Outcome {
         sender_connection_errors: ev.stats.connection_errors,
         acknowledged: ev.stats.acked.len(),
         never_acknowledged: ev.calls.len() - ev.stats.acked.len(),
+        initiated_deliveries: ev.stats.initiated_deliveries,
+        initiated_acknowledged: ev.stats.initiated_acked.len(),
+        initiated_after_recording: ev.calls.iter().filter(|c| c.initiated_after).count(),
+        patients_called_twice: ev.calls.iter().filter(|c| c.repeats.is_some()).count(),
         jobs: ev.jobs.len(),
         kills: ev.kills.len(),
         daemon_crashes: ev.crashes.len(),
@@ -308,6 +321,9 @@ pub(crate) fn verify(ev: &Evidence<'_>) -> Outcome {
             .entry(job.state.as_str().to_owned())
             .or_default() += 1;
         *f.attempts_histogram.entry(job.attempts).or_default() += 1;
+        *f.match_methods
+            .entry(job.match_method.clone().unwrap_or_else(|| "none".to_owned()))
+            .or_default() += 1;
         for e in history(job) {
             *f.failed_attempts_by_cause
                 .entry(classify(&e.kind, &e.error).to_owned())
@@ -395,6 +411,19 @@ pub(crate) fn verify(ev: &Evidence<'_>) -> Outcome {
                 Expect::NoIntake => JobState::Unmatched,
                 _ => JobState::Succeeded,
             };
+            // A call whose `call.initiated` was never acknowledged has no
+            // exact link: by phone and time a patient called twice may be
+            // ambiguous, and unmatched is the fail-closed answer.
+            let link_lost = call.expect == Expect::SipHeader
+                && !ev.stats.initiated_acked.contains(&i)
+                && job.state == JobState::Unmatched;
+            if link_lost {
+                excused.push(format!(
+                    "job {} ({}) unmatched: its call.initiated never got a 2xx",
+                    job.id, call.event_id
+                ));
+                continue;
+            }
             if job.state == expected || !job.state.is_final() {
                 // The visible reason must be the real one: an operator
                 // reading `recording_jobs_unmatched` or an alert acts on it.
@@ -446,6 +475,8 @@ pub(crate) fn verify(ev: &Evidence<'_>) -> Outcome {
         )
         .with_note(note),
     );
+
+    checks.push(named_intake_check(ev, &jobs_of_call));
 
     // 5. Objects: matched intakes point at exactly their verified object;
     //    unmatched recordings are kept under unmatched/ and at Telnyx.
@@ -653,6 +684,61 @@ pub(crate) fn verify(ev: &Evidence<'_>) -> Outcome {
     Outcome { checks, figures: f }
 }
 
+/// Every recording whose call named its intake (in `X-Intake-Id` or
+/// `client_state`) landed on exactly that intake, by that name; no job of
+/// any call is linked to an intake other than its call's.
+fn named_intake_check(ev: &Evidence<'_>, jobs_of_call: &HashMap<usize, Vec<&Job>>) -> Check {
+    let mut problems = Vec::new();
+    let mut unnamed = 0;
+    for (&i, jobs) in jobs_of_call {
+        let call = &ev.calls[i];
+        for job in jobs {
+            let Some(intake) = job.intake_id else {
+                continue;
+            };
+            let method = job.match_method.as_deref().unwrap_or("none");
+            if call.intake != Some(intake) {
+                problems.push(format!(
+                    "job {} ({}) landed on intake {intake} (by {method}), its call's is {:?}",
+                    job.id, call.event_id, call.intake
+                ));
+                continue;
+            }
+            let named = match call.expect {
+                // Only once its `call.initiated` got a 2xx does the relay
+                // know the header.
+                Expect::SipHeader if ev.stats.initiated_acked.contains(&i) => "sip_header",
+                Expect::SipHeader => {
+                    unnamed += 1;
+                    continue;
+                }
+                Expect::ClientState => "client_state",
+                Expect::PhoneAndTime | Expect::NoIntake => continue,
+            };
+            if method != named {
+                problems.push(format!(
+                    "job {} ({}{}) linked to its intake by {method}, not by {named}",
+                    job.id,
+                    call.event_id,
+                    if call.repeats.is_some() {
+                        ", a patient's second call"
+                    } else {
+                        ""
+                    }
+                ));
+            }
+        }
+    }
+    let note = (unnamed > 0).then(|| {
+        format!("note: {unnamed} calls' call.initiated never got a 2xx; they matched by phone and time")
+    });
+    Check::new(
+        "every recording whose call named its intake (X-Intake-Id or client_state) landed on exactly that intake, by that name, never on another",
+        capped(problems),
+    )
+    .with_note(note)
+}
+
 /// Each `lease_expired` entry written for a killed process's job, against
 /// the kill's time. A kill whose rescue window overlaps the PostgreSQL
 /// restart cannot be rescued before the database is back: its bound starts
@@ -734,8 +820,18 @@ pub(crate) fn render(outcome: &Outcome, extra: &[String]) -> String {
     );
     let _ = writeln!(
         s,
-        "2xx acknowledged {} events, never acknowledged {}",
+        "2xx acknowledged {} recording events, never acknowledged {}",
         f.acknowledged, f.never_acknowledged
+    );
+    let _ = writeln!(
+        s,
+        "call.initiated: {} deliveries, {} calls acknowledged ({} first sent after the recording); \
+         patients called twice {}; jobs by match_method {:?}",
+        f.initiated_deliveries,
+        f.initiated_acknowledged,
+        f.initiated_after_recording,
+        f.patients_called_twice,
+        f.match_methods
     );
     for line in extra {
         let _ = writeln!(s, "{line}");
