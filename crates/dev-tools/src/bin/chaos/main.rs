@@ -632,6 +632,15 @@ async fn run(args: Args) -> anyhow::Result<bool> {
             .fetch_all(&pool)
             .await
             .context("reading the intakes")?;
+    let owed_deletes: std::collections::HashMap<i64, String> = sqlx::query_as(
+        "SELECT id, coalesce(telnyx_delete_error, '') FROM recording_relay.recording_jobs
+         WHERE telnyx_delete_due_at IS NOT NULL AND telnyx_deleted_at IS NULL",
+    )
+    .fetch_all(&pool)
+    .await
+    .context("reading the owed deletes at Telnyx")?
+    .into_iter()
+    .collect();
     let sources = sources.await.context("hashing the sources")?;
     let stats = std::mem::take(&mut *stats.lock().unwrap_or_else(PoisonError::into_inner));
     let kills = kills.lock().unwrap_or_else(PoisonError::into_inner).clone();
@@ -654,6 +663,7 @@ async fn run(args: Args) -> anyhow::Result<bool> {
         telnyx: &telnyx,
         lease: args.lease,
         poll: args.poll,
+        owed_deletes: &owed_deletes,
     });
     let actions = std::mem::take(&mut *actions.lock().unwrap_or_else(PoisonError::into_inner));
     let stale = operators::stale_writes(&pool)
