@@ -7,12 +7,17 @@
 //! One run:
 //! 1. creates a fresh database `chaos_<random>` with the stand-in host
 //!    schema and the migrations, a patient and an intake for most calls
-//!    (a few have none and must end `unmatched`), and the recordings at an
-//!    in-process Telnyx simulator (small WAVs, a few above 6 MiB for TUS);
+//!    (a few have none and must end `unmatched`; some patients are called
+//!    twice within ten minutes), and the recordings at an in-process Telnyx
+//!    simulator (small WAVs, a few above 6 MiB for TUS);
 //! 2. starts N real `recording-relay serve` processes against it, and the
 //!    Telnyx and Storage simulators in this process (so they outlive the
 //!    daemons), with random faults: timeouts, 5xx, 429, resets;
-//! 3. sends the signed webhooks over the daemons' listeners, with
+//! 3. sends the signed webhooks over the daemons' listeners: by default
+//!    each call's `call.initiated` naming its intake in `X-Intake-Id`
+//!    (ZScribe's way, no `client_state`), mostly before its
+//!    `call.recording.saved`, some after (`--link client-state`: the
+//!    Call Control variant instead), with
 //!    redeliveries of the same `data.id` (some concurrent) in random order,
 //!    retrying non-2xx answers and connection errors like Telnyx;
 //! 4. meanwhile SIGKILLs a random daemon every few seconds and starts it
