@@ -290,11 +290,13 @@ mod tests {
             .unwrap();
         }
         assert_eq!(stale_writes(q.pool()).await.unwrap(), Vec::<String>::new());
-        sqlx::query("UPDATE recording_relay.recording_jobs SET last_error = 'overwritten' WHERE id = $1")
-            .bind(lease.job_id)
-            .execute(q.pool())
-            .await
-            .unwrap();
+        sqlx::query(
+            "UPDATE recording_relay.recording_jobs SET last_error = 'overwritten' WHERE id = $1",
+        )
+        .bind(lease.job_id)
+        .execute(q.pool())
+        .await
+        .unwrap();
         assert_eq!(stale_writes(q.pool()).await.unwrap().len(), 1);
     }
 }

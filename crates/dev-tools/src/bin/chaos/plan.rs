@@ -511,7 +511,10 @@ mod tests {
             p["custom_headers"],
             serde_json::json!([{"name": "X-Intake-Id", "value": intake.to_string()}])
         );
-        assert_eq!(p["call_session_id"], call.recording.call_session_id.as_str());
+        assert_eq!(
+            p["call_session_id"],
+            call.recording.call_session_id.as_str()
+        );
         assert_eq!(p["to"], call.recording.to.as_str());
         assert!(p.get("client_state").is_none());
         assert_eq!(body["meta"]["attempt"], 2);

@@ -333,7 +333,11 @@ pub(crate) fn verify(ev: &Evidence<'_>) -> Outcome {
             .or_default() += 1;
         *f.attempts_histogram.entry(job.attempts).or_default() += 1;
         *f.match_methods
-            .entry(job.match_method.clone().unwrap_or_else(|| "none".to_owned()))
+            .entry(
+                job.match_method
+                    .clone()
+                    .unwrap_or_else(|| "none".to_owned()),
+            )
             .or_default() += 1;
         for e in history(job) {
             *f.failed_attempts_by_cause
@@ -561,7 +565,8 @@ pub(crate) fn verify(ev: &Evidence<'_>) -> Outcome {
                     }
                     None => problems.push(format!("intake {intake} is gone")),
                 }
-                let deleted = job.telnyx_deleted_at.is_some() && deleted_set.contains(rec.id.as_str());
+                let deleted =
+                    job.telnyx_deleted_at.is_some() && deleted_set.contains(rec.id.as_str());
                 // A delete that failed of an injected fault is owed to the
                 // clean-up sweep (issue #21 item 6): the job succeeded, the
                 // recording stays at Telnyx until the sweep's retry.
@@ -749,7 +754,9 @@ fn named_intake_check(ev: &Evidence<'_>, jobs_of_call: &HashMap<usize, Vec<&Job>
         }
     }
     let note = (unnamed > 0).then(|| {
-        format!("note: {unnamed} calls' call.initiated never got a 2xx; they matched by phone and time")
+        format!(
+            "note: {unnamed} calls' call.initiated never got a 2xx; they matched by phone and time"
+        )
     });
     Check::new(
         "every recording whose call named its intake (X-Intake-Id or client_state) landed on exactly that intake, by that name, never on another",
