@@ -195,6 +195,9 @@ pub(crate) struct Tuning {
     pub poll: Duration,
     pub concurrency: usize,
     pub http_timeout: Duration,
+    /// `pipeline.link_wait`: how long a recording waits for its session's
+    /// `call.initiated`.
+    pub link_wait: Duration,
 }
 
 pub(crate) fn config_toml(t: &Tuning) -> String {
@@ -204,12 +207,13 @@ pub(crate) fn config_toml(t: &Tuning) -> String {
          [database]\nmax_connections = 8\n\n\
          [worker]\nconcurrency = {concurrency}\npoll_interval = {poll}\nlease = {lease}\nshutdown_timeout = \"5s\"\n\n\
          [retry]\nbase = \"200ms\"\ncap = \"2s\"\nmax_attempts = 12\n\n\
-         [pipeline]\nmatch_attempts = 2\nmatch_retry_delay = \"300ms\"\ndelete_from_telnyx = true\n\n\
+         [pipeline]\nmatch_attempts = 2\nmatch_retry_delay = \"300ms\"\ndelete_from_telnyx = true\nlink_wait = {link_wait}\n\n\
          [http]\nconnect_timeout = \"1s\"\nrequest_timeout = {http}\nread_idle_timeout = {http}\n",
         concurrency = t.concurrency,
         poll = d(t.poll),
         lease = d(t.lease),
         http = d(t.http_timeout),
+        link_wait = d(t.link_wait),
     )
 }
 
@@ -239,10 +243,12 @@ mod tests {
             poll: Duration::from_secs(1),
             concurrency: 4,
             http_timeout: Duration::from_secs(2),
+            link_wait: Duration::from_secs(250),
         });
         let config = recording_relay::config::Config::from_toml(&text).unwrap();
         assert_eq!(config.worker.lease, Duration::from_secs(6));
         assert!(config.pipeline.delete_from_telnyx);
         assert_eq!(config.http.read_idle_timeout, Duration::from_secs(2));
+        assert_eq!(config.pipeline.link_wait, Duration::from_secs(250));
     }
 }

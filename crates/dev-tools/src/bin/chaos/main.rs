@@ -7,12 +7,17 @@
 //! One run:
 //! 1. creates a fresh database `chaos_<random>` with the stand-in host
 //!    schema and the migrations, a patient and an intake for most calls
-//!    (a few have none and must end `unmatched`), and the recordings at an
-//!    in-process Telnyx simulator (small WAVs, a few above 6 MiB for TUS);
+//!    (a few have none and must end `unmatched`; some patients are called
+//!    twice within ten minutes), and the recordings at an in-process Telnyx
+//!    simulator (small WAVs, a few above 6 MiB for TUS);
 //! 2. starts N real `recording-relay serve` processes against it, and the
 //!    Telnyx and Storage simulators in this process (so they outlive the
 //!    daemons), with random faults: timeouts, 5xx, 429, resets;
-//! 3. sends the signed webhooks over the daemons' listeners, with
+//! 3. sends the signed webhooks over the daemons' listeners: by default
+//!    each call's `call.initiated` naming its intake in `X-Intake-Id`
+//!    (ZScribe's way, no `client_state`), mostly before its
+//!    `call.recording.saved`, some after (`--link client-state`: the
+//!    Call Control variant instead), with
 //!    redeliveries of the same `data.id` (some concurrent) in random order,
 //!    retrying non-2xx answers and connection errors like Telnyx;
 //! 4. meanwhile SIGKILLs a random daemon every few seconds and starts it
@@ -68,7 +73,8 @@ fn duration(s: &str) -> Result<Duration, String> {
     about = "Chaos test of recording-relay: kills, a PostgreSQL restart and provider faults, then checks the promise"
 )]
 struct Args {
-    /// Distinct webhook events (calls) to send.
+    /// Calls (recordings) to send, each a `call.recording.saved` (and with
+    /// `--link sip-header` its `call.initiated`).
     #[arg(long, default_value_t = 2000)]
     events: usize,
     /// `recording-relay serve` processes.
@@ -107,7 +113,7 @@ struct Args {
     /// Mean time between SIGKILLs (0s: none).
     #[arg(long, default_value = "4s", value_parser = duration)]
     kill_every: Duration,
-    /// Webhook events sent per second.
+    /// Calls sent per second (their events spread over the same window).
     #[arg(long, default_value_t = 15.0)]
     rate: f64,
     /// Fraction of events delivered twice (half of them concurrently).
@@ -119,9 +125,24 @@ struct Args {
     /// Fraction of recordings above 6 MiB (resumable uploads).
     #[arg(long, default_value_t = 0.02)]
     large: f64,
-    /// Fraction of calls naming their intake in `client_state`.
+    /// How calls name their intake: `sip-header` (ZScribe's way: each
+    /// call's `call.initiated` carries `X-Intake-Id`, no `client_state`) or
+    /// `client-state` (some calls name it in `client_state`, the rest match
+    /// by phone and time; no call events).
+    #[arg(long, value_enum, default_value_t = plan::Link::SipHeader)]
+    link: plan::Link,
+    /// With `--link client-state`: fraction of calls naming their intake
+    /// in `client_state`.
     #[arg(long, default_value_t = 0.20)]
     client_state: f64,
+    /// With `--link sip-header`: fraction of calls that are a patient's
+    /// second call within ten minutes.
+    #[arg(long, default_value_t = 0.05)]
+    repeat: f64,
+    /// With `--link sip-header`: fraction of calls whose `call.initiated`
+    /// is first sent after the recording's webhook.
+    #[arg(long, default_value_t = 0.10)]
+    initiated_after: f64,
     /// Probability that a Telnyx request (API or download) fails.
     #[arg(long, default_value_t = 0.20)]
     telnyx_faults: f64,
@@ -356,6 +377,9 @@ async fn run(args: Args) -> anyhow::Result<bool> {
         unmatched: args.unmatched,
         large: args.large,
         client_state: args.client_state,
+        link: args.link,
+        repeat: args.repeat,
+        initiated_after: args.initiated_after,
     });
     plan::insert_host_rows(&pool, &mut plan.calls).await?;
     let calls = Arc::new(std::mem::take(&mut plan.calls));
@@ -367,7 +391,8 @@ async fn run(args: Args) -> anyhow::Result<bool> {
     let pg_restart_at = (!args.no_pg_restart).then(|| args.pg_restart_at.unwrap_or(send_over / 2));
     say(&format!(
         "seed {seed}; database {db_name}; {} events over {:.0} s to {} daemons ({}); \
-         {} matched by phone and time, {} by client_state, {} without intake; {} above 6 MiB; \
+         {} matched by phone and time, {} by client_state, {} by X-Intake-Id ({} patients called twice, \
+         {} call.initiated after the recording), {} without intake; {} above 6 MiB; \
          {} redeliveries ({} concurrent); a SIGKILL every ~{:?}; PostgreSQL {pg_cluster} restart at {}; \
          faults: Telnyx {:.0}%, Storage uploads {:.0}%; lease {:?}, poll {:?}, HTTP timeouts {:?}; logs in {}",
         calls.len(),
@@ -376,6 +401,9 @@ async fn run(args: Args) -> anyhow::Result<bool> {
         binary.display(),
         count(plan::Expect::PhoneAndTime),
         count(plan::Expect::ClientState),
+        count(plan::Expect::SipHeader),
+        calls.iter().filter(|c| c.repeats.is_some()).count(),
+        calls.iter().filter(|c| c.initiated_after).count(),
         count(plan::Expect::NoIntake),
         calls.iter().filter(|c| c.large).count(),
         plan.deliveries.iter().filter(|d| d.redelivery).count(),
@@ -430,6 +458,11 @@ async fn run(args: Args) -> anyhow::Result<bool> {
         poll: args.poll,
         concurrency: args.concurrency,
         http_timeout: args.http_timeout,
+        // A recording whose `call.initiated` is late waits for it this long
+        // after it ended: the calls ended up to 150 s before the plan was
+        // made (`plan.rs`), so this outlasts the sending; capped at the
+        // daemon's limit.
+        link_wait: (send_over + Duration::from_secs(240)).min(Duration::from_secs(3600)),
     };
     std::fs::write(&config, daemons::config_toml(&tuning))?;
     let env = DaemonEnv {
@@ -604,6 +637,15 @@ async fn run(args: Args) -> anyhow::Result<bool> {
             .fetch_all(&pool)
             .await
             .context("reading the intakes")?;
+    let owed_deletes: std::collections::HashMap<i64, String> = sqlx::query_as(
+        "SELECT id, coalesce(telnyx_delete_error, '') FROM recording_relay.recording_jobs
+         WHERE telnyx_delete_due_at IS NOT NULL AND telnyx_deleted_at IS NULL",
+    )
+    .fetch_all(&pool)
+    .await
+    .context("reading the owed deletes at Telnyx")?
+    .into_iter()
+    .collect();
     let sources = sources.await.context("hashing the sources")?;
     let stats = std::mem::take(&mut *stats.lock().unwrap_or_else(PoisonError::into_inner));
     let kills = kills.lock().unwrap_or_else(PoisonError::into_inner).clone();
@@ -626,6 +668,7 @@ async fn run(args: Args) -> anyhow::Result<bool> {
         telnyx: &telnyx,
         lease: args.lease,
         poll: args.poll,
+        owed_deletes: &owed_deletes,
     });
     let actions = std::mem::take(&mut *actions.lock().unwrap_or_else(PoisonError::into_inner));
     let stale = operators::stale_writes(&pool)

@@ -48,7 +48,12 @@ pub(crate) struct Actions {
 /// - an operator function: requeue or attach (→ `pending`), cancel
 ///   (`pending`/`running`/`failed`/`unmatched` → `cancelled`);
 /// - a write on a `running` row that keeps its lease (the holder's fenced
-///   writes, the rescuer's return to `pending`/`failed`).
+///   writes, the rescuer's return to `pending`/`failed`);
+/// - a write on any other row that changes only bookkeeping no pipeline
+///   step reads back: the run time (the listener wakes a job waiting for
+///   its call's `call.initiated`), the alert and retention marks, and the
+///   owed delete at Telnyx with its result (the sweeps fence these on
+///   their own claims, not on the lease).
 ///
 /// A write through a stale lease lands on a row that is no longer running
 /// under that lease: on a finished or pending row, or one re-leased.
@@ -57,6 +62,12 @@ CREATE SCHEMA chaos;
 CREATE TABLE chaos.stale_writes (
     job_id BIGINT, at TIMESTAMPTZ DEFAULT clock_timestamp(),
     old_state TEXT, new_state TEXT, old_lease BIGINT, new_lease BIGINT);
+CREATE FUNCTION chaos.pipeline_columns(j recording_relay.recording_jobs) RETURNS jsonb
+LANGUAGE sql IMMUTABLE AS $$
+    SELECT to_jsonb(j) - ARRAY['updated_at', 'next_run_at', 'alert_due_at',
+        'retention_alerted_at', 'telnyx_delete_due_at', 'telnyx_delete_attempts',
+        'telnyx_delete_error', 'telnyx_cleanup_alerted_at', 'telnyx_deleted_at']
+$$;
 CREATE FUNCTION chaos.audit_job_write() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
     IF OLD.state = 'running' THEN
@@ -71,6 +82,10 @@ BEGIN
     ELSIF NEW.state = 'pending' AND NEW.attempts = 0 THEN
         RETURN NEW;
     ELSIF NEW.state = 'cancelled' AND OLD.state IN ('pending', 'failed', 'unmatched') THEN
+        RETURN NEW;
+    ELSIF chaos.pipeline_columns(NEW) = chaos.pipeline_columns(OLD)
+          AND (NEW.telnyx_deleted_at IS NOT DISTINCT FROM OLD.telnyx_deleted_at
+               OR (OLD.state = 'succeeded' AND OLD.telnyx_delete_due_at IS NOT NULL)) THEN
         RETURN NEW;
     END IF;
     INSERT INTO chaos.stale_writes (job_id, old_state, new_state, old_lease, new_lease)
@@ -221,5 +236,67 @@ mod tests {
         let flagged = stale_writes(q.pool()).await.unwrap();
         assert_eq!(flagged.len(), 1, "{flagged:?}");
         assert!(flagged[0].contains("failed"), "{flagged:?}");
+    }
+
+    /// Writes that are no pipeline step and need no lease: a wake of a
+    /// waiting job when its call's `call.initiated` arrives, and the
+    /// claims and marks of the alert and clean-up sweeps on a finished job.
+    /// A pipeline column changed on a finished job is still flagged.
+    #[sqlx::test(migrations = false)]
+    async fn wakes_and_sweeps_are_no_stale_writes(pool: PgPool) {
+        let q = Queue::new(testing::prepare(pool).await);
+        sqlx::raw_sql(AUDIT_SQL).execute(q.pool()).await.unwrap();
+        q.enqueue(&NewJob {
+            event_id: "ev-1".into(),
+            event_type: "call.recording.saved".into(),
+            event: serde_json::json!({}),
+            call: recording_relay::call::CallFacts {
+                call_session_id: Some("s-1".into()),
+                ..Default::default()
+            },
+            max_attempts: 3,
+            ..NewJob::default()
+        })
+        .await
+        .unwrap();
+        // An attempt that waits for the call's `call.initiated`.
+        let waiting = q.claim("w", 1, Duration::from_secs(30)).await.unwrap()[0]
+            .lease()
+            .unwrap();
+        q.retry(
+            &waiting,
+            &recording_relay::jobs::JobError::retryable("waiting"),
+            Duration::from_secs(3600),
+        )
+        .await
+        .unwrap();
+        assert_eq!(Queue::wake_session(q.pool(), "s-1").await.unwrap(), 1);
+        let lease = q.claim("w", 1, Duration::from_secs(30)).await.unwrap()[0]
+            .lease()
+            .unwrap();
+        q.finish_unsuccessfully(&lease, JobState::Failed, "permanent", "boom")
+            .await
+            .unwrap();
+        for sweep in [
+            "UPDATE recording_relay.recording_jobs
+             SET alert_due_at = now() + interval '1 minute', updated_at = now() WHERE id = $1",
+            "UPDATE recording_relay.recording_jobs
+             SET alert_due_at = NULL, retention_alerted_at = now(), updated_at = now() WHERE id = $1",
+        ] {
+            sqlx::query(sweep)
+            .bind(lease.job_id)
+            .execute(q.pool())
+            .await
+            .unwrap();
+        }
+        assert_eq!(stale_writes(q.pool()).await.unwrap(), Vec::<String>::new());
+        sqlx::query(
+            "UPDATE recording_relay.recording_jobs SET last_error = 'overwritten' WHERE id = $1",
+        )
+        .bind(lease.job_id)
+        .execute(q.pool())
+        .await
+        .unwrap();
+        assert_eq!(stale_writes(q.pool()).await.unwrap().len(), 1);
     }
 }

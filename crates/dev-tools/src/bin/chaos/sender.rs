@@ -13,12 +13,14 @@ use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
-use crate::plan::{Call, Delivery, webhook_body};
+use crate::plan::{Call, Delivery, Kind, webhook_body};
 
 #[derive(Default, Debug)]
 pub(crate) struct SendStats {
-    /// Events (data.id) that got at least one 2xx.
+    /// Calls whose recording's webhook (data.id) got at least one 2xx.
     pub acked: HashSet<usize>,
+    /// Calls whose `call.initiated` got at least one 2xx.
+    pub initiated_acked: HashSet<usize>,
     /// HTTP requests made, including retries.
     pub requests: usize,
     pub answers: BTreeMap<u16, usize>,
@@ -28,6 +30,8 @@ pub(crate) struct SendStats {
     pub gave_up: Vec<usize>,
     pub deliveries: usize,
     pub redeliveries: usize,
+    /// Of `deliveries`, those of a `call.initiated`.
+    pub initiated_deliveries: usize,
 }
 
 pub(crate) struct Sender {
@@ -85,18 +89,23 @@ impl Sender {
             let mut s = lock();
             s.deliveries += 1;
             s.redeliveries += usize::from(delivery.redelivery);
+            s.initiated_deliveries += usize::from(delivery.kind == Kind::Initiated);
         }
         let listeners = self.listeners.len().max(1);
         // A redelivery goes to another listener than the first delivery, so
-        // concurrent ones race across daemons.
-        let mut listener = (delivery.call + usize::from(delivery.redelivery)) % listeners;
+        // concurrent ones race across daemons; a call's two events go to
+        // different listeners too.
+        let mut listener = (delivery.call
+            + usize::from(delivery.redelivery)
+            + usize::from(delivery.kind == Kind::Initiated))
+            % listeners;
         for attempt in 1..=self.tries {
             if attempt > 1 && listeners > 1 {
                 // Fail over to another listener, as Telnyx does.
                 listener = (listener + 1 + fastrand::usize(..listeners - 1)) % listeners;
             }
             let url = format!("http://{}/webhooks/telnyx", self.listeners[listener]);
-            let body = webhook_body(call, attempt, &url);
+            let body = webhook_body(call, delivery.kind, attempt, &url);
             let mut req = client.post(&url).header("content-type", "application/json");
             let ts = recording_relay_dev_tools::testing::unix_now();
             for (name, value) in
@@ -124,7 +133,11 @@ impl Sender {
                 }
             };
             if ok {
-                lock().acked.insert(delivery.call);
+                let mut s = lock();
+                match delivery.kind {
+                    Kind::Recording => s.acked.insert(delivery.call),
+                    Kind::Initiated => s.initiated_acked.insert(delivery.call),
+                };
                 return;
             }
             // Telnyx backs off between tries; ours are shorter so a run
