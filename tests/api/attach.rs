@@ -68,6 +68,26 @@ async fn intake_of(pool: &PgPool, org: Uuid) -> Uuid {
     .unwrap()
 }
 
+/// What an attempt that died mid-move leaves: the plan on the job (its
+/// object path `to`, the original in `moved_from`; verified too when
+/// `verified`), and the copy in the bucket.
+async fn left_mid_move(p: &PipelineApp, job: &Job, to: &str, verified: bool) {
+    sqlx::query(
+        "UPDATE recording_relay.recording_jobs
+         SET moved_from = object_path, object_path = $2,
+             moved_at = CASE WHEN $3 THEN now() END
+         WHERE id = $1",
+    )
+    .bind(job.id)
+    .bind(to)
+    .bind(verified)
+    .execute(&p.app.pool)
+    .await
+    .unwrap();
+    let from = job.object_path.as_deref().expect("stored under unmatched/");
+    storage_client(p).copy_object(from, to).await.unwrap();
+}
+
 /// Waits until the job is final again after an operator made it runnable.
 async fn rerun(p: &PipelineApp, job: &Job) -> Job {
     let job = p.finished_job(&job.event_id).await;
@@ -185,20 +205,7 @@ async fn a_copy_an_earlier_attempt_made_is_adopted_not_copied_again(pool: PgPool
 
     // What the crashed attempt left: the plan on the job, the copy in the
     // bucket, nothing verified, nothing linked.
-    sqlx::query(
-        "UPDATE recording_relay.recording_jobs
-         SET moved_from = object_path, object_path = $2 WHERE id = $1",
-    )
-    .bind(job.id)
-    .bind(&own)
-    .execute(&p.app.pool)
-    .await
-    .unwrap();
-    let storage = storage_client(&p);
-    storage
-        .copy_object("unmatched/rec-crash.wav", &own)
-        .await
-        .unwrap();
+    left_mid_move(&p, &job, &own, false).await;
     Queue::new(p.app.pool.clone())
         .attach(job.id, intake)
         .await
@@ -295,19 +302,7 @@ async fn an_original_that_cannot_be_deleted_is_an_orphan_not_a_failed_job(pool: 
     let org = Uuid::new_v4();
     let intake = intake_of(&p.app.pool, org).await;
     let own = format!("intakes/{intake}/rec-orphaned.wav");
-    sqlx::query(
-        "UPDATE recording_relay.recording_jobs
-         SET moved_from = object_path, object_path = $2, moved_at = now() WHERE id = $1",
-    )
-    .bind(job.id)
-    .bind(&own)
-    .execute(&p.app.pool)
-    .await
-    .unwrap();
-    storage_client(&p)
-        .copy_object("unmatched/rec-orphaned.wav", &own)
-        .await
-        .unwrap();
+    left_mid_move(&p, &job, &own, true).await;
     let orphans = recording_relay::metrics::metrics().orphaned_objects.get();
     // The link reads nothing from storage: the delete is the attempt's
     // first storage request.
@@ -404,19 +399,7 @@ async fn a_path_outside_the_intakes_folder_is_never_linked(pool: PgPool) {
     let intake = intake_of(&p.app.pool, org).await;
     let elsewhere = format!("intakes/{}/rec-elsewhere.wav", Uuid::new_v4());
     // As if moved and verified into another intake's folder (a DBA's edit).
-    sqlx::query(
-        "UPDATE recording_relay.recording_jobs
-         SET moved_from = object_path, object_path = $2, moved_at = now() WHERE id = $1",
-    )
-    .bind(job.id)
-    .bind(&elsewhere)
-    .execute(&p.app.pool)
-    .await
-    .unwrap();
-    storage_client(&p)
-        .copy_object("unmatched/rec-elsewhere.wav", &elsewhere)
-        .await
-        .unwrap();
+    left_mid_move(&p, &job, &elsewhere, true).await;
     Queue::new(p.app.pool.clone())
         .attach(job.id, intake)
         .await
