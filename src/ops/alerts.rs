@@ -183,22 +183,12 @@ pub(crate) async fn sweep_until(
     wake: Arc<Notify>,
     stop: CancellationToken,
 ) {
-    loop {
-        tokio::select! {
-            biased;
-            () = stop.cancelled() => return,
-            () = wake.notified() => {}
+    crate::jobs::worker::on_each_wake(wake, stop, || async {
+        if let Err(e) = sweep(&queue, alerter.as_ref()).await {
+            warn!(error = %e, "sending owed alerts failed; trying again on the next poll");
         }
-        tokio::select! {
-            biased;
-            () = stop.cancelled() => return,
-            swept = sweep(&queue, alerter.as_ref()) => {
-                if let Err(e) = swept {
-                    warn!(error = %e, "sending owed alerts failed; trying again on the next poll");
-                }
-            }
-        }
-    }
+    })
+    .await;
 }
 
 #[cfg(test)]

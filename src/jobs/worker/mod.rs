@@ -246,6 +246,17 @@ async fn sweep_until<H: JobHandler>(
     wake: Arc<Notify>,
     stop: CancellationToken,
 ) {
+    on_each_wake(wake, stop, || handler.sweep(&queue, alerter.as_ref())).await;
+}
+
+/// Runs `sweep` each time `wake` is notified, until `stop`, which also cuts
+/// a sweep off mid-way. The worker's background sweeps (owed alerts, owed
+/// clean-ups) are all this loop around a claim-and-act pass.
+pub(crate) async fn on_each_wake<F, Fut>(wake: Arc<Notify>, stop: CancellationToken, mut sweep: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
     loop {
         tokio::select! {
             biased;
@@ -255,7 +266,7 @@ async fn sweep_until<H: JobHandler>(
         tokio::select! {
             biased;
             () = stop.cancelled() => return,
-            () = handler.sweep(&queue, alerter.as_ref()) => {}
+            () = sweep() => {}
         }
     }
 }
