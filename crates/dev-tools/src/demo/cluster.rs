@@ -64,6 +64,13 @@ pub struct Cluster {
 impl Cluster {
     /// Runs `initdb` and starts the server; returns once it accepts connections.
     pub async fn start() -> Result<Self, ClusterError> {
+        Self::start_with(&[]).await
+    }
+
+    /// [`start`](Self::start), with extra server settings (`name=value`,
+    /// each passed as `-c`): the benchmark of the relay's database cost
+    /// loads `pg_stat_statements`, which only a server start can.
+    pub async fn start_with(settings: &[&str]) -> Result<Self, ClusterError> {
         let bindir = find_bindir().ok_or(ClusterError::NoBinaries)?;
         let owner = server_user()?;
         let dir = tempfile::Builder::new()
@@ -118,6 +125,7 @@ impl Cluster {
             // No TCP at all; a throwaway cluster needs no durability.
             .args(["-c", "listen_addresses=", "-c", "fsync=off"])
             .args(["-c", "unix_socket_permissions=0700"])
+            .args(settings.iter().flat_map(|s| ["-c", s]))
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(log_err)
