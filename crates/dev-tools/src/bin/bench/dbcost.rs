@@ -73,6 +73,7 @@ async fn run(cluster: &Cluster, a: &DbCostArgs) -> anyhow::Result<()> {
     db::migrate(&pool).await?;
     sqlx::raw_sql(
         "CREATE EXTENSION pg_stat_statements;
+         CREATE EXTENSION pg_walinspect;
          CREATE ROLE relay_daemon LOGIN SUPERUSER;",
     )
     .execute(&pool)
@@ -169,7 +170,11 @@ async fn run(cluster: &Cluster, a: &DbCostArgs) -> anyhow::Result<()> {
         idle_window.as_secs()
     ));
     for s in &idle {
-        say(format!("dbcost:   idle {:>6} x {}", s.calls, one_line(&s.query)));
+        say(format!(
+            "dbcost:   idle {:>6} x {}",
+            s.calls,
+            one_line(&s.query)
+        ));
     }
 
     // The relay: every call's two webhooks, as Telnyx sends them.
@@ -217,11 +222,22 @@ async fn run(cluster: &Cluster, a: &DbCostArgs) -> anyhow::Result<()> {
     }
     let took = t0.elapsed();
     let relay = statements(&pool).await?;
-    let wal_total: f64 = sqlx::query_scalar(
-        "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), $1::pg_lsn)::float8",
+    let wal_total: f64 =
+        sqlx::query_scalar("SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), $1::pg_lsn)::float8")
+            .bind(&wal_before)
+            .fetch_one(&pool)
+            .await?;
+    // Where the WAL went, by record type (heap tuples, index entries,
+    // full-page images), from the WAL itself.
+    let kinds: Vec<(String, i64, f64, f64)> = sqlx::query_as(
+        "SELECT \"resource_manager/record_type\", count, record_size::float8, fpi_size::float8
+         FROM pg_get_wal_stats($1::pg_lsn, pg_current_wal_lsn(), true)
+         WHERE count > 0
+         ORDER BY combined_size DESC
+         LIMIT 12",
     )
     .bind(&wal_before)
-    .fetch_one(&pool)
+    .fetch_all(&pool)
     .await?;
     for (rec, intake) in &calls {
         let path = format!("intakes/{intake}/{}.wav", rec.id);
@@ -248,9 +264,24 @@ async fn run(cluster: &Cluster, a: &DbCostArgs) -> anyhow::Result<()> {
         took.as_secs_f64(),
         wal_total / n
     ));
+    say(
+        "dbcost: whole-cluster WAL per recording, by record type (records, bytes, full-page images):",
+    );
+    for (kind, count, record, fpi) in &kinds {
+        say(format!(
+            "dbcost:   {:>6.2} x {:>6.0} B + {:>6.0} B FPI  {kind}",
+            *count as f64 / n,
+            record / n,
+            fpi / n
+        ));
+    }
     say("dbcost: per recording, by statement (WAL bytes, calls, rows, buffer hits):");
     let mut by_wal: Vec<&Statement> = relay.iter().collect();
-    by_wal.sort_by(|x, y| y.wal_bytes.total_cmp(&x.wal_bytes).then(y.calls.cmp(&x.calls)));
+    by_wal.sort_by(|x, y| {
+        y.wal_bytes
+            .total_cmp(&x.wal_bytes)
+            .then(y.calls.cmp(&x.calls))
+    });
     for s in by_wal {
         say(format!(
             "dbcost:   {:>7.0} B {:>5.2} x {:>5.2} rows {:>6.1} hits  {}",
