@@ -158,9 +158,11 @@ async fn run(cluster: &Cluster, a: &DbCostArgs) -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 
-    // Idle: whatever the daemon does with nothing to do.
+    // Idle: whatever the daemon does with nothing to do, once each pooled
+    // connection has made its first round (type look-ups, session settings).
+    tokio::time::sleep(idle_window(a).min(Duration::from_secs(10))).await;
     reset(&pool).await?;
-    let idle_window = Duration::from_secs(a.idle_secs.max(1));
+    let idle_window = idle_window(a);
     tokio::time::sleep(idle_window).await;
     let idle = statements(&pool).await?;
     let idle_calls: i64 = idle.iter().map(|s| s.calls).sum();
@@ -325,6 +327,10 @@ async fn run(cluster: &Cluster, a: &DbCostArgs) -> anyhow::Result<()> {
     pool.close().await;
     stop.cancel();
     Ok(())
+}
+
+fn idle_window(a: &DbCostArgs) -> Duration {
+    Duration::from_secs(a.idle_secs.max(1))
 }
 
 async fn reset(pool: &PgPool) -> anyhow::Result<()> {
