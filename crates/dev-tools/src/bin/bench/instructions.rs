@@ -105,8 +105,8 @@ async fn callgrind_listen(url: &str, key: &SigningKey, requests: usize) -> anyho
         .status();
     let status = tokio::time::timeout(Duration::from_secs(120), child.wait()).await??;
     ensure!(status.success(), "the listener exited with {status}");
-    let text = std::fs::read_to_string(&out)
-        .with_context(|| format!("reading {}", out.display()))?;
+    let text =
+        std::fs::read_to_string(&out).with_context(|| format!("reading {}", out.display()))?;
     if requests > 0 {
         // Where they go: the functions with the most instructions of their
         // own (start-up included, a small share at this many requests).
