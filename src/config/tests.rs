@@ -386,3 +386,79 @@ fn a_readable_config_file_with_secrets_is_warned_about() {
         "{w}"
     );
 }
+
+/// The fields serde knows in `section` (the top level when `None`), read
+/// from its own refusal of an unknown one ("expected one of `a`, `b`").
+fn fields_of(section: Option<&str>) -> Vec<String> {
+    let probe = match section {
+        None => "zz_probe = 1".to_owned(),
+        Some(s) => format!("[{s}]\nzz_probe = 1"),
+    };
+    let err = toml::from_str::<Config>(&probe).unwrap_err().to_string();
+    let list = err
+        .split_once("expected one of ")
+        .or_else(|| err.split_once("expected "))
+        .unwrap_or_else(|| panic!("no field list in {err:?}"))
+        .1;
+    let list = list.lines().next().unwrap_or_default();
+    list.split('`')
+        .skip(1)
+        .step_by(2)
+        .map(str::to_owned)
+        .collect()
+}
+
+/// The example with every commented-out setting (`# key = value`, `#
+/// [section]`) switched on.
+fn example_with_every_setting() -> String {
+    let text = include_str!("../../config.toml.example");
+    text.lines()
+        .map(|line| {
+            let Some(rest) = line.strip_prefix("# ") else {
+                return line.to_owned();
+            };
+            let key = rest.split(" = ").next().unwrap_or_default();
+            let is_setting = rest.contains(" = ")
+                && (key.chars().all(|c| c.is_ascii_lowercase() || c == '_')
+                    || (key.starts_with('"') && key.ends_with('"')));
+            let is_section = rest.starts_with('[') && rest.ends_with(']');
+            if is_setting || is_section {
+                rest.to_owned()
+            } else {
+                line.to_owned()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+#[test]
+fn the_example_config_documents_every_setting_and_every_environment_variable() {
+    let text = example_with_every_setting();
+    Config::from_toml(&text).expect("the example, every setting on, parses");
+    let documented: toml::Table = text.parse().unwrap();
+    let mut missing = Vec::new();
+    for section in fields_of(None) {
+        let Some(keys) = documented.get(&section).and_then(|v| v.as_table()) else {
+            missing.push(format!("[{section}]"));
+            continue;
+        };
+        for field in fields_of(Some(&section)) {
+            if !keys.contains_key(&field) {
+                missing.push(format!("{section}.{field}"));
+            }
+        }
+    }
+    let example = include_str!("../../config.toml.example");
+    for o in super::overrides::OVERRIDES {
+        if !example.contains(o.name) {
+            missing.push(o.name.to_owned());
+        }
+    }
+    assert!(
+        missing.is_empty(),
+        "config.toml.example does not document {missing:?}"
+    );
+    // The probe itself works: it finds fields that are there.
+    assert!(fields_of(Some("worker")).contains(&"shutdown_timeout".to_owned()));
+}
