@@ -462,3 +462,39 @@ fn the_example_config_documents_every_setting_and_every_environment_variable() {
     // The probe itself works: it finds fields that are there.
     assert!(fields_of(Some("worker")).contains(&"shutdown_timeout".to_owned()));
 }
+
+#[test]
+fn every_setting_of_the_wrong_type_is_listed_at_once() {
+    let err = Config::from_toml(
+        "[database]\nmax_connections = \"ten\"\n\n[worker]\nlease = 60\nconcurency = 4\n\n[pipeline]\nformat = \"ogg\"\n",
+    )
+    .unwrap_err();
+    for expected in [
+        "database.max_connections: ",
+        "worker.lease: ",
+        "worker.concurency: unknown field",
+        "pipeline.format: ",
+    ] {
+        assert!(err.contains(expected), "missing {expected:?} in:\n{err}");
+    }
+    assert_eq!(err.matches("\n  - ").count(), 4, "{err}");
+    // One problem keeps toml's own message, with its line and column.
+    let err = Config::from_toml("[worker]\nlease = 60\n").unwrap_err();
+    assert!(err.contains("line 2"), "{err}");
+    // A syntax error stops at the first.
+    assert!(Config::from_toml("[worker\n").is_err());
+}
+
+#[test]
+fn a_problem_found_twice_is_listed_once() {
+    // The storage settings are checked for the worker and for playback.
+    let c = Config::from_toml("[playback]\naddr = \"127.0.0.1:8081\"\n").unwrap();
+    let Err(ConfigError::Invalid(problems)) = c.validate(Role::Serve) else {
+        panic!("a config without any setting is invalid");
+    };
+    let url = problems
+        .iter()
+        .filter(|p| p.starts_with("supabase.url is not set"))
+        .count();
+    assert_eq!(url, 1, "{problems:?}");
+}
