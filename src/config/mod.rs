@@ -223,8 +223,10 @@ fn setting_problems(table: &toml::Table) -> Vec<String> {
     let mut problems = Vec::new();
     let mut try_one = |path: String, one: toml::Table| {
         if let Err(e) = toml::Value::Table(one).try_into::<Config>() {
+            // toml's message, without its own "in `path`" line.
             let message = e.to_string();
-            problems.push(format!("{path}: {}", message.trim()));
+            let message = message.lines().next().unwrap_or_default();
+            problems.push(format!("{path}: {message}"));
         }
     };
     for (section, value) in table {

@@ -478,6 +478,7 @@ fn every_setting_of_the_wrong_type_is_listed_at_once() {
         assert!(err.contains(expected), "missing {expected:?} in:\n{err}");
     }
     assert_eq!(err.matches("\n  - ").count(), 4, "{err}");
+    assert_eq!(err.matches("max_connections").count(), 1, "{err}");
     // One problem keeps toml's own message, with its line and column.
     let err = Config::from_toml("[worker]\nlease = 60\n").unwrap_err();
     assert!(err.contains("line 2"), "{err}");
