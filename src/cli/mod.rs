@@ -236,7 +236,18 @@ async fn execute(command: Command, role: Role, config: Config) -> anyhow::Result
         Command::Migrate => {
             db::check_session(&config).await?;
             let pool = db::migration_pool(&config)?;
-            db::migrate(&pool).await?;
+            let applied = db::migrate(&pool).await?;
+            if applied.is_empty() {
+                println!(
+                    "nothing to apply: all {} migrations were applied already",
+                    db::MIGRATOR.iter().count()
+                );
+            } else {
+                println!("applied {} migration(s):", applied.len());
+                for name in &applied {
+                    println!("  {name}");
+                }
+            }
             Ok(())
         }
         Command::Listen => {
