@@ -57,6 +57,11 @@ pub enum Command {
     Check {
         #[arg(long)]
         json: bool,
+        /// What this host runs: a `listen`-only host needs no Telnyx API key
+        /// or storage (unless it serves playback), a `work`-only host no
+        /// public key.
+        #[arg(long, value_enum, default_value = "serve")]
+        role: CheckRole,
     },
     /// Enqueue recordings Telnyx made in a recent window that no job knows
     /// about (missed webhooks). Safe to run repeatedly.
@@ -82,6 +87,24 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+}
+
+/// The process `check` judges the configuration for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum CheckRole {
+    Serve,
+    Listen,
+    Work,
+}
+
+impl From<CheckRole> for Role {
+    fn from(role: CheckRole) -> Self {
+        match role {
+            CheckRole::Serve => Role::Serve,
+            CheckRole::Listen => Role::Listen,
+            CheckRole::Work => Role::Work,
+        }
+    }
 }
 
 /// Why the process ends unsuccessfully.
@@ -138,6 +161,11 @@ pub async fn run(cli: Cli, config: Config) -> Result<(), Failure> {
     let command = cli.command.unwrap_or(Command::Serve);
     let role = command.role();
     config.validate(role)?;
+    if matches!(role, Role::Serve | Role::Work) {
+        for warning in config.warnings(role) {
+            tracing::warn!("{warning}");
+        }
+    }
     execute(command, role, config).await.map_err(Failure::from)
 }
 
@@ -146,8 +174,8 @@ pub async fn run(cli: Cli, config: Config) -> Result<(), Failure> {
 async fn execute(command: Command, role: Role, config: Config) -> anyhow::Result<()> {
     match command {
         Command::SetupBucket { file_size_limit } => ensure_bucket(&config, file_size_limit).await,
-        Command::Check { json } => {
-            let checks = crate::ops::check::run(&config).await;
+        Command::Check { json, role } => {
+            let checks = crate::ops::check::run(&config, role.into()).await;
             print_checks(&checks, json);
             if checks.iter().all(|c| c.ok) {
                 Ok(())

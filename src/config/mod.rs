@@ -83,10 +83,10 @@ pub enum Role {
 }
 
 impl Role {
-    fn listens(self) -> bool {
+    pub(crate) fn listens(self) -> bool {
         matches!(self, Role::Listen | Role::Serve)
     }
-    fn works(self) -> bool {
+    pub(crate) fn works(self) -> bool {
         matches!(self, Role::Work | Role::Serve)
     }
 }
@@ -189,6 +189,16 @@ impl Config {
             self.validate_playback(&mut problems);
         }
         finish(problems)
+    }
+
+    /// What is allowed but probably wrong for `role`: logged at start-up and
+    /// shown by `check`.
+    pub(crate) fn warnings(&self, role: Role) -> Vec<String> {
+        let mut warnings = Vec::new();
+        if role.works() {
+            warnings.extend(self.worker.shutdown_warning());
+        }
+        warnings
     }
 
     /// Decodes `telnyx.public_key` into a verifying key, with a message that

@@ -499,3 +499,46 @@ fn a_problem_found_twice_is_listed_once() {
         .count();
     assert_eq!(url, 1, "{problems:?}");
 }
+
+#[test]
+fn the_unit_stop_timeout_is_the_one_in_the_unit_file() {
+    let unit = include_str!("../../systemd/recording-relay.service");
+    let line = unit
+        .lines()
+        .find_map(|l| l.strip_prefix("TimeoutStopSec="))
+        .expect("the unit sets TimeoutStopSec");
+    assert_eq!(
+        humantime::parse_duration(line.trim()).unwrap(),
+        worker::UNIT_TIMEOUT_STOP
+    );
+}
+
+#[test]
+fn a_shutdown_timeout_systemd_would_cut_short_is_warned_about() {
+    let mut c = Config::from_toml("").unwrap();
+    assert!(c.warnings(Role::Serve).is_empty(), "the default is fine");
+    c.worker.shutdown_timeout = Duration::from_secs(90);
+    let warnings = c.warnings(Role::Work);
+    assert_eq!(warnings.len(), 1, "{warnings:?}");
+    assert!(
+        warnings[0].starts_with("worker.shutdown_timeout (1m 30s)")
+            && warnings[0].contains("TimeoutStopSec (1m)"),
+        "{warnings:?}"
+    );
+    assert_eq!(c.warnings(Role::Serve), warnings);
+    // A listener has no jobs to drain.
+    assert!(c.warnings(Role::Listen).is_empty());
+    // Accepted all the same: a warning, not a refusal.
+    assert!(
+        c.validate(Role::Work)
+            .unwrap_err()
+            .to_string()
+            .contains("telnyx.api_key")
+    );
+    assert!(
+        !c.validate(Role::Work)
+            .unwrap_err()
+            .to_string()
+            .contains("shutdown_timeout")
+    );
+}

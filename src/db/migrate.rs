@@ -442,9 +442,8 @@ pub(super) mod tests {
     fn assert_told_once(err: &DbError, message: &str, hint: &str) {
         let text = err.to_string();
         assert!(
-            text.starts_with(
-                "migration migrations/20261125000001_recording_jobs.sql failed: "
-            ) && text.contains(message)
+            text.starts_with("migration migrations/20261125000001_recording_jobs.sql failed: ")
+                && text.contains(message)
                 && text.contains(hint),
             "{text}"
         );
@@ -459,9 +458,7 @@ pub(super) mod tests {
     }
 
     #[sqlx::test(migrations = false)]
-    async fn a_database_without_intakes_gets_one_error_naming_the_file_with_its_hint(
-        pool: PgPool,
-    ) {
+    async fn a_database_without_intakes_gets_one_error_naming_the_file_with_its_hint(pool: PgPool) {
         let err = migrate(&pool).await.unwrap_err();
         assert_told_once(
             &err,
