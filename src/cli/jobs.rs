@@ -23,11 +23,14 @@ pub enum JobsCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Make a failed, cancelled or unmatched job runnable now.
+    /// Make a failed, cancelled or unmatched job, or a pending one waiting
+    /// in backoff, runnable now with fresh attempts (an unmatched one is
+    /// matched again); --all-failed: every failed job.
+    #[command(group(clap::ArgGroup::new("which").required(true).args(["id", "all_failed"])))]
     Requeue {
-        #[arg(required_unless_present = "all_failed", conflicts_with = "all_failed")]
+        /// The job's id.
         id: Option<i64>,
-        /// Requeue every failed job.
+        /// Requeue every failed job instead.
         #[arg(long)]
         all_failed: bool,
     },

@@ -76,8 +76,10 @@ pub enum Command {
     #[command(subcommand)]
     Jobs(JobsCommand),
     /// Who was handed a playback URL: newest first, by intake or by user.
+    #[command(group(clap::ArgGroup::new("whose").required(true).args(["intake", "user"])))]
     Audit {
-        #[arg(long, required_unless_present = "user", conflicts_with = "user")]
+        /// The intake's id.
+        #[arg(long)]
         intake: Option<uuid::Uuid>,
         /// The user's id (the token's `sub`).
         #[arg(long)]
@@ -381,6 +383,71 @@ fn print_audit(entries: &[crate::playback::audit::Entry], json: bool) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use clap::CommandFactory;
+
+    /// A usage error names every alternative, not only the first.
+    #[test]
+    fn a_missing_choice_names_every_alternative() {
+        for (args, alternatives) in [
+            (
+                &["recording-relay", "jobs", "requeue"][..],
+                ["<ID|--all-failed>", "--all-failed"],
+            ),
+            (&["recording-relay", "audit"][..], ["--intake", "--user"]),
+        ] {
+            let err = Cli::try_parse_from(args).unwrap_err();
+            assert_eq!(err.kind(), clap::error::ErrorKind::MissingRequiredArgument);
+            let text = err.to_string();
+            for alternative in alternatives {
+                assert!(text.contains(alternative), "{args:?}: {text}");
+            }
+        }
+        // Both at once is refused too.
+        for args in [
+            &["recording-relay", "jobs", "requeue", "7", "--all-failed"][..],
+            &[
+                "recording-relay",
+                "audit",
+                "--intake",
+                "7f1c2a4e-1d2b-4c3d-9e8f-001122334455",
+                "--user",
+                "u",
+            ],
+        ] {
+            assert!(Cli::try_parse_from(args).is_err(), "{args:?}");
+        }
+        for args in [
+            &["recording-relay", "jobs", "requeue", "7"][..],
+            &["recording-relay", "jobs", "requeue", "--all-failed"],
+            &["recording-relay", "audit", "--user", "u"],
+        ] {
+            assert!(Cli::try_parse_from(args).is_ok(), "{args:?}");
+        }
+    }
+
+    /// The README's table of commands says what `jobs requeue` takes in
+    /// the CLI's own words.
+    #[test]
+    fn the_readme_and_the_cli_agree_on_what_jobs_requeue_accepts() {
+        let cli = Cli::command();
+        let about = cli
+            .find_subcommand("jobs")
+            .and_then(|jobs| jobs.find_subcommand("requeue"))
+            .and_then(|requeue| requeue.get_about())
+            .expect("jobs requeue has a description")
+            .to_string();
+        let readme = include_str!("../../README.md").replace('\n', " ");
+        let row = readme
+            .split("| `jobs requeue ID` / `jobs requeue --all-failed` |")
+            .nth(1)
+            .and_then(|rest| rest.split('|').next())
+            .expect("README.md's commands table has jobs requeue");
+        assert_eq!(
+            row.trim().to_lowercase(),
+            about.trim_end_matches('.').to_lowercase(),
+            "README.md vs --help"
+        );
+    }
 
     /// The one mapping: a configuration the app found wrong exits 2 with
     /// the app's message, like `validate`'s; every other failure exits 1
