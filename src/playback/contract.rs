@@ -44,20 +44,23 @@ struct BearerScheme;
 
 impl Modify for BearerScheme {
     fn modify(&self, openapi: &mut Document) {
-        openapi.components.get_or_insert_default().add_security_scheme(
-            BEARER,
-            SecurityScheme::Http(
-                HttpBuilder::new()
-                    .scheme(HttpAuthScheme::Bearer)
-                    .bearer_format("JWT")
-                    .description(Some(
-                        "A signed-in Supabase user's access token (role `authenticated`, \
+        openapi
+            .components
+            .get_or_insert_default()
+            .add_security_scheme(
+                BEARER,
+                SecurityScheme::Http(
+                    HttpBuilder::new()
+                        .scheme(HttpAuthScheme::Bearer)
+                        .bearer_format("JWT")
+                        .description(Some(
+                            "A signed-in Supabase user's access token (role `authenticated`, \
                          `aud` and `exp` required), carrying the organization claim \
                          `playback.organization_claim` names.",
-                    ))
-                    .build(),
-            ),
-        );
+                        ))
+                        .build(),
+                ),
+            );
     }
 }
 
@@ -101,7 +104,10 @@ mod tests {
         let get = &doc["paths"]["/v1/intakes/{id}/recording"]["get"];
         assert_eq!(get["security"], serde_json::json!([{ BEARER: [] }]));
         for status in ["200", "401", "403", "404", "502", "503", "504"] {
-            assert!(get["responses"][status].is_object(), "{status} undocumented");
+            assert!(
+                get["responses"][status].is_object(),
+                "{status} undocumented"
+            );
         }
         assert_eq!(
             doc["components"]["securitySchemes"][BEARER]["scheme"],
