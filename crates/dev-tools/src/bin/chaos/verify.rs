@@ -321,10 +321,21 @@ pub(crate) fn verify(ev: &Evidence<'_>) -> Outcome {
         .enumerate()
         .map(|(i, c)| (c.event_id.as_str(), i))
         .collect();
+    // `recording-relay reconcile` enqueues a recording no job knows under
+    // `reconcile:<recording id>` (a webhook lost in a failover).
+    let call_of_reconciled: HashMap<String, usize> = ev
+        .calls
+        .iter()
+        .enumerate()
+        .map(|(i, c)| (format!("reconcile:{}", c.recording.id), i))
+        .collect();
     let mut jobs_of_call: HashMap<usize, Vec<&Job>> = HashMap::new();
     let mut strangers = Vec::new();
     for job in ev.jobs {
-        match call_of_event.get(job.event_id.as_str()) {
+        let call = call_of_event
+            .get(job.event_id.as_str())
+            .or_else(|| call_of_reconciled.get(&job.event_id));
+        match call {
             Some(&i) => jobs_of_call.entry(i).or_default().push(job),
             None => strangers.push(format!("job {} has unknown event {}", job.id, job.event_id)),
         }
