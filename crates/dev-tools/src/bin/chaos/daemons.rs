@@ -214,6 +214,8 @@ pub(crate) struct Tuning {
     pub retry_base: Duration,
     pub retry_cap: Duration,
     pub max_attempts: i32,
+    /// `pipeline.delete_from_telnyx`.
+    pub delete_from_telnyx: bool,
 }
 
 pub(crate) fn config_toml(t: &Tuning) -> String {
@@ -223,7 +225,7 @@ pub(crate) fn config_toml(t: &Tuning) -> String {
          [database]\nmax_connections = 8\n\n\
          [worker]\nconcurrency = {concurrency}\npoll_interval = {poll}\nlease = {lease}\nshutdown_timeout = \"5s\"\n\n\
          [retry]\nbase = {retry_base}\ncap = {retry_cap}\nmax_attempts = {max_attempts}\n\n\
-         [pipeline]\nmatch_attempts = 2\nmatch_retry_delay = \"300ms\"\ndelete_from_telnyx = true\nlink_wait = {link_wait}\n\n\
+         [pipeline]\nmatch_attempts = 2\nmatch_retry_delay = \"300ms\"\ndelete_from_telnyx = {delete}\nlink_wait = {link_wait}\n\n\
          [http]\nconnect_timeout = \"1s\"\nrequest_timeout = {http}\nread_idle_timeout = {http}\n",
         concurrency = t.concurrency,
         poll = d(t.poll),
@@ -233,6 +235,7 @@ pub(crate) fn config_toml(t: &Tuning) -> String {
         retry_base = d(t.retry_base),
         retry_cap = d(t.retry_cap),
         max_attempts = t.max_attempts,
+        delete = t.delete_from_telnyx,
     )
 }
 
@@ -266,6 +269,7 @@ mod tests {
             retry_base: Duration::from_millis(200),
             retry_cap: Duration::from_secs(2),
             max_attempts: 12,
+            delete_from_telnyx: true,
         });
         let config = recording_relay::config::Config::from_toml(&text).unwrap();
         assert_eq!(config.worker.lease, Duration::from_secs(6));

@@ -99,13 +99,10 @@ impl Pair {
             ],
         )
         .await?;
-        let mut settings = vec![
+        let settings = [
             "wal_level=replica".to_owned(),
             "max_wal_senders=4".to_owned(),
         ];
-        if synchronous {
-            settings.push("synchronous_standby_names='*'".to_owned());
-        }
         pair.primary = Some(pair.server("primary", primary_port, &settings)?);
         wait_ready(&url(primary_port)).await?;
         let replica = pair.dir.path().join("replica");
@@ -153,6 +150,20 @@ impl Pair {
                 bail!("the replica did not stream within 60 s");
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        if synchronous {
+            // Only now that the replica streams (the base backup would
+            // wait for it), and only on the primary: the promoted replica
+            // has no standby to wait for.
+            for sql in [
+                "ALTER SYSTEM SET synchronous_standby_names = '*'",
+                "SELECT pg_reload_conf()",
+            ] {
+                sqlx::raw_sql(sql)
+                    .execute(&mut c)
+                    .await
+                    .context("making replication synchronous")?;
+            }
         }
         c.close().await.ok();
         say(&format!(

@@ -227,6 +227,11 @@ struct Args {
     /// Lifetime of the Telnyx stand-in's download URLs (Telnyx: 10 minutes).
     #[arg(long, default_value = "10m", value_parser = duration)]
     telnyx_url_ttl: Duration,
+    /// The daemons keep recordings at Telnyx (`pipeline.delete_from_telnyx
+    /// = false`), so reconcile can find those an asynchronous failover
+    /// forgot.
+    #[arg(long)]
+    keep_at_telnyx: bool,
 }
 
 fn main() -> ExitCode {
@@ -567,6 +572,7 @@ async fn run(args: Args) -> anyhow::Result<bool> {
         retry_base: args.retry_base,
         retry_cap: args.retry_cap,
         max_attempts: args.max_attempts,
+        delete_from_telnyx: !args.keep_at_telnyx,
     };
     std::fs::write(&config, daemons::config_toml(&tuning))?;
     let env = DaemonEnv {
@@ -720,10 +726,21 @@ async fn run(args: Args) -> anyhow::Result<bool> {
             pair = Some(kept);
             let f = result?;
             let lost = failover::lost_acknowledged(&pool, &calls, &stats).await?;
-            let out =
-                failover::reconcile(&reconcile_env, start.elapsed() + Duration::from_secs(600))
-                    .await?;
+            // Idempotent, so an operator runs it again when Telnyx fails
+            // it (the run's random faults).
+            // The plan's calls ended up to an hour before it was made.
+            let since = start.elapsed() + Duration::from_secs(2 * 3600);
+            let mut tries = 0;
+            let out = loop {
+                tries += 1;
+                match failover::reconcile(&reconcile_env, since).await {
+                    Ok(out) => break out,
+                    Err(e) if tries < 10 => say(&format!("reconcile failed, again: {e:#}")),
+                    Err(e) => return Err(e),
+                }
+            };
             let enqueued = failover::enqueued(&out);
+            say(&format!("reconcile: {}", out.trim()));
             say(&format!(
                 "after the failover: {} acknowledged webhooks have no job; reconcile enqueued {enqueued}",
                 lost.len()
@@ -840,6 +857,7 @@ async fn run(args: Args) -> anyhow::Result<bool> {
         lease: args.lease,
         poll: args.poll,
         owed_deletes: &owed_deletes,
+        deletes_at_telnyx: !args.keep_at_telnyx,
     });
     let actions = std::mem::take(&mut *actions.lock().unwrap_or_else(PoisonError::into_inner));
     let stale = operators::stale_writes(&pool)
