@@ -1,8 +1,7 @@
 //! The playback API's contract: an OpenAPI 3.1 document derived from the
 //! handlers' `#[utoipa::path]` annotations and from the very types they
-//! serialize ([`RecordingResponse`](super::handlers::RecordingResponse),
-//! [`ErrorBody`](super::reply::ErrorBody)), so the document cannot describe
-//! a field the code does not send.
+//! serialize (`RecordingResponse`, `RecordingStatus`, `ErrorBody`), so the
+//! document cannot describe a field the code does not send.
 //!
 //! It is served at `GET /openapi.json` on the playback address and
 //! committed as `docs/openapi.json`; a test fails when the two differ
