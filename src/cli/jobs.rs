@@ -23,11 +23,14 @@ pub enum JobsCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Make a failed, cancelled or unmatched job runnable now.
+    /// Make a failed, cancelled or unmatched job, or a pending one waiting
+    /// in backoff, runnable now with fresh attempts (an unmatched one is
+    /// matched again); --all-failed: every failed job.
+    #[command(group(clap::ArgGroup::new("which").required(true).args(["id", "all_failed"])))]
     Requeue {
-        #[arg(required_unless_present = "all_failed", conflicts_with = "all_failed")]
+        /// The job's id.
         id: Option<i64>,
-        /// Requeue every failed job.
+        /// Requeue every failed job instead.
         #[arg(long)]
         all_failed: bool,
     },
@@ -172,9 +175,18 @@ fn print_job_table(jobs: &[Job]) {
 }
 
 fn print_job(j: &Job) {
+    for (k, v) in job_rows(j) {
+        println!("{k:>14}: {v}");
+    }
+}
+
+/// `jobs show`: every row says something, also for a job that has not got
+/// that far (no object, no numbers, no lease, no failed attempt).
+fn job_rows(j: &Job) -> Vec<(&'static str, String)> {
     let v = JobView::from(j);
     let opt = |o: Option<&str>| o.unwrap_or("-").to_owned();
-    let rows = [
+    let stored = j.object_path.is_some();
+    let mut rows = vec![
         ("id", j.id.to_string()),
         ("event", j.event_id.clone()),
         ("state", j.state.as_str().to_owned()),
@@ -188,13 +200,21 @@ fn print_job(j: &Job) {
         ("matched by", opt(j.match_method.as_deref())),
         (
             "from / to",
-            format!(
-                "{} / {}",
-                v.from.unwrap_or_default(),
-                v.to.unwrap_or_default()
-            ),
+            match (v.from, v.to) {
+                (None, None) => "- / - (not known yet: the Recordings API tells them)".to_owned(),
+                (from, to) => format!(
+                    "{} / {}",
+                    from.as_deref().unwrap_or("-"),
+                    to.as_deref().unwrap_or("-")
+                ),
+            },
         ),
-        ("object", opt(j.object_path.as_deref())),
+        (
+            "object",
+            j.object_path
+                .clone()
+                .unwrap_or_else(|| "- (not stored yet)".to_owned()),
+        ),
         // Where an attached recording was before its move into the
         // intake's folder; "(not deleted)" once linked without the
         // delete: an orphan when the job has finished.
@@ -209,34 +229,98 @@ fn print_job(j: &Job) {
         ),
         (
             "size / sha256",
-            format!(
-                "{} / {}",
-                j.object_size.unwrap_or(0),
-                opt(j.object_sha256.as_deref())
-            ),
+            match (stored, j.object_size) {
+                (false, _) => "-".to_owned(),
+                (true, size) => format!(
+                    "{} / {}",
+                    size.map_or("-".to_owned(), |s| s.to_string()),
+                    opt(j.object_sha256.as_deref())
+                ),
+            },
         ),
         ("next run", j.next_run_at.to_rfc3339()),
         (
             "lease",
-            format!(
-                "{} until {}",
-                opt(j.locked_by.as_deref()),
-                j.locked_until.map_or("-".into(), |t| t.to_rfc3339())
-            ),
+            match (j.locked_by.as_deref(), j.locked_until) {
+                (Some(by), Some(until)) => format!("{by} until {}", until.to_rfc3339()),
+                (Some(by), None) => by.to_owned(),
+                (None, _) => "- (no worker holds it)".to_owned(),
+            },
         ),
         ("last error", opt(j.last_error.as_deref())),
     ];
-    for (k, v) in rows {
-        println!("{k:>14}: {v}");
-    }
-    println!("{:>14}:", "history");
-    for e in j.errors.as_array().into_iter().flatten() {
-        println!(
-            "    {}  attempt {}  {:<13} {}",
-            e["at"].as_str().unwrap_or(""),
-            e["attempt"].as_i64().map_or("-".into(), |a| a.to_string()),
-            e["kind"].as_str().unwrap_or(""),
-            e["error"].as_str().unwrap_or("")
+    let history: Vec<String> = j
+        .errors
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|e| {
+            format!(
+                "\n    {}  attempt {}  {:<13} {}",
+                e["at"].as_str().unwrap_or("-"),
+                e["attempt"].as_i64().map_or("-".into(), |a| a.to_string()),
+                e["kind"].as_str().unwrap_or("-"),
+                e["error"].as_str().unwrap_or("-")
+            )
+        })
+        .collect();
+    rows.push((
+        "history",
+        if history.is_empty() {
+            "- (no failed attempt)".to_owned()
+        } else {
+            history.concat()
+        },
+    ));
+    rows
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::call::CallFacts;
+    use crate::jobs::NewJob;
+    use crate::jobs::queue::Enqueued;
+    use sqlx::PgPool;
+
+    /// A job just received: no recording, numbers, object or lease yet.
+    #[sqlx::test(migrations = false)]
+    async fn jobs_show_says_what_a_new_job_does_not_have_yet(pool: PgPool) {
+        let queue = Queue::new(crate::testing::prepare(pool).await);
+        let Enqueued::Inserted(id) = queue
+            .enqueue(&NewJob {
+                event_id: "ev-show".to_owned(),
+                event_type: "call.recording.saved".to_owned(),
+                event: serde_json::json!({"data": {"id": "ev-show"}}),
+                call: CallFacts {
+                    call_session_id: Some("session-show".to_owned()),
+                    ..CallFacts::default()
+                },
+                max_attempts: 3,
+                ..NewJob::default()
+            })
+            .await
+            .unwrap()
+        else {
+            panic!("a new event is inserted");
+        };
+        let job = queue.get(id).await.unwrap().unwrap();
+        let rows = job_rows(&job);
+        for (name, value) in &rows {
+            assert!(
+                !value.trim().is_empty() && !value.starts_with(" /") && !value.ends_with("/ "),
+                "{name} is blank: {rows:#?}"
+            );
+        }
+        let row = |name: &str| &rows.iter().find(|(k, _)| *k == name).unwrap().1;
+        assert_eq!(row("object"), "- (not stored yet)");
+        assert_eq!(row("size / sha256"), "-");
+        assert_eq!(row("lease"), "- (no worker holds it)");
+        assert_eq!(row("history"), "- (no failed attempt)");
+        assert!(
+            row("from / to").starts_with("- / - (not known yet"),
+            "{rows:#?}"
         );
+        assert_eq!(row("call session"), "session-show");
     }
 }

@@ -57,6 +57,11 @@ pub enum Command {
     Check {
         #[arg(long)]
         json: bool,
+        /// What this host runs: a `listen`-only host needs no Telnyx API key
+        /// or storage (unless it serves playback), a `work`-only host no
+        /// public key.
+        #[arg(long, value_enum, default_value = "serve")]
+        role: CheckRole,
     },
     /// Enqueue recordings Telnyx made in a recent window that no job knows
     /// about (missed webhooks). Safe to run repeatedly.
@@ -71,8 +76,10 @@ pub enum Command {
     #[command(subcommand)]
     Jobs(JobsCommand),
     /// Who was handed a playback URL: newest first, by intake or by user.
+    #[command(group(clap::ArgGroup::new("whose").required(true).args(["intake", "user"])))]
     Audit {
-        #[arg(long, required_unless_present = "user", conflicts_with = "user")]
+        /// The intake's id.
+        #[arg(long)]
         intake: Option<uuid::Uuid>,
         /// The user's id (the token's `sub`).
         #[arg(long)]
@@ -82,6 +89,24 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+}
+
+/// The process `check` judges the configuration for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum CheckRole {
+    Serve,
+    Listen,
+    Work,
+}
+
+impl From<CheckRole> for Role {
+    fn from(role: CheckRole) -> Self {
+        match role {
+            CheckRole::Serve => Role::Serve,
+            CheckRole::Listen => Role::Listen,
+            CheckRole::Work => Role::Work,
+        }
+    }
 }
 
 /// Why the process ends unsuccessfully.
@@ -138,6 +163,11 @@ pub async fn run(cli: Cli, config: Config) -> Result<(), Failure> {
     let command = cli.command.unwrap_or(Command::Serve);
     let role = command.role();
     config.validate(role)?;
+    if matches!(role, Role::Serve | Role::Work) {
+        for warning in config.warnings(role) {
+            tracing::warn!("{warning}");
+        }
+    }
     execute(command, role, config).await.map_err(Failure::from)
 }
 
@@ -146,8 +176,8 @@ pub async fn run(cli: Cli, config: Config) -> Result<(), Failure> {
 async fn execute(command: Command, role: Role, config: Config) -> anyhow::Result<()> {
     match command {
         Command::SetupBucket { file_size_limit } => ensure_bucket(&config, file_size_limit).await,
-        Command::Check { json } => {
-            let checks = crate::ops::check::run(&config).await;
+        Command::Check { json, role } => {
+            let checks = crate::ops::check::run(&config, role.into()).await;
             print_checks(&checks, json);
             if checks.iter().all(|c| c.ok) {
                 Ok(())
@@ -236,7 +266,18 @@ async fn execute(command: Command, role: Role, config: Config) -> anyhow::Result
         Command::Migrate => {
             db::check_session(&config).await?;
             let pool = db::migration_pool(&config)?;
-            db::migrate(&pool).await?;
+            let applied = db::migrate(&pool).await?;
+            if applied.is_empty() {
+                println!(
+                    "nothing to apply: all {} migrations were applied already",
+                    db::MIGRATOR.iter().count()
+                );
+            } else {
+                println!("applied {} migration(s):", applied.len());
+                for name in &applied {
+                    println!("  {name}");
+                }
+            }
             Ok(())
         }
         Command::Listen => {
@@ -342,6 +383,71 @@ fn print_audit(entries: &[crate::playback::audit::Entry], json: bool) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use clap::CommandFactory;
+
+    /// A usage error names every alternative, not only the first.
+    #[test]
+    fn a_missing_choice_names_every_alternative() {
+        for (args, alternatives) in [
+            (
+                &["recording-relay", "jobs", "requeue"][..],
+                ["<ID|--all-failed>", "--all-failed"],
+            ),
+            (&["recording-relay", "audit"][..], ["--intake", "--user"]),
+        ] {
+            let err = Cli::try_parse_from(args).unwrap_err();
+            assert_eq!(err.kind(), clap::error::ErrorKind::MissingRequiredArgument);
+            let text = err.to_string();
+            for alternative in alternatives {
+                assert!(text.contains(alternative), "{args:?}: {text}");
+            }
+        }
+        // Both at once is refused too.
+        for args in [
+            &["recording-relay", "jobs", "requeue", "7", "--all-failed"][..],
+            &[
+                "recording-relay",
+                "audit",
+                "--intake",
+                "7f1c2a4e-1d2b-4c3d-9e8f-001122334455",
+                "--user",
+                "u",
+            ],
+        ] {
+            assert!(Cli::try_parse_from(args).is_err(), "{args:?}");
+        }
+        for args in [
+            &["recording-relay", "jobs", "requeue", "7"][..],
+            &["recording-relay", "jobs", "requeue", "--all-failed"],
+            &["recording-relay", "audit", "--user", "u"],
+        ] {
+            assert!(Cli::try_parse_from(args).is_ok(), "{args:?}");
+        }
+    }
+
+    /// The README's table of commands says what `jobs requeue` takes in
+    /// the CLI's own words.
+    #[test]
+    fn the_readme_and_the_cli_agree_on_what_jobs_requeue_accepts() {
+        let cli = Cli::command();
+        let about = cli
+            .find_subcommand("jobs")
+            .and_then(|jobs| jobs.find_subcommand("requeue"))
+            .and_then(|requeue| requeue.get_about())
+            .expect("jobs requeue has a description")
+            .to_string();
+        let readme = include_str!("../../README.md").replace('\n', " ");
+        let row = readme
+            .split("| `jobs requeue ID` / `jobs requeue --all-failed` |")
+            .nth(1)
+            .and_then(|rest| rest.split('|').next())
+            .expect("README.md's commands table has jobs requeue");
+        assert_eq!(
+            row.trim().to_lowercase(),
+            about.trim_end_matches('.').to_lowercase(),
+            "README.md vs --help"
+        );
+    }
 
     /// The one mapping: a configuration the app found wrong exits 2 with
     /// the app's message, like `validate`'s; every other failure exits 1

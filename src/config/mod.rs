@@ -83,10 +83,10 @@ pub enum Role {
 }
 
 impl Role {
-    fn listens(self) -> bool {
+    pub(crate) fn listens(self) -> bool {
         matches!(self, Role::Listen | Role::Serve)
     }
-    fn works(self) -> bool {
+    pub(crate) fn works(self) -> bool {
         matches!(self, Role::Work | Role::Serve)
     }
 }
@@ -137,8 +137,23 @@ impl Config {
         Ok(config)
     }
 
+    /// Parses a config file. A file that is valid TOML but holds settings
+    /// of the wrong type or unknown names gets every such problem listed at
+    /// once, as [`validate`](Self::validate) lists bad values; a syntax
+    /// error stops at the first.
     pub fn from_toml(text: &str) -> Result<Self, String> {
-        toml::from_str(text).map_err(|e| e.to_string())
+        let first = match toml::from_str(text) {
+            Ok(config) => return Ok(config),
+            Err(e) => e,
+        };
+        let Ok(table) = text.parse::<toml::Table>() else {
+            return Err(first.to_string());
+        };
+        let problems = setting_problems(&table);
+        if problems.len() < 2 {
+            return Err(first.to_string());
+        }
+        Err(format!("\n  - {}", problems.join("\n  - ")))
     }
 
     /// Checks everything `role` needs, reporting every problem at once.
@@ -176,6 +191,16 @@ impl Config {
         finish(problems)
     }
 
+    /// What is allowed but probably wrong for `role`: logged at start-up and
+    /// shown by `check`.
+    pub(crate) fn warnings(&self, role: Role) -> Vec<String> {
+        let mut warnings = Vec::new();
+        if role.works() {
+            warnings.extend(self.worker.shutdown_warning());
+        }
+        warnings
+    }
+
     /// Decodes `telnyx.public_key` into a verifying key, with a message that
     /// says what is wrong with it (never the key itself).
     pub(crate) fn telnyx_public_key(&self) -> Result<VerifyingKey, String> {
@@ -202,7 +227,41 @@ impl Config {
     }
 }
 
-fn finish(problems: Vec<String>) -> Result<(), ConfigError> {
+/// Each setting of `table` tried on its own, so that one wrong type does not
+/// hide the next: one line per setting serde refuses, named by its path.
+fn setting_problems(table: &toml::Table) -> Vec<String> {
+    let mut problems = Vec::new();
+    let mut try_one = |path: String, one: toml::Table| {
+        if let Err(e) = toml::Value::Table(one).try_into::<Config>() {
+            // toml's message, without its own "in `path`" line.
+            let message = e.to_string();
+            let message = message.lines().next().unwrap_or_default();
+            problems.push(format!("{path}: {message}"));
+        }
+    };
+    for (section, value) in table {
+        match value.as_table() {
+            Some(keys) if !keys.is_empty() => {
+                for (key, value) in keys {
+                    let inner = toml::Table::from_iter([(key.clone(), value.clone())]);
+                    let one = toml::Table::from_iter([(section.clone(), inner.into())]);
+                    try_one(format!("{section}.{key}"), one);
+                }
+            }
+            _ => try_one(
+                section.clone(),
+                toml::Table::from_iter([(section.clone(), value.clone())]),
+            ),
+        }
+    }
+    problems
+}
+
+/// Every problem once, in the order found (the storage settings are
+/// checked for the worker and again for playback).
+fn finish(mut problems: Vec<String>) -> Result<(), ConfigError> {
+    let mut seen = std::collections::HashSet::new();
+    problems.retain(|p| seen.insert(p.clone()));
     if problems.is_empty() {
         Ok(())
     } else {

@@ -23,12 +23,12 @@ impl Env for ProcessEnv {
 }
 
 /// One override: its name and the setting it sets.
-struct Override {
-    name: &'static str,
+pub(super) struct Override {
+    pub(super) name: &'static str,
     apply: Apply,
 }
 
-enum Apply {
+pub(super) enum Apply {
     Text(fn(&mut Config, String)),
     /// A socket address; the port is the example a bad value's message shows.
     Addr(fn(&mut Config, SocketAddr), u16),
@@ -37,7 +37,7 @@ enum Apply {
 use Apply::{Addr, Text};
 
 #[rustfmt::skip]
-const OVERRIDES: &[Override] = &[
+pub(super) const OVERRIDES: &[Override] = &[
     Override { name: "DATABASE_URL", apply: Text(|c, v| c.database.url = Some(v.into())) },
     Override { name: "LISTEN_ADDR", apply: Addr(|c, a| c.listener.addr = a, 8080) },
     Override { name: "TELNYX_PUBLIC_KEY", apply: Text(|c, v| c.telnyx.public_key = Some(v)) },

@@ -386,3 +386,159 @@ fn a_readable_config_file_with_secrets_is_warned_about() {
         "{w}"
     );
 }
+
+/// The fields serde knows in `section` (the top level when `None`), read
+/// from its own refusal of an unknown one ("expected one of `a`, `b`").
+fn fields_of(section: Option<&str>) -> Vec<String> {
+    let probe = match section {
+        None => "zz_probe = 1".to_owned(),
+        Some(s) => format!("[{s}]\nzz_probe = 1"),
+    };
+    let err = toml::from_str::<Config>(&probe).unwrap_err().to_string();
+    let list = err
+        .split_once("expected one of ")
+        .or_else(|| err.split_once("expected "))
+        .unwrap_or_else(|| panic!("no field list in {err:?}"))
+        .1;
+    let list = list.lines().next().unwrap_or_default();
+    list.split('`')
+        .skip(1)
+        .step_by(2)
+        .map(str::to_owned)
+        .collect()
+}
+
+/// The example with every commented-out setting (`# key = value`, `#
+/// [section]`) switched on.
+fn example_with_every_setting() -> String {
+    let text = include_str!("../../config.toml.example");
+    text.lines()
+        .map(|line| {
+            let Some(rest) = line.strip_prefix("# ") else {
+                return line.to_owned();
+            };
+            let key = rest.split(" = ").next().unwrap_or_default();
+            let is_setting = rest.contains(" = ")
+                && (key.chars().all(|c| c.is_ascii_lowercase() || c == '_')
+                    || (key.starts_with('"') && key.ends_with('"')));
+            let is_section = rest.starts_with('[') && rest.ends_with(']');
+            if is_setting || is_section {
+                rest.to_owned()
+            } else {
+                line.to_owned()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+#[test]
+fn the_example_config_documents_every_setting_and_every_environment_variable() {
+    let text = example_with_every_setting();
+    Config::from_toml(&text).expect("the example, every setting on, parses");
+    let documented: toml::Table = text.parse().unwrap();
+    let mut missing = Vec::new();
+    for section in fields_of(None) {
+        let Some(keys) = documented.get(&section).and_then(|v| v.as_table()) else {
+            missing.push(format!("[{section}]"));
+            continue;
+        };
+        for field in fields_of(Some(&section)) {
+            if !keys.contains_key(&field) {
+                missing.push(format!("{section}.{field}"));
+            }
+        }
+    }
+    let example = include_str!("../../config.toml.example");
+    for o in super::overrides::OVERRIDES {
+        if !example.contains(o.name) {
+            missing.push(o.name.to_owned());
+        }
+    }
+    assert!(
+        missing.is_empty(),
+        "config.toml.example does not document {missing:?}"
+    );
+    // The probe itself works: it finds fields that are there.
+    assert!(fields_of(Some("worker")).contains(&"shutdown_timeout".to_owned()));
+}
+
+#[test]
+fn every_setting_of_the_wrong_type_is_listed_at_once() {
+    let err = Config::from_toml(
+        "[database]\nmax_connections = \"ten\"\n\n[worker]\nlease = 60\nconcurency = 4\n\n[pipeline]\nformat = \"ogg\"\n",
+    )
+    .unwrap_err();
+    for expected in [
+        "database.max_connections: ",
+        "worker.lease: ",
+        "worker.concurency: unknown field",
+        "pipeline.format: ",
+    ] {
+        assert!(err.contains(expected), "missing {expected:?} in:\n{err}");
+    }
+    assert_eq!(err.matches("\n  - ").count(), 4, "{err}");
+    assert_eq!(err.matches("max_connections").count(), 1, "{err}");
+    // One problem keeps toml's own message, with its line and column.
+    let err = Config::from_toml("[worker]\nlease = 60\n").unwrap_err();
+    assert!(err.contains("line 2"), "{err}");
+    // A syntax error stops at the first.
+    assert!(Config::from_toml("[worker\n").is_err());
+}
+
+#[test]
+fn a_problem_found_twice_is_listed_once() {
+    // The storage settings are checked for the worker and for playback.
+    let c = Config::from_toml("[playback]\naddr = \"127.0.0.1:8081\"\n").unwrap();
+    let Err(ConfigError::Invalid(problems)) = c.validate(Role::Serve) else {
+        panic!("a config without any setting is invalid");
+    };
+    let url = problems
+        .iter()
+        .filter(|p| p.starts_with("supabase.url is not set"))
+        .count();
+    assert_eq!(url, 1, "{problems:?}");
+}
+
+#[test]
+fn the_unit_stop_timeout_is_the_one_in_the_unit_file() {
+    let unit = include_str!("../../systemd/recording-relay.service");
+    let line = unit
+        .lines()
+        .find_map(|l| l.strip_prefix("TimeoutStopSec="))
+        .expect("the unit sets TimeoutStopSec");
+    assert_eq!(
+        humantime::parse_duration(line.trim()).unwrap(),
+        worker::UNIT_TIMEOUT_STOP
+    );
+}
+
+#[test]
+fn a_shutdown_timeout_systemd_would_cut_short_is_warned_about() {
+    let mut c = Config::from_toml("").unwrap();
+    assert!(c.warnings(Role::Serve).is_empty(), "the default is fine");
+    c.worker.shutdown_timeout = Duration::from_secs(90);
+    let warnings = c.warnings(Role::Work);
+    assert_eq!(warnings.len(), 1, "{warnings:?}");
+    assert!(
+        warnings[0].starts_with("worker.shutdown_timeout (1m 30s)")
+            && warnings[0].contains("TimeoutStopSec (1m)"),
+        "{warnings:?}"
+    );
+    assert_eq!(c.warnings(Role::Serve), warnings);
+    // A listener has no jobs to drain.
+    assert!(c.warnings(Role::Listen).is_empty());
+    // Accepted all the same: a warning, not a refusal.
+    assert!(
+        c.validate(Role::Work)
+            .unwrap_err()
+            .to_string()
+            .contains("telnyx.api_key")
+    );
+    assert!(
+        !c.validate(Role::Work)
+            .unwrap_err()
+            .to_string()
+            .contains("shutdown_timeout")
+    );
+}

@@ -21,9 +21,35 @@ pub struct WorkerConfig {
     #[serde(with = "humantime_serde")]
     pub lease: Duration,
     /// In-flight jobs get this long to finish on SIGTERM before they are
-    /// released; keep it below systemd's TimeoutStopSec (default 90 s).
+    /// released; keep it below the unit's TimeoutStopSec
+    /// ([`UNIT_TIMEOUT_STOP`]), or systemd kills the daemon first.
     #[serde(with = "humantime_serde")]
     pub shutdown_timeout: Duration,
+}
+
+/// `TimeoutStopSec` of `systemd/recording-relay.service`: systemd kills the
+/// daemon this long after SIGTERM.
+pub(crate) const UNIT_TIMEOUT_STOP: Duration = Duration::from_secs(60);
+/// What a stop needs besides the jobs' drain: releasing the jobs left, the
+/// listener's last answers, closing the pools.
+const STOP_MARGIN: Duration = Duration::from_secs(10);
+
+impl WorkerConfig {
+    /// A warning when a drain of `shutdown_timeout` would not end before
+    /// systemd kills the unit: the jobs still running would not be released
+    /// for another worker until their lease ran out.
+    pub(crate) fn shutdown_warning(&self) -> Option<String> {
+        (self.shutdown_timeout + STOP_MARGIN > UNIT_TIMEOUT_STOP).then(|| {
+            format!(
+                "worker.shutdown_timeout ({}) leaves less than {} before the unit's TimeoutStopSec \
+                 ({}): systemd would kill the daemon before it releases in-flight jobs (they wait \
+                 for their lease instead); lower it, or raise TimeoutStopSec with it",
+                humantime::format_duration(self.shutdown_timeout),
+                humantime::format_duration(STOP_MARGIN),
+                humantime::format_duration(UNIT_TIMEOUT_STOP),
+            )
+        })
+    }
 }
 
 impl Default for WorkerConfig {

@@ -55,11 +55,15 @@ fn is_lock_timeout(e: &MigrateError) -> bool {
 /// a run and does not release it when a migration fails, so a retry on
 /// another connection of the pool would wait for that lock forever. After a
 /// failed attempt the lock is released explicitly.
-pub async fn migrate(pool: &PgPool) -> Result<(), DbError> {
+///
+/// Returns the migrations it applied (`{version}_{name}`, as their files
+/// are named), none when the schema was up to date.
+pub async fn migrate(pool: &PgPool) -> Result<Vec<String>, DbError> {
     let mut conn = pool.acquire().await?;
     carry_over_history(&mut conn).await?;
     refuse_relay_objects_in_public(&mut conn).await?;
     carry_known_edits(&mut conn).await?;
+    let before = applied_versions(&mut conn).await?;
     let mut delays = ExponentialBuilder::default()
         .with_min_delay(Duration::from_millis(250))
         .with_max_delay(Duration::from_secs(4))
@@ -81,9 +85,9 @@ pub async fn migrate(pool: &PgPool) -> Result<(), DbError> {
                     warn!(error = %e, retry_in = ?delay, "a table is busy; migration retries");
                     tokio::time::sleep(delay).await;
                 }
-                None => return Err(e.into()),
+                None => return Err(explain(e)),
             },
-            Err(e) => return Err(e.into()),
+            Err(e) => return Err(explain(e)),
         }
     }
     indexes::repair(&mut conn).await?;
@@ -91,7 +95,57 @@ pub async fn migrate(pool: &PgPool) -> Result<(), DbError> {
         migrations = MIGRATOR.iter().count(),
         "database schema is up to date"
     );
-    Ok(())
+    Ok(MIGRATOR
+        .iter()
+        .filter(|m| !before.contains(&m.version))
+        .map(file_stem)
+        .collect())
+}
+
+async fn applied_versions(conn: &mut sqlx::PgConnection) -> Result<Vec<i64>, DbError> {
+    match sqlx::query_scalar(
+        "SELECT version FROM recording_relay._sqlx_migrations WHERE success ORDER BY version",
+    )
+    .fetch_all(&mut *conn)
+    .await
+    {
+        Ok(versions) => Ok(versions),
+        Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("42P01") => Ok(Vec::new()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// `20261125000001_recording_jobs`: the file's name without `.sql` (sqlx
+/// keeps the name with spaces for underscores).
+fn file_stem(m: &sqlx::migrate::Migration) -> String {
+    format!("{}_{}", m.version, m.description.replace(' ', "_"))
+}
+
+/// A refusal from the server while a migration ran, as one message: the
+/// migration's file, the server's message and its hint (or ours, for the
+/// owner of `intakes`). Other failures keep sqlx's error.
+fn explain(e: MigrateError) -> DbError {
+    let MigrateError::ExecuteMigration(sqlx::Error::Database(db), version) = &e else {
+        return e.into();
+    };
+    let file = MIGRATOR.iter().find(|m| m.version == *version).map_or_else(
+        || version.to_string(),
+        |m| format!("migrations/{}.sql", file_stem(m)),
+    );
+    let pg = db.try_downcast_ref::<sqlx::postgres::PgDatabaseError>();
+    let mut hint = pg.and_then(|pg| pg.hint()).map(str::to_owned);
+    if db.code().as_deref() == Some("42501") && db.message().contains("must be owner") {
+        hint = Some(
+            "migrate adds columns and indexes to ZScribe's intakes (and patients): connect as the \
+             role that owns them (on Supabase, postgres), see the README's \"The database role\""
+                .to_owned(),
+        );
+    }
+    DbError::MigrationRefused {
+        file,
+        message: db.message().to_owned(),
+        hint,
+    }
 }
 
 /// The relay's tables in `public` next to the relay schema mean an older
@@ -381,6 +435,84 @@ pub(super) mod tests {
         ] {
             assert!(matches!(err, DbError::RelayObjectsInPublic), "{err}");
         }
+    }
+
+    /// Told once, with the migration's file and hint, never the line of
+    /// PostgreSQL's C source sqlx appends.
+    fn assert_told_once(err: &DbError, message: &str, hint: &str) {
+        let text = err.to_string();
+        assert!(
+            text.starts_with("migration migrations/20261125000001_recording_jobs.sql failed: ")
+                && text.contains(message)
+                && text.contains(hint),
+            "{text}"
+        );
+        assert_eq!(text.matches(message).count(), 1, "{text}");
+        assert!(!text.contains(" at line "), "{text}");
+        assert!(std::error::Error::source(err).is_none(), "{err:?}");
+        assert!(
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("migrations/20261125000001_recording_jobs.sql")
+                .exists()
+        );
+    }
+
+    #[sqlx::test(migrations = false)]
+    async fn a_database_without_intakes_gets_one_error_naming_the_file_with_its_hint(pool: PgPool) {
+        let err = migrate(&pool).await.unwrap_err();
+        assert_told_once(
+            &err,
+            "table \"intakes\" not found",
+            "hint: recording-relay extends ZScribe's intakes table",
+        );
+    }
+
+    #[sqlx::test(migrations = false)]
+    async fn a_role_that_does_not_own_intakes_is_told_to_migrate_as_its_owner(pool: PgPool) {
+        crate::testing::create_host_schema(&pool).await.unwrap();
+        let role = format!("rr_not_owner_{}", uuid::Uuid::new_v4().simple());
+        let database: String = sqlx::query_scalar("SELECT current_database()")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+            "CREATE ROLE {role} LOGIN; GRANT CREATE ON DATABASE \"{database}\" TO {role};
+             GRANT USAGE ON SCHEMA public TO {role}; GRANT SELECT ON ALL TABLES IN SCHEMA public TO {role};"
+        )))
+        .execute(&pool)
+        .await
+        .unwrap();
+        let as_role = sqlx::postgres::PgPoolOptions::new()
+            .max_connections(1)
+            .connect_with((*pool.connect_options()).clone().username(&role))
+            .await
+            .unwrap();
+        let outcome = migrate(&as_role).await;
+        as_role.close().await;
+        sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+            "DROP OWNED BY {role}; DROP ROLE {role};"
+        )))
+        .execute(&pool)
+        .await
+        .unwrap();
+        assert_told_once(
+            &outcome.unwrap_err(),
+            "must be owner of table intakes",
+            "connect as the role that owns them",
+        );
+    }
+
+    #[sqlx::test(migrations = false)]
+    async fn migrate_says_which_migrations_it_applied(pool: PgPool) {
+        crate::testing::create_host_schema(&pool).await.unwrap();
+        let applied = migrate(&pool).await.unwrap();
+        assert_eq!(applied.len(), MIGRATOR.iter().count());
+        assert_eq!(applied[0], "20261125000001_recording_jobs");
+        for name in &applied {
+            let file = format!("{}/migrations/{name}.sql", env!("CARGO_MANIFEST_DIR"));
+            assert!(std::path::Path::new(&file).exists(), "{file}");
+        }
+        assert_eq!(migrate(&pool).await.unwrap(), Vec::<String>::new());
     }
 
     #[sqlx::test(migrations = false)]

@@ -95,4 +95,13 @@ pub enum DbError {
     Query(#[from] sqlx::Error),
     #[error("migration failed: {0}")]
     Migrate(#[from] MigrateError),
+    /// A migration the server refused, told once (sqlx's error repeats its
+    /// cause at every layer and adds the line of PostgreSQL's own C source),
+    /// with the file and the hint.
+    #[error("migration {file} failed: {message}{}", hint.as_deref().map(|h| format!("\n  hint: {h}")).unwrap_or_default())]
+    MigrationRefused {
+        file: String,
+        message: String,
+        hint: Option<String>,
+    },
 }

@@ -56,11 +56,13 @@ async fn setup_bucket_creates_a_private_audio_bucket_and_check_passes() {
     let mut mimes = got.allowed_mime_types.unwrap();
     mimes.sort();
     assert_eq!(mimes, ["audio/mpeg", "audio/wav", "audio/x-wav"]);
-    let checks = recording_relay::ops::check::run(&config).await;
+    let checks =
+        recording_relay::ops::check::run(&config, recording_relay::config::Role::Serve).await;
     let storage = checks.iter().find(|c| c.name == "storage").unwrap();
     assert!(storage.ok, "{storage:?}");
     let missing = s.config(&bucket_name("absent"), &telnyx());
-    let checks = recording_relay::ops::check::run(&missing).await;
+    let checks =
+        recording_relay::ops::check::run(&missing, recording_relay::config::Role::Serve).await;
     let storage = checks.iter().find(|c| c.name == "storage").unwrap();
     assert!(
         !storage.ok && storage.detail.contains("not found"),
@@ -318,7 +320,8 @@ async fn a_bad_key_is_unauthorized() {
         err.to_string().contains("SUPABASE_SERVICE_ROLE_KEY"),
         "{err}"
     );
-    let checks = recording_relay::ops::check::run(&config).await;
+    let checks =
+        recording_relay::ops::check::run(&config, recording_relay::config::Role::Serve).await;
     let check = checks.iter().find(|c| c.name == "storage").unwrap();
     assert!(!check.ok, "{check:?}");
 }

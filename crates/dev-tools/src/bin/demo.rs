@@ -13,11 +13,12 @@ use tracing_subscriber::EnvFilter;
 #[derive(Debug, Parser)]
 #[command(name = "demo", version)]
 struct Args {
-    /// PostgreSQL server to create the `recording_relay_demo` database on.
-    /// Without one (or with the default address) the demo uses
-    /// postgres://postgres@127.0.0.1:5432/postgres when that works, else a
-    /// throwaway cluster of its own.
-    #[arg(long, env = "DATABASE_URL")]
+    /// PostgreSQL server to create the `recording_relay_demo` database on
+    /// (or DATABASE_URL, unless it is the default address .cargo/config.toml
+    /// sets for every `cargo run`). Without one the demo runs on a
+    /// throwaway cluster of its own: it drops and recreates its database,
+    /// so it never does that on a server it was not named.
+    #[arg(long)]
     database_url: Option<String>,
     /// The database the demo (re)creates on that server.
     #[arg(long, default_value = demo::DEMO_DATABASE)]
@@ -70,7 +71,11 @@ fn main() -> ExitCode {
         }
     };
     let options = demo::Options {
-        server: demo::Server::choose(args.database_url, args.embedded_postgres),
+        server: demo::Server::choose(
+            args.database_url,
+            std::env::var("DATABASE_URL").ok(),
+            args.embedded_postgres,
+        ),
         database: args.database_name,
         keep: args.keep,
         keep_calling: args.keep_calling,

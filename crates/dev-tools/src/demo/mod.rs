@@ -2,8 +2,8 @@
 //! stand-ins for Telnyx and Supabase Storage, told as a story.
 //!
 //! It creates a fresh `recording_relay_demo` database with a minimal host
-//! schema (on the given server, the default one, or a throwaway cluster of
-//! its own: [`cluster`]), starts the real daemon (listener, worker and
+//! schema (on the server it is given, else on a throwaway cluster of its
+//! own: [`cluster`]), starts the real daemon (listener, worker and
 //! playback API) on loopback, sends signed webhooks shaped like Telnyx's
 //! the way ZScribe's calls produce them (issue #21): `call.initiated`
 //! naming the intake in the SIP header `X-Intake-Id`, no `client_state`,
@@ -113,24 +113,28 @@ const ORGANIZATION_NUMBER: &str = "+15550001000";
 /// Which PostgreSQL the demo runs on.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Server {
-    /// This server; failing to reach it is an error.
+    /// This server, named with `--database-url` or `DATABASE_URL`; failing
+    /// to reach it is an error.
     Url(String),
-    /// The default address if something answers there as `postgres` without
-    /// a password, else a throwaway cluster.
-    Default,
-    /// A throwaway cluster in any case.
+    /// A throwaway cluster, asked for with `--embedded-postgres`.
     Embedded,
+    /// No server named: a throwaway cluster too. The demo drops and
+    /// recreates its database, so it never does that on a server nobody
+    /// named (127.0.0.1:5432 may be shared).
+    Unnamed,
 }
 
 impl Server {
-    /// `--embedded-postgres` wins over any URL (cargo sets `DATABASE_URL` to
-    /// the default address for `cargo run`); the default address itself
-    /// means "the default, if it works".
-    pub fn choose(url: Option<String>, embedded: bool) -> Self {
-        match url {
+    /// `--embedded-postgres` wins over any URL; then `--database-url`;
+    /// then `DATABASE_URL`, unless it is the default address that
+    /// `.cargo/config.toml` gives every `cargo run` (not a choice anyone
+    /// made); else a throwaway cluster.
+    pub fn choose(flag: Option<String>, env: Option<String>, embedded: bool) -> Self {
+        match (flag, env) {
             _ if embedded => Server::Embedded,
-            Some(url) if url != DEFAULT_SERVER => Server::Url(url),
-            _ => Server::Default,
+            (Some(url), _) => Server::Url(url),
+            (None, Some(url)) if !url.is_empty() && url != DEFAULT_SERVER => Server::Url(url),
+            _ => Server::Unnamed,
         }
     }
 }
@@ -147,62 +151,14 @@ pub struct Options {
     pub log_file: Option<PathBuf>,
 }
 
-/// What a look at the default address found.
-#[derive(Debug, PartialEq, Eq)]
-pub enum Probe {
-    Usable,
-    /// Nothing listens there.
-    NothingAnswers,
-    /// A server that wants a password (Debian's package on 127.0.0.1).
-    WantsCredentials,
-}
-
-pub async fn probe(url: &str) -> anyhow::Result<Probe> {
-    match PgConnection::connect(url).await {
-        Ok(conn) => {
-            let _ = conn.close().await;
-            Ok(Probe::Usable)
-        }
-        Err(sqlx::Error::Io(e)) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
-            Ok(Probe::NothingAnswers)
-        }
-        // 28P01 invalid_password, 28000 invalid_authorization_specification
-        // (no pg_hba.conf entry, peer authentication).
-        Err(sqlx::Error::Database(e)) if matches!(e.code().as_deref(), Some("28P01" | "28000")) => {
-            Ok(Probe::WantsCredentials)
-        }
-        Err(e) => {
-            Err(e).with_context(|| format!("connecting to PostgreSQL at {}", redact_db_url(url)))
-        }
-    }
-}
-
 /// The server's URL, and the cluster when the demo made one.
 async fn open_server(server: Server) -> anyhow::Result<(String, Option<Cluster>)> {
-    let embedded = match server {
+    match server {
         Server::Url(url) => return Ok((url, None)),
-        Server::Embedded => {
-            say("--embedded-postgres: using a throwaway PostgreSQL cluster");
-            true
-        }
-        Server::Default => match probe(DEFAULT_SERVER).await? {
-            Probe::Usable => false,
-            Probe::NothingAnswers => {
-                say(
-                    "no DATABASE_URL given and nothing answers on 127.0.0.1:5432: using a throwaway PostgreSQL cluster",
-                );
-                true
-            }
-            Probe::WantsCredentials => {
-                say(
-                    "no DATABASE_URL given and the server on 127.0.0.1:5432 wants a password: using a throwaway PostgreSQL cluster",
-                );
-                true
-            }
-        },
-    };
-    if !embedded {
-        return Ok((DEFAULT_SERVER.to_owned(), None));
+        Server::Embedded => say("--embedded-postgres: using a throwaway PostgreSQL cluster"),
+        Server::Unnamed => say(
+            "no server named: using a throwaway PostgreSQL cluster (--database-url or DATABASE_URL names one to use instead)",
+        ),
     }
     let started = Instant::now();
     let cluster = Cluster::start()
@@ -841,55 +797,32 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_server_is_chosen_from_the_flags() {
-        assert_eq!(Server::choose(None, false), Server::Default);
+    fn only_a_named_server_is_used_and_the_default_address_is_not_a_name() {
+        let other = "postgres://demo@db.example:5432/postgres".to_owned();
+        let default = DEFAULT_SERVER.to_owned();
+        assert_eq!(Server::choose(None, None, false), Server::Unnamed);
+        // What cargo passes every `cargo run` (.cargo/config.toml).
         assert_eq!(
-            Server::choose(Some(DEFAULT_SERVER.into()), false),
-            Server::Default
+            Server::choose(None, Some(default.clone()), false),
+            Server::Unnamed
         );
         assert_eq!(
-            Server::choose(Some("postgres://db.internal/x".into()), false),
-            Server::Url("postgres://db.internal/x".into())
+            Server::choose(None, Some(String::new()), false),
+            Server::Unnamed
         );
         assert_eq!(
-            Server::choose(Some("postgres://db.internal/x".into()), true),
+            Server::choose(None, Some(other.clone()), false),
+            Server::Url(other.clone())
+        );
+        // Named on the command line, even the default address is a choice.
+        assert_eq!(
+            Server::choose(Some(default.clone()), None, false),
+            Server::Url(default)
+        );
+        assert_eq!(
+            Server::choose(Some(other.clone()), Some(other), true),
             Server::Embedded
         );
-    }
-
-    #[tokio::test]
-    async fn a_closed_port_is_nothing_answering() {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let probe = probe(&format!("postgres://postgres@127.0.0.1:{port}/postgres")).await;
-        assert_eq!(probe.unwrap(), Probe::NothingAnswers);
-    }
-
-    /// Debian's package on 127.0.0.1: a server that wants a password. A
-    /// throwaway cluster turned into one (scram on its socket).
-    #[tokio::test]
-    async fn a_server_that_wants_a_password_is_told_apart() {
-        let cluster = Cluster::start().await.unwrap();
-        let url = cluster.server_url();
-        assert_eq!(probe(&url).await.unwrap(), Probe::Usable);
-        let mut conn = PgConnection::connect(&url).await.unwrap();
-        let hba: String = sqlx::query_scalar("SHOW hba_file")
-            .fetch_one(&mut conn)
-            .await
-            .unwrap();
-        std::fs::write(&hba, "local all all scram-sha-256\n").unwrap();
-        sqlx::raw_sql("ALTER ROLE postgres PASSWORD 'not-given'; SELECT pg_reload_conf()")
-            .execute(&mut conn)
-            .await
-            .unwrap();
-        conn.close().await.unwrap();
-        assert_eq!(probe(&url).await.unwrap(), Probe::WantsCredentials);
-        let dir = cluster.path().to_owned();
-        cluster.stop().await.unwrap();
-        assert!(!dir.exists(), "the cluster's directory is removed");
     }
 
     #[test]
