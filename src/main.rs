@@ -14,7 +14,17 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let runtime = match tokio::runtime::Runtime::new() {
+    // A listen-only process runs on one thread: each request is a short
+    // handler waiting on one INSERT, and one scheduler has no wake-ups to
+    // hand across threads (BENCHMARKS.md, "Where the ingest time goes").
+    let runtime = if matches!(cli.command, Some(cli::Command::Listen)) {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+    } else {
+        tokio::runtime::Runtime::new()
+    };
+    let runtime = match runtime {
         Ok(rt) => rt,
         Err(e) => {
             tracing::error!("cannot start the async runtime: {e}");

@@ -57,6 +57,10 @@ pub(crate) const EXPECTED: [(&str, &str); 20] = [
         "CREATE INDEX recording_jobs_alert_due_idx ON recording_relay.recording_jobs USING btree (alert_due_at) WHERE (alert_due_at IS NOT NULL)",
     ),
     (
+        "recording_jobs_by_state_idx",
+        "CREATE INDEX recording_jobs_by_state_idx ON recording_relay.recording_jobs USING btree (state)",
+    ),
+    (
         "recording_jobs_call_session_idx",
         "CREATE INDEX recording_jobs_call_session_idx ON recording_relay.recording_jobs USING btree (call_session_id) WHERE (call_session_id IS NOT NULL)",
     ),
@@ -87,10 +91,6 @@ pub(crate) const EXPECTED: [(&str, &str); 20] = [
     (
         "recording_jobs_recording_id_key",
         "CREATE UNIQUE INDEX recording_jobs_recording_id_key ON recording_relay.recording_jobs USING btree (recording_id) WHERE ((recording_id IS NOT NULL) AND (state <> 'duplicate'::recording_relay.recording_job_state))",
-    ),
-    (
-        "recording_jobs_state_idx",
-        "CREATE INDEX recording_jobs_state_idx ON recording_relay.recording_jobs USING btree (state, updated_at)",
     ),
     (
         "recording_jobs_telnyx_delete_due_idx",

@@ -16,11 +16,13 @@ use axum::http::header::{
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 use tracing::warn;
+use utoipa::ToSchema;
 use uuid::Uuid;
 
 use super::auth::AuthError;
+use super::contract;
 use super::recording::RecordingStatus;
-use super::reply::Reply;
+use super::reply::{ErrorBody, Reply};
 use super::{PlaybackState, audit, recording};
 
 const PAGE: &str = include_str!("../../web/player.html");
@@ -29,8 +31,39 @@ const SCRIPT: &str = include_str!("../../web/player.js");
 /// Bound on the database lookup and on minting one signed URL.
 const STEP_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// `GET /healthz`'s answer.
+#[derive(Debug, Serialize, ToSchema)]
+pub(super) struct Health {
+    #[schema(example = "ok")]
+    status: &'static str,
+}
+
+/// Whether the playback server is up (it answers without a database).
+#[utoipa::path(
+    get,
+    path = "/healthz",
+    operation_id = "healthz",
+    tag = "meta",
+    responses((status = 200, description = "The server is up", body = Health)),
+)]
 pub(super) async fn healthz() -> Reply {
-    Reply::json(StatusCode::OK, "ok", &serde_json::json!({ "status": "ok" }))
+    Reply::json(StatusCode::OK, "ok", &Health { status: "ok" })
+}
+
+/// This document (`docs/openapi.json` in the repository).
+///
+/// It holds no secret and no data, so it is served without a token.
+#[utoipa::path(
+    get,
+    path = "/openapi.json",
+    operation_id = "openapi",
+    tag = "meta",
+    responses((status = 200, description = "The OpenAPI 3.1 document of this API",
+               content_type = "application/json", body = Object)),
+)]
+pub(super) async fn openapi() -> Reply {
+    static TEXT: std::sync::LazyLock<String> = std::sync::LazyLock::new(contract::document_json);
+    Reply::json_text(TEXT.as_str())
 }
 
 pub(super) async fn not_found() -> Reply {
@@ -51,16 +84,49 @@ pub(super) async fn player_script() -> Reply {
     Reply::asset("text/javascript; charset=utf-8", SCRIPT)
 }
 
-/// The API's answer for one intake.
-#[derive(Debug, Serialize)]
+/// The API's answer for one intake. Every field is always present.
+#[derive(Debug, Serialize, ToSchema)]
 pub(crate) struct RecordingResponse {
+    #[schema(required = true)]
     pub status: RecordingStatus,
+    /// The call's length in whole seconds, when known.
+    #[schema(required = true)]
     pub duration_seconds: Option<i32>,
     /// A signed URL, only when `status` is `available`.
+    #[schema(required = true)]
     pub url: Option<String>,
+    /// When `url` stops working (RFC 3339); set with `url`.
+    #[schema(required = true)]
     pub expires_at: Option<DateTime<Utc>>,
 }
 
+/// The recording of one intake, with a signed URL when it can be played.
+///
+/// Authentication comes first: without a valid token nothing else is
+/// looked at. Every URL handed out is in the access audit first.
+#[utoipa::path(
+    get,
+    path = "/v1/intakes/{id}/recording",
+    operation_id = "getIntakeRecording",
+    tag = "recordings",
+    params(("id" = String, Path, min_length = 1,
+             description = "The intake's id (a UUID; anything else is answered 404)")),
+    security(("supabase_user" = [])),
+    responses(
+        (status = 200, description = "The recording's state, and a signed URL when it is available",
+         body = RecordingResponse),
+        (status = 401, description = "No bearer token, or one that is expired or not valid",
+         body = ErrorBody,
+         headers(("WWW-Authenticate" = String, description = "`Bearer`, or `Bearer error=\"invalid_token\"`"))),
+        (status = 403, description = "The token names no organization", body = ErrorBody),
+        (status = 404, description = "No such intake in the caller's organization (or a malformed id)",
+         body = ErrorBody),
+        (status = 502, description = "Storage refused to sign the recording", body = ErrorBody),
+        (status = 503, description = "Tokens cannot be verified right now (signing keys unavailable), \
+                                      or the database or the access audit failed", body = ErrorBody),
+        (status = 504, description = "Storage did not answer in time", body = ErrorBody),
+    ),
+)]
 pub(super) async fn recording(
     State(state): State<Arc<PlaybackState>>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,

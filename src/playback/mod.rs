@@ -9,6 +9,8 @@
 //!   Unknown intakes and other organizations' intakes both answer 404, so
 //!   ids cannot be probed.
 //! - `GET /play/{id}`: the player page (`web/player.html`, `web/player.js`).
+//! - `GET /openapi.json`: the API's OpenAPI 3.1 document ([`contract`]),
+//!   committed as `docs/openapi.json`.
 //!
 //! Routing is axum's; CORS (an exact-origin allow-list), the request
 //! timeout, the common response headers and the request log are tower-http
@@ -25,6 +27,7 @@
 
 pub mod audit;
 pub mod auth;
+pub mod contract;
 mod handlers;
 pub mod jwks;
 pub mod recording;

@@ -6,12 +6,15 @@
 
 use serde::Serialize;
 use sqlx::PgPool;
+use utoipa::ToSchema;
 use uuid::Uuid;
 
 use crate::jobs::Queue;
 use crate::object_paths::is_intake_recording;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+/// What the player shows: `available` (a signed URL comes with it),
+/// `processing`, `failed` (the relay gave up on it) or `none`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum RecordingStatus {
     /// Stored and linked: a signed URL can be minted.

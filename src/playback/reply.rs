@@ -6,6 +6,7 @@ use axum::http::{Response, StatusCode};
 use axum::response::IntoResponse;
 use bytes::Bytes;
 use serde::Serialize;
+use utoipa::ToSchema;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Kind {
@@ -23,6 +24,17 @@ pub(super) struct Log {
     pub(super) outcome: &'static str,
     /// For the log only (never a token or a signed URL).
     pub(super) detail: String,
+}
+
+/// The body of every error answer.
+#[derive(Debug, Serialize, ToSchema)]
+pub(super) struct ErrorBody {
+    /// A short machine-readable word: `unauthorized`, `forbidden`,
+    /// `not_found`, `method_not_allowed`, `storage` or `unavailable`.
+    #[schema(example = "not_found")]
+    pub(super) error: &'static str,
+    /// For people; may be empty.
+    pub(super) message: &'static str,
 }
 
 /// The answer to one request plus what the request log says about it.
@@ -53,12 +65,26 @@ impl Reply {
             .header(CONTENT_TYPE, HeaderValue::from_static("application/json"))
     }
 
-    pub(super) fn error(status: StatusCode, outcome: &'static str, message: &str) -> Self {
+    pub(super) fn error(status: StatusCode, outcome: &'static str, message: &'static str) -> Self {
         Self::json(
             status,
             outcome,
-            &serde_json::json!({ "error": outcome, "message": message }),
+            &ErrorBody {
+                error: outcome,
+                message,
+            },
         )
+    }
+
+    /// A JSON document already serialized.
+    pub(super) fn json_text(body: &'static str) -> Self {
+        Self::new(
+            StatusCode::OK,
+            Kind::Api,
+            "ok",
+            Bytes::from_static(body.as_bytes()),
+        )
+        .header(CONTENT_TYPE, HeaderValue::from_static("application/json"))
     }
 
     pub(super) fn detail(mut self, detail: impl Into<String>) -> Self {

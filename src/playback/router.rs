@@ -21,7 +21,7 @@ use tracing::{Span, error, info, warn};
 
 use super::PlaybackState;
 use super::handlers::{
-    healthz, method_not_allowed, not_found, player_page, player_script, recording,
+    healthz, method_not_allowed, not_found, openapi, player_page, player_script, recording,
 };
 use super::reply::{Kind, Log};
 
@@ -53,6 +53,7 @@ pub(super) fn router(state: Arc<PlaybackState>) -> Router {
                 .fallback(method_not_allowed),
         )
         .route("/healthz", get(healthz).fallback(not_found))
+        .route("/openapi.json", get(openapi).fallback(not_found))
         .fallback(not_found)
         .with_state(state.clone())
         .layer(TimeoutLayer::with_status_code(

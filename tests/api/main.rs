@@ -1,6 +1,7 @@
 //! End-to-end tests over real HTTP on loopback against a real PostgreSQL
 //! (one fresh database per test).
 
+mod alerts;
 mod attach;
 mod flood;
 mod fuzz;
@@ -12,6 +13,7 @@ mod overload;
 mod pipeline;
 mod playback;
 mod pooler;
+mod private_cluster;
 mod process;
 mod reservations;
 mod sip_links;

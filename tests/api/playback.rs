@@ -633,6 +633,21 @@ async fn wrong_methods_and_unknown_paths_get_api_answers(pool: PgPool) {
     s.stop().await;
 }
 
+/// The contract (docs/openapi.json) is served as committed, without a
+/// token: it is what the UI and scripts/contract-test hold the API to.
+#[sqlx::test(migrations = false)]
+async fn the_openapi_document_is_served_without_a_token_exactly_as_committed(pool: PgPool) {
+    let s = Playback::start(pool, |_| {}).await;
+    let res = s.client.get(s.url("/openapi.json")).send().await.unwrap();
+    assert_eq!(res.status(), 200);
+    assert_eq!(res.headers()["content-type"], "application/json");
+    assert_eq!(res.headers()["cache-control"], "no-store");
+    let committed =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/openapi.json")).unwrap();
+    assert_eq!(res.text().await.unwrap(), committed);
+    s.stop().await;
+}
+
 // ------------------------------------------------------------------ JWKS
 
 /// A P-256 key for tests only (PKCS#8, base64).

@@ -17,7 +17,7 @@ pub(crate) const GAUGE_EXACT_UP_TO: i64 = 10_000;
 pub(crate) const GAUGES_SQL: &str = "SELECT s.state,
             (SELECT count(*) FROM (
                  SELECT 1 FROM recording_relay.recording_jobs j
-                 WHERE j.state = s.state ORDER BY j.state, j.updated_at LIMIT $1
+                 WHERE j.state = s.state ORDER BY j.state LIMIT $1
              ) capped) AS counted,
             e.estimate
      FROM unnest(enum_range(NULL::recording_relay.recording_job_state)) AS s(state)
@@ -58,7 +58,7 @@ impl Queue {
 
     /// The queue gauges of `/metrics`, at a cost that does not grow with
     /// the finished history (a scrape used to count the whole table): each
-    /// state is counted along `recording_jobs_state_idx` up to
+    /// state is counted along `recording_jobs_by_state_idx` up to
     /// `GAUGE_EXACT_UP_TO` entries, exactly, so the alerts on failed and
     /// unmatched jobs see every one; a state with more than that (the
     /// succeeded history) gets the planner's estimate instead, its share of
@@ -151,7 +151,7 @@ mod tests {
         )
         .await;
         assert!(!plan.contains("Seq Scan on recording_jobs"), "{plan}");
-        assert!(plan.contains("recording_jobs_state_idx"), "{plan}");
+        assert!(plan.contains("recording_jobs_by_state_idx"), "{plan}");
         let plan = testing::explain(
             &mut conn,
             &format!("PREPARE lag AS {OLDEST_RUNNABLE_SQL}"),

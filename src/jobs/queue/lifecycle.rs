@@ -694,7 +694,7 @@ mod tests {
         )
         .await;
         assert!(plan.contains("recording_jobs_pkey"), "{plan}");
-        for index in ["recording_jobs_state_idx", "recording_jobs_lease_idx"] {
+        for index in ["recording_jobs_by_state_idx", "recording_jobs_lease_idx"] {
             assert!(!plan.contains(index), "{plan}");
         }
         // Every other write of a claimed job is fenced the same way.

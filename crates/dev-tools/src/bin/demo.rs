@@ -31,6 +31,10 @@ struct Args {
     /// Ctrl-C, and print a link that plays a stored recording.
     #[arg(long)]
     keep: bool,
+    /// With --keep, place another call this often (e.g. 5s), so graphs of
+    /// the daemon's metrics have traffic to show.
+    #[arg(long, requires = "keep", value_parser = humantime::parse_duration)]
+    keep_calling: Option<std::time::Duration>,
     /// The daemon's own log lines on stderr, instead of in a log file.
     #[arg(long)]
     verbose: bool,
@@ -74,6 +78,7 @@ fn main() -> ExitCode {
         ),
         database: args.database_name,
         keep: args.keep,
+        keep_calling: args.keep_calling,
         log_file,
     };
     match runtime.block_on(demo::run(options)) {

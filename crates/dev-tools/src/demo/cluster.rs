@@ -64,6 +64,13 @@ pub struct Cluster {
 impl Cluster {
     /// Runs `initdb` and starts the server; returns once it accepts connections.
     pub async fn start() -> Result<Self, ClusterError> {
+        Self::start_with(&[]).await
+    }
+
+    /// [`start`](Self::start), with extra server settings (`name=value`,
+    /// each passed as `-c`): the benchmark of the relay's database cost
+    /// loads `pg_stat_statements`, which only a server start can.
+    pub async fn start_with(settings: &[&str]) -> Result<Self, ClusterError> {
         let bindir = find_bindir().ok_or(ClusterError::NoBinaries)?;
         let owner = server_user()?;
         let dir = tempfile::Builder::new()
@@ -118,6 +125,7 @@ impl Cluster {
             // No TCP at all; a throwaway cluster needs no durability.
             .args(["-c", "listen_addresses=", "-c", "fsync=off"])
             .args(["-c", "unix_socket_permissions=0700"])
+            .args(settings.iter().flat_map(|s| ["-c", s]))
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(log_err)
@@ -238,7 +246,7 @@ fn url_for(socket_dir: &Path, database: &str) -> String {
 
 /// A command that runs as the cluster's owner, with its working directory
 /// in the cluster's (the owner may not be allowed into the caller's).
-fn server_command(program: &Path, owner: Option<(u32, u32)>, cwd: &Path) -> Command {
+pub fn server_command(program: &Path, owner: Option<(u32, u32)>, cwd: &Path) -> Command {
     let mut cmd = Command::new(program);
     cmd.current_dir(cwd).kill_on_drop(true);
     if let Some((uid, gid)) = owner {
@@ -249,7 +257,7 @@ fn server_command(program: &Path, owner: Option<(u32, u32)>, cwd: &Path) -> Comm
 }
 
 /// Who owns the cluster: the caller, unless it is root.
-fn server_user() -> Result<Option<(u32, u32)>, ClusterError> {
+pub fn server_user() -> Result<Option<(u32, u32)>, ClusterError> {
     if !rustix::process::geteuid().is_root() {
         return Ok(None);
     }
@@ -271,7 +279,7 @@ fn passwd_entry(passwd: &str, user: &str) -> Option<(u32, u32)> {
 
 /// The newest installed server: Debian keeps each major version in
 /// `/usr/lib/postgresql/N/bin`, outside PATH.
-fn find_bindir() -> Option<PathBuf> {
+pub fn find_bindir() -> Option<PathBuf> {
     let has_server = |dir: &Path| dir.join("initdb").is_file() && dir.join("postgres").is_file();
     let mut debian: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
         .into_iter()

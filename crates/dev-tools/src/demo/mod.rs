@@ -144,6 +144,9 @@ pub struct Options {
     pub database: String,
     /// Leave the stand-ins and the playback server running, until a signal.
     pub keep: bool,
+    /// With `keep`, place another call this often (traffic for graphs:
+    /// `scripts/ops-screenshots`).
+    pub keep_calling: Option<Duration>,
     /// Where the daemon's own log lines went (`None`: to stderr).
     pub log_file: Option<PathBuf>,
 }
@@ -298,13 +301,7 @@ async fn run_on(
     };
     for (n, (call, (rec, intake))) in CALLS.iter().zip(&expected).enumerate() {
         let initiated = call_initiated(n, rec, *intake);
-        let saved = {
-            let mut event = testing::recording_saved_event(&event_id(n), &rec.call_session_id);
-            event["data"]["payload"]["recording_started_at"] =
-                rec.recording_started_at.to_rfc3339().into();
-            event["data"]["payload"]["call_leg_id"] = rec.call_leg_id.clone().into();
-            event
-        };
+        let saved = recording_saved(n, rec);
         let told = format!("call {}: call.initiated", n + 1);
         let recorded = format!("call {}: call.recording.saved", n + 1);
         if call.initiated == Initiated::Before {
@@ -350,9 +347,51 @@ async fn run_on(
             );
             println!("\n    http://{playback}/play/{intake}#token={token}\n");
         }
-        recording_relay::app::shutdown_on_signals()
-            .cancelled()
-            .await;
+        let signals = recording_relay::app::shutdown_on_signals();
+        match options.keep_calling {
+            Some(every) => {
+                say(&format!(
+                    "--keep-calling: another call every {} (each third one's recording webhook delivered twice), \
+                     and the Telnyx stand-in answers one request in five with 503 (jobs retry)",
+                    humantime::format_duration(every)
+                ));
+                telnyx.set_random_faults(0.2, vec![recording_relay_sim::Fault::Status(503)]);
+                let calling = async {
+                    for n in CALLS.len().. {
+                        tokio::time::sleep(every).await;
+                        let call = &CALLS[n % CALLS.len()];
+                        // Its recording ended half a minute ago.
+                        let first_call = chrono::Utc::now()
+                            - chrono::Duration::seconds(call.starts_at)
+                            - chrono::Duration::seconds(
+                                i64::try_from(call.seconds).unwrap_or(0) + 30,
+                            );
+                        let (rec, intake) =
+                            prepare_call(&setup_pool, &telnyx, n, call, organization, first_call)
+                                .await?;
+                        send(
+                            call_initiated(n, &rec, intake),
+                            format!("call {}: call.initiated", n + 1),
+                        )
+                        .await?;
+                        let copies = if n % 3 == 0 { 2 } else { 1 };
+                        for _ in 0..copies {
+                            send(
+                                recording_saved(n, &rec),
+                                format!("call {}: call.recording.saved", n + 1),
+                            )
+                            .await?;
+                        }
+                    }
+                    anyhow::Ok(())
+                };
+                tokio::select! {
+                    () = signals.cancelled() => {}
+                    result = calling => result?,
+                }
+            }
+            None => signals.cancelled().await,
+        }
         say("stopping");
     }
     shutdown.cancel();
@@ -368,6 +407,14 @@ async fn run_on(
 
 fn event_id(n: usize) -> String {
     format!("demo-event-{n}")
+}
+
+/// The `call.recording.saved` of call `n`, as Telnyx sends it.
+fn recording_saved(n: usize, rec: &SimRecording) -> serde_json::Value {
+    let mut event = testing::recording_saved_event(&event_id(n), &rec.call_session_id);
+    event["data"]["payload"]["recording_started_at"] = rec.recording_started_at.to_rfc3339().into();
+    event["data"]["payload"]["call_leg_id"] = rec.call_leg_id.clone().into();
+    event
 }
 
 /// The `call.initiated` of call `n` as Telnyx sends it for a trunk call

@@ -124,6 +124,10 @@ pub struct StorageSimConfig {
     pub unread_body_hold: Duration,
     /// Stops the simulator when cancelled (so does dropping every handle).
     pub cancel: CancellationToken,
+    /// The origin (`http://HOST:PORT`) its base URL and upload locations
+    /// name; by default its own address. A proxy in front of it (the chaos
+    /// run's partitions) sets its own, so that every request crosses it.
+    pub public_origin: Option<String>,
 }
 
 impl Default for StorageSimConfig {
@@ -139,6 +143,7 @@ impl Default for StorageSimConfig {
             fault_seed: 0x5707_a6e5,
             unread_body_hold: Duration::from_secs(30),
             cancel: CancellationToken::new(),
+            public_origin: None,
         }
     }
 }
@@ -320,7 +325,9 @@ impl StorageSim {
             tus_chunk: cfg.tus_chunk_size.max(1),
             strict_chunks: cfg.strict_tus_chunks,
             tus_ttl: cfg.tus_upload_ttl,
-            origin: format!("http://{addr}"),
+            origin: cfg
+                .public_origin
+                .unwrap_or_else(|| format!("http://{addr}")),
             signing_key: random_key(),
             unread_body_hold: cfg.unread_body_hold,
             cancel: cancel.clone(),

@@ -90,6 +90,7 @@ pub(super) fn download(state: &State, req: &Request<Incoming>) -> Resp {
         .and_then(|d| minted.checked_add_signed(d))
         .unwrap_or(DateTime::<Utc>::MAX_UTC);
     if Utc::now() >= deadline {
+        state.lock().expired_downloads += 1;
         return s3_error(403, "AccessDenied", "Request has expired");
     }
     let (content, behaviour) = {

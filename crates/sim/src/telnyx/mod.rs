@@ -73,6 +73,10 @@ pub struct TelnyxSimConfig {
     pub cancel: CancellationToken,
     /// How strictly it behaves like Telnyx; changeable while running.
     pub behaviour: TelnyxSimBehaviour,
+    /// The origin (`http://HOST:PORT`) its API base and download URLs name;
+    /// by default its own address. A proxy in front of it (the chaos run's
+    /// partitions) sets its own, so that downloads cross the proxy too.
+    pub public_origin: Option<String>,
 }
 
 impl Default for TelnyxSimConfig {
@@ -84,6 +88,7 @@ impl Default for TelnyxSimConfig {
             fault_seed: 0x7e1e_5eed,
             cancel: CancellationToken::new(),
             behaviour: TelnyxSimBehaviour::default(),
+            public_origin: None,
         }
     }
 }
@@ -262,6 +267,8 @@ struct Inner {
     download_faults: FaultPlan,
     requests: Vec<String>,
     downloads: HashMap<String, usize>,
+    /// Downloads refused because their URL had expired.
+    expired_downloads: usize,
 }
 
 struct Entry {
@@ -294,7 +301,9 @@ impl TelnyxSim {
         let state = Arc::new(State {
             api_key: cfg.api_key,
             ttl: cfg.download_url_ttl,
-            origin: format!("http://{addr}"),
+            origin: cfg
+                .public_origin
+                .unwrap_or_else(|| format!("http://{addr}")),
             signing_key: random_key(),
             cancel: cancel.clone(),
             inner: Mutex::new(Inner {
@@ -305,6 +314,7 @@ impl TelnyxSim {
                 download_faults: FaultPlan::new(cfg.fault_seed.wrapping_add(1)),
                 requests: Vec::new(),
                 downloads: HashMap::new(),
+                expired_downloads: 0,
             }),
         });
         let server_state = Arc::clone(&state);
@@ -422,6 +432,12 @@ impl TelnyxSim {
             .get(id)
             .copied()
             .unwrap_or(0)
+    }
+
+    /// Downloads refused with "Request has expired": a client that used a
+    /// URL past its lifetime instead of asking the API for a fresh one.
+    pub fn expired_download_count(&self) -> usize {
+        self.shared.state.lock().expired_downloads
     }
 
     /// Stops the server now (in-flight requests are dropped).

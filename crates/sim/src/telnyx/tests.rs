@@ -585,6 +585,8 @@ async fn presigned_urls_expire_and_reject_tampering() {
                 text.contains("<Code>AccessDenied</Code><Message>Request has expired</Message>"),
                 "{text}"
             );
+            // Counted as expired; the refused signatures above were not.
+            assert_eq!(sim.expired_download_count(), 1);
             break;
         }
         assert!(Instant::now() < deadline, "URL never expired");

@@ -15,6 +15,10 @@
 //! - `relay`: recordings relayed from the Telnyx simulator into the storage
 //!   simulator by the release `recording-relay work` process, beside a raw
 //!   loopback copy of the same bytes (`bench/raw-copy.sh`, curl).
+//! - `dbcost`: what one relayed recording costs the database, counted by
+//!   `pg_stat_statements` on a private cluster, and the idle daemon's load.
+//! - `instructions`: the listener's instructions per webhook, counted by
+//!   callgrind: the ingest figure that does not move with the load.
 //! - `smoke`: all of the above, small, to prove the harness works.
 //!
 //! Every scenario makes a fresh `bench_*` database and runs `VACUUM ANALYZE`
@@ -81,6 +85,11 @@ enum Scenario {
     Relay(RelayArgs),
     /// Every scenario, small: proves the harness works in seconds.
     Smoke,
+    /// What relaying a recording costs the database (pg_stat_statements,
+    /// on a private cluster): statements, rows, WAL, buffers; idle load.
+    Dbcost(DbCostArgs),
+    /// The listener's instructions per webhook under callgrind.
+    Instructions(InstructionsArgs),
     /// The queue with millions of finished jobs and retention running, vs
     /// an empty table.
     History(HistoryArgs),
@@ -170,6 +179,8 @@ fn main() -> anyhow::Result<()> {
             Scenario::Relay(a) => relay(&server, &a).await,
             Scenario::Smoke => smoke(&server).await,
             Scenario::History(a) => history(&server, &a).await,
+            Scenario::Dbcost(a) => dbcost(&a).await,
+            Scenario::Instructions(a) => instructions(&server, &a).await,
             Scenario::QueueWorker {
                 database_url,
                 concurrency,
@@ -180,15 +191,19 @@ fn main() -> anyhow::Result<()> {
 }
 
 mod common;
+mod dbcost;
 mod history;
 mod ingest;
+mod instructions;
 mod latency;
 mod queue;
 mod relay;
 mod smoke;
 use self::common::*;
+use self::dbcost::*;
 use self::history::*;
 use self::ingest::*;
+use self::instructions::*;
 use self::latency::*;
 use self::queue::*;
 use self::relay::*;

@@ -43,6 +43,11 @@ pub(super) async fn smoke(server: &str) -> anyhow::Result<()> {
         },
     )
     .await?;
+    dbcost(&DbCostArgs {
+        recordings: 5,
+        idle_secs: 1,
+    })
+    .await?;
     if t0.elapsed() > Duration::from_secs(600) {
         bail!("smoke took over 10 minutes");
     }

@@ -19,6 +19,9 @@ pub(crate) struct DaemonEnv {
     pub binary: PathBuf,
     pub config: PathBuf,
     pub database_url: String,
+    /// Per slot, when set: the slot's own way to the database (a proxy
+    /// that can cut it off alone, `partition.rs`).
+    pub slot_database_urls: Vec<String>,
     pub public_key: String,
     pub telnyx_api_key: String,
     pub telnyx_url: String,
@@ -55,6 +58,10 @@ pub(crate) struct Daemon {
 impl Daemon {
     pub(crate) fn log_path(&self) -> &Path {
         &self.log
+    }
+
+    pub(crate) fn pid(&self) -> u32 {
+        self.pid
     }
 }
 
@@ -99,7 +106,12 @@ impl DaemonEnv {
             .args(["--config", path_str(&self.config)?, "serve"])
             .env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
-            .env("DATABASE_URL", &self.database_url)
+            .env(
+                "DATABASE_URL",
+                self.slot_database_urls
+                    .get(d.slot)
+                    .unwrap_or(&self.database_url),
+            )
             .env("LISTEN_ADDR", d.addr.to_string())
             .env("TELNYX_PUBLIC_KEY", &self.public_key)
             .env("TELNYX_API_KEY", &self.telnyx_api_key)
@@ -198,6 +210,12 @@ pub(crate) struct Tuning {
     /// `pipeline.link_wait`: how long a recording waits for its session's
     /// `call.initiated`.
     pub link_wait: Duration,
+    /// `retry.base`, `retry.cap`, `retry.max_attempts`.
+    pub retry_base: Duration,
+    pub retry_cap: Duration,
+    pub max_attempts: i32,
+    /// `pipeline.delete_from_telnyx`.
+    pub delete_from_telnyx: bool,
 }
 
 pub(crate) fn config_toml(t: &Tuning) -> String {
@@ -206,14 +224,18 @@ pub(crate) fn config_toml(t: &Tuning) -> String {
         "# Written by the chaos test.\n\
          [database]\nmax_connections = 8\n\n\
          [worker]\nconcurrency = {concurrency}\npoll_interval = {poll}\nlease = {lease}\nshutdown_timeout = \"5s\"\n\n\
-         [retry]\nbase = \"200ms\"\ncap = \"2s\"\nmax_attempts = 12\n\n\
-         [pipeline]\nmatch_attempts = 2\nmatch_retry_delay = \"300ms\"\ndelete_from_telnyx = true\nlink_wait = {link_wait}\n\n\
+         [retry]\nbase = {retry_base}\ncap = {retry_cap}\nmax_attempts = {max_attempts}\n\n\
+         [pipeline]\nmatch_attempts = 2\nmatch_retry_delay = \"300ms\"\ndelete_from_telnyx = {delete}\nlink_wait = {link_wait}\n\n\
          [http]\nconnect_timeout = \"1s\"\nrequest_timeout = {http}\nread_idle_timeout = {http}\n",
         concurrency = t.concurrency,
         poll = d(t.poll),
         lease = d(t.lease),
         http = d(t.http_timeout),
         link_wait = d(t.link_wait),
+        retry_base = d(t.retry_base),
+        retry_cap = d(t.retry_cap),
+        max_attempts = t.max_attempts,
+        delete = t.delete_from_telnyx,
     )
 }
 
@@ -244,11 +266,17 @@ mod tests {
             concurrency: 4,
             http_timeout: Duration::from_secs(2),
             link_wait: Duration::from_secs(250),
+            retry_base: Duration::from_millis(200),
+            retry_cap: Duration::from_secs(2),
+            max_attempts: 12,
+            delete_from_telnyx: true,
         });
         let config = recording_relay::config::Config::from_toml(&text).unwrap();
         assert_eq!(config.worker.lease, Duration::from_secs(6));
         assert!(config.pipeline.delete_from_telnyx);
         assert_eq!(config.http.read_idle_timeout, Duration::from_secs(2));
         assert_eq!(config.pipeline.link_wait, Duration::from_secs(250));
+        assert_eq!(config.retry.cap, Duration::from_secs(2));
+        assert_eq!(config.retry.max_attempts, 12);
     }
 }

@@ -33,9 +33,13 @@
 //! next to this one; under `cargo run` it is built first.
 
 mod daemons;
+mod failover;
 mod operators;
+mod outage;
+mod partition;
 mod plan;
 mod postgres;
+mod proxy;
 mod sender;
 mod verify;
 
@@ -178,6 +182,56 @@ struct Args {
     /// Also write the report as JSON here.
     #[arg(long)]
     json: Option<PathBuf>,
+    /// Cut a link for `--cut-for` through loopback proxies (issue #22,
+    /// `partition.rs`): `db` freezes the first `--cut-daemons` daemons' way
+    /// to PostgreSQL, `providers` every daemon's to Storage and Telnyx,
+    /// `storage` makes Storage refuse every connection.
+    #[arg(long, value_enum)]
+    cut: Option<partition::Link>,
+    /// With `--cut db`: how many daemons are cut off (0: all).
+    #[arg(long, default_value_t = 0)]
+    cut_daemons: usize,
+    /// When to cut, from the first webhook (default: a third of the way
+    /// through sending).
+    #[arg(long, value_parser = duration)]
+    cut_at: Option<Duration>,
+    #[arg(long, default_value = "20s", value_parser = duration)]
+    cut_for: Duration,
+    /// Run on a private primary and a streaming replica of it, and fail
+    /// over to the replica at `--failover-at` (issue #22, `failover.rs`);
+    /// then `recording-relay reconcile`. Replaces --database-url and the
+    /// PostgreSQL restart.
+    #[arg(long)]
+    failover: bool,
+    /// When to fail over, from the first webhook (default: half-way
+    /// through sending).
+    #[arg(long, value_parser = duration)]
+    failover_at: Option<Duration>,
+    /// How long the replica's link is frozen before the primary dies: what
+    /// the primary commits meanwhile is lost (asynchronous replication).
+    #[arg(long, default_value = "3s", value_parser = duration)]
+    failover_lag: Duration,
+    /// Synchronous replication (`synchronous_standby_names = '*'`): then
+    /// nothing acknowledged may be lost.
+    #[arg(long)]
+    failover_sync: bool,
+    /// The daemons' retry.base.
+    #[arg(long, default_value = "200ms", value_parser = duration)]
+    retry_base: Duration,
+    /// The daemons' retry.cap.
+    #[arg(long, default_value = "2s", value_parser = duration)]
+    retry_cap: Duration,
+    /// The daemons' retry.max_attempts.
+    #[arg(long, default_value_t = 12)]
+    max_attempts: i32,
+    /// Lifetime of the Telnyx stand-in's download URLs (Telnyx: 10 minutes).
+    #[arg(long, default_value = "10m", value_parser = duration)]
+    telnyx_url_ttl: Duration,
+    /// The daemons keep recordings at Telnyx (`pipeline.delete_from_telnyx
+    /// = false`), so reconcile can find those an asynchronous failover
+    /// forgot.
+    #[arg(long)]
+    keep_at_telnyx: bool,
 }
 
 fn main() -> ExitCode {
@@ -343,7 +397,15 @@ async fn run(args: Args) -> anyhow::Result<bool> {
     let send_over = Duration::from_secs_f64(args.events as f64 / args.rate.max(0.01));
 
     // The database.
-    let (db_name, db_url) = postgres::create_database(&args.database_url).await?;
+    let mut pair = if args.failover {
+        Some(failover::Pair::start(args.failover_sync).await?)
+    } else {
+        None
+    };
+    let server_url = pair
+        .as_ref()
+        .map_or_else(|| args.database_url.clone(), failover::Pair::server_url);
+    let (db_name, db_url) = postgres::create_database(&server_url).await?;
     let pool = PgPoolOptions::new()
         .max_connections(4)
         .acquire_timeout(Duration::from_secs(5))
@@ -356,6 +418,12 @@ async fn run(args: Args) -> anyhow::Result<bool> {
         .execute(&pool)
         .await
         .context("installing the audit of job writes")?;
+    if args.cut.is_some() {
+        sqlx::raw_sql(partition::CLAIMS_SQL)
+            .execute(&pool)
+            .await
+            .context("installing the record of claims")?;
+    }
     let work_dir = match &args.work_dir {
         Some(d) => d.clone(),
         None => binary
@@ -388,7 +456,8 @@ async fn run(args: Args) -> anyhow::Result<bool> {
         .pg_cluster
         .clone()
         .unwrap_or_else(postgres::default_cluster);
-    let pg_restart_at = (!args.no_pg_restart).then(|| args.pg_restart_at.unwrap_or(send_over / 2));
+    let pg_restart_at = (!args.no_pg_restart && pair.is_none())
+        .then(|| args.pg_restart_at.unwrap_or(send_over / 2));
     say(&format!(
         "seed {seed}; database {db_name}; {} events over {:.0} s to {} daemons ({}); \
          {} matched by phone and time, {} by client_state, {} by X-Intake-Id ({} patients called twice, \
@@ -418,10 +487,27 @@ async fn run(args: Args) -> anyhow::Result<bool> {
         work_dir.display(),
     ));
 
+    // The proxies a cut goes through (first pointed nowhere: the
+    // simulators name them in their URLs, so they start first).
+    let mut links = partition::Links::default();
+    let nowhere = std::net::SocketAddr::from(([127, 0, 0, 1], 9));
+    if matches!(
+        args.cut,
+        Some(partition::Link::Providers | partition::Link::Storage)
+    ) {
+        links.storage = Some(proxy::Proxy::start(nowhere).await?);
+    }
+    if args.cut == Some(partition::Link::Providers) {
+        links.telnyx = Some(proxy::Proxy::start(nowhere).await?);
+    }
+    let origin = |p: &Option<proxy::Proxy>| p.as_ref().map(|p| format!("http://{}", p.addr));
+
     // The simulators, in this process so they survive the daemons.
     let telnyx = TelnyxSim::start(TelnyxSimConfig {
         api_key: TELNYX_KEY.to_owned(),
         fault_seed: seed,
+        public_origin: origin(&links.telnyx),
+        download_url_ttl: args.telnyx_url_ttl,
         ..TelnyxSimConfig::default()
     })?;
     let storage_dir = tempfile::tempdir_in(&work_dir)?;
@@ -429,8 +515,28 @@ async fn run(args: Args) -> anyhow::Result<bool> {
         service_key: STORAGE_KEY.to_owned(),
         data_dir: Some(storage_dir.path().to_owned()),
         fault_seed: seed.wrapping_add(1),
+        public_origin: origin(&links.storage),
         ..StorageSimConfig::default()
     })?;
+    if let Some(p) = &links.telnyx {
+        p.switch_to(telnyx.addr());
+    }
+    if let Some(p) = &links.storage {
+        p.switch_to(storage.addr());
+    }
+    let cut_daemons = match args.cut_daemons {
+        0 => args.daemons,
+        n => n.min(args.daemons),
+    };
+    let mut slot_database_urls = Vec::new();
+    if args.cut == Some(partition::Link::Db) {
+        let server = partition::address_of(&db_url, 5432).await?;
+        for _ in 0..cut_daemons {
+            let p = proxy::Proxy::start(server).await?;
+            slot_database_urls.push(partition::through(&db_url, p.addr)?);
+            links.db.push(p);
+        }
+    }
     storage.create_bucket(
         BUCKET,
         false,
@@ -463,12 +569,17 @@ async fn run(args: Args) -> anyhow::Result<bool> {
         // made (`plan.rs`), so this outlasts the sending; capped at the
         // daemon's limit.
         link_wait: (send_over + Duration::from_secs(240)).min(Duration::from_secs(3600)),
+        retry_base: args.retry_base,
+        retry_cap: args.retry_cap,
+        max_attempts: args.max_attempts,
+        delete_from_telnyx: !args.keep_at_telnyx,
     };
     std::fs::write(&config, daemons::config_toml(&tuning))?;
     let env = DaemonEnv {
         binary,
         config,
         database_url: db_url.clone(),
+        slot_database_urls,
         public_key: testing::public_key_base64(&key),
         telnyx_api_key: TELNYX_KEY.to_owned(),
         telnyx_url: telnyx.base_url(),
@@ -481,6 +592,7 @@ async fn run(args: Args) -> anyhow::Result<bool> {
         daemons.push(env.spawn(slot, daemons::free_port()?)?);
     }
     let listeners: Vec<_> = daemons.iter().map(|d| d.addr).collect();
+    let cut_pids: Vec<u32> = daemons.iter().take(cut_daemons).map(Daemon::pid).collect();
     wait_healthy(&listeners, Duration::from_secs(60)).await?;
     say(&format!("{} daemons ready on {listeners:?}", daemons.len()));
 
@@ -508,6 +620,35 @@ async fn run(args: Args) -> anyhow::Result<bool> {
         ],
     );
     let start = Instant::now();
+    let links = Arc::new(links);
+    let cutting = args.cut.map(|link| {
+        tokio::spawn(
+            partition::Cut {
+                link,
+                links: links.clone(),
+                at: args.cut_at.unwrap_or(send_over / 3),
+                length: args.cut_for,
+                listeners: listeners.iter().take(cut_daemons).copied().collect(),
+                key: key.clone(),
+                calls: calls.clone(),
+            }
+            .run(start),
+        )
+    });
+    let mut failing_over = pair.take().map(|mut pair| {
+        let (at, lag, sync) = (
+            args.failover_at.unwrap_or(send_over / 2),
+            args.failover_lag,
+            args.failover_sync,
+        );
+        tokio::spawn(async move {
+            tokio::time::sleep_until(start + at).await;
+            let r = pair.fail_over(lag, sync).await;
+            (pair, r)
+        })
+    });
+    let mut failover_report = None;
+    let mut failover_figures = Vec::new();
     let stats = Arc::new(Mutex::new(SendStats::default()));
     let sending = tokio::spawn(
         Sender {
@@ -522,6 +663,7 @@ async fn run(args: Args) -> anyhow::Result<bool> {
     let stop = CancellationToken::new();
     let kills = Arc::new(Mutex::new(Vec::new()));
     let crashes = Arc::new(Mutex::new(Vec::new()));
+    let reconcile_env = env.clone();
     let chaos = tokio::spawn(chaos_loop(
         env,
         daemons,
@@ -574,7 +716,49 @@ async fn run(args: Args) -> anyhow::Result<bool> {
         }
         let restarted = restarting
             .as_ref()
-            .is_none_or(tokio::task::JoinHandle::is_finished);
+            .is_none_or(tokio::task::JoinHandle::is_finished)
+            && cutting
+                .as_ref()
+                .is_none_or(tokio::task::JoinHandle::is_finished)
+            && (args.failover == failover_report.is_some());
+        if let Some(task) = failing_over.take_if(|t| sent && t.is_finished()) {
+            let (kept, result) = task.await.context("the failover task panicked")?;
+            pair = Some(kept);
+            let f = result?;
+            let lost = failover::lost_acknowledged(&pool, &calls, &stats).await?;
+            // Idempotent, so an operator runs it again when Telnyx fails
+            // it (the run's random faults).
+            // The plan's calls ended up to an hour before it was made.
+            let since = start.elapsed() + Duration::from_secs(2 * 3600);
+            let mut tries = 0;
+            let out = loop {
+                tries += 1;
+                match failover::reconcile(&reconcile_env, since).await {
+                    Ok(out) => break out,
+                    Err(e) if tries < 10 => say(&format!("reconcile failed, again: {e:#}")),
+                    Err(e) => return Err(e),
+                }
+            };
+            let enqueued = failover::enqueued(&out);
+            say(&format!("reconcile: {}", out.trim()));
+            say(&format!(
+                "after the failover: {} acknowledged webhooks have no job; reconcile enqueued {enqueued}",
+                lost.len()
+            ));
+            failover_figures.push(format!(
+                "failover ({}): replication frozen {} (lag {:?}), primary killed {}, replica promoted in {:.2} s, \
+                 database unavailable {:.2} s; acknowledged webhooks lost {} (before reconcile), \
+                 recordings reconcile enqueued {enqueued}",
+                if f.synchronous { "synchronous" } else { "asynchronous" },
+                f.replication_frozen,
+                args.failover_lag,
+                f.primary_killed,
+                f.promoted_after_s,
+                f.unavailable_s,
+                lost.len(),
+            ));
+            failover_report = Some((f, lost, enqueued));
+        }
         let counts = job_counts(&pool).await;
         if last_progress.elapsed() >= Duration::from_secs(10) {
             last_progress = Instant::now();
@@ -605,6 +789,10 @@ async fn run(args: Args) -> anyhow::Result<bool> {
     let mut daemons = chaos.await.context("the kill loop panicked")?;
     let restart = match restarting {
         Some(task) => Some(task.await.context("the restart task panicked")?),
+        None => None,
+    };
+    let cut = match cutting {
+        Some(task) => Some(task.await.context("the cut task panicked")?),
         None => None,
     };
     // Let injected hangs that outlived their clients land (a stalled upload
@@ -669,6 +857,7 @@ async fn run(args: Args) -> anyhow::Result<bool> {
         lease: args.lease,
         poll: args.poll,
         owed_deletes: &owed_deletes,
+        deletes_at_telnyx: !args.keep_at_telnyx,
     });
     let actions = std::mem::take(&mut *actions.lock().unwrap_or_else(PoisonError::into_inner));
     let stale = operators::stale_writes(&pool)
@@ -679,6 +868,43 @@ async fn run(args: Args) -> anyhow::Result<bool> {
         passed: stale.is_empty(),
         details: stale.into_iter().take(12).collect(),
     });
+    let mut cut_figures = Vec::new();
+    if let Some(cut) = &cut {
+        let (checks, figures) = partition::checks(
+            &pool,
+            cut,
+            &cut_pids,
+            args.lease + args.poll + args.retry_cap,
+        )
+        .await?;
+        outcome.checks.extend(checks);
+        cut_figures = figures;
+        if let (Some(partition::Link::Storage), Some(healed)) = (cut.link, cut.healed) {
+            let (checks, figures) = outage::checks(
+                &pool,
+                healed,
+                args.cut_for,
+                &telnyx,
+                &storage,
+                STORAGE_KEY,
+                &calls,
+                args.daemons * args.concurrency,
+                (args.retry_base, args.retry_cap, args.max_attempts),
+            )
+            .await?;
+            outcome.checks.extend(checks);
+            cut_figures.extend(figures);
+        }
+    }
+    if let Some((f, lost, enqueued)) = &failover_report {
+        outcome.checks.push(failover::check(f, lost, *enqueued));
+    } else if args.failover {
+        outcome.checks.push(verify::Check {
+            name: "the failover happened and reconcile ran",
+            passed: false,
+            details: Vec::new(),
+        });
+    }
     if let Some(Err(e)) = &restart {
         outcome.checks.push(verify::Check {
             name: "PostgreSQL was restarted mid-run",
@@ -708,7 +934,7 @@ async fn run(args: Args) -> anyhow::Result<bool> {
     });
 
     let total = start.elapsed();
-    let extra = vec![
+    let mut extra = vec![
         format!(
             "run started {began}, seed {seed}; chaos phase {:.1} s, whole run {:.1} s",
             chaos_for.as_secs_f64(),
@@ -736,6 +962,8 @@ async fn run(args: Args) -> anyhow::Result<bool> {
                 .unwrap_or_default()
         ),
     ];
+    extra.extend(cut_figures);
+    extra.extend(failover_figures);
     print!("{}", verify::render(&outcome, &extra));
     let passed = outcome.checks.iter().all(|c| c.passed);
     if let Some(path) = &args.json {
@@ -750,6 +978,7 @@ async fn run(args: Args) -> anyhow::Result<bool> {
             "figures": outcome.figures,
             "operators": actions,
             "checks": outcome.checks,
+            "cut": cut,
         });
         std::fs::write(path, serde_json::to_vec_pretty(&report)?)
             .with_context(|| format!("writing {}", path.display()))?;
@@ -758,7 +987,7 @@ async fn run(args: Args) -> anyhow::Result<bool> {
     drop((storage, telnyx));
     drop(storage_dir);
     if passed && !args.keep {
-        postgres::drop_database(&args.database_url, &db_name).await?;
+        postgres::drop_database(&server_url, &db_name).await?;
         if args.work_dir.is_none() {
             std::fs::remove_dir_all(&work_dir)
                 .with_context(|| format!("removing {}", work_dir.display()))?;
@@ -777,5 +1006,6 @@ async fn run(args: Args) -> anyhow::Result<bool> {
             work_dir.display()
         ));
     }
+    drop(pair);
     Ok(passed)
 }
