@@ -240,7 +240,7 @@ async fn routing_methods_and_health(pool: PgPool) {
 #[sqlx::test(migrations = false)]
 async fn database_outage_answers_503_and_the_listener_recovers(pool: PgPool) {
     let pool = testing::prepare(pool).await;
-    let proxy = CuttableProxy::start("127.0.0.1:5432".parse().unwrap()).await;
+    let proxy = CuttableProxy::start(testing::database_server_addr()).await;
     let url = testing::database_url_of(&pool, Some(proxy.port));
     let app = spawn_with(pool, url, |_| {}).await;
     assert_eq!(app.post_signed(&event("before")).await.status(), 200);
@@ -291,7 +291,7 @@ async fn database_outage_answers_503_and_the_listener_recovers(pool: PgPool) {
 #[sqlx::test(migrations = false)]
 async fn a_database_that_goes_away_during_start_up_is_waited_for(pool: PgPool) {
     let pool = testing::prepare(pool).await;
-    let proxy = CuttableProxy::start("127.0.0.1:5432".parse().unwrap()).await;
+    let proxy = CuttableProxy::start(testing::database_server_addr()).await;
     // The first connection (the pool's ping) gets through; the next three,
     // the session check's and the schema check's, find the server gone.
     proxy.refuse_connections(1..4);

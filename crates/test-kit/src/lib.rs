@@ -262,6 +262,20 @@ pub fn database_url_of(pool: &PgPool, port: Option<u16>) -> String {
     format!("{url}/{}", opts.get_database().unwrap_or("postgres"))
 }
 
+/// The TCP address of the server `DATABASE_URL` names (for a proxy in
+/// front of it): never a fixed port, since `scripts/test` may run the
+/// tests on a throwaway cluster.
+pub fn database_server_addr() -> std::net::SocketAddr {
+    use std::net::ToSocketAddrs;
+    let url = std::env::var("DATABASE_URL").expect("DATABASE_URL");
+    let options: sqlx::postgres::PgConnectOptions = url.parse().expect("DATABASE_URL parses");
+    (options.get_host(), options.get_port())
+        .to_socket_addrs()
+        .expect("DATABASE_URL's host resolves")
+        .next()
+        .expect("DATABASE_URL's host has an address")
+}
+
 fn url_without_path(url: &str) -> String {
     let scheme_end = url.find("://").map_or(0, |i| i + 3);
     match url[scheme_end..].find('/') {
