@@ -556,6 +556,28 @@ async fn run(args: Args) -> anyhow::Result<bool> {
         })
     };
 
+    // The physical reference of an outage's drain, before the daemons
+    // delete the recordings at Telnyx.
+    let raw_copy = if args.cut == Some(partition::Link::Storage) {
+        let raw = outage::raw_copy(
+            &telnyx,
+            &storage,
+            STORAGE_KEY,
+            &calls,
+            args.daemons * args.concurrency,
+        )
+        .await?;
+        say(&format!(
+            "raw copy of every recording at concurrency {}: {:.1} s, {} bytes",
+            args.daemons * args.concurrency,
+            raw.0,
+            raw.1
+        ));
+        Some(raw)
+    } else {
+        None
+    };
+
     // The daemons.
     let key = testing::signing_key();
     let config = work_dir.join("config.toml");
@@ -631,6 +653,8 @@ async fn run(args: Args) -> anyhow::Result<bool> {
                 listeners: listeners.iter().take(cut_daemons).copied().collect(),
                 key: key.clone(),
                 calls: calls.clone(),
+                pool: pool.clone(),
+                pids: cut_pids.clone(),
             }
             .run(start),
         )
@@ -885,10 +909,9 @@ async fn run(args: Args) -> anyhow::Result<bool> {
                 healed,
                 args.cut_for,
                 &telnyx,
-                &storage,
-                STORAGE_KEY,
                 &calls,
                 args.daemons * args.concurrency,
+                raw_copy.unwrap_or_default(),
                 (args.retry_base, args.retry_cap, args.max_attempts),
             )
             .await?;

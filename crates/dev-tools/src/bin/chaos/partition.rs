@@ -90,6 +90,8 @@ pub(crate) struct CutReport {
     /// (`timeout`, `error` for no answer).
     pub probes: std::collections::BTreeMap<String, usize>,
     pub probe_slowest_ms: u64,
+    /// Jobs the cut daemons held leases on when the cut began.
+    pub leases_held_at_cut: i64,
 }
 
 pub(crate) struct Cut {
@@ -101,6 +103,10 @@ pub(crate) struct Cut {
     pub listeners: Vec<SocketAddr>,
     pub key: SigningKey,
     pub calls: std::sync::Arc<Vec<Call>>,
+    /// For a database cut: the run's own pool (not cut) and the cut
+    /// daemons' pids, to cut while they hold leases.
+    pub pool: PgPool,
+    pub pids: Vec<u32>,
 }
 
 impl Cut {
@@ -125,6 +131,27 @@ impl Cut {
             ..CutReport::default()
         };
         tokio::time::sleep_until(start + self.at).await;
+        if self.link == Link::Db {
+            // The point of the cut is a daemon that holds leases it cannot
+            // renew: wait (a little) until a cut daemon holds one.
+            let patterns: Vec<String> = self.pids.iter().map(|p| format!("%:{p}:%")).collect();
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < deadline {
+                let held: i64 = sqlx::query_scalar(
+                    "SELECT count(*) FROM recording_relay.recording_jobs
+                     WHERE state = 'running' AND locked_by LIKE ANY($1)",
+                )
+                .bind(&patterns)
+                .fetch_one(&self.pool)
+                .await
+                .unwrap_or(0);
+                report.leases_held_at_cut = held;
+                if held > 0 {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
         let mode = match self.link {
             Link::Db | Link::Providers => Mode::Frozen,
             Link::Storage => Mode::Refused,
@@ -133,8 +160,8 @@ impl Cut {
         let began = Instant::now();
         report.started = Some(Utc::now());
         say(&format!(
-            "cut {:?} ({mode:?}) for {:?}",
-            self.link, self.length
+            "cut {:?} ({mode:?}) for {:?}; the cut daemons held {} leases",
+            self.link, self.length, report.leases_held_at_cut
         ));
         let client = reqwest::Client::builder()
             .timeout(Duration::from_secs(4))
@@ -231,13 +258,15 @@ pub(crate) async fn checks(
     let secs = |t: Option<f64>| t.map_or("never".to_owned(), |t| format!("{t:.2} s"));
     figures.push(format!(
         "cut {link:?} from {started} for {:.1} s; after the heal: first claim by a cut daemon {}, \
-         first recording stored {} (bound {:.0} s); probes of cut listeners {:?}, slowest answer {} ms",
+         first recording stored {} (bound {:.0} s); probes of cut listeners {:?}, slowest answer {} ms; \
+         leases held by the cut daemons when it began {}",
         (healed - started).as_seconds_f64(),
         secs(claim),
         secs(stored),
         bound.as_secs_f64(),
         cut.probes,
         cut.probe_slowest_ms,
+        cut.leases_held_at_cut,
     ));
     if link == Link::Db {
         let answered_503 = cut.probes.get("503").copied().unwrap_or(0);
