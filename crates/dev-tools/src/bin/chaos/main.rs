@@ -617,7 +617,7 @@ async fn run(args: Args) -> anyhow::Result<bool> {
             pause::PauseOptions {
                 count: args.pauses,
                 lease: args.lease,
-                longest: args.lease * 4 + Duration::from_secs(60),
+                longest: args.lease * 4 + Duration::from_secs(150),
                 log_dir: work_dir.clone(),
             },
             paused.clone(),
