@@ -201,7 +201,12 @@ impl Run<'_> {
             .recording_ended_at
             .map_or(j.created_at, |ended| ended.min(j.created_at));
         let deadline = from + chrono::Duration::from_std(wait).unwrap_or(chrono::Duration::zero());
-        let now = chrono::Utc::now();
+        // The database's clock, as `created_at` is: a host whose clock is off
+        // must neither cut the wait short nor stretch it (issue #22).
+        let now: DateTime<Utc> = sqlx::query_scalar("SELECT now()")
+            .fetch_one(pool)
+            .await
+            .map_err(QueueError::from)?;
         let Some(until) = link_wait_until(
             &link,
             has_client_state,

@@ -102,7 +102,11 @@ pub(super) async fn check(res: reqwest::Response) -> Result<reqwest::Response, S
     if status.is_success() {
         return Ok(res);
     }
-    let text = res.text().await.unwrap_or_default();
+    // storage-api answers every refusal but a 500 as HTTP 400 with the real
+    // code in the body: an answer that broke off before its body was read
+    // says nothing (a missing object's 404 looks like a refusal), so it is
+    // a transport failure to retry, not a permanent one.
+    let text = res.text().await.map_err(transport)?;
     let body: Option<ErrorBody> = serde_json::from_str(&text).ok();
     let code = body
         .as_ref()
@@ -139,6 +143,36 @@ pub(super) async fn check(res: reqwest::Response) -> Result<reqwest::Response, S
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::providers::storage_api::StorageClient;
+    use recording_relay_sim::{Fault, StorageSim, StorageSimConfig};
+    use std::time::Duration;
+
+    /// Found by the chaos run with faults on every request (issue #22): the
+    /// answer to a missing object's info (HTTP 400, `"statusCode": "404"`
+    /// in the body) cut off mid-body was read as a permanent refusal, and
+    /// the job failed at once. It is a transport failure, retried.
+    #[tokio::test]
+    async fn an_error_answer_cut_off_mid_body_is_retried_not_a_refusal() {
+        let sim = StorageSim::start(StorageSimConfig {
+            service_key: "k".to_owned(),
+            ..StorageSimConfig::default()
+        })
+        .unwrap();
+        sim.create_bucket("b", false, None, None);
+        let t = Duration::from_secs(5);
+        let client =
+            StorageClient::new(&sim.base_url(), "k".to_owned().into(), "b", t, t, t).unwrap();
+        assert!(client.object_info("a/missing.wav").await.unwrap().is_none());
+        sim.fail_next_other(1, Fault::ResetMidBody { after_bytes: 16 });
+        let cut = client.object_info("a/missing.wav").await.unwrap_err();
+        assert!(
+            cut.is_retryable() && matches!(cut, StorageError::Transport(_)),
+            "{cut:?}"
+        );
+        sim.fail_next_other(1, Fault::ResetMidBody { after_bytes: 16 });
+        let cut = client.delete_object("a/missing.wav").await.unwrap_err();
+        assert!(cut.is_retryable(), "{cut:?}");
+    }
 
     /// What reqwest says alone ("error sending request") hides why; the
     /// causes under it are what `last_error` needs.

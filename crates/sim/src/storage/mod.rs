@@ -50,6 +50,12 @@
 //! - A PATCH that breaks off mid-chunk leaves the offset where it was (the
 //!   last complete chunk); the real S3 store may keep a partial part. Clients
 //!   must HEAD before resuming either way.
+//! - The upload lock: a PATCH (or HEAD-less resume) arriving while another
+//!   PATCH holds the upload asks the holder to release it, which ends the
+//!   holder's request and drops its chunk (tus-node-server's
+//!   `requestRelease`, meant for half-open connections such as a client
+//!   that hung mid-body); it waits up to 3 s for the lock, then answers 500
+//!   "failed to acquire lock before timeout" (the real wait is 30 s).
 //! - Unsatisfiable ranges answer HTTP 416 (`content-range: bytes */size`).
 //! - No multipart/form-data parsing, no image transforms, no RLS, no
 //!   creation-with-upload (a body on the TUS POST is ignored).
@@ -220,6 +226,8 @@ struct Inner {
     upload_faults: FaultPlan,
     other_faults: FaultPlan,
     tus_patches: u64,
+    /// Bytes per second a PATCH body is read at (`None`: as fast as it comes).
+    tus_patch_rate: Option<u64>,
     requests: Vec<String>,
 }
 
@@ -256,6 +264,10 @@ struct Tus {
     part: Part,
     /// A PATCH is writing; stands in for tus-node-server's upload lock.
     busy: bool,
+    /// Cancelled to ask the PATCH holding the lock to let go, as
+    /// tus-node-server's locker does when another request wants the upload
+    /// (`requestRelease`): the holder's request ends, its chunk is dropped.
+    release: CancellationToken,
     completed: bool,
     expired: bool,
     expires_at: DateTime<Utc>,
@@ -339,6 +351,7 @@ impl StorageSim {
                 upload_faults: FaultPlan::new(cfg.fault_seed),
                 other_faults: FaultPlan::new(cfg.fault_seed.wrapping_add(1)),
                 tus_patches: 0,
+                tus_patch_rate: None,
                 requests: Vec::new(),
             }),
         });
@@ -484,6 +497,37 @@ impl StorageSim {
             .lock()
             .upload_faults
             .set_random(probability, kinds);
+    }
+
+    /// Requests other than uploads (object info, signing, deletion,
+    /// listing, buckets, downloads, TUS HEAD/DELETE) get one of `kinds` with
+    /// `probability`, drawn from a generator seeded by `fault_seed + 1`.
+    /// 0 or no kinds turns it off.
+    pub fn set_random_other_faults(&self, probability: f64, kinds: Vec<Fault>) {
+        self.shared
+            .state
+            .lock()
+            .other_faults
+            .set_random(probability, kinds);
+    }
+
+    /// Reads TUS PATCH bodies at most this many bytes per second (`None`:
+    /// no limit), as over a slow uplink, so a resumable upload stays in
+    /// flight long enough to be caught mid-way.
+    pub fn set_tus_patch_rate(&self, bytes_per_second: Option<u64>) {
+        self.shared.state.lock().tus_patch_rate = bytes_per_second.filter(|r| *r > 0);
+    }
+
+    /// Objects with a resumable upload whose PATCH is being received now.
+    pub fn tus_uploads_in_flight(&self) -> Vec<String> {
+        self.shared
+            .state
+            .lock()
+            .uploads
+            .values()
+            .filter(|u| u.busy)
+            .map(|u| u.object.clone())
+            .collect()
     }
 
     pub fn clear_faults(&self) {

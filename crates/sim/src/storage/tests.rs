@@ -1236,3 +1236,97 @@ async fn copies_keep_the_source_and_refuse_a_missing_source_or_an_existing_desti
         );
     }
 }
+
+/// Issue #22: random faults reach object info, signing and deletion, not
+/// only uploads, and turn off again. (The simulator has no listing route:
+/// the relay never lists the bucket.)
+#[tokio::test]
+async fn random_other_faults_hit_info_signing_and_deletion() {
+    let sim = start();
+    let c = client();
+    assert_eq!(
+        put_object(&c, &sim, "o/a.wav", vec![1; 100]).await.0,
+        StatusCode::OK
+    );
+    sim.set_random_other_faults(1.0, vec![Fault::Status(503)]);
+    let info = authed(c.get(url(&sim, &format!("/object/info/{BUCKET}/o/a.wav"))));
+    assert_eq!(status_json(info).await.0, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(
+        sign(&c, &sim, "o/a.wav", json!(60)).await.0,
+        StatusCode::SERVICE_UNAVAILABLE
+    );
+    let delete = authed(c.delete(url(&sim, &format!("/object/{BUCKET}/o/a.wav"))));
+    assert_eq!(status_json(delete).await.0, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(
+        sim.object(BUCKET, "o/a.wav").is_some(),
+        "a faulted delete deletes nothing"
+    );
+    // Uploads are another plan: untouched.
+    assert_eq!(
+        put_object(&c, &sim, "o/b.wav", vec![2; 100]).await.0,
+        StatusCode::OK
+    );
+    sim.set_random_other_faults(0.0, Vec::new());
+    let info = authed(c.get(url(&sim, &format!("/object/info/{BUCKET}/o/a.wav"))));
+    assert_eq!(status_json(info).await.0, StatusCode::OK);
+}
+
+/// Issue #22: a client that hangs mid-PATCH (a SIGSTOPped worker keeps its
+/// connection open) does not hold the upload for ever. The next PATCH asks
+/// it to release the lock, as tus-node-server does, takes the upload over
+/// and completes it; the hung request ends without storing its chunk.
+#[tokio::test]
+async fn a_patch_on_an_upload_held_by_a_hung_client_takes_it_over() {
+    let _heavy = HEAVY.lock().await;
+    let sim = start();
+    let c = client();
+    sim.set_tus_patch_rate(Some(4 * 1024 * 1024));
+    let audio = SimAudio::generated(2 * 1024 * 1024, 21);
+    let all = audio.to_vec();
+    let loc = location(&tus_create(&c, &sim, "tus/hung.wav", audio.len(), false).await);
+
+    // The hung client: half a MiB, then nothing more, connection kept open.
+    let first = bytes::Bytes::copy_from_slice(&all[..512 * 1024]);
+    let stalled = futures_util::stream::once(async move { Ok::<_, std::io::Error>(first) })
+        .chain(futures_util::stream::pending());
+    let hung = {
+        let (c, loc) = (c.clone(), loc.clone());
+        tokio::spawn(async move {
+            authed(c.patch(&loc))
+                .header("tus-resumable", "1.0.0")
+                .header("upload-offset", "0")
+                .header("content-type", "application/offset+octet-stream")
+                .header("content-length", all.len().to_string())
+                .body(reqwest::Body::wrap_stream(stalled))
+                .send()
+                .await
+        })
+    };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while sim.tus_uploads_in_flight() != vec!["tus/hung.wav".to_owned()] {
+        assert!(Instant::now() < deadline, "the hung PATCH never arrived");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+
+    let started = Instant::now();
+    let taken = tus_patch(&c, &loc, 0, audio.to_vec()).await.expect("send");
+    assert_eq!(taken.status(), StatusCode::NO_CONTENT);
+    // Paced at 4 MiB/s: 2 MiB take half a second at least.
+    assert!(
+        started.elapsed() >= Duration::from_millis(450),
+        "{:?}",
+        started.elapsed()
+    );
+    let stored = sim.object(BUCKET, "tus/hung.wav").expect("committed");
+    assert_eq!(stored.sha256_hex, audio.sha256_hex());
+    assert_eq!(stored.upload_count, 1);
+    let hung = tokio::time::timeout(Duration::from_secs(5), hung)
+        .await
+        .expect("the hung request ended")
+        .expect("join");
+    assert!(
+        hung.is_err(),
+        "the released request gets no answer: {hung:?}"
+    );
+    assert!(sim.tus_uploads_in_flight().is_empty());
+}

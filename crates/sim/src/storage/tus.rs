@@ -112,6 +112,7 @@ pub(super) async fn tus_create(state: &State, headers: &HeaderMap, mut body: Inc
                 hasher: Sha256::new(),
                 part,
                 busy: false,
+                release: CancellationToken::new(),
                 completed: false,
                 expired: false,
                 expires_at: Utc::now()
@@ -196,6 +197,9 @@ pub(super) struct PatchStart {
     pub(super) hasher: Sha256,
     pub(super) file: Option<PathBuf>,
     pub(super) completed: bool,
+    /// Cancelled when another request asks for the upload's lock.
+    pub(super) release: CancellationToken,
+    pub(super) rate: Option<u64>,
 }
 
 pub(super) enum ChunkError {
@@ -248,10 +252,14 @@ pub(super) async fn tus_patch(
                 Some(u) if !upsert && !u.completed && exists(&g, u) => {
                     Err(tus_text(409, "The resource already exists"))
                 }
-                Some(u) if u.busy => Ok(None),
+                Some(u) if u.busy => {
+                    u.release.cancel();
+                    Ok(None)
+                }
                 Some(_) => match g.uploads.get_mut(id) {
                     Some(u) => {
                         u.busy = true;
+                        u.release = CancellationToken::new();
                         Ok(Some(PatchStart {
                             bucket: u.bucket.clone(),
                             object: u.object.clone(),
@@ -265,6 +273,8 @@ pub(super) async fn tus_patch(
                                 Part::Mem(_) => None,
                             },
                             completed: u.completed,
+                            release: u.release.clone(),
+                            rate: g.tus_patch_rate,
                         }))
                     }
                     None => Err(tus_text(404, "The file for this url was not found\n")),
@@ -450,12 +460,24 @@ pub(super) async fn receive_chunk(
     };
     let mut mem = file.is_none().then(Vec::new);
     let mut n = 0u64;
-    while let Some(frame) = body.frame().await {
+    loop {
+        let frame = tokio::select! {
+            frame = body.frame() => frame,
+            () = start.release.cancelled() => return Err(ChunkError::Aborted),
+        };
+        let Some(frame) = frame else { break };
         let frame = frame.map_err(|_| ChunkError::Aborted)?;
         let Ok(data) = frame.into_data() else {
             continue;
         };
         n += data.len() as u64;
+        if let Some(rate) = start.rate {
+            let pace = Duration::from_secs_f64(data.len() as f64 / rate as f64);
+            tokio::select! {
+                () = tokio::time::sleep(pace) => {}
+                () = start.release.cancelled() => return Err(ChunkError::Aborted),
+            }
+        }
         if cut.is_some_and(|c| n >= c) {
             return Err(ChunkError::Aborted);
         }

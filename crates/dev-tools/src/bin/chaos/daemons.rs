@@ -46,9 +46,36 @@ pub(crate) struct Crash {
     pub status: String,
 }
 
+/// Which command a process runs: `serve` (both halves), or one half of a
+/// split deployment (issue #22, item 7).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Role {
+    Serve,
+    Listen,
+    Work,
+}
+
+impl Role {
+    fn command(self) -> &'static str {
+        match self {
+            Role::Serve => "serve",
+            Role::Listen => "listen",
+            Role::Work => "work",
+        }
+    }
+
+    /// Whether the process answers webhooks (and `/readyz`) on its port.
+    pub(crate) fn listens(self) -> bool {
+        self != Role::Work
+    }
+}
+
 pub(crate) struct Daemon {
     pub slot: usize,
     pub addr: SocketAddr,
+    pub role: Role,
+    /// Seconds the process's wall clock is off (libfaketime), if any.
+    pub skew: Option<i64>,
     child: Option<Child>,
     pid: u32,
     generation: u32,
@@ -60,8 +87,9 @@ impl Daemon {
         &self.log
     }
 
+    /// The running process's pid (0 while none runs).
     pub(crate) fn pid(&self) -> u32 {
-        self.pid
+        if self.child.is_some() { self.pid } else { 0 }
     }
 }
 
@@ -84,9 +112,22 @@ fn log_file(path: &Path, banner: &str) -> anyhow::Result<(File, File)> {
 
 impl DaemonEnv {
     pub(crate) fn spawn(&self, slot: usize, addr: SocketAddr) -> anyhow::Result<Daemon> {
+        self.spawn_as(slot, addr, Role::Serve, None)
+    }
+
+    /// A process running `role`, its wall clock `skew` seconds off.
+    pub(crate) fn spawn_as(
+        &self,
+        slot: usize,
+        addr: SocketAddr,
+        role: Role,
+        skew: Option<i64>,
+    ) -> anyhow::Result<Daemon> {
         let mut d = Daemon {
             slot,
             addr,
+            role,
+            skew,
             child: None,
             pid: 0,
             generation: 0,
@@ -100,12 +141,29 @@ impl DaemonEnv {
         d.generation += 1;
         let (out, err) = log_file(
             &d.log,
-            &format!("generation {} started {}", d.generation, Utc::now()),
+            &format!(
+                "generation {} of `{}` started {}{}",
+                d.generation,
+                d.role.command(),
+                Utc::now(),
+                d.skew
+                    .map(|s| format!(", clock off by {s:+} s"))
+                    .unwrap_or_default()
+            ),
         )?;
-        let child = Command::new(&self.binary)
-            .args(["--config", path_str(&self.config)?, "serve"])
+        let mut cmd = Command::new(&self.binary);
+        cmd.args(["--config", path_str(&self.config)?, d.role.command()])
             .env_clear()
-            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("PATH", std::env::var("PATH").unwrap_or_default());
+        if let Some(skew) = d.skew {
+            // libfaketime: the wall clock only; monotonic time (timeouts,
+            // the heartbeat's pace) stays true, as on a host whose NTP is off.
+            let lib = libfaketime()?;
+            cmd.env("LD_PRELOAD", lib)
+                .env("FAKETIME", format!("{skew:+}"))
+                .env("FAKETIME_DONT_FAKE_MONOTONIC", "1");
+        }
+        let child = cmd
             .env(
                 "DATABASE_URL",
                 self.slot_database_urls
@@ -193,6 +251,25 @@ pub(crate) async fn stop_all(
         }
     }
     out
+}
+
+/// libfaketime's multi-threaded library (Debian package `libfaketime`), or
+/// `CHAOS_LIBFAKETIME`.
+pub(crate) fn libfaketime() -> anyhow::Result<PathBuf> {
+    if let Some(p) = std::env::var_os("CHAOS_LIBFAKETIME") {
+        return Ok(PathBuf::from(p));
+    }
+    let candidates = [
+        "/usr/lib/x86_64-linux-gnu/faketime/libfaketimeMT.so.1",
+        "/usr/lib/aarch64-linux-gnu/faketime/libfaketimeMT.so.1",
+        "/usr/lib/faketime/libfaketimeMT.so.1",
+        "/usr/local/lib/faketime/libfaketimeMT.so.1",
+    ];
+    candidates
+        .iter()
+        .map(PathBuf::from)
+        .find(|p| p.exists())
+        .context("libfaketime not found: `apt-get install libfaketime` or set CHAOS_LIBFAKETIME")
 }
 
 fn path_str(p: &Path) -> anyhow::Result<&str> {

@@ -24,6 +24,10 @@
 //!    again, and restarts PostgreSQL once; an operator cancels a random
 //!    running job and requeues it at once, every few seconds, and requeues
 //!    every failed job now and then (`operators.rs`);
+//!    Optionally (issue #22): SIGSTOPs a worker mid-upload until another
+//!    daemon finished its job (`--pauses`, `pause.rs`), runs `listen` and
+//!    `work` processes beside `serve` (`--split`), and `work` processes
+//!    whose clock is off (`--skewed`, libfaketime);
 //! 5. waits until every job is final, verifies the promise (`verify.rs`)
 //!    and prints the figures. Exit 0: every check passed; 1: a check
 //!    failed; 3: the run itself could not be carried out.
@@ -37,6 +41,7 @@ mod failover;
 mod operators;
 mod outage;
 mod partition;
+mod pause;
 mod plan;
 mod postgres;
 mod proxy;
@@ -60,7 +65,7 @@ use sqlx::postgres::PgPoolOptions;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::daemons::{Crash, Daemon, DaemonEnv, Kill, Tuning};
+use crate::daemons::{Crash, Daemon, DaemonEnv, Kill, Role, Tuning};
 use crate::sender::{SendStats, Sender};
 
 const TELNYX_KEY: &str = "KEY_chaos_telnyx";
@@ -153,6 +158,28 @@ struct Args {
     /// Probability that a Storage upload request fails.
     #[arg(long, default_value_t = 0.10)]
     storage_faults: f64,
+    /// Probability that any other Storage request fails: object info,
+    /// deletion, TUS HEAD and the rest (issue #22; Telnyx's faults already
+    /// reach every request: recording, list, delete, download).
+    #[arg(long, default_value_t = 0.10)]
+    storage_other_faults: f64,
+    /// SIGSTOP a worker mid-upload this many times, one at a time, until
+    /// another daemon has finished the job; then SIGCONT it (`pause.rs`).
+    /// Slows TUS PATCH bodies to 4 MiB/s so uploads are caught in flight.
+    #[arg(long, default_value_t = 0)]
+    pauses: usize,
+    /// A split deployment too: this many `recording-relay listen` and as
+    /// many `recording-relay work` processes besides the `serve` ones,
+    /// killed and restarted like them.
+    #[arg(long, default_value_t = 0)]
+    split: usize,
+    /// This many more `work` processes whose wall clock is --skew off
+    /// (libfaketime), alternately ahead and behind.
+    #[arg(long, default_value_t = 0)]
+    skewed: usize,
+    /// Seconds the --skewed processes' clocks are off.
+    #[arg(long, default_value_t = 300)]
+    skew: i64,
     /// The daemons' worker.lease.
     #[arg(long, default_value = "6s", value_parser = duration)]
     lease: Duration,
@@ -320,6 +347,7 @@ async fn chaos_loop(
     stop: CancellationToken,
     kills: Arc<Mutex<Vec<Kill>>>,
     crashes: Arc<Mutex<Vec<Crash>>>,
+    paused: pause::Paused,
 ) -> Vec<Daemon> {
     let jitter = |d: Duration| d.mul_f64(0.5 + fastrand::f64());
     let mut next_kill = Instant::now() + jitter(every);
@@ -350,7 +378,17 @@ async fn chaos_loop(
         if every.is_zero() || daemons.is_empty() || Instant::now() < next_kill {
             continue;
         }
-        let slot = fastrand::usize(..daemons.len());
+        // A stopped process (`pause.rs`) is left alone until it is woken.
+        let stopped = paused
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        let running: Vec<usize> = (0..daemons.len())
+            .filter(|&i| !stopped.contains(&daemons[i].pid()))
+            .collect();
+        let Some(&slot) = running.get(fastrand::usize(..running.len().max(1))) else {
+            continue;
+        };
         match env.kill_and_restart(&mut daemons[slot]).await {
             Ok(kill) => kills
                 .lock()
@@ -613,7 +651,38 @@ async fn run(args: Args) -> anyhow::Result<bool> {
     for slot in 0..args.daemons {
         daemons.push(env.spawn(slot, daemons::free_port()?)?);
     }
-    let listeners: Vec<_> = daemons.iter().map(|d| d.addr).collect();
+    let mut more = Vec::new();
+    for _ in 0..args.split {
+        more.extend([(Role::Listen, None), (Role::Work, None)]);
+    }
+    for i in 0..args.skewed {
+        let skew = if i % 2 == 0 { args.skew } else { -args.skew };
+        more.push((Role::Work, Some(skew)));
+    }
+    for (role, skew) in more {
+        let slot = daemons.len();
+        daemons.push(env.spawn_as(slot, daemons::free_port()?, role, skew)?);
+    }
+    if args.split + args.skewed > 0 {
+        say(&format!(
+            "besides: {} `listen` and {} `work` processes; {} `work` processes with clocks {} s off",
+            args.split, args.split, args.skewed, args.skew
+        ));
+    }
+    // The split and skewed processes, each with what its log must show.
+    let halves: Vec<(PathBuf, &str)> = daemons
+        .iter()
+        .filter_map(|d| match d.role {
+            Role::Serve => None,
+            Role::Listen => Some((d.log_path().to_owned(), "outcome=\"stored\"")),
+            Role::Work => Some((d.log_path().to_owned(), "job succeeded")),
+        })
+        .collect();
+    let listeners: Vec<_> = daemons
+        .iter()
+        .filter(|d| d.role.listens())
+        .map(|d| d.addr)
+        .collect();
     let cut_pids: Vec<u32> = daemons.iter().take(cut_daemons).map(Daemon::pid).collect();
     wait_healthy(&listeners, Duration::from_secs(60)).await?;
     say(&format!("{} daemons ready on {listeners:?}", daemons.len()));
@@ -641,6 +710,23 @@ async fn run(args: Args) -> anyhow::Result<bool> {
             },
         ],
     );
+    storage.set_random_other_faults(
+        args.storage_other_faults,
+        vec![
+            Fault::Status(500),
+            Fault::Status(503),
+            Fault::Hang(hang),
+            Fault::Reset,
+            Fault::ResetMidBody { after_bytes: 16 },
+        ],
+    );
+    say(&format!(
+        "faults on other Storage requests (info, delete, TUS HEAD): {:.0}%",
+        args.storage_other_faults * 100.0
+    ));
+    if args.pauses > 0 {
+        storage.set_tus_patch_rate(Some(4 * 1024 * 1024));
+    }
     let start = Instant::now();
     let links = Arc::new(links);
     let cutting = args.cut.map(|link| {
@@ -688,6 +774,23 @@ async fn run(args: Args) -> anyhow::Result<bool> {
     let kills = Arc::new(Mutex::new(Vec::new()));
     let crashes = Arc::new(Mutex::new(Vec::new()));
     let reconcile_env = env.clone();
+    let paused = pause::Paused::default();
+    let pauses = Arc::new(Mutex::new(Vec::new()));
+    let pausing = (args.pauses > 0).then(|| {
+        tokio::spawn(pause::run(
+            pool.clone(),
+            storage.clone(),
+            pause::PauseOptions {
+                count: args.pauses,
+                lease: args.lease,
+                longest: args.lease * 4 + Duration::from_secs(150),
+                log_dir: work_dir.clone(),
+            },
+            paused.clone(),
+            stop.clone(),
+            pauses.clone(),
+        ))
+    });
     let chaos = tokio::spawn(chaos_loop(
         env,
         daemons,
@@ -695,6 +798,7 @@ async fn run(args: Args) -> anyhow::Result<bool> {
         stop.clone(),
         kills.clone(),
         crashes.clone(),
+        paused,
     ));
     let operators_stop = CancellationToken::new();
     let actions = Arc::new(Mutex::new(operators::Actions::default()));
@@ -810,6 +914,9 @@ async fn run(args: Args) -> anyhow::Result<bool> {
     stop.cancel();
     operators_stop.cancel();
     operating.await.context("the operator loop panicked")?;
+    if let Some(task) = pausing {
+        task.await.context("the pause loop panicked")?;
+    }
     let mut daemons = chaos.await.context("the kill loop panicked")?;
     let restart = match restarting {
         Some(task) => Some(task.await.context("the restart task panicked")?),
@@ -928,6 +1035,26 @@ async fn run(args: Args) -> anyhow::Result<bool> {
             details: Vec::new(),
         });
     }
+    let pauses = std::mem::take(&mut *pauses.lock().unwrap_or_else(PoisonError::into_inner));
+    if args.pauses > 0 {
+        outcome
+            .checks
+            .extend(pause::checks(&pauses, args.pauses, args.lease));
+    }
+    if !halves.is_empty() {
+        let idle: Vec<String> = halves
+            .iter()
+            .filter(|(log, sign)| {
+                std::fs::read_to_string(log).map_or(true, |text| !text.contains(sign))
+            })
+            .map(|(log, sign)| format!("{}: no line with {sign}", log.display()))
+            .collect();
+        outcome.checks.push(verify::Check {
+            name: "every `listen` process stored webhooks, every `work` process finished jobs",
+            passed: idle.is_empty(),
+            details: idle,
+        });
+    }
     if let Some(Err(e)) = &restart {
         outcome.checks.push(verify::Check {
             name: "PostgreSQL was restarted mid-run",
@@ -1000,6 +1127,7 @@ async fn run(args: Args) -> anyhow::Result<bool> {
             "passed": passed,
             "figures": outcome.figures,
             "operators": actions,
+            "pauses": pauses,
             "checks": outcome.checks,
             "cut": cut,
         });

@@ -582,10 +582,14 @@ pub(crate) fn verify(ev: &Evidence<'_>) -> Outcome {
                     job.telnyx_deleted_at.is_some() && deleted_set.contains(rec.id.as_str());
                 // A delete that failed of an injected fault is owed to the
                 // clean-up sweep (issue #21 item 6): the job succeeded, the
-                // recording stays at Telnyx until the sweep's retry.
-                let owed = ev.owed_deletes.get(&job.id).is_some_and(|e| {
-                    injected(classify("retryable", e)) && !deleted_set.contains(rec.id.as_str())
-                });
+                // recording stays at Telnyx until the sweep's retry, unless
+                // the failure was a hang that outlived the daemon's timeout
+                // and then deleted it all the same (the sweep's retry then
+                // finds it gone, which counts as deleted).
+                let owed = ev
+                    .owed_deletes
+                    .get(&job.id)
+                    .is_some_and(|e| injected(classify("retryable", e)));
                 f.deletes_owed += usize::from(state == JobState::Succeeded && !deleted && owed);
                 if ev.deletes_at_telnyx && state == JobState::Succeeded && !deleted && !owed {
                     problems.push(format!(
