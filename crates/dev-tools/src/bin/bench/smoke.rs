@@ -48,6 +48,7 @@ pub(super) async fn smoke(server: &str) -> anyhow::Result<()> {
         idle_secs: 1,
     })
     .await?;
+    instructions(server, &InstructionsArgs { requests: 20 }).await?;
     if t0.elapsed() > Duration::from_secs(600) {
         bail!("smoke took over 10 minutes");
     }
