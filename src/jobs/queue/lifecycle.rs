@@ -69,6 +69,24 @@ pub(crate) const COMPLETE_BATCH_SQL: &str = "UPDATE recording_relay.recording_jo
      WHERE j.id = c.id AND j.lease_id = c.token AND j.locked_by = c.worker
      RETURNING j.id, j.lease_id";
 
+/// In a retry's UPDATE: a call event of the job's session (its
+/// `call.initiated`) was stored since the attempt began (after the previous
+/// attempt's end, or the job's creation). Its wake
+/// ([`Queue::wake_session`]) found the job running and so woke nothing,
+/// while the attempt may have looked for the event before it was
+/// committed and decided to wait for it (`pipeline::matching`): the retry
+/// runs at once instead (a lost wake-up, found by the chaos run's
+/// partition scenario). At most once per call event, whatever the error,
+/// since the next attempt begins after it.
+macro_rules! call_event_during_attempt {
+    () => {
+        "call_session_id IS NOT NULL AND intake_id IS NULL AND EXISTS (
+             SELECT 1 FROM recording_relay.calls c
+             WHERE c.call_session_id = recording_jobs.call_session_id
+               AND c.received_at >= coalesce((errors -> -1 ->> 'at')::timestamptz, created_at))"
+    };
+}
+
 impl Queue {
     /// Stores a verified event. Autocommit: when this returns, the row is
     /// durable and the listener may answer 2xx. A conflict on the event id
@@ -232,6 +250,9 @@ impl Queue {
              SET state = CASE WHEN attempts >= max_attempts
                               THEN 'failed' ELSE 'pending' END::recording_relay.recording_job_state,
                  next_run_at = CASE WHEN attempts >= max_attempts THEN next_run_at
+                                    WHEN ",
+            call_event_during_attempt!(),
+            " THEN now()
                                     ELSE now() + $5 * interval '1 millisecond' END,
                  finished_at = CASE WHEN attempts >= max_attempts THEN now() END,
                  last_error = CASE WHEN attempts >= max_attempts
@@ -556,6 +577,66 @@ mod tests {
         assert!(
             q.claim("w1", 1, LEASE).await.unwrap().is_empty(),
             "not runnable before next_run_at"
+        );
+    }
+
+    async fn store_call_initiated(q: &Queue, session: &str) {
+        sqlx::query(
+            "INSERT INTO recording_relay.calls (call_session_id, first_event_id, first_event_type)
+             VALUES ($1, 'initiated-' || $1, 'call.initiated')",
+        )
+        .bind(session)
+        .execute(q.pool())
+        .await
+        .unwrap();
+    }
+
+    /// The lost wake-up the partition chaos run found: the session's
+    /// `call.initiated` is stored (and its wake finds no pending job) while
+    /// the job's attempt is deciding to wait for it; the retry written
+    /// after must not park the job for the whole wait.
+    #[sqlx::test(migrations = false)]
+    async fn a_call_event_stored_during_the_attempt_makes_its_retry_run_at_once(pool: PgPool) {
+        let q = queue(pool).await;
+        q.enqueue(&new_job("ev-1")).await.unwrap();
+        let lease = one_claimed(&q, "w1").await.lease().unwrap();
+        store_call_initiated(&q, "session-ev-1").await;
+        assert_eq!(
+            Queue::wake_session(q.pool(), "session-ev-1").await.unwrap(),
+            0
+        );
+        q.retry(
+            &lease,
+            &JobError::retryable("waiting"),
+            Duration::from_secs(3600),
+        )
+        .await
+        .unwrap();
+        let job = q.get(lease.job_id).await.unwrap().unwrap();
+        assert!(job.next_run_at <= chrono::Utc::now(), "{}", job.next_run_at);
+        assert_eq!(one_claimed(&q, "w1").await.id, lease.job_id);
+    }
+
+    /// A call event stored before the attempt began does not shorten the
+    /// retry's backoff (a provider's failure keeps its delay).
+    #[sqlx::test(migrations = false)]
+    async fn a_call_event_stored_before_the_attempt_keeps_the_backoff(pool: PgPool) {
+        let q = queue(pool).await;
+        store_call_initiated(&q, "session-ev-1").await;
+        q.enqueue(&new_job("ev-1")).await.unwrap();
+        let lease = one_claimed(&q, "w1").await.lease().unwrap();
+        q.retry(
+            &lease,
+            &JobError::retryable("telnyx 503"),
+            Duration::from_secs(3600),
+        )
+        .await
+        .unwrap();
+        let job = q.get(lease.job_id).await.unwrap().unwrap();
+        assert!(
+            job.next_run_at > chrono::Utc::now() + chrono::Duration::minutes(59),
+            "{}",
+            job.next_run_at
         );
     }
 

@@ -607,9 +607,7 @@ async fn run(args: Args) -> anyhow::Result<bool> {
         .await?;
         say(&format!(
             "raw copy of every recording at concurrency {}: {:.1} s, {} bytes",
-            args.daemons * args.concurrency,
-            raw.0,
-            raw.1
+            raw.concurrency, raw.seconds, raw.bytes
         ));
         Some(raw)
     } else {
@@ -1016,8 +1014,6 @@ async fn run(args: Args) -> anyhow::Result<bool> {
                 healed,
                 args.cut_for,
                 &telnyx,
-                &calls,
-                args.daemons * args.concurrency,
                 raw_copy.unwrap_or_default(),
                 (args.retry_base, args.retry_cap, args.max_attempts),
             )

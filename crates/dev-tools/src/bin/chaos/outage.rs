@@ -66,17 +66,25 @@ pub(crate) async fn out_of_attempts(pool: &PgPool) -> anyhow::Result<Vec<String>
     .context("reading the jobs out of attempts")
 }
 
+/// What the raw copy measured.
+#[derive(Debug, Default, Clone, Copy)]
+pub(crate) struct RawCopy {
+    pub seconds: f64,
+    pub bytes: u64,
+    pub recordings: usize,
+    pub concurrency: usize,
+}
+
 /// The physical reference: each recording downloaded from the Telnyx
 /// stand-in and uploaded whole to the Storage stand-in (bucket `raw`), at
-/// `concurrency` at once, over loopback like the daemons. Returns the
-/// seconds it took and the bytes copied.
+/// `concurrency` at once, over loopback like the daemons.
 pub(crate) async fn raw_copy(
     telnyx: &TelnyxSim,
     storage: &StorageSim,
     key: &str,
     calls: &[Call],
     concurrency: usize,
-) -> anyhow::Result<(f64, u64)> {
+) -> anyhow::Result<RawCopy> {
     storage.create_bucket("raw", false, None, None);
     let client = reqwest::Client::new();
     let jobs: Vec<(String, String)> = calls
@@ -125,7 +133,12 @@ pub(crate) async fn raw_copy(
     while let Some(done) = workers.join_next().await {
         total += done.context("a raw copy worker panicked")??;
     }
-    Ok((t0.elapsed().as_secs_f64(), total))
+    Ok(RawCopy {
+        seconds: t0.elapsed().as_secs_f64(),
+        bytes: total,
+        recordings: calls.len(),
+        concurrency,
+    })
 }
 
 /// The outage's checks and figures; `raw` is what [`raw_copy`] measured
@@ -135,15 +148,13 @@ pub(crate) async fn checks(
     healed: DateTime<Utc>,
     outage: Duration,
     telnyx: &TelnyxSim,
-    calls: &[Call],
-    concurrency: usize,
-    raw: (f64, u64),
+    raw: RawCopy,
     schedule: (Duration, Duration, i32),
 ) -> anyhow::Result<(Vec<Check>, Vec<String>)> {
     let d = drain(pool, healed).await?;
     let spent = out_of_attempts(pool).await?;
     let expired = telnyx.expired_download_count();
-    let (raw_s, raw_bytes) = raw;
+    let (raw_s, raw_bytes, concurrency) = (raw.seconds, raw.bytes, raw.concurrency);
     let (most, mean) = coverage(schedule.0, schedule.1, schedule.2);
     let mib = |b: f64| b / (1024.0 * 1024.0);
     let rate = |n: f64, s: f64| if s > 0.0 { n / s } else { 0.0 };
@@ -160,10 +171,10 @@ pub(crate) async fn checks(
         d.seconds,
         rate(d.finished as f64, d.seconds),
         mib(rate(d.bytes as f64, d.seconds)),
-        calls.len(),
+        raw.recordings,
         mib(raw_bytes as f64),
         raw_s,
-        rate(calls.len() as f64, raw_s),
+        rate(raw.recordings as f64, raw_s),
         mib(rate(raw_bytes as f64, raw_s)),
         schedule.0,
         schedule.1,
