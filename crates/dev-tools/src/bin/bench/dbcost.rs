@@ -363,35 +363,12 @@ fn one_line(query: &str) -> String {
 
 /// ZScribe's dialer's `call.initiated`: the intake in `X-Intake-Id`.
 fn initiated(i: usize, rec: &SimRecording, intake: uuid::Uuid) -> serde_json::Value {
-    let mut event = testing::dialled_call_initiated_event(
-        &format!("dbcost-initiated-{i}-{}", uuid::Uuid::new_v4().simple()),
-        &rec.call_session_id,
-        &intake.to_string(),
-        &rec.from,
-        &rec.to,
-    );
-    let at = (rec.recording_started_at - chrono::Duration::seconds(5)).to_rfc3339();
-    event["data"]["occurred_at"] = at.clone().into();
-    let p = &mut event["data"]["payload"];
-    p["start_time"] = at.into();
-    p["call_control_id"] = rec.call_control_id.clone().into();
-    p["call_leg_id"] = rec.call_leg_id.clone().into();
-    p["connection_id"] = rec.connection_id.clone().into();
-    event
+    let id = format!("dbcost-initiated-{i}-{}", uuid::Uuid::new_v4().simple());
+    testing::dialled_event_for(rec, &id, Some(&intake.to_string()))
 }
 
 /// The recording's `call.recording.saved` (official shape: no recording id).
 fn saved(i: usize, rec: &SimRecording) -> serde_json::Value {
-    let mut event = testing::recording_saved_event(
-        &format!("dbcost-saved-{i}-{}", uuid::Uuid::new_v4().simple()),
-        &rec.call_session_id,
-    );
-    event["data"]["occurred_at"] = rec.recording_ended_at.to_rfc3339().into();
-    let p = &mut event["data"]["payload"];
-    p["call_control_id"] = rec.call_control_id.clone().into();
-    p["call_leg_id"] = rec.call_leg_id.clone().into();
-    p["connection_id"] = rec.connection_id.clone().into();
-    p["recording_started_at"] = rec.recording_started_at.to_rfc3339().into();
-    p["recording_ended_at"] = rec.recording_ended_at.to_rfc3339().into();
-    event
+    let id = format!("dbcost-saved-{i}-{}", uuid::Uuid::new_v4().simple());
+    testing::saved_event_for(rec, &id)
 }

@@ -56,13 +56,33 @@ pub(super) struct Listener {
 
 /// Starts `recording-relay listen` (release) on a free loopback port.
 pub(super) async fn start_listener(url: &str, key: &SigningKey) -> anyhow::Result<Listener> {
+    start_listener_under(url, key, &[], Duration::from_secs(20)).await
+}
+
+/// [`start_listener`] run by `wrapper` (`valgrind --tool=callgrind …`:
+/// the daemon's path and arguments follow it), ready within `patience`.
+pub(super) async fn start_listener_under(
+    url: &str,
+    key: &SigningKey,
+    wrapper: &[String],
+    patience: Duration,
+) -> anyhow::Result<Listener> {
     let port = std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port();
     let addr = format!("127.0.0.1:{port}");
     let logs = tempfile::tempdir()?;
     let log = std::fs::File::create(logs.path().join("listen.log"))?;
-    let child = Command::new(daemon_binary()?)
+    let daemon = daemon_binary()?;
+    let mut command = match wrapper.split_first() {
+        Some((program, args)) => {
+            let mut c = Command::new(program);
+            c.args(args).arg(&daemon);
+            c
+        }
+        None => Command::new(&daemon),
+    };
+    let mut child = command
         .arg("listen")
         .env("DATABASE_URL", url)
         .env("LISTEN_ADDR", &addr)
@@ -73,16 +93,16 @@ pub(super) async fn start_listener(url: &str, key: &SigningKey) -> anyhow::Resul
         .stderr(log)
         .kill_on_drop(true)
         .spawn()
-        .context("starting recording-relay listen")?;
+        .with_context(|| format!("starting recording-relay listen {wrapper:?}"))?;
     let http = reqwest::Client::new();
-    let deadline = Instant::now() + Duration::from_secs(20);
+    let deadline = Instant::now() + patience;
     loop {
         if let Ok(r) = http.get(format!("http://{addr}/readyz")).send().await
             && r.status().is_success()
         {
             break;
         }
-        if Instant::now() > deadline {
+        if Instant::now() > deadline || child.try_wait()?.is_some() {
             let log = std::fs::read_to_string(logs.path().join("listen.log")).unwrap_or_default();
             bail!("the listener did not become ready:\n{log}");
         }
@@ -96,14 +116,19 @@ pub(super) async fn start_listener(url: &str, key: &SigningKey) -> anyhow::Resul
 }
 
 impl Listener {
-    pub(super) async fn stop(mut self) -> anyhow::Result<()> {
+    pub(super) async fn stop(self) -> anyhow::Result<()> {
+        self.stop_within(Duration::from_secs(20)).await
+    }
+
+    /// SIGTERM, then waits `patience` for a clean exit.
+    pub(super) async fn stop_within(mut self, patience: Duration) -> anyhow::Result<()> {
         if let Some(pid) = self.child.id() {
             // SIGTERM: the daemon drains and exits 0.
             let _ = std::process::Command::new("kill")
                 .args(["-TERM", &pid.to_string()])
                 .status();
         }
-        let status = tokio::time::timeout(Duration::from_secs(20), self.child.wait()).await??;
+        let status = tokio::time::timeout(patience, self.child.wait()).await??;
         ensure!(status.success(), "the listener exited with {status}");
         Ok(())
     }

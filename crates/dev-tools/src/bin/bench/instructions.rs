@@ -47,47 +47,23 @@ pub(super) async fn instructions(server: &str, a: &InstructionsArgs) -> anyhow::
 async fn callgrind_listen(url: &str, key: &SigningKey, requests: usize) -> anyhow::Result<u64> {
     let dir = tempfile::tempdir()?;
     let out = dir.path().join("callgrind.out");
-    let log_path = dir.path().join("listen.log");
-    let log = std::fs::File::create(&log_path)?;
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port();
-    let addr = format!("127.0.0.1:{port}");
-    let mut child = Command::new("valgrind")
-        .arg("--tool=callgrind")
-        .arg(format!("--callgrind-out-file={}", out.display()))
-        .arg(daemon_binary()?)
-        .arg("listen")
-        .env("DATABASE_URL", url)
-        .env("LISTEN_ADDR", &addr)
-        .env("TELNYX_PUBLIC_KEY", testing::public_key_base64(key))
-        .env_remove("RECORDING_RELAY_CONFIG")
-        .env_remove("RUST_LOG")
-        .stdout(log.try_clone()?)
-        .stderr(log)
-        .kill_on_drop(true)
-        .spawn()
-        .context("starting recording-relay listen under valgrind (apt-get install valgrind)")?;
-    let http = reqwest::Client::new();
     // Several times slower under callgrind.
-    let deadline = Instant::now() + Duration::from_secs(180);
-    loop {
-        if let Ok(r) = http.get(format!("http://{addr}/readyz")).send().await
-            && r.status().is_success()
-        {
-            break;
-        }
-        if Instant::now() > deadline || child.try_wait()?.is_some() {
-            bail!(
-                "the listener did not become ready under callgrind:\n{}",
-                std::fs::read_to_string(&log_path).unwrap_or_default()
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let listener = start_listener_under(
+        url,
+        key,
+        &[
+            "valgrind".to_owned(),
+            "--tool=callgrind".to_owned(),
+            format!("--callgrind-out-file={}", out.display()),
+        ],
+        Duration::from_secs(180),
+    )
+    .await
+    .context("the listener under valgrind (apt-get install valgrind)")?;
+    let http = reqwest::Client::new();
     for (body, headers) in signed_requests(key, &format!("callgrind-{requests}"), requests) {
         let mut req = http
-            .post(format!("http://{addr}/webhooks/telnyx"))
+            .post(format!("http://{}/webhooks/telnyx", listener.addr))
             .header("content-type", "application/json");
         for (name, value) in headers {
             req = req.header(name, value);
@@ -99,12 +75,7 @@ async fn callgrind_listen(url: &str, key: &SigningKey, requests: usize) -> anyho
             res.status()
         );
     }
-    let pid = child.id().context("the listener's pid")?;
-    let _ = std::process::Command::new("kill")
-        .args(["-TERM", &pid.to_string()])
-        .status();
-    let status = tokio::time::timeout(Duration::from_secs(120), child.wait()).await??;
-    ensure!(status.success(), "the listener exited with {status}");
+    listener.stop_within(Duration::from_secs(120)).await?;
     let text =
         std::fs::read_to_string(&out).with_context(|| format!("reading {}", out.display()))?;
     if requests > 0 {

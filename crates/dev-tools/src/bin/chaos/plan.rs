@@ -357,54 +357,23 @@ pub(crate) fn webhook_body(call: &Call, kind: Kind, attempt: u32, delivered_to: 
 /// the intake in `X-Intake-Id`, no `client_state`. A call without an intake
 /// names none (somebody else's call on the connection).
 fn initiated(call: &Call) -> serde_json::Value {
-    use recording_relay_dev_tools::testing;
-    let rec = &call.recording;
     let id = call.initiated_event_id.as_deref().unwrap_or_default();
-    let mut event = match call.intake.filter(|_| call.expect == Expect::SipHeader) {
-        Some(intake) => testing::dialled_call_initiated_event(
-            id,
-            &rec.call_session_id,
-            &intake.to_string(),
-            &rec.from,
-            &rec.to,
-        ),
-        None => {
-            let mut e = testing::call_initiated_event(id, &rec.call_session_id, None);
-            e["data"]["payload"]["from"] = rec.from.clone().into();
-            e["data"]["payload"]["to"] = rec.to.clone().into();
-            e
-        }
-    };
-    // Dialled just before the recording started.
-    let at = (rec.recording_started_at - chrono::Duration::seconds(5)).to_rfc3339();
-    event["data"]["occurred_at"] = at.clone().into();
-    let p = &mut event["data"]["payload"];
-    p["start_time"] = at.into();
-    p["call_control_id"] = rec.call_control_id.clone().into();
-    p["call_leg_id"] = rec.call_leg_id.clone().into();
-    p["connection_id"] = rec.connection_id.clone().into();
-    event
+    let intake = call
+        .intake
+        .filter(|_| call.expect == Expect::SipHeader)
+        .map(|i| i.to_string());
+    recording_relay_dev_tools::testing::dialled_event_for(&call.recording, id, intake.as_deref())
 }
 
 /// The recording's webhook (official shape: no recording id, no numbers).
 fn recording_saved(call: &Call) -> serde_json::Value {
     use base64::Engine as _;
-    let rec = &call.recording;
-    let mut event = recording_relay_dev_tools::testing::recording_saved_event(
-        &call.event_id,
-        &rec.call_session_id,
-    );
-    event["data"]["occurred_at"] = rec.recording_ended_at.to_rfc3339().into();
-    let p = &mut event["data"]["payload"];
-    p["call_control_id"] = rec.call_control_id.clone().into();
-    p["call_leg_id"] = rec.call_leg_id.clone().into();
-    p["connection_id"] = rec.connection_id.clone().into();
-    p["recording_started_at"] = rec.recording_started_at.to_rfc3339().into();
-    p["recording_ended_at"] = rec.recording_ended_at.to_rfc3339().into();
+    let mut event =
+        recording_relay_dev_tools::testing::saved_event_for(&call.recording, &call.event_id);
     if call.expect == Expect::ClientState
         && let Some(intake) = call.intake
     {
-        p["client_state"] = base64::engine::general_purpose::STANDARD
+        event["data"]["payload"]["client_state"] = base64::engine::general_purpose::STANDARD
             .encode(intake.to_string())
             .into();
     }
