@@ -77,7 +77,10 @@ pub(crate) const COMPLETE_BATCH_SQL: &str = "UPDATE recording_relay.recording_jo
 /// committed and decided to wait for it (`pipeline::matching`): the retry
 /// runs at once instead (a lost wake-up, found by the chaos run's
 /// partition scenario). At most once per call event, whatever the error,
-/// since the next attempt begins after it.
+/// since the next attempt begins after it. Narrows the race, does not
+/// close it: an event whose transaction commits only after this statement
+/// began is seen by neither side (RELIABILITY.md, "Defect found, narrowed,
+/// not closed").
 macro_rules! call_event_during_attempt {
     () => {
         "call_session_id IS NOT NULL AND intake_id IS NULL AND EXISTS (
