@@ -50,6 +50,7 @@ pub(crate) const CLAIM_SQL: &str = "WITH picked AS (
      SET state = 'running',
          attempts = j.attempts + 1,
          lease_id = nextval('recording_relay.recording_jobs_lease_seq'),
+         session_woken_at = NULL,
          locked_by = $2,
          locked_until = now() + $3 * interval '1 millisecond',
          updated_at = now()
@@ -68,27 +69,6 @@ pub(crate) const COMPLETE_BATCH_SQL: &str = "UPDATE recording_relay.recording_jo
      FROM unnest($1::bigint[], $2::bigint[], $3::text[]) AS c(id, token, worker)
      WHERE j.id = c.id AND j.lease_id = c.token AND j.locked_by = c.worker
      RETURNING j.id, j.lease_id";
-
-/// In a retry's UPDATE: a call event of the job's session (its
-/// `call.initiated`) was stored since the attempt began (after the previous
-/// attempt's end, or the job's creation). Its wake
-/// ([`Queue::wake_session`]) found the job running and so woke nothing,
-/// while the attempt may have looked for the event before it was
-/// committed and decided to wait for it (`pipeline::matching`): the retry
-/// runs at once instead (a lost wake-up, found by the chaos run's
-/// partition scenario). At most once per call event, whatever the error,
-/// since the next attempt begins after it. Narrows the race, does not
-/// close it: an event whose transaction commits only after this statement
-/// began is seen by neither side (RELIABILITY.md, "Defect found, narrowed,
-/// not closed").
-macro_rules! call_event_during_attempt {
-    () => {
-        "call_session_id IS NOT NULL AND intake_id IS NULL AND EXISTS (
-             SELECT 1 FROM recording_relay.calls c
-             WHERE c.call_session_id = recording_jobs.call_session_id
-               AND c.received_at >= coalesce((errors -> -1 ->> 'at')::timestamptz, created_at))"
-    };
-}
 
 impl Queue {
     /// Stores a verified event. Autocommit: when this returns, the row is
@@ -142,16 +122,24 @@ impl Queue {
     /// that came late is used at once instead of after `pipeline.link_wait`.
     /// A job of the session in a provider's backoff is woken too and spends
     /// an attempt early; a session's call events come before its recording,
-    /// so that is rare. Finds the jobs through `recording_jobs_call_session_idx`.
+    /// so that is rare. A running job is marked (`session_woken_at`): its
+    /// attempt may have looked for the event before it committed, and its
+    /// retry then runs at once ([`Queue::retry`]). Both statements write the
+    /// job's row, so whichever comes second waits for the first and sees
+    /// what it wrote: no wake falls between them. Finds the jobs through
+    /// `recording_jobs_call_session_idx`.
     pub async fn wake_session<'c>(
         executor: impl sqlx::PgExecutor<'c>,
         session: &str,
     ) -> Result<u64, QueueError> {
         let done = sqlx::query(
             "UPDATE recording_relay.recording_jobs
-             SET next_run_at = now(), updated_at = now()
-             WHERE call_session_id = $1 AND state = 'pending' AND next_run_at > now()
-               AND intake_id IS NULL",
+             SET next_run_at = CASE WHEN state = 'pending' THEN now() ELSE next_run_at END,
+                 session_woken_at = CASE WHEN state = 'running' THEN now()
+                                         ELSE session_woken_at END,
+                 updated_at = now()
+             WHERE call_session_id = $1 AND intake_id IS NULL
+               AND ((state = 'pending' AND next_run_at > now()) OR state = 'running')",
         )
         .bind(session)
         .execute(executor)
@@ -253,9 +241,10 @@ impl Queue {
              SET state = CASE WHEN attempts >= max_attempts
                               THEN 'failed' ELSE 'pending' END::recording_relay.recording_job_state,
                  next_run_at = CASE WHEN attempts >= max_attempts THEN next_run_at
-                                    WHEN ",
-            call_event_during_attempt!(),
-            " THEN now()
+                                    -- A call event of the session arrived during
+                                    -- the attempt (`wake_session`): it may be the
+                                    -- link the attempt decided to wait for.
+                                    WHEN session_woken_at IS NOT NULL THEN now()
                                     ELSE now() + $5 * interval '1 millisecond' END,
                  finished_at = CASE WHEN attempts >= max_attempts THEN now() END,
                  last_error = CASE WHEN attempts >= max_attempts
@@ -595,7 +584,7 @@ mod tests {
     }
 
     /// The lost wake-up the partition chaos run found: the session's
-    /// `call.initiated` is stored (and its wake finds no pending job) while
+    /// `call.initiated` is stored (and its wake finds the job running) while
     /// the job's attempt is deciding to wait for it; the retry written
     /// after must not park the job for the whole wait.
     #[sqlx::test(migrations = false)]
@@ -606,7 +595,8 @@ mod tests {
         store_call_initiated(&q, "session-ev-1").await;
         assert_eq!(
             Queue::wake_session(q.pool(), "session-ev-1").await.unwrap(),
-            0
+            1,
+            "the running job is marked"
         );
         q.retry(
             &lease,
@@ -618,6 +608,64 @@ mod tests {
         let job = q.get(lease.job_id).await.unwrap().unwrap();
         assert!(job.next_run_at <= chrono::Utc::now(), "{}", job.next_run_at);
         assert_eq!(one_claimed(&q, "w1").await.id, lease.job_id);
+    }
+
+    /// The same race with the listener's transaction (the call's row and
+    /// its wake) still open while the retry is written, which a look for
+    /// committed call rows from the retry could not see (seen once in a
+    /// partition run): the wake holds the job's row, the retry waits for it
+    /// and sees its mark.
+    #[sqlx::test(migrations = false)]
+    async fn a_wake_whose_transaction_is_still_open_during_the_retry_is_not_lost(pool: PgPool) {
+        let q = queue(pool).await;
+        q.enqueue(&new_job("ev-1")).await.unwrap();
+        let lease = one_claimed(&q, "w1").await.lease().unwrap();
+        let job_id = lease.job_id;
+        let mut listener = q.pool().begin().await.unwrap();
+        sqlx::query(
+            "INSERT INTO recording_relay.calls (call_session_id, first_event_id, first_event_type)
+             VALUES ('session-ev-1', 'initiated-1', 'call.initiated')",
+        )
+        .execute(&mut *listener)
+        .await
+        .unwrap();
+        Queue::wake_session(&mut *listener, "session-ev-1")
+            .await
+            .unwrap();
+        let retrying = {
+            let q = q.clone();
+            tokio::spawn(async move {
+                q.retry(
+                    &lease,
+                    &JobError::retryable("waiting"),
+                    Duration::from_secs(3600),
+                )
+                .await
+            })
+        };
+        // The retry is blocked on the job's row lock before the listener
+        // commits.
+        let waiting = || async {
+            sqlx::query_scalar::<_, bool>(
+                "SELECT EXISTS (SELECT 1 FROM pg_stat_activity
+                                WHERE datname = current_database() AND wait_event_type = 'Lock')",
+            )
+            .fetch_one(q.pool())
+            .await
+            .unwrap()
+        };
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !waiting().await {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the retry never waited"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        listener.commit().await.unwrap();
+        assert_eq!(retrying.await.unwrap().unwrap(), JobState::Pending);
+        let job = q.get(job_id).await.unwrap().unwrap();
+        assert!(job.next_run_at <= chrono::Utc::now(), "{}", job.next_run_at);
     }
 
     /// A call event stored before the attempt began does not shorten the
