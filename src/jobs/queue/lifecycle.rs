@@ -126,20 +126,25 @@ impl Queue {
     /// attempt may have looked for the event before it committed, and its
     /// retry then runs at once ([`Queue::retry`]). Both statements write the
     /// job's row, so whichever comes second waits for the first and sees
-    /// what it wrote: no wake falls between them. Finds the jobs through
-    /// `recording_jobs_call_session_idx`.
+    /// what it wrote: no wake falls between them. A pending job that is
+    /// runnable already is written too, so that it stays locked until the
+    /// call event commits: a claim skips it until then (or, claiming first,
+    /// makes the wake wait and then mark it running), and no attempt can
+    /// look for the event before it is visible and be missed. Finds the
+    /// jobs through `recording_jobs_call_session_idx`.
     pub async fn wake_session<'c>(
         executor: impl sqlx::PgExecutor<'c>,
         session: &str,
     ) -> Result<u64, QueueError> {
         let done = sqlx::query(
             "UPDATE recording_relay.recording_jobs
-             SET next_run_at = CASE WHEN state = 'pending' THEN now() ELSE next_run_at END,
+             SET next_run_at = CASE WHEN state = 'pending' THEN least(next_run_at, now())
+                                    ELSE next_run_at END,
                  session_woken_at = CASE WHEN state = 'running' THEN now()
                                          ELSE session_woken_at END,
                  updated_at = now()
              WHERE call_session_id = $1 AND intake_id IS NULL
-               AND ((state = 'pending' AND next_run_at > now()) OR state = 'running')",
+               AND state IN ('pending', 'running')",
         )
         .bind(session)
         .execute(executor)
@@ -666,6 +671,29 @@ mod tests {
         assert_eq!(retrying.await.unwrap().unwrap(), JobState::Pending);
         let job = q.get(job_id).await.unwrap().unwrap();
         assert!(job.next_run_at <= chrono::Utc::now(), "{}", job.next_run_at);
+    }
+
+    /// The other side of the race (found in review): the job is pending and
+    /// runnable when the call event's transaction wakes it. The wake holds
+    /// its row until that transaction commits, so no claim takes the job
+    /// (and no attempt looks for the event) before the event is visible.
+    #[sqlx::test(migrations = false)]
+    async fn a_runnable_job_is_not_claimed_before_its_call_event_commits(pool: PgPool) {
+        let q = queue(pool).await;
+        q.enqueue(&new_job("ev-1")).await.unwrap();
+        let mut listener = q.pool().begin().await.unwrap();
+        assert_eq!(
+            Queue::wake_session(&mut *listener, "session-ev-1")
+                .await
+                .unwrap(),
+            1
+        );
+        assert!(
+            q.claim("w1", 1, LEASE).await.unwrap().is_empty(),
+            "claimed while the call event was not yet committed"
+        );
+        listener.commit().await.unwrap();
+        assert_eq!(q.claim("w1", 1, LEASE).await.unwrap().len(), 1);
     }
 
     /// A call event stored before the attempt began does not shorten the
