@@ -14,9 +14,16 @@ use crate::config::Config;
 /// The session settings every pooled connection gets after connecting. Not
 /// startup `options`: a pooler rejects or silently drops those. No statement
 /// of the daemon runs long; one stuck on a lock should fail (and be
-/// retried) rather than hold a worker or a webhook.
-pub(crate) const SESSION_SETTINGS: [(&str, &str); 2] =
-    [("statement_timeout", "30s"), ("lock_timeout", "10s")];
+/// retried) rather than hold a worker or a webhook. No transaction of the
+/// daemon waits on anything but the database either: one left open by a
+/// process that hung or lost its network is ended by the server, so the
+/// row locks it holds (a call event's wake locks the session's jobs, see
+/// `Queue::wake_session`) do not stall a worker's lease for longer.
+pub(crate) const SESSION_SETTINGS: [(&str, &str); 3] = [
+    ("statement_timeout", "30s"),
+    ("lock_timeout", "10s"),
+    ("idle_in_transaction_session_timeout", "60s"),
+];
 
 /// A pooled connection idle for less than this is handed out without a
 /// ping first (see [`pool`]).
