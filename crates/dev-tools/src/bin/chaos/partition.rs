@@ -286,6 +286,26 @@ pub(crate) async fn checks(
             details,
         });
     }
+    if link != Link::Db {
+        // The cut must have cut: with the providers unreachable nothing can
+        // be stored (the store is verified through Storage too). A request
+        // that finished as the cut began gets two seconds' grace.
+        let stored_during: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM recording_relay.recording_jobs
+             WHERE stored_at > $1 + interval '2 seconds' AND stored_at < $2",
+        )
+        .bind(started)
+        .bind(healed)
+        .fetch_one(pool)
+        .await?;
+        checks.push(Check {
+            name: "nothing is stored while the providers are cut off",
+            passed: stored_during == 0,
+            details: vec![format!(
+                "{stored_during} recordings stored between the cut and the heal"
+            )],
+        });
+    }
     let resumed = match link {
         Link::Db => claim,
         Link::Providers | Link::Storage => stored,
