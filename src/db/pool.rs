@@ -22,7 +22,7 @@ use crate::config::Config;
 pub(crate) const SESSION_SETTINGS: [(&str, &str); 3] = [
     ("statement_timeout", "30s"),
     ("lock_timeout", "10s"),
-    ("idle_in_transaction_session_timeout", "60s"),
+    ("idle_in_transaction_session_timeout", "1min"),
 ];
 
 /// A pooled connection idle for less than this is handed out without a
