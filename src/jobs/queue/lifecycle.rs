@@ -578,12 +578,18 @@ mod tests {
     }
 
     async fn store_call_initiated(q: &Queue, session: &str) {
+        store_call_initiated_with(q.pool(), session).await;
+    }
+
+    /// The call's row as the listener stores it, through `executor` (the
+    /// listener's own transaction, in the race tests).
+    async fn store_call_initiated_with<'c>(executor: impl sqlx::PgExecutor<'c>, session: &str) {
         sqlx::query(
             "INSERT INTO recording_relay.calls (call_session_id, first_event_id, first_event_type)
              VALUES ($1, 'initiated-' || $1, 'call.initiated')",
         )
         .bind(session)
-        .execute(q.pool())
+        .execute(executor)
         .await
         .unwrap();
     }
@@ -627,13 +633,7 @@ mod tests {
         let lease = one_claimed(&q, "w1").await.lease().unwrap();
         let job_id = lease.job_id;
         let mut listener = q.pool().begin().await.unwrap();
-        sqlx::query(
-            "INSERT INTO recording_relay.calls (call_session_id, first_event_id, first_event_type)
-             VALUES ('session-ev-1', 'initiated-1', 'call.initiated')",
-        )
-        .execute(&mut *listener)
-        .await
-        .unwrap();
+        store_call_initiated_with(&mut *listener, "session-ev-1").await;
         Queue::wake_session(&mut *listener, "session-ev-1")
             .await
             .unwrap();
