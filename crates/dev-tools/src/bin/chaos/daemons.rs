@@ -36,6 +36,10 @@ pub(crate) struct Kill {
     pub slot: usize,
     pub pid: u32,
     pub at: DateTime<Utc>,
+    /// Jobs the killed process left `running`, read just after the kill
+    /// (`None` when the database could not say, e.g. during its restart).
+    /// A kill that left nothing behind owes no rescue.
+    pub held: Option<usize>,
 }
 
 /// A process that exited without being told to.
@@ -196,6 +200,7 @@ impl DaemonEnv {
             slot: d.slot,
             pid: d.pid,
             at: Utc::now(),
+            held: None,
         };
         child.start_kill().context("sending SIGKILL")?;
         child.wait().await.context("reaping a killed daemon")?;

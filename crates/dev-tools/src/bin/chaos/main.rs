@@ -348,6 +348,7 @@ async fn chaos_loop(
     kills: Arc<Mutex<Vec<Kill>>>,
     crashes: Arc<Mutex<Vec<Crash>>>,
     paused: pause::Paused,
+    pool: PgPool,
 ) -> Vec<Daemon> {
     let jitter = |d: Duration| d.mul_f64(0.5 + fastrand::f64());
     let mut next_kill = Instant::now() + jitter(every);
@@ -390,15 +391,36 @@ async fn chaos_loop(
             continue;
         };
         match env.kill_and_restart(&mut daemons[slot]).await {
-            Ok(kill) => kills
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .push(kill),
+            Ok(mut kill) => {
+                kill.held = held_by(&pool, kill.pid).await;
+                kills
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .push(kill);
+            }
             Err(e) => say(&format!("killing daemon {slot} failed: {e:#}")),
         }
         next_kill = Instant::now() + jitter(every);
     }
     daemons
+}
+
+/// How many jobs a (dead) process still holds: `running` under a worker
+/// id that names its pid. Read after the kill, so it cannot change until
+/// another daemon rescues them (a lease later).
+async fn held_by(pool: &PgPool, pid: u32) -> Option<usize> {
+    let workers: Vec<(String,)> = sqlx::query_as(
+        "SELECT locked_by FROM recording_relay.recording_jobs WHERE state = 'running'",
+    )
+    .fetch_all(pool)
+    .await
+    .ok()?;
+    Some(
+        workers
+            .iter()
+            .filter(|(w,)| daemons::pid_of_worker(w) == Some(pid))
+            .count(),
+    )
 }
 
 async fn wait_healthy(addrs: &[std::net::SocketAddr], patience: Duration) -> anyhow::Result<()> {
@@ -797,6 +819,7 @@ async fn run(args: Args) -> anyhow::Result<bool> {
         kills.clone(),
         crashes.clone(),
         paused,
+        pool.clone(),
     ));
     let operators_stop = CancellationToken::new();
     let actions = Arc::new(Mutex::new(operators::Actions::default()));

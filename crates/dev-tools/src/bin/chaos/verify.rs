@@ -843,13 +843,21 @@ fn rescue_check(ev: &Evidence<'_>, f: &mut Figures) -> Check {
     f.kill_to_rescue_p50_s = pct(&all, 0.5);
     f.kill_to_rescue_max_s = all.last().copied().unwrap_or(0.0);
     f.leases_lost_by_live_daemons = live_losses;
-    if !ev.kills.is_empty() && all.is_empty() {
-        problems.push("daemons were killed but no rescue of their jobs was recorded".to_owned());
-    }
+    problems.extend(missing_rescues(ev.kills, all.len()));
     Check::new(
         "jobs of a killed daemon are rescued within lease + poll interval",
         capped(problems),
     )
+}
+
+/// Only a kill that left jobs running owes a rescue: a daemon killed while
+/// idle (or a `listen`-only one) leaves nothing behind, and a run whose
+/// kills all found it idle is no sign that rescue is broken.
+fn missing_rescues(kills: &[Kill], rescues: usize) -> Option<String> {
+    let held: usize = kills.iter().filter_map(|k| k.held).sum();
+    (held > 0 && rescues == 0).then(|| {
+        format!("killed daemons left {held} jobs running but no rescue of them was recorded")
+    })
 }
 
 pub(crate) fn render(outcome: &Outcome, extra: &[String]) -> String {
@@ -991,6 +999,19 @@ mod tests {
         assert_eq!(brief("a\n  b"), "a b");
         let long = "x".repeat(500);
         assert_eq!(brief(&long).chars().count(), 161);
+    }
+
+    #[test]
+    fn only_kills_that_left_jobs_running_owe_a_rescue() {
+        let kill = |held| Kill {
+            slot: 0,
+            pid: 1,
+            at: Utc::now(),
+            held,
+        };
+        assert_eq!(missing_rescues(&[kill(Some(0)), kill(None)], 0), None);
+        assert!(missing_rescues(&[kill(Some(0)), kill(Some(2))], 0).is_some());
+        assert_eq!(missing_rescues(&[kill(Some(2))], 1), None);
     }
 
     #[test]
