@@ -340,13 +340,20 @@ async fn job_counts(pool: &PgPool) -> Option<(i64, i64, Vec<(String, i64)>)> {
 
 /// Kills a random daemon every `every` (jittered) and restarts it, and
 /// restarts any daemon that died on its own, until `stop`.
+/// What the chaos loop did and saw, read by the progress line and the
+/// verdict.
+#[derive(Default)]
+struct Incidents {
+    kills: Mutex<Vec<Kill>>,
+    crashes: Mutex<Vec<Crash>>,
+}
+
 async fn chaos_loop(
     env: DaemonEnv,
     mut daemons: Vec<Daemon>,
     every: Duration,
     stop: CancellationToken,
-    kills: Arc<Mutex<Vec<Kill>>>,
-    crashes: Arc<Mutex<Vec<Crash>>>,
+    incidents: Arc<Incidents>,
     paused: pause::Paused,
     pool: PgPool,
 ) -> Vec<Daemon> {
@@ -367,7 +374,8 @@ async fn chaos_loop(
                         crash.status,
                         d.log_path().display()
                     ));
-                    crashes
+                    incidents
+                        .crashes
                         .lock()
                         .unwrap_or_else(PoisonError::into_inner)
                         .push(crash);
@@ -393,7 +401,8 @@ async fn chaos_loop(
         match env.kill_and_restart(&mut daemons[slot]).await {
             Ok(mut kill) => {
                 kill.held = held_by(&pool, kill.pid).await;
-                kills
+                incidents
+                    .kills
                     .lock()
                     .unwrap_or_else(PoisonError::into_inner)
                     .push(kill);
@@ -791,8 +800,7 @@ async fn run(args: Args) -> anyhow::Result<bool> {
         .run(calls.clone(), plan.deliveries.clone(), start, stats.clone()),
     );
     let stop = CancellationToken::new();
-    let kills = Arc::new(Mutex::new(Vec::new()));
-    let crashes = Arc::new(Mutex::new(Vec::new()));
+    let incidents = Arc::new(Incidents::default());
     let reconcile_env = env.clone();
     let paused = pause::Paused::default();
     let pauses = Arc::new(Mutex::new(Vec::new()));
@@ -816,8 +824,7 @@ async fn run(args: Args) -> anyhow::Result<bool> {
         daemons,
         args.kill_every,
         stop.clone(),
-        kills.clone(),
-        crashes.clone(),
+        incidents.clone(),
         paused,
         pool.clone(),
     ));
@@ -915,7 +922,11 @@ async fn run(args: Args) -> anyhow::Result<bool> {
                 let s = stats.lock().unwrap_or_else(PoisonError::into_inner);
                 (s.acked.len(), s.requests)
             };
-            let n_kills = kills.lock().unwrap_or_else(PoisonError::into_inner).len();
+            let n_kills = incidents
+                .kills
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .len();
             say(&format!(
                 "+{:.0} s: {reqs} requests, {acked} events acknowledged; kills {n_kills}; jobs {:?}",
                 start.elapsed().as_secs_f64(),
@@ -988,8 +999,13 @@ async fn run(args: Args) -> anyhow::Result<bool> {
     .collect();
     let sources = sources.await.context("hashing the sources")?;
     let stats = std::mem::take(&mut *stats.lock().unwrap_or_else(PoisonError::into_inner));
-    let kills = kills.lock().unwrap_or_else(PoisonError::into_inner).clone();
-    let crashes = crashes
+    let kills = incidents
+        .kills
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .clone();
+    let crashes = incidents
+        .crashes
         .lock()
         .unwrap_or_else(PoisonError::into_inner)
         .clone();
