@@ -67,6 +67,19 @@ pub(super) async fn start_listener_under(
     wrapper: &[String],
     patience: Duration,
 ) -> anyhow::Result<Listener> {
+    start_daemon(url, key, "listen", &[], wrapper, patience).await
+}
+
+/// `recording-relay <role>` (release) on a free loopback port, with `env`
+/// besides the database and the webhook key, run by `wrapper` if any.
+pub(super) async fn start_daemon(
+    url: &str,
+    key: &SigningKey,
+    role: &str,
+    env: &[(&str, &str)],
+    wrapper: &[String],
+    patience: Duration,
+) -> anyhow::Result<Listener> {
     let port = std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port();
@@ -83,7 +96,8 @@ pub(super) async fn start_listener_under(
         None => Command::new(&daemon),
     };
     let mut child = command
-        .arg("listen")
+        .arg(role)
+        .envs(env.iter().copied())
         .env("DATABASE_URL", url)
         .env("LISTEN_ADDR", &addr)
         .env("TELNYX_PUBLIC_KEY", testing::public_key_base64(key))
@@ -93,7 +107,7 @@ pub(super) async fn start_listener_under(
         .stderr(log)
         .kill_on_drop(true)
         .spawn()
-        .with_context(|| format!("starting recording-relay listen {wrapper:?}"))?;
+        .with_context(|| format!("starting recording-relay {role} {wrapper:?}"))?;
     let http = reqwest::Client::new();
     let deadline = Instant::now() + patience;
     loop {
@@ -104,7 +118,7 @@ pub(super) async fn start_listener_under(
         }
         if Instant::now() > deadline || child.try_wait()?.is_some() {
             let log = std::fs::read_to_string(logs.path().join("listen.log")).unwrap_or_default();
-            bail!("the listener did not become ready:\n{log}");
+            bail!("recording-relay {role} did not become ready:\n{log}");
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }

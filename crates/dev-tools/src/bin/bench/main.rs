@@ -15,6 +15,11 @@
 //! - `relay`: recordings relayed from the Telnyx simulator into the storage
 //!   simulator by the release `recording-relay work` process, beside a raw
 //!   loopback copy of the same bytes (`bench/raw-copy.sh`, curl).
+//! - `backlog`: the same, for a queue of 1,000 recordings of 1-20 MB at the
+//!   daemon's default concurrency, the raw copy at that concurrency too.
+//! - `playable`: webhook → intake linked through the release `serve`
+//!   process, the stand-ins behind paced links (`pace.rs`), beside the
+//!   transfer's floor over the same links.
 //! - `dbcost`: what one relayed recording costs the database, counted by
 //!   `pg_stat_statements` on a private cluster, and the idle daemon's load.
 //! - `instructions`: the listener's instructions per webhook, counted by
@@ -83,6 +88,12 @@ enum Scenario {
     Ingest(IngestArgs),
     /// Streaming relay through the simulators, beside a raw curl copy.
     Relay(RelayArgs),
+    /// A backlog of mixed-size recordings drained at the default
+    /// concurrency, beside a raw copy at the same concurrency.
+    Backlog(BacklogArgs),
+    /// Time to playable: webhook → intake linked, through the real
+    /// `serve` process over paced links, beside the transfer's floor.
+    Playable(PlayableArgs),
     /// Every scenario, small: proves the harness works in seconds.
     Smoke,
     /// What relaying a recording costs the database (pg_stat_statements,
@@ -160,6 +171,37 @@ struct RelayArgs {
     size_mb: u64,
 }
 
+#[derive(clap::Args, Clone)]
+struct BacklogArgs {
+    #[arg(long, default_value_t = 1000)]
+    recordings: usize,
+    /// Smallest recording, MB (10^6 bytes).
+    #[arg(long, default_value_t = 1)]
+    min_mb: u64,
+    /// Largest recording, MB.
+    #[arg(long, default_value_t = 20)]
+    max_mb: u64,
+    /// `worker.concurrency`; the daemon's default when not given.
+    #[arg(long)]
+    concurrency: Option<usize>,
+}
+
+#[derive(clap::Args, Clone)]
+struct PlayableArgs {
+    /// Recording sizes in MB (10^6 bytes), one series each.
+    #[arg(long, value_delimiter = ',', default_value = "1,10,50")]
+    sizes_mb: Vec<u64>,
+    /// Measured samples per size (p99 of fewer than 100 is their maximum).
+    #[arg(long, default_value_t = 20)]
+    samples: usize,
+    /// Unmeasured samples per size first.
+    #[arg(long, default_value_t = 2)]
+    warmup: usize,
+    /// Bandwidth of each stand-in's link, each way, in MB/s.
+    #[arg(long, default_value_t = 40)]
+    mb_per_second: u64,
+}
+
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
@@ -177,6 +219,8 @@ fn main() -> anyhow::Result<()> {
             Scenario::Latency { samples } => latency(&server, samples).await,
             Scenario::Ingest(a) => ingest(&server, &a).await,
             Scenario::Relay(a) => relay(&server, &a).await,
+            Scenario::Backlog(a) => backlog(&server, &a).await,
+            Scenario::Playable(a) => playable(&server, &a).await,
             Scenario::Smoke => smoke(&server).await,
             Scenario::History(a) => history(&server, &a).await,
             Scenario::Dbcost(a) => dbcost(&a).await,
@@ -196,6 +240,8 @@ mod history;
 mod ingest;
 mod instructions;
 mod latency;
+mod pace;
+mod playable;
 mod queue;
 mod relay;
 mod smoke;
@@ -205,6 +251,7 @@ use self::history::*;
 use self::ingest::*;
 use self::instructions::*;
 use self::latency::*;
+use self::playable::*;
 use self::queue::*;
 use self::relay::*;
 use self::smoke::*;
