@@ -31,7 +31,11 @@ step() {
 step bench/queue.sh
 step target/release/bench latency
 step target/release/bench ingest
+step target/release/bench playable
 step target/release/bench relay
+step target/release/bench relay --recordings 10 --size-mb 10
+step target/release/bench relay --recordings 10 --size-mb 1
+step target/release/bench backlog
 step target/release/bench history
 echo "load average after: $(cut -d' ' -f1-3 /proc/loadavg)" | tee -a "$log"
 

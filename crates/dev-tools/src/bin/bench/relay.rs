@@ -1,5 +1,7 @@
 //! `bench relay`: large recordings streamed from the Telnyx stand-in into the
-//! storage stand-in by the real binary, beside a raw curl copy.
+//! storage stand-in by the real binary, beside a raw curl copy; and
+//! `bench backlog`: a queue of many recordings of mixed sizes drained at the
+//! daemon's default concurrency, beside a raw copy at the same concurrency.
 
 use super::*;
 
@@ -8,9 +10,102 @@ pub(super) const TELNYX_KEY: &str = "KEY_bench";
 pub(super) const BUCKET: &str = "call-recordings";
 
 pub(super) async fn relay(server: &str, a: &RelayArgs) -> anyhow::Result<()> {
-    let url = fresh_database(server, "bench_relay").await?;
-    let size = a.size_mb * 1_000_000;
-    let total_mb = (size * a.recordings as u64) as f64 / 1e6;
+    let sizes = vec![a.size_mb * 1_000_000; a.recordings];
+    // Every recording at once: the daemon runs as many jobs as there are.
+    let run = relay_run(server, "bench_relay", &sizes, Some(a.recordings.max(1))).await?;
+    let label = format!("{} x {} MB concurrently", a.recordings, a.size_mb);
+    run.report("relay", &label, ">= 0.95");
+    Ok(())
+}
+
+pub(super) async fn backlog(server: &str, a: &BacklogArgs) -> anyhow::Result<()> {
+    // Sizes spread evenly over [min, max] MB, in a fixed shuffled order.
+    let mut rng = fastrand::Rng::with_seed(0xb4c1_0600);
+    let sizes: Vec<u64> = (0..a.recordings)
+        .map(|_| rng.u64(a.min_mb * 1_000_000..=a.max_mb * 1_000_000))
+        .collect();
+    let run = relay_run(server, "bench_backlog", &sizes, a.concurrency).await?;
+    let label = format!(
+        "backlog of {} x {}-{} MB, concurrency {}",
+        a.recordings, a.min_mb, a.max_mb, run.concurrency
+    );
+    run.report("backlog", &label, ">= 0.90");
+    Ok(())
+}
+
+/// What one relay run measured.
+struct RelayRun {
+    total_mb: f64,
+    recordings: usize,
+    concurrency: usize,
+    relayed: Duration,
+    raw_before: Duration,
+    raw_after: Duration,
+    cpu: f64,
+    peak: f64,
+    idle_rss: f64,
+}
+
+impl RelayRun {
+    fn report(&self, scenario: &str, label: &str, target: &str) {
+        let raw = (self.raw_before + self.raw_after) / 2;
+        let raw_mbs = self.total_mb / raw.as_secs_f64();
+        let relay_mbs = self.total_mb / self.relayed.as_secs_f64();
+        say(format!(
+            "{scenario}: raw copy (curl | curl, {} at a time) of {} recordings, {:.0} MB: \
+             {} ms before, {} ms after: {raw_mbs:.0} MB/s",
+            self.concurrency,
+            self.recordings,
+            self.total_mb,
+            ms(self.raw_before),
+            ms(self.raw_after)
+        ));
+        say(format!(
+            "{scenario}: recording-relay work ({} at a time): {} ms, {relay_mbs:.0} MB/s, \
+             {:.1} recordings/s; daemon CPU {:.2} s; peak RSS {:.1} MiB (idle {:.1} MiB); \
+             every object verified by SHA-256",
+            self.concurrency,
+            ms(self.relayed),
+            self.recordings as f64 / self.relayed.as_secs_f64(),
+            self.cpu,
+            self.peak,
+            self.idle_rss
+        ));
+        table_row(
+            scenario,
+            &format!("{label} (MB/s vs raw curl copy)"),
+            &format!("{relay_mbs:.0} MB/s ({:.1} s)", self.relayed.as_secs_f64()),
+            &format!(
+                "{raw_mbs:.0} MB/s ({:.1} s, mean of before/after)",
+                raw.as_secs_f64()
+            ),
+            &ratio(relay_mbs, raw_mbs),
+            target,
+        );
+        table_row(
+            scenario,
+            "daemon peak RSS (VmHWM)",
+            &format!("{:.1} MiB", self.peak),
+            "-",
+            "-",
+            "< 100 MB",
+        );
+    }
+}
+
+/// Relays recordings of `sizes` bytes with `recording-relay work` at
+/// `concurrency` (the daemon's default when `None`), between two raw copies
+/// at the same concurrency.
+async fn relay_run(
+    server: &str,
+    database: &str,
+    sizes: &[u64],
+    concurrency: Option<usize>,
+) -> anyhow::Result<RelayRun> {
+    let url = fresh_database(server, database).await?;
+    let size = sizes.iter().copied().max().unwrap_or(0);
+    let total_mb = sizes.iter().sum::<u64>() as f64 / 1e6;
+    let parallel = concurrency.unwrap_or_else(|| Config::default().worker.concurrency);
     let stop = CancellationToken::new();
     // The storage simulator's files go to memory (/dev/shm) when it is
     // there: writing gigabytes back to a shared disk would stall the
@@ -38,7 +133,7 @@ pub(super) async fn relay(server: &str, a: &RelayArgs) -> anyhow::Result<()> {
 
     let pool = PgPool::connect(&url).await?;
     let mut recordings = Vec::new();
-    for i in 0..a.recordings {
+    for (i, &size) in sizes.iter().enumerate() {
         let mut rec =
             SimRecording::sample(format!("bench-rec-{i}-{}", uuid::Uuid::new_v4().simple()));
         rec.content = SimAudio::generated(size, i as u64 + 1);
@@ -53,18 +148,16 @@ pub(super) async fn relay(server: &str, a: &RelayArgs) -> anyhow::Result<()> {
 
     // The raw copy right before and right after the daemon, so noise from
     // the shared machine (and disk writeback) hits both sides alike.
-    let raw_before = raw_copy(&telnyx, &storage, &recordings, size, data_dir.path()).await?;
+    let raw_before = raw_copy(&telnyx, &storage, &recordings, parallel, data_dir.path()).await?;
 
     // The daemon: `recording-relay work`, release, its own process.
     let dir = tempfile::tempdir()?;
     let config = dir.path().join("config.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[worker]\nconcurrency = {}\npoll_interval = \"1s\"\n",
-            a.recordings.max(1)
-        ),
-    )?;
+    let worker = match concurrency {
+        Some(n) => format!("[worker]\nconcurrency = {n}\npoll_interval = \"1s\"\n"),
+        None => "[worker]\npoll_interval = \"1s\"\n".to_owned(),
+    };
+    std::fs::write(&config, worker)?;
     let log = std::fs::File::create(dir.path().join("work.log"))?;
     let mut daemon = Command::new(daemon_binary()?)
         .args(["--config"])
@@ -161,7 +254,7 @@ pub(super) async fn relay(server: &str, a: &RelayArgs) -> anyhow::Result<()> {
             .object(BUCKET, &path)
             .with_context(|| format!("{path} is missing"))?;
         ensure!(
-            o.size == size && o.sha256_hex == rec.content.sha256_hex(),
+            o.size == rec.content.len() && o.sha256_hex == rec.content.sha256_hex(),
             "{path} differs from the source"
         );
     }
@@ -171,58 +264,30 @@ pub(super) async fn relay(server: &str, a: &RelayArgs) -> anyhow::Result<()> {
         .map(|(rec, intake)| format!("intakes/{intake}/{}.wav", rec.id))
         .collect();
     delete_objects(&storage, &paths).await?;
-    let raw_after = raw_copy(&telnyx, &storage, &recordings, size, data_dir.path()).await?;
-    let raw = (raw_before + raw_after) / 2;
-    let raw_mbs = total_mb / raw.as_secs_f64();
-    say(format!(
-        "relay: raw copy (curl | curl) of {} x {} MB: {} ms before, {} ms after: {raw_mbs:.0} MB/s",
-        a.recordings,
-        a.size_mb,
-        ms(raw_before),
-        ms(raw_after)
-    ));
-    let relay_mbs = total_mb / relayed.as_secs_f64();
-    say(format!(
-        "relay: recording-relay work, {} x {} MB: {} ms, {relay_mbs:.0} MB/s; daemon CPU {cpu:.2} s; \
-         peak RSS {peak:.1} MiB (idle {idle_rss:.1} MiB); every object verified by SHA-256",
-        a.recordings,
-        a.size_mb,
-        ms(relayed)
-    ));
-    table_row(
-        "relay",
-        &format!(
-            "{} x {} MB concurrently (MB/s vs raw curl copy)",
-            a.recordings, a.size_mb
-        ),
-        &format!("{relay_mbs:.0} MB/s ({:.1} s)", relayed.as_secs_f64()),
-        &format!(
-            "{raw_mbs:.0} MB/s ({:.1} s, mean of before/after)",
-            raw.as_secs_f64()
-        ),
-        &ratio(relay_mbs, raw_mbs),
-        ">= 0.80",
-    );
-    table_row(
-        "relay",
-        "daemon peak RSS (VmHWM)",
-        &format!("{peak:.1} MiB"),
-        "-",
-        "-",
-        "< 100 MB",
-    );
+    let raw_after = raw_copy(&telnyx, &storage, &recordings, parallel, data_dir.path()).await?;
     stop.cancel();
-    Ok(())
+    Ok(RelayRun {
+        total_mb,
+        recordings: recordings.len(),
+        concurrency: parallel,
+        relayed,
+        raw_before,
+        raw_after,
+        cpu,
+        peak,
+        idle_rss,
+    })
 }
 
-/// Copies every recording with curl (download piped into upload), all at
-/// once; checks the sizes, deletes the copies and flushes them to disk, so
-/// the next run starts from the same state. Returns the copy's wall time.
+/// Copies every recording with curl (download piped into upload),
+/// `parallel` at a time; checks the sizes, deletes the copies and flushes
+/// them to disk, so the next run starts from the same state. Returns the
+/// copy's wall time.
 pub(super) async fn raw_copy(
     telnyx: &TelnyxSim,
     storage: &StorageSim,
     recordings: &[(SimRecording, uuid::Uuid)],
-    size: u64,
+    parallel: usize,
     dir: &Path,
 ) -> anyhow::Result<Duration> {
     let pairs = dir.join("pairs.txt");
@@ -242,6 +307,7 @@ pub(super) async fn raw_copy(
     let t0 = Instant::now();
     let status = Command::new(bench_dir().join("raw-copy.sh"))
         .arg(&pairs)
+        .arg(parallel.to_string())
         .env("SERVICE_KEY", SERVICE_KEY)
         .stdout(Stdio::null())
         .status()
@@ -250,12 +316,16 @@ pub(super) async fn raw_copy(
     let took = t0.elapsed();
     ensure!(status.success(), "bench/raw-copy.sh failed: {status}");
     let mut paths = Vec::new();
-    for i in 0..recordings.len() {
+    for (i, (rec, _)) in recordings.iter().enumerate() {
         let path = format!("raw/{i}.wav");
         let o = storage
             .object(BUCKET, &path)
             .context("a raw copy is missing")?;
-        ensure!(o.size == size, "raw copy {i} has {} bytes", o.size);
+        ensure!(
+            o.size == rec.content.len(),
+            "raw copy {i} has {} bytes",
+            o.size
+        );
         paths.push(path);
     }
     delete_objects(storage, &paths).await?;
@@ -263,13 +333,19 @@ pub(super) async fn raw_copy(
 }
 
 pub(super) async fn delete_objects(storage: &StorageSim, paths: &[String]) -> anyhow::Result<()> {
-    let http = reqwest::Client::new();
+    delete_objects_at(&reqwest::Client::new(), &storage.base_url(), paths).await
+}
+
+/// Deletes `paths` from the bucket of the storage server at `base_url`,
+/// then flushes the disks.
+pub(super) async fn delete_objects_at(
+    http: &reqwest::Client,
+    base_url: &str,
+    paths: &[String],
+) -> anyhow::Result<()> {
     for path in paths {
         let res = http
-            .delete(format!(
-                "{}/storage/v1/object/{BUCKET}/{path}",
-                storage.base_url()
-            ))
+            .delete(format!("{base_url}/storage/v1/object/{BUCKET}/{path}"))
             .bearer_auth(SERVICE_KEY)
             .header("apikey", SERVICE_KEY)
             .send()

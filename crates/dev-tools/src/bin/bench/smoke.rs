@@ -43,6 +43,26 @@ pub(super) async fn smoke(server: &str) -> anyhow::Result<()> {
         },
     )
     .await?;
+    backlog(
+        server,
+        &BacklogArgs {
+            recordings: 8,
+            min_mb: 1,
+            max_mb: 4,
+            concurrency: None,
+        },
+    )
+    .await?;
+    playable(
+        server,
+        &PlayableArgs {
+            sizes_mb: vec![1],
+            samples: 2,
+            warmup: 0,
+            mb_per_second: 40,
+        },
+    )
+    .await?;
     dbcost(&DbCostArgs {
         recordings: 5,
         idle_secs: 1,
