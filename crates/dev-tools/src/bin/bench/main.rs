@@ -14,7 +14,8 @@
 //!   same concurrency on the same database, then fixed rates.
 //! - `relay`: recordings relayed from the Telnyx simulator into the storage
 //!   simulator by the release `recording-relay work` process, beside a raw
-//!   loopback copy of the same bytes (`bench/raw-copy.sh`, curl).
+//!   loopback copy of the same bytes: the faster of curl piped into curl
+//!   (`bench/raw-copy.sh`) and a stream copy in this process.
 //! - `backlog`: the same, for a queue of 1,000 recordings of 1-20 MB at the
 //!   daemon's default concurrency, the raw copy at that concurrency too.
 //! - `playable`: webhook → intake linked through the release `serve`
@@ -86,7 +87,7 @@ enum Scenario {
     },
     /// Webhook ingest against the release listener, beside pgbench.
     Ingest(IngestArgs),
-    /// Streaming relay through the simulators, beside a raw curl copy.
+    /// Streaming relay through the simulators, beside a raw copy.
     Relay(RelayArgs),
     /// A backlog of mixed-size recordings drained at the default
     /// concurrency, beside a raw copy at the same concurrency.
@@ -184,6 +185,10 @@ struct BacklogArgs {
     /// `worker.concurrency`; the daemon's default when not given.
     #[arg(long)]
     concurrency: Option<usize>,
+    /// Serve the stand-ins through links of this bandwidth per connection,
+    /// each way (MB/s); plain loopback when not given.
+    #[arg(long)]
+    mb_per_second: Option<u64>,
 }
 
 #[derive(clap::Args, Clone)]

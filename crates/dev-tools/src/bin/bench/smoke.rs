@@ -50,6 +50,7 @@ pub(super) async fn smoke(server: &str) -> anyhow::Result<()> {
             min_mb: 1,
             max_mb: 4,
             concurrency: None,
+            mb_per_second: None,
         },
     )
     .await?;
