@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every benchmark scenario in sequence on this machine, then the results
 # table (markdown). Each scenario makes its own fresh bench_* database and
-# runs VACUUM ANALYZE first. Takes about 15 minutes; the full log goes to
+# runs VACUUM ANALYZE first. Takes about 35 minutes; the full log goes to
 # bench/last-run.log.
 #
 # bench/run-all.sh              everything (see BENCHMARKS.md)
@@ -36,6 +36,9 @@ step target/release/bench relay
 step target/release/bench relay --recordings 10 --size-mb 10
 step target/release/bench relay --recordings 10 --size-mb 1
 step target/release/bench backlog
+step target/release/bench backlog --mb-per-second 40
+step target/release/bench dbcost
+step target/release/bench instructions
 step target/release/bench history
 echo "load average after: $(cut -d' ' -f1-3 /proc/loadavg)" | tee -a "$log"
 
