@@ -161,6 +161,10 @@ struct IngestArgs {
     clients: usize,
     #[arg(long, default_value_t = 10)]
     closed_secs: u64,
+    /// Pin the load generator and pgbench to the last CPU and the listener
+    /// to the others (`taskset`).
+    #[arg(long)]
+    pin: bool,
 }
 
 #[derive(clap::Args, Clone)]

@@ -32,6 +32,7 @@ pub(super) async fn smoke(server: &str) -> anyhow::Result<()> {
             step_secs: 1,
             clients: 4,
             closed_secs: 1,
+            pin: false,
         },
     )
     .await?;
