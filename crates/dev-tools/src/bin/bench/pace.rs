@@ -89,7 +89,10 @@ async fn pipe(
     rate: u64,
 ) {
     let mut buf = vec![0u8; 16 * 1024];
-    let mut next_free = tokio::time::Instant::now();
+    // A new connection starts with the same credit as a kept-alive idle
+    // one: otherwise whoever reuses connections (or not) gains or loses
+    // BURST per request, which is a bench artefact, not the link.
+    let mut next_free = tokio::time::Instant::now() - BURST;
     loop {
         let n = match from.read(&mut buf).await {
             Ok(0) | Err(_) => break,
