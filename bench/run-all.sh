@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every benchmark scenario in sequence on this machine, then the results
 # table (markdown). Each scenario makes its own fresh bench_* database and
-# runs VACUUM ANALYZE first. Takes about 35 minutes; the full log goes to
+# runs VACUUM ANALYZE first. Takes about 20 minutes on 2 cores; the full log goes to
 # bench/last-run.log.
 #
 # bench/run-all.sh              everything (see BENCHMARKS.md)
