@@ -45,6 +45,8 @@ impl PacedListener {
     /// Forwards every connection to `upstream`, each direction at
     /// `bytes_per_second`.
     pub(super) fn serve(self, upstream: SocketAddr, bytes_per_second: u64) -> Paced {
+        // A zero rate would be an infinite debt per byte.
+        let bytes_per_second = bytes_per_second.max(1);
         let stop = CancellationToken::new();
         let token = stop.clone();
         tokio::spawn(async move {
@@ -53,7 +55,11 @@ impl PacedListener {
                     () = token.cancelled() => return,
                     a = self.listener.accept() => a,
                 };
-                let Ok((client, _)) = accepted else { continue };
+                let Ok((client, _)) = accepted else {
+                    // Out of descriptors, say: wait rather than spin.
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    continue;
+                };
                 let token = token.clone();
                 tokio::spawn(async move {
                     let Ok(server) = TcpStream::connect(upstream).await else {

@@ -1,4 +1,4 @@
-//! `bench smoke`: every scenario, small, in about ten seconds: checks the
+//! `bench smoke`: every scenario, small, in about half a minute: checks the
 //! harness, not the figures.
 
 use super::*;

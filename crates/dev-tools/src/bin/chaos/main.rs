@@ -338,8 +338,6 @@ async fn job_counts(pool: &PgPool) -> Option<(i64, i64, Vec<(String, i64)>)> {
     Some((total, open, rows))
 }
 
-/// Kills a random daemon every `every` (jittered) and restarts it, and
-/// restarts any daemon that died on its own, until `stop`.
 /// What the chaos loop did and saw, read by the progress line and the
 /// verdict.
 #[derive(Default)]
@@ -348,6 +346,8 @@ struct Incidents {
     crashes: Mutex<Vec<Crash>>,
 }
 
+/// Kills a random daemon every `every` (jittered) and restarts it, and
+/// restarts any daemon that died on its own, until `stop`.
 async fn chaos_loop(
     env: DaemonEnv,
     mut daemons: Vec<Daemon>,
@@ -417,13 +417,17 @@ async fn chaos_loop(
 /// How many jobs a (dead) process still holds: `running` under a worker
 /// id that names its pid. Read after the kill, so it cannot change until
 /// another daemon rescues them (a lease later).
+/// At most a second: while PostgreSQL is down the loop must go on
+/// restarting daemons, and an unknown count is recorded as such.
 async fn held_by(pool: &PgPool, pid: u32) -> Option<usize> {
-    let workers: Vec<(String,)> = sqlx::query_as(
+    let read = sqlx::query_as::<_, (String,)>(
         "SELECT locked_by FROM recording_relay.recording_jobs WHERE state = 'running'",
     )
-    .fetch_all(pool)
-    .await
-    .ok()?;
+    .fetch_all(pool);
+    let workers = tokio::time::timeout(Duration::from_secs(1), read)
+        .await
+        .ok()?
+        .ok()?;
     Some(
         workers
             .iter()

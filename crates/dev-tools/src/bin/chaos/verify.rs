@@ -852,11 +852,17 @@ fn rescue_check(ev: &Evidence<'_>, f: &mut Figures) -> Check {
 
 /// Only a kill that left jobs running owes a rescue: a daemon killed while
 /// idle (or a `listen`-only one) leaves nothing behind, and a run whose
-/// kills all found it idle is no sign that rescue is broken.
+/// kills all found it idle is no sign that rescue is broken. A kill whose
+/// count could not be read (the database was down) may have left jobs, so
+/// it owes a rescue as every kill did before counts were read.
 fn missing_rescues(kills: &[Kill], rescues: usize) -> Option<String> {
     let held: usize = kills.iter().filter_map(|k| k.held).sum();
-    (held > 0 && rescues == 0).then(|| {
-        format!("killed daemons left {held} jobs running but no rescue of them was recorded")
+    let unknown = kills.iter().filter(|k| k.held.is_none()).count();
+    (rescues == 0 && (held > 0 || unknown > 0)).then(|| {
+        format!(
+            "killed daemons left {held} jobs running ({unknown} kills uncounted, the database \
+             did not answer) but no rescue was recorded"
+        )
     })
 }
 
@@ -1009,9 +1015,10 @@ mod tests {
             at: Utc::now(),
             held,
         };
-        assert_eq!(missing_rescues(&[kill(Some(0)), kill(None)], 0), None);
+        assert_eq!(missing_rescues(&[kill(Some(0)), kill(Some(0))], 0), None);
         assert!(missing_rescues(&[kill(Some(0)), kill(Some(2))], 0).is_some());
-        assert_eq!(missing_rescues(&[kill(Some(2))], 1), None);
+        assert!(missing_rescues(&[kill(Some(0)), kill(None)], 0).is_some());
+        assert_eq!(missing_rescues(&[kill(Some(2)), kill(None)], 1), None);
     }
 
     #[test]
