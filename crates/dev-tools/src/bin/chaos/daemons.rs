@@ -36,10 +36,10 @@ pub(crate) struct Kill {
     pub slot: usize,
     pub pid: u32,
     pub at: DateTime<Utc>,
-    /// Jobs the killed process left `running`, read just after the kill
-    /// (`None` when the database could not say, e.g. during its restart).
-    /// A kill that left nothing behind owes no rescue.
-    pub held: Option<usize>,
+    /// The jobs the killed process left `running`, read just after the
+    /// kill (`None` when the database could not say, e.g. during its
+    /// restart). A kill that left nothing behind owes no rescue.
+    pub held: Option<Vec<i64>>,
 }
 
 /// A process that exited without being told to.

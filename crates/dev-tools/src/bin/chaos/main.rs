@@ -414,26 +414,36 @@ async fn chaos_loop(
     daemons
 }
 
-/// How many jobs a (dead) process still holds: `running` under a worker
-/// id that names its pid. Read after the kill, so it cannot change until
-/// another daemon rescues them (a lease later).
-/// At most a second: while PostgreSQL is down the loop must go on
-/// restarting daemons, and an unknown count is recorded as such.
-async fn held_by(pool: &PgPool, pid: u32) -> Option<usize> {
-    let read = sqlx::query_as::<_, (String,)>(
-        "SELECT locked_by FROM recording_relay.recording_jobs WHERE state = 'running'",
-    )
-    .fetch_all(pool);
-    let workers = tokio::time::timeout(Duration::from_secs(1), read)
+/// The jobs a (dead) process still holds: `running` under a worker id that
+/// names its pid. Read twice, 100 ms apart, keeping what both saw: a
+/// statement the process sent just before it died may still commit in its
+/// backend. After that nothing changes them until another daemon rescues
+/// them (a lease later) or an operator cancels them. Each read waits at
+/// most a second: while PostgreSQL is down the loop must go on restarting
+/// daemons, and an unknown set is recorded as such.
+async fn held_by(pool: &PgPool, pid: u32) -> Option<Vec<i64>> {
+    let read = || async {
+        let rows = tokio::time::timeout(
+            Duration::from_secs(1),
+            sqlx::query_as::<_, (i64, String)>(
+                "SELECT id, locked_by FROM recording_relay.recording_jobs WHERE state = 'running'",
+            )
+            .fetch_all(pool),
+        )
         .await
         .ok()?
         .ok()?;
-    Some(
-        workers
-            .iter()
-            .filter(|(w,)| daemons::pid_of_worker(w) == Some(pid))
-            .count(),
-    )
+        Some(
+            rows.into_iter()
+                .filter(|(_, w)| daemons::pid_of_worker(w) == Some(pid))
+                .map(|(id, _)| id)
+                .collect::<Vec<i64>>(),
+        )
+    };
+    let first = read().await?;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let second = read().await?;
+    Some(first.into_iter().filter(|id| second.contains(id)).collect())
 }
 
 async fn wait_healthy(addrs: &[std::net::SocketAddr], patience: Duration) -> anyhow::Result<()> {

@@ -843,27 +843,71 @@ fn rescue_check(ev: &Evidence<'_>, f: &mut Figures) -> Check {
     f.kill_to_rescue_p50_s = pct(&all, 0.5);
     f.kill_to_rescue_max_s = all.last().copied().unwrap_or(0.0);
     f.leases_lost_by_live_daemons = live_losses;
-    problems.extend(missing_rescues(ev.kills, all.len()));
+    let fates: HashMap<i64, Vec<Fate>> = ev
+        .jobs
+        .iter()
+        .map(|job| {
+            let fate = history(job)
+                .into_iter()
+                .map(|e| Fate {
+                    pid: e.worker.as_deref().and_then(pid_of_worker),
+                    kind: e.kind,
+                    at: e.at,
+                })
+                .collect();
+            (job.id, fate)
+        })
+        .collect();
+    problems.extend(missing_rescues(ev.kills, &fates, all.len()));
     Check::new(
         "jobs of a killed daemon are rescued within lease + poll interval",
         capped(problems),
     )
 }
 
-/// Only a kill that left jobs running owes a rescue: a daemon killed while
-/// idle (or a `listen`-only one) leaves nothing behind, and a run whose
-/// kills all found it idle is no sign that rescue is broken. A kill whose
-/// count could not be read (the database was down) may have left jobs, so
-/// it owes a rescue as every kill did before counts were read.
-fn missing_rescues(kills: &[Kill], rescues: usize) -> Option<String> {
-    let held: usize = kills.iter().filter_map(|k| k.held).sum();
+/// One entry of a job's history, as the rescue check reads it.
+struct Fate {
+    kind: String,
+    /// The pid the entry's worker id names (the lease holder).
+    pid: Option<u32>,
+    at: Option<DateTime<Utc>>,
+}
+
+/// Every job a killed daemon left `running` must be rescued (a
+/// `lease_expired` entry naming the dead worker) or cancelled by an
+/// operator after the kill (the chaos operators cancel running jobs, and a
+/// dead daemon's stay running longest). A daemon killed while idle, or a
+/// `listen`-only one, leaves nothing and owes nothing. A kill whose jobs
+/// could not be read (the database was down) owes what every kill did
+/// before they were read: some rescue in the run.
+fn missing_rescues(kills: &[Kill], fates: &HashMap<i64, Vec<Fate>>, rescues: usize) -> Vec<String> {
+    let mut problems = Vec::new();
+    for kill in kills {
+        for id in kill.held.iter().flatten() {
+            let ended = fates.get(id).is_some_and(|fate| {
+                fate.iter().any(|f| {
+                    (f.kind == "lease_expired" && f.pid == Some(kill.pid))
+                        || (f.kind == "cancelled" && f.at.is_some_and(|at| at >= kill.at))
+                })
+            });
+            if !ended {
+                problems.push(format!(
+                    "job {id}, running on daemon {} (pid {}) when it was killed at {}, was neither \
+                     rescued nor cancelled",
+                    kill.slot,
+                    kill.pid,
+                    kill.at.format("%H:%M:%S%.3f")
+                ));
+            }
+        }
+    }
     let unknown = kills.iter().filter(|k| k.held.is_none()).count();
-    (rescues == 0 && (held > 0 || unknown > 0)).then(|| {
-        format!(
-            "killed daemons left {held} jobs running ({unknown} kills uncounted, the database \
-             did not answer) but no rescue was recorded"
-        )
-    })
+    if unknown > 0 && rescues == 0 {
+        problems.push(format!(
+            "{unknown} kills came while the database did not answer, and no rescue was recorded"
+        ));
+    }
+    problems
 }
 
 pub(crate) fn render(outcome: &Outcome, extra: &[String]) -> String {
@@ -1008,17 +1052,36 @@ mod tests {
     }
 
     #[test]
-    fn only_kills_that_left_jobs_running_owe_a_rescue() {
-        let kill = |held| Kill {
+    fn every_job_a_killed_daemon_left_running_is_rescued_or_cancelled() {
+        let at = Utc::now();
+        let kill = |held: Option<Vec<i64>>| Kill {
             slot: 0,
-            pid: 1,
-            at: Utc::now(),
+            pid: 7,
+            at,
             held,
         };
-        assert_eq!(missing_rescues(&[kill(Some(0)), kill(Some(0))], 0), None);
-        assert!(missing_rescues(&[kill(Some(0)), kill(Some(2))], 0).is_some());
-        assert!(missing_rescues(&[kill(Some(0)), kill(None)], 0).is_some());
-        assert_eq!(missing_rescues(&[kill(Some(2)), kill(None)], 1), None);
+        let fate = |kind: &str, pid, secs| Fate {
+            kind: kind.to_owned(),
+            pid,
+            at: Some(at + chrono::Duration::seconds(secs)),
+        };
+        let fates: HashMap<i64, Vec<Fate>> = HashMap::from([
+            (1, vec![fate("lease_expired", Some(7), 6)]),
+            (2, vec![fate("cancelled", None, 2)]),
+            (3, vec![fate("lease_expired", Some(8), 6)]),
+            (4, vec![fate("cancelled", None, -2)]),
+        ]);
+        // Idle kills owe nothing; rescued and cancelled jobs are accounted.
+        assert!(missing_rescues(&[kill(Some(vec![]))], &fates, 0).is_empty());
+        assert!(missing_rescues(&[kill(Some(vec![1, 2]))], &fates, 1).is_empty());
+        // Another daemon's rescue, or a cancel before the kill, is not this one's.
+        assert_eq!(
+            missing_rescues(&[kill(Some(vec![3, 4, 5]))], &fates, 1).len(),
+            3
+        );
+        // An uncounted kill owes some rescue in the run.
+        assert_eq!(missing_rescues(&[kill(None)], &fates, 0).len(), 1);
+        assert!(missing_rescues(&[kill(None)], &fates, 1).is_empty());
     }
 
     #[test]
