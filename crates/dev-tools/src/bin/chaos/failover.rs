@@ -376,7 +376,20 @@ pub(crate) async fn lost_acknowledged(
     Ok(lost)
 }
 
-/// How many recordings `reconcile --json` says it enqueued.
+/// The jobs `reconcile` made, over all its attempts (`reconcile:` event
+/// ids).
+pub(crate) async fn reconciled_jobs(pool: &sqlx::PgPool) -> anyhow::Result<usize> {
+    let n: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM recording_relay.recording_jobs WHERE event_id LIKE 'reconcile:%'",
+    )
+    .fetch_one(pool)
+    .await
+    .context("counting reconcile's jobs")?;
+    Ok(usize::try_from(n).unwrap_or(0))
+}
+
+/// How many recordings `reconcile --json` says it enqueued (its last
+/// attempt).
 pub(crate) fn enqueued(report: &str) -> usize {
     serde_json::from_str::<serde_json::Value>(report)
         .ok()

@@ -909,7 +909,12 @@ async fn run(args: Args) -> anyhow::Result<bool> {
                     Err(e) => return Err(e),
                 }
             };
-            let enqueued = failover::enqueued(&out);
+            // Every attempt's enqueues, not only the last report's: an
+            // attempt that Telnyx failed half-way has committed the jobs it
+            // made, and the next one finds them known.
+            let enqueued = failover::reconciled_jobs(&pool)
+                .await?
+                .max(failover::enqueued(&out));
             say(&format!("reconcile: {}", out.trim()));
             say(&format!(
                 "after the failover: {} acknowledged webhooks have no job; reconcile enqueued {enqueued}",
