@@ -134,6 +134,21 @@ pub(super) fn cpu_seconds(pid: u32) -> Option<f64> {
     Some(ticks / 100.0)
 }
 
+/// The environment that points a `serve` or `work` daemon at the
+/// stand-ins (their keys are the bench's).
+pub(super) fn provider_env<'a>(
+    telnyx_url: &'a str,
+    storage_url: &'a str,
+) -> [(&'static str, &'a str); 5] {
+    [
+        ("TELNYX_API_KEY", TELNYX_KEY),
+        ("TELNYX_API_URL", telnyx_url),
+        ("SUPABASE_URL", storage_url),
+        ("SUPABASE_SERVICE_ROLE_KEY", SERVICE_KEY),
+        ("STORAGE_BUCKET", BUCKET),
+    ]
+}
+
 /// A signed `call.recording.saved` body, as Telnyx sends it.
 pub(super) fn webhook_body(event_id: &str, call_session_id: &str) -> Vec<u8> {
     testing::recording_saved_event(event_id, call_session_id)

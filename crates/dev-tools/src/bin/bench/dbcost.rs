@@ -13,8 +13,6 @@
 //!
 //! Counts, not timings: they do not move with the machine's load.
 
-use std::net::SocketAddr;
-
 use recording_relay_dev_tools::demo::cluster::Cluster;
 
 use super::*;
@@ -118,45 +116,18 @@ async fn run(cluster: &Cluster, a: &DbCostArgs) -> anyhow::Result<()> {
     }
 
     let key = testing::signing_key();
-    let dir = tempfile::tempdir()?;
-    let addr: SocketAddr = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
-    let log_path = dir.path().join("serve.log");
-    let log = std::fs::File::create(&log_path)?;
-    let mut daemon = Command::new(daemon_binary()?)
-        .arg("serve")
-        .env("DATABASE_URL", &daemon_url)
-        .env("LISTEN_ADDR", addr.to_string())
-        .env("TELNYX_PUBLIC_KEY", testing::public_key_base64(&key))
-        .env("TELNYX_API_KEY", TELNYX_KEY)
-        .env("TELNYX_API_URL", telnyx.base_url())
-        .env("SUPABASE_URL", storage.base_url())
-        .env("SUPABASE_SERVICE_ROLE_KEY", SERVICE_KEY)
-        .env("STORAGE_BUCKET", BUCKET)
-        .env_remove("RUST_LOG")
-        .stdout(log.try_clone()?)
-        .stderr(log)
-        .kill_on_drop(true)
-        .spawn()
-        .context("starting recording-relay serve")?;
+    let (telnyx_url, storage_url) = (telnyx.base_url(), storage.base_url());
+    let daemon = start_daemon(
+        &daemon_url,
+        &key,
+        "serve",
+        &provider_env(&telnyx_url, &storage_url),
+        &[],
+        Duration::from_secs(30),
+    )
+    .await?;
+    let addr = daemon.addr.clone();
     let http = reqwest::Client::new();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let ready = http
-            .get(format!("http://{addr}/readyz"))
-            .send()
-            .await
-            .is_ok_and(|r| r.status().is_success());
-        if ready {
-            break;
-        }
-        if Instant::now() > deadline {
-            bail!(
-                "the daemon did not become ready; its log:\n{}",
-                std::fs::read_to_string(&log_path).unwrap_or_default()
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 
     // Idle: whatever the daemon does with nothing to do, once each pooled
     // connection has made its first round (type look-ups, session settings).
@@ -319,11 +290,7 @@ async fn run(cluster: &Cluster, a: &DbCostArgs) -> anyhow::Result<()> {
         "-",
     );
 
-    let _ = std::process::Command::new("kill")
-        .args(["-TERM", &daemon.id().unwrap_or(0).to_string()])
-        .status();
-    let status = tokio::time::timeout(Duration::from_secs(30), daemon.wait()).await??;
-    ensure!(status.success(), "the daemon exited with {status}");
+    daemon.stop_within(Duration::from_secs(30)).await?;
     pool.close().await;
     stop.cancel();
     Ok(())

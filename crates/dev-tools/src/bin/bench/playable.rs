@@ -371,12 +371,6 @@ async fn start_serve(
     telnyx_url: &str,
     storage_url: &str,
 ) -> anyhow::Result<Listener> {
-    let extra = [
-        ("TELNYX_API_KEY", TELNYX_KEY),
-        ("TELNYX_API_URL", telnyx_url),
-        ("SUPABASE_URL", storage_url),
-        ("SUPABASE_SERVICE_ROLE_KEY", SERVICE_KEY),
-        ("STORAGE_BUCKET", BUCKET),
-    ];
-    start_daemon(url, key, "serve", &extra, &[], Duration::from_secs(20)).await
+    let env = provider_env(telnyx_url, storage_url);
+    start_daemon(url, key, "serve", &env, &[], Duration::from_secs(20)).await
 }
