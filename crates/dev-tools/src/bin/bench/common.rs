@@ -149,6 +149,94 @@ pub(super) fn provider_env<'a>(
     ]
 }
 
+/// The Telnyx and Storage stand-ins of a relay scenario, with the bucket,
+/// and, when a bandwidth is given, each behind a paced link (`pace.rs`)
+/// that its URLs name, so API calls, downloads and uploads all cross it.
+pub(super) struct StandIns {
+    pub(super) telnyx: TelnyxSim,
+    pub(super) storage: StorageSim,
+    /// The storage simulator's files: in memory (/dev/shm) when it is
+    /// there, since writing gigabytes back to a shared disk would stall the
+    /// database's commits, which the raw copies do not make, and measure
+    /// the disk rather than the relay.
+    pub(super) data_dir: tempfile::TempDir,
+    _links: Option<(super::pace::Paced, super::pace::Paced)>,
+}
+
+impl StandIns {
+    /// Both stand-ins, stopped with `stop`; objects up to `largest` bytes;
+    /// links of `mb_per_second` each way per connection, or plain loopback.
+    pub(super) async fn start(
+        stop: &CancellationToken,
+        largest: u64,
+        mb_per_second: Option<u64>,
+    ) -> anyhow::Result<Self> {
+        let shm = Path::new("/dev/shm");
+        let data_dir = if shm.is_dir() {
+            tempfile::tempdir_in(shm)?
+        } else {
+            tempfile::tempdir()?
+        };
+        let links = match mb_per_second {
+            Some(_) => Some((
+                super::pace::PacedListener::bind().await?,
+                super::pace::PacedListener::bind().await?,
+            )),
+            None => None,
+        };
+        let origin = |l: &super::pace::PacedListener| format!("http://{}", l.addr);
+        let telnyx = TelnyxSim::start(TelnyxSimConfig {
+            api_key: TELNYX_KEY.to_owned(),
+            cancel: stop.child_token(),
+            public_origin: links.as_ref().map(|(t, _)| origin(t)),
+            ..TelnyxSimConfig::default()
+        })?;
+        let storage = StorageSim::start(StorageSimConfig {
+            service_key: SERVICE_KEY.to_owned(),
+            data_dir: Some(data_dir.path().to_owned()),
+            global_file_size_limit: largest.max(64 << 20) * 2,
+            cancel: stop.child_token(),
+            public_origin: links.as_ref().map(|(_, s)| origin(s)),
+            ..StorageSimConfig::default()
+        })?;
+        let links = links.zip(mb_per_second).map(|((t, s), rate)| {
+            (
+                t.serve(telnyx.addr(), rate * 1_000_000),
+                s.serve(storage.addr(), rate * 1_000_000),
+            )
+        });
+        storage.create_bucket(BUCKET, false, None, None);
+        Ok(Self {
+            telnyx,
+            storage,
+            data_dir,
+            _links: links,
+        })
+    }
+}
+
+/// POSTs a webhook `body` to `url`, signed with `key` as Telnyx signs it;
+/// an answer other than 2xx is an error.
+pub(super) async fn post_signed(
+    http: &reqwest::Client,
+    url: &str,
+    key: &SigningKey,
+    body: Vec<u8>,
+) -> anyhow::Result<()> {
+    let headers = testing::signature_headers(key, testing::unix_now(), &body);
+    let mut req = http.post(url).header("content-type", "application/json");
+    for (name, value) in headers {
+        req = req.header(name, value);
+    }
+    let res = req.body(body).send().await?;
+    ensure!(
+        res.status().is_success(),
+        "webhook answered {}",
+        res.status()
+    );
+    Ok(())
+}
+
 /// A signed `call.recording.saved` body, as Telnyx sends it.
 pub(super) fn webhook_body(event_id: &str, call_session_id: &str) -> Vec<u8> {
     testing::recording_saved_event(event_id, call_session_id)

@@ -126,7 +126,7 @@ async fn run(cluster: &Cluster, a: &DbCostArgs) -> anyhow::Result<()> {
         Duration::from_secs(30),
     )
     .await?;
-    let addr = daemon.addr.clone();
+    let webhook_url = format!("http://{}/webhooks/telnyx", daemon.addr);
     let http = reqwest::Client::new();
 
     // Idle: whatever the daemon does with nothing to do, once each pooled
@@ -158,19 +158,7 @@ async fn run(cluster: &Cluster, a: &DbCostArgs) -> anyhow::Result<()> {
     let t0 = Instant::now();
     for (i, (rec, intake)) in calls.iter().enumerate() {
         for body in [initiated(i, rec, *intake), saved(i, rec)] {
-            let body = body.to_string().into_bytes();
-            let mut req = http
-                .post(format!("http://{addr}/webhooks/telnyx"))
-                .header("content-type", "application/json");
-            for (name, value) in testing::signature_headers(&key, testing::unix_now(), &body) {
-                req = req.header(name, value);
-            }
-            let res = req.body(body).send().await?;
-            ensure!(
-                res.status().is_success(),
-                "webhook answered {}",
-                res.status()
-            );
+            post_signed(&http, &webhook_url, &key, body.to_string().into_bytes()).await?;
         }
     }
     let deadline = Instant::now() + Duration::from_secs(600);

@@ -18,7 +18,6 @@
 
 use std::time::SystemTime;
 
-use super::pace::PacedListener;
 use super::*;
 
 const STEPS_SQL: &str = "
@@ -72,41 +71,12 @@ pub(super) async fn playable(server: &str, a: &PlayableArgs) -> anyhow::Result<(
     let url = fresh_database(server, "bench_playable").await?;
     let pool = PgPool::connect(&url).await?;
     sqlx::raw_sql(STEPS_SQL).execute(&pool).await?;
-    let rate = a.mb_per_second * 1_000_000;
     let stop = CancellationToken::new();
-    let shm = Path::new("/dev/shm");
-    let data_dir = if shm.is_dir() {
-        tempfile::tempdir_in(shm)?
-    } else {
-        tempfile::tempdir()?
-    };
     let largest = a.sizes_mb.iter().copied().max().unwrap_or(1) * 1_000_000;
-
-    // The stand-ins behind their paced links; each names its link in the
-    // URLs it hands out, so downloads and uploads cross it too.
-    let telnyx_link = PacedListener::bind().await?;
-    let storage_link = PacedListener::bind().await?;
-    let telnyx = TelnyxSim::start(TelnyxSimConfig {
-        api_key: TELNYX_KEY.to_owned(),
-        cancel: stop.child_token(),
-        public_origin: Some(format!("http://{}", telnyx_link.addr)),
-        ..TelnyxSimConfig::default()
-    })?;
-    let storage = StorageSim::start(StorageSimConfig {
-        service_key: SERVICE_KEY.to_owned(),
-        data_dir: Some(data_dir.path().to_owned()),
-        global_file_size_limit: largest.max(64 << 20) * 2,
-        cancel: stop.child_token(),
-        public_origin: Some(format!("http://{}", storage_link.addr)),
-        ..StorageSimConfig::default()
-    })?;
-    storage.create_bucket(BUCKET, false, None, None);
-    // Both name their links (the public origins above).
-    let (telnyx_url, storage_url) = (telnyx.base_url(), storage.base_url());
-    let _links = (
-        telnyx_link.serve(telnyx.addr(), rate),
-        storage_link.serve(storage.addr(), rate),
-    );
+    let stand_ins = StandIns::start(&stop, largest, Some(a.mb_per_second)).await?;
+    let telnyx = &stand_ins.telnyx;
+    // Both name their links (the public origins).
+    let (telnyx_url, storage_url) = (telnyx.base_url(), stand_ins.storage.base_url());
 
     let key = SigningKey::from_bytes(&[42; 32]);
     let daemon = start_serve(&url, &key, &telnyx_url, &storage_url).await?;
@@ -132,7 +102,7 @@ pub(super) async fn playable(server: &str, a: &PlayableArgs) -> anyhow::Result<(
         let mut floors = Vec::new();
         for i in 0..a.warmup + a.samples {
             seq += 1;
-            let rec = recording(&telnyx, seq, size);
+            let rec = recording(telnyx, seq, size);
             let floor = floor_copy(&http, &telnyx_url, &storage_url, &rec, seq).await?;
             let sample = relay_one(
                 &http,
@@ -234,14 +204,14 @@ async fn relay_one(
     .await?;
     let initiated =
         testing::dialled_event_for(rec, &format!("initiated-{seq}"), Some(&intake.to_string()));
-    post(http, webhook_url, key, initiated.to_string().into_bytes()).await?;
+    post_signed(http, webhook_url, key, initiated.to_string().into_bytes()).await?;
     let event_id = format!("saved-{seq}-{}", uuid::Uuid::new_v4().simple());
     let saved = testing::saved_event_for(rec, &event_id)
         .to_string()
         .into_bytes();
     let sent_at = SystemTime::now();
     let t0 = Instant::now();
-    post(http, webhook_url, key, saved).await?;
+    post_signed(http, webhook_url, key, saved).await?;
     loop {
         let n = tokio::time::timeout(Duration::from_secs(60), linked.recv())
             .await
@@ -299,26 +269,6 @@ async fn relay_one(
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     Ok(Sample { total, stages })
-}
-
-async fn post(
-    http: &reqwest::Client,
-    url: &str,
-    key: &SigningKey,
-    body: Vec<u8>,
-) -> anyhow::Result<()> {
-    let headers = testing::signature_headers(key, testing::unix_now(), &body);
-    let mut req = http.post(url).header("content-type", "application/json");
-    for (name, value) in headers {
-        req = req.header(name, value);
-    }
-    let res = req.body(body).send().await?;
-    ensure!(
-        res.status().is_success(),
-        "webhook answered {}",
-        res.status()
-    );
-    Ok(())
 }
 
 fn report(size_mb: u64, mb_per_second: u64, relayed: &[Sample], floors: &mut [Duration]) {

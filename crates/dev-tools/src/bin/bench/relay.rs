@@ -145,45 +145,8 @@ async fn relay_run(
     let total_mb = sizes.iter().sum::<u64>() as f64 / 1e6;
     let parallel = concurrency.unwrap_or_else(|| Config::default().worker.concurrency);
     let stop = CancellationToken::new();
-    // The storage simulator's files go to memory (/dev/shm) when it is
-    // there: writing gigabytes back to a shared disk would stall the
-    // database's commits, which the raw copy does not make, and measure the
-    // disk rather than the relay. At most one run's objects exist at once.
-    let shm = Path::new("/dev/shm");
-    let data_dir = if shm.is_dir() {
-        tempfile::tempdir_in(shm)?
-    } else {
-        tempfile::tempdir()?
-    };
-    let links = match mb_per_second {
-        Some(_) => Some((
-            super::pace::PacedListener::bind().await?,
-            super::pace::PacedListener::bind().await?,
-        )),
-        None => None,
-    };
-    let origin = |l: &super::pace::PacedListener| format!("http://{}", l.addr);
-    let telnyx = TelnyxSim::start(TelnyxSimConfig {
-        api_key: TELNYX_KEY.to_owned(),
-        cancel: stop.child_token(),
-        public_origin: links.as_ref().map(|(t, _)| origin(t)),
-        ..TelnyxSimConfig::default()
-    })?;
-    let storage = StorageSim::start(StorageSimConfig {
-        service_key: SERVICE_KEY.to_owned(),
-        data_dir: Some(data_dir.path().to_owned()),
-        global_file_size_limit: size.max(64 << 20) * 2,
-        cancel: stop.child_token(),
-        public_origin: links.as_ref().map(|(_, s)| origin(s)),
-        ..StorageSimConfig::default()
-    })?;
-    let _paced = links.zip(mb_per_second).map(|((t, s), rate)| {
-        (
-            t.serve(telnyx.addr(), rate * 1_000_000),
-            s.serve(storage.addr(), rate * 1_000_000),
-        )
-    });
-    storage.create_bucket(BUCKET, false, None, None);
+    let stand_ins = StandIns::start(&stop, size, mb_per_second).await?;
+    let (telnyx, storage, data_dir) = (&stand_ins.telnyx, &stand_ins.storage, &stand_ins.data_dir);
 
     let pool = PgPool::connect(&url).await?;
     let mut recordings = Vec::new();
@@ -202,7 +165,7 @@ async fn relay_run(
 
     // The raw copy right before and right after the daemon, so noise from
     // the shared machine (and disk writeback) hits both sides alike.
-    let raw_before = raw_copies(&telnyx, &storage, &recordings, parallel, data_dir.path()).await?;
+    let raw_before = raw_copies(telnyx, storage, &recordings, parallel, data_dir.path()).await?;
 
     // The daemon: `recording-relay work`, release, its own process.
     let dir = tempfile::tempdir()?;
@@ -313,8 +276,8 @@ async fn relay_run(
         .iter()
         .map(|(rec, intake)| format!("intakes/{intake}/{}.wav", rec.id))
         .collect();
-    delete_objects(&storage, &paths).await?;
-    let raw_after = raw_copies(&telnyx, &storage, &recordings, parallel, data_dir.path()).await?;
+    delete_objects(storage, &paths).await?;
+    let raw_after = raw_copies(telnyx, storage, &recordings, parallel, data_dir.path()).await?;
     stop.cancel();
     Ok(RelayRun {
         total_mb,
