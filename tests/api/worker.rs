@@ -360,6 +360,70 @@ async fn many_quick_jobs_complete_in_batches_each_exactly_once(pool: PgPool) {
     assert_eq!(max_attempts, 1);
 }
 
+/// Found by `bench queue`: a job kept its slot until its completion had
+/// committed, so each worker alternated one claim with one completion and
+/// PostgreSQL idled between them. The slot is free once the handler is
+/// done; the completion is written behind it, and at most as many
+/// completions wait as there are slots before the worker stops claiming.
+#[sqlx::test(migrations = false)]
+async fn a_worker_runs_its_next_job_while_the_last_ones_completion_is_written(pool: PgPool) {
+    let queue = Queue::new(testing::prepare(pool).await);
+    // The first job's handler locks its own row from another transaction,
+    // so its completion waits until the test lets go.
+    let held: Arc<tokio::sync::Mutex<Option<sqlx::Transaction<'static, sqlx::Postgres>>>> =
+        Arc::default();
+    let ran = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let (q, h, r) = (queue.clone(), held.clone(), ran.clone());
+    let mut opts = options("w1");
+    opts.concurrency = 1;
+    let w = start(
+        &queue,
+        handler(move |job, _| {
+            let (q, h, r) = (q.clone(), h.clone(), r.clone());
+            async move {
+                if job.event_id == "ev-1" {
+                    let mut tx = q.pool().begin().await.unwrap();
+                    sqlx::query(
+                        "SELECT 1 FROM recording_relay.recording_jobs WHERE id = $1 FOR NO KEY UPDATE",
+                    )
+                    .bind(job.id)
+                    .execute(&mut *tx)
+                    .await
+                    .unwrap();
+                    *h.lock().await = Some(tx);
+                }
+                r.lock().unwrap().push(job.event_id.clone());
+                Ok(Outcome::Succeeded)
+            }
+        }),
+        opts,
+    );
+    queue.enqueue(&job("ev-1")).await.unwrap();
+    assert!(
+        eventually(Duration::from_secs(10), || async { held.lock().await.is_some() }).await
+    );
+    queue.enqueue(&job("ev-2")).await.unwrap();
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            ran.lock().unwrap().contains(&"ev-2".to_owned())
+        })
+        .await,
+        "the second job ran while the first one's completion waited"
+    );
+    assert_eq!(state_of(&queue, "ev-1").await, Some(JobState::Running));
+    // Two completions wait for one slot: no third claim until they commit.
+    queue.enqueue(&job("ev-3")).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(state_of(&queue, "ev-3").await, Some(JobState::Pending));
+
+    held.lock().await.take().unwrap().rollback().await.unwrap();
+    for ev in ["ev-1", "ev-2", "ev-3"] {
+        assert!(wait_for_state(&queue, ev, JobState::Succeeded).await, "{ev}");
+    }
+    w.stop().await;
+    assert_eq!(*ran.lock().unwrap(), ["ev-1", "ev-2", "ev-3"]);
+}
+
 #[sqlx::test(migrations = false)]
 async fn a_success_reported_after_the_lease_was_lost_writes_nothing(pool: PgPool) {
     let queue = Queue::new(testing::prepare(pool).await);
