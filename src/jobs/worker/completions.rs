@@ -10,8 +10,8 @@ use crate::jobs::{Lease, Queue, QueueError};
 /// over and wait for the answer, and one task writes whatever has queued up
 /// in a single statement ([`Queue::complete_batch`]), while the next batch
 /// queues behind it. Under load that is one round trip and one commit for
-/// many jobs; an idle worker's single completion goes out at once. A job
-/// keeps its slot until its completion is committed, exactly as before.
+/// many jobs; an idle worker's single completion goes out at once. The job's
+/// slot is free meanwhile (`slots.rs`); its lease fences the write.
 #[derive(Clone)]
 pub(super) struct Completions {
     tx: mpsc::Sender<Completion>,

@@ -3,20 +3,21 @@
 //! result with a fenced update, and drain on shutdown.
 //!
 //! This file is the claim/dispatch loop; `run.rs` is one job's run (its
-//! heartbeat and lease, and the result written back), `completions.rs`
-//! batches the completions, `shutdown.rs` gives back and drains, and
-//! `notify.rs` turns NOTIFYs into wake-ups.
+//! heartbeat and lease, and the result written back), `slots.rs` counts
+//! what runs and what is still being completed, `completions.rs` batches
+//! the completions, `shutdown.rs` gives back and drains, and `notify.rs`
+//! turns NOTIFYs into wake-ups.
 
 mod completions;
 mod notify;
 mod run;
 mod shutdown;
+mod slots;
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::Notify;
-use tokio::task::JoinSet;
 use tokio::time::MissedTickBehavior;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, error, info, info_span, warn};
@@ -24,6 +25,7 @@ use tracing::{Instrument, error, info, info_span, warn};
 use self::completions::Completions;
 use self::notify::forward_notifications;
 use self::run::run_job;
+use self::slots::Slots;
 use super::backoff::Backoff;
 use super::{Job, JobHandler, Queue, QueueError};
 use crate::ops::alerts::Alerter;
@@ -121,7 +123,7 @@ impl<H: JobHandler> Worker<H> {
             alerts_stop.clone(),
         ));
         let hard_stop = CancellationToken::new();
-        let mut in_flight = JoinSet::new();
+        let mut slots = Slots::new(self.opts.concurrency);
         let mut poll = tokio::time::interval(self.opts.poll_interval);
         poll.set_missed_tick_behavior(MissedTickBehavior::Delay);
         info!(
@@ -131,7 +133,7 @@ impl<H: JobHandler> Worker<H> {
         );
 
         loop {
-            let free = self.opts.concurrency.saturating_sub(in_flight.len());
+            let free = slots.free();
             if free > 0 {
                 let claim = self
                     .queue
@@ -145,19 +147,12 @@ impl<H: JobHandler> Worker<H> {
                         break;
                     }
                 };
-                self.spawn_claimed(claimed, &mut in_flight, &completions, &hard_stop);
+                self.spawn_claimed(claimed, &mut slots, &completions, &hard_stop);
             }
             tokio::select! {
                 biased;
                 () = shutdown.cancelled() => break,
-                Some(joined) = in_flight.join_next(), if !in_flight.is_empty() => {
-                    log_join_error(joined);
-                    // Free every slot that is already free, so the next claim
-                    // takes as many jobs as it can in one statement.
-                    while let Some(joined) = in_flight.try_join_next() {
-                        log_join_error(joined);
-                    }
-                }
+                () = slots.settle(), if !slots.is_empty() => {}
                 () = wake.notified() => {}
                 _ = poll.tick() => {
                     self.rescue_expired_leases().await;
@@ -169,9 +164,9 @@ impl<H: JobHandler> Worker<H> {
             }
         }
 
-        self.drain(in_flight, hard_stop).await;
-        // Every job task has ended, so every completion has been answered;
-        // the completer stops once its last sender is gone.
+        self.drain(slots, hard_stop).await;
+        // Every job task and every completion has ended (or was given up),
+        // so the completer stops once its last sender is gone.
         drop(completions);
         let _ = completer.await;
         // Alerts still owed stay owed: the next worker to sweep sends them.
@@ -186,7 +181,7 @@ impl<H: JobHandler> Worker<H> {
     fn spawn_claimed(
         &self,
         claimed: Result<Vec<Job>, QueueError>,
-        in_flight: &mut JoinSet<()>,
+        slots: &mut Slots,
         completions: &Completions,
         hard_stop: &CancellationToken,
     ) {
@@ -223,7 +218,7 @@ impl<H: JobHandler> Worker<H> {
                 lease,
                 hard_stop.child_token(),
             );
-            in_flight.spawn(run.instrument(span));
+            slots.run(run.instrument(span));
         }
     }
 
@@ -268,11 +263,5 @@ where
             () = stop.cancelled() => return,
             () = sweep() => {}
         }
-    }
-}
-
-fn log_join_error(joined: Result<(), tokio::task::JoinError>) {
-    if let Err(e) = joined {
-        error!(error = %e, "job task failed unexpectedly");
     }
 }

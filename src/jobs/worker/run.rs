@@ -1,6 +1,7 @@
 //! One claimed job's run: the handler under a heartbeated lease, a panic
 //! caught as a retryable failure, and the result written back through the
-//! lease (or nothing, when the lease was lost).
+//! lease (or nothing, when the lease was lost). A success is written after
+//! the job has given its slot back ([`Completing`]).
 
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
@@ -11,7 +12,7 @@ use futures_util::FutureExt;
 use tokio::sync::Notify;
 use tokio::time::MissedTickBehavior;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, error, info, warn};
+use tracing::{Instrument, debug, error, info, warn};
 
 use super::WorkerOptions;
 use super::completions::Completions;
@@ -28,6 +29,37 @@ enum RunEnd {
     LeaseLost,
 }
 
+/// A job whose handler succeeded: its completion, still to be written
+/// through the batch ([`Completions`]). The job's slot is free by then, so
+/// the worker claims the next jobs while the batch commits; the lease stays
+/// the fence, and until the batch commits the job is `running` in the
+/// table, rescued like any other if this process dies.
+pub(super) struct Completing {
+    queue: Queue,
+    completions: Completions,
+    opts: Arc<WorkerOptions>,
+    lease: Lease,
+    took: Duration,
+    span: tracing::Span,
+}
+
+impl Completing {
+    pub(super) async fn write(self) {
+        let end = RunEnd::Finished(Ok(Outcome::Succeeded));
+        let record = record(
+            &self.queue,
+            &self.completions,
+            &self.opts,
+            &self.lease,
+            end,
+            self.took,
+        );
+        record.instrument(self.span).await;
+    }
+}
+
+/// Runs the handler; writes any result but a success, which it returns for
+/// the worker to write once the slot is free.
 #[allow(clippy::too_many_arguments)]
 pub(super) async fn run_job<H: JobHandler>(
     queue: Queue,
@@ -38,7 +70,7 @@ pub(super) async fn run_job<H: JobHandler>(
     job: Job,
     lease: Lease,
     cancel: CancellationToken,
-) {
+) -> Option<Completing> {
     let started = Instant::now();
     let ctx = JobContext {
         queue: queue.clone(),
@@ -53,10 +85,21 @@ pub(super) async fn run_job<H: JobHandler>(
         () = cancel.cancelled() => RunEnd::Interrupted,
         () = keep_lease_alive(&queue, &lease, opts.lease) => RunEnd::LeaseLost,
     };
+    if matches!(end, RunEnd::Finished(Ok(Outcome::Succeeded))) {
+        return Some(Completing {
+            queue,
+            completions,
+            opts,
+            lease,
+            took: started.elapsed(),
+            span: tracing::Span::current(),
+        });
+    }
     let ended = record(&queue, &completions, &opts, &lease, end, started.elapsed()).await;
     if matches!(ended, Some(JobState::Failed | JobState::Unmatched)) {
         alerts_due.notify_one();
     }
+    None
 }
 
 /// Heartbeats every third of the lease; returns only when the lease is lost:

@@ -4,11 +4,11 @@
 use std::future::Future;
 use std::time::Duration;
 
-use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use super::Worker;
+use super::slots::Slots;
 use crate::jobs::{Job, JobHandler, QueueError};
 
 impl<H: JobHandler> Worker<H> {
@@ -48,38 +48,48 @@ impl<H: JobHandler> Worker<H> {
         }
     }
 
-    pub(super) async fn drain(&self, mut in_flight: JoinSet<()>, hard_stop: CancellationToken) {
-        if in_flight.is_empty() {
-            return;
+    /// Lets running jobs finish (or releases them), then writes the
+    /// completions still owed.
+    pub(super) async fn drain(&self, mut slots: Slots, hard_stop: CancellationToken) {
+        if slots.running() > 0 {
+            self.runs_ended(&mut slots, hard_stop).await;
         }
+        // Successes already reported are written before the worker stops:
+        // one batched statement. A completion that cannot be written in
+        // time leaves its job to run again once its lease expires.
+        let written =
+            tokio::time::timeout(Duration::from_secs(5), slots.completions_written()).await;
+        if written.is_err() {
+            error!(
+                jobs = slots.completing(),
+                "could not record every finished job; they run again when their leases expire"
+            );
+        }
+    }
+
+    /// Gives the running jobs `shutdown_timeout`, then releases the rest.
+    async fn runs_ended(&self, slots: &mut Slots, hard_stop: CancellationToken) {
         info!(
-            jobs = in_flight.len(),
+            jobs = slots.running(),
             timeout = ?self.opts.shutdown_timeout,
             "shutting down: waiting for in-flight jobs"
         );
-        let finished = tokio::time::timeout(self.opts.shutdown_timeout, async {
-            while in_flight.join_next().await.is_some() {}
-        })
-        .await;
-        if finished.is_ok() {
-            return;
-        }
-        warn!(
-            jobs = in_flight.len(),
-            "shutdown grace period over: releasing unfinished jobs"
-        );
-        hard_stop.cancel();
-        // Each job releases itself on cancellation: one short UPDATE.
-        let released = tokio::time::timeout(Duration::from_secs(5), async {
-            while in_flight.join_next().await.is_some() {}
-        })
-        .await;
-        if released.is_err() {
-            error!(
-                jobs = in_flight.len(),
-                "could not release every job; their leases will expire"
+        let finished = tokio::time::timeout(self.opts.shutdown_timeout, slots.runs_ended()).await;
+        if finished.is_err() {
+            warn!(
+                jobs = slots.running(),
+                "shutdown grace period over: releasing unfinished jobs"
             );
-            in_flight.abort_all();
+            hard_stop.cancel();
+            // Each job releases itself on cancellation: one short UPDATE.
+            let released = tokio::time::timeout(Duration::from_secs(5), slots.runs_ended()).await;
+            if released.is_err() {
+                error!(
+                    jobs = slots.running(),
+                    "could not release every job; their leases will expire"
+                );
+                slots.abort_runs();
+            }
         }
     }
 }
