@@ -400,7 +400,10 @@ async fn a_worker_runs_its_next_job_while_the_last_ones_completion_is_written(po
     );
     queue.enqueue(&job("ev-1")).await.unwrap();
     assert!(
-        eventually(Duration::from_secs(10), || async { held.lock().await.is_some() }).await
+        eventually(Duration::from_secs(10), || async {
+            held.lock().await.is_some()
+        })
+        .await
     );
     queue.enqueue(&job("ev-2")).await.unwrap();
     assert!(
@@ -418,7 +421,10 @@ async fn a_worker_runs_its_next_job_while_the_last_ones_completion_is_written(po
 
     held.lock().await.take().unwrap().rollback().await.unwrap();
     for ev in ["ev-1", "ev-2", "ev-3"] {
-        assert!(wait_for_state(&queue, ev, JobState::Succeeded).await, "{ev}");
+        assert!(
+            wait_for_state(&queue, ev, JobState::Succeeded).await,
+            "{ev}"
+        );
     }
     w.stop().await;
     assert_eq!(*ran.lock().unwrap(), ["ev-1", "ev-2", "ev-3"]);
