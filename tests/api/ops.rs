@@ -47,6 +47,79 @@ fn line<'a>(output: &'a str, name: &str) -> &'a str {
         .unwrap_or_else(|| panic!("no {name} line in:\n{output}"))
 }
 
+/// Found by `bench queue` (issue #23): sqlx 0.9.0 stopped turning Nagle's
+/// algorithm off (upstream issue launchbadge/sqlx#4335; 0.9.1 restores it).
+/// A statement the client wrote in two pieces then waited for the server's
+/// delayed ACK, 40 ms: one worker's batches of 500 jobs ran at 9k jobs/s
+/// instead of 21k. Every connection the binary opens to PostgreSQL must set
+/// `TCP_NODELAY`; strace shows the system calls, whatever the crate does.
+#[sqlx::test(migrations = false)]
+async fn every_connection_to_postgresql_turns_nagles_algorithm_off(pool: PgPool) {
+    let found = std::process::Command::new("strace").arg("-V").output();
+    if found.is_err() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "strace is not installed (apt-get install strace)"
+        );
+        eprintln!("skipped: strace is not installed");
+        return;
+    }
+    let pool = testing::prepare(pool).await;
+    let db = testing::database_url_of(&pool, None);
+    let port = pool.connect_options().get_port();
+    let good = providers(true);
+    let dir = tempfile::tempdir().unwrap();
+    let trace = dir.path().join("trace");
+    let daemon = relay(&good, &db, TELNYX_KEY);
+    let daemon = daemon.as_std();
+    let mut cmd = Command::new("strace");
+    cmd.args(["-f", "-qq", "-e", "trace=connect,setsockopt", "-o"])
+        .arg(&trace)
+        .arg(daemon.get_program())
+        .args(daemon.get_args())
+        .arg("check")
+        .env_clear();
+    for (name, value) in daemon.get_envs() {
+        if let Some(value) = value {
+            cmd.env(name, value);
+        }
+    }
+    let out = cmd.output().await.unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+
+    // Each connect() to PostgreSQL's port, by file descriptor, must be
+    // followed by TCP_NODELAY set on that descriptor before it connects
+    // anywhere again.
+    let trace = std::fs::read_to_string(&trace).unwrap();
+    let fd_of = |call: &str, line: &str| -> Option<String> {
+        let rest = &line[line.find(&format!("{call}("))? + call.len() + 1..];
+        Some(rest[..rest.find(',')?].to_owned())
+    };
+    let mut open: Vec<String> = Vec::new();
+    let mut connections = 0;
+    for line in trace.lines() {
+        if line.contains("connect(") && line.contains(&format!("htons({port})")) {
+            let fd = fd_of("connect", line).unwrap();
+            assert!(!open.contains(&fd), "fd {fd} connected again without TCP_NODELAY:\n{trace}");
+            open.push(fd);
+            connections += 1;
+        } else if line.contains("TCP_NODELAY, [1]") {
+            let fd = fd_of("setsockopt", line).unwrap();
+            open.retain(|o| *o != fd);
+        }
+    }
+    assert!(connections > 0, "no connection to port {port} traced:\n{trace}");
+    assert!(
+        open.is_empty(),
+        "connections to PostgreSQL without TCP_NODELAY (fds {open:?}):\n{trace}"
+    );
+}
+
 #[sqlx::test(migrations = false)]
 async fn check_reports_each_broken_dependency_on_its_own_line(pool: PgPool) {
     let pool = testing::prepare(pool).await;
