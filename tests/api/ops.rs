@@ -105,7 +105,10 @@ async fn every_connection_to_postgresql_turns_nagles_algorithm_off(pool: PgPool)
     for line in trace.lines() {
         if line.contains("connect(") && line.contains(&format!("htons({port})")) {
             let fd = fd_of("connect", line).unwrap();
-            assert!(!open.contains(&fd), "fd {fd} connected again without TCP_NODELAY:\n{trace}");
+            assert!(
+                !open.contains(&fd),
+                "fd {fd} connected again without TCP_NODELAY:\n{trace}"
+            );
             open.push(fd);
             connections += 1;
         } else if line.contains("TCP_NODELAY, [1]") {
@@ -113,7 +116,10 @@ async fn every_connection_to_postgresql_turns_nagles_algorithm_off(pool: PgPool)
             open.retain(|o| *o != fd);
         }
     }
-    assert!(connections > 0, "no connection to port {port} traced:\n{trace}");
+    assert!(
+        connections > 0,
+        "no connection to port {port} traced:\n{trace}"
+    );
     assert!(
         open.is_empty(),
         "connections to PostgreSQL without TCP_NODELAY (fds {open:?}):\n{trace}"
