@@ -360,74 +360,124 @@ async fn many_quick_jobs_complete_in_batches_each_exactly_once(pool: PgPool) {
     assert_eq!(max_attempts, 1);
 }
 
+/// A worker of one slot whose handler, for `ev-1` only, locks the job's own
+/// row from another transaction: that job's completion waits until the
+/// test lets go ([`Held::release`]). Records the order the handler ran in.
+struct Held {
+    worker: Running,
+    tx: Arc<tokio::sync::Mutex<Option<sqlx::Transaction<'static, sqlx::Postgres>>>>,
+    ran: Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl Held {
+    async fn start(queue: &Queue) -> Held {
+        let tx: Arc<tokio::sync::Mutex<Option<sqlx::Transaction<'static, sqlx::Postgres>>>> =
+            Arc::default();
+        let ran = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+        let (q, h, r) = (queue.clone(), tx.clone(), ran.clone());
+        let mut opts = options("w1");
+        opts.concurrency = 1;
+        let worker = start(
+            queue,
+            handler(move |job, _| {
+                let (q, h, r) = (q.clone(), h.clone(), r.clone());
+                async move {
+                    if job.event_id == "ev-1" {
+                        let mut tx = q.pool().begin().await.unwrap();
+                        sqlx::query(
+                            "SELECT 1 FROM recording_relay.recording_jobs WHERE id = $1 FOR NO KEY UPDATE",
+                        )
+                        .bind(job.id)
+                        .execute(&mut *tx)
+                        .await
+                        .unwrap();
+                        *h.lock().await = Some(tx);
+                    }
+                    r.lock().unwrap().push(job.event_id.clone());
+                    Ok(Outcome::Succeeded)
+                }
+            }),
+            opts,
+        );
+        queue.enqueue(&job("ev-1")).await.unwrap();
+        assert!(
+            eventually(Duration::from_secs(10), || async {
+                tx.lock().await.is_some()
+            })
+            .await
+        );
+        Held { worker, tx, ran }
+    }
+
+    async fn release(&self) {
+        self.tx
+            .lock()
+            .await
+            .take()
+            .unwrap()
+            .rollback()
+            .await
+            .unwrap();
+    }
+
+    fn ran(&self) -> Vec<String> {
+        self.ran.lock().unwrap().clone()
+    }
+}
+
 /// Found by `bench queue`: a job kept its slot until its completion had
 /// committed, so each worker alternated one claim with one completion and
 /// PostgreSQL idled between them. The slot is free once the handler is
-/// done; the completion is written behind it, and at most as many
-/// completions wait as there are slots before the worker stops claiming.
+/// done; the completion is written behind it, and a worker holds at most
+/// twice as many leases as it has slots.
 #[sqlx::test(migrations = false)]
 async fn a_worker_runs_its_next_job_while_the_last_ones_completion_is_written(pool: PgPool) {
     let queue = Queue::new(testing::prepare(pool).await);
-    // The first job's handler locks its own row from another transaction,
-    // so its completion waits until the test lets go.
-    let held: Arc<tokio::sync::Mutex<Option<sqlx::Transaction<'static, sqlx::Postgres>>>> =
-        Arc::default();
-    let ran = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
-    let (q, h, r) = (queue.clone(), held.clone(), ran.clone());
-    let mut opts = options("w1");
-    opts.concurrency = 1;
-    let w = start(
-        &queue,
-        handler(move |job, _| {
-            let (q, h, r) = (q.clone(), h.clone(), r.clone());
-            async move {
-                if job.event_id == "ev-1" {
-                    let mut tx = q.pool().begin().await.unwrap();
-                    sqlx::query(
-                        "SELECT 1 FROM recording_relay.recording_jobs WHERE id = $1 FOR NO KEY UPDATE",
-                    )
-                    .bind(job.id)
-                    .execute(&mut *tx)
-                    .await
-                    .unwrap();
-                    *h.lock().await = Some(tx);
-                }
-                r.lock().unwrap().push(job.event_id.clone());
-                Ok(Outcome::Succeeded)
-            }
-        }),
-        opts,
-    );
-    queue.enqueue(&job("ev-1")).await.unwrap();
-    assert!(
-        eventually(Duration::from_secs(10), || async {
-            held.lock().await.is_some()
-        })
-        .await
-    );
+    let held = Held::start(&queue).await;
     queue.enqueue(&job("ev-2")).await.unwrap();
     assert!(
         eventually(Duration::from_secs(10), || async {
-            ran.lock().unwrap().contains(&"ev-2".to_owned())
+            held.ran().contains(&"ev-2".to_owned())
         })
         .await,
         "the second job ran while the first one's completion waited"
     );
     assert_eq!(state_of(&queue, "ev-1").await, Some(JobState::Running));
-    // Two completions wait for one slot: no third claim until they commit.
+    // Two leases for one slot: no third claim until a completion commits.
     queue.enqueue(&job("ev-3")).await.unwrap();
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(state_of(&queue, "ev-3").await, Some(JobState::Pending));
 
-    held.lock().await.take().unwrap().rollback().await.unwrap();
+    held.release().await;
     for ev in ["ev-1", "ev-2", "ev-3"] {
         assert!(
             wait_for_state(&queue, ev, JobState::Succeeded).await,
             "{ev}"
         );
     }
-    w.stop().await;
-    assert_eq!(*ran.lock().unwrap(), ["ev-1", "ev-2", "ev-3"]);
+    assert_eq!(held.ran(), ["ev-1", "ev-2", "ev-3"]);
+    held.worker.stop().await;
+}
+
+/// A completion still waiting when shutdown begins is written before the
+/// worker returns (within the shutdown window), not left for the lease to
+/// expire and the job to run again.
+#[sqlx::test(migrations = false)]
+async fn shutdown_writes_the_completions_still_owed(pool: PgPool) {
+    let queue = Queue::new(testing::prepare(pool).await);
+    let held = Held::start(&queue).await;
+    let Held { worker, .. } = &held;
+    worker.shutdown.cancel();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !worker.handle.is_finished(),
+        "the worker waits for the completion it owes"
+    );
+    assert_eq!(state_of(&queue, "ev-1").await, Some(JobState::Running));
+    held.release().await;
+    let Held { worker, .. } = held;
+    worker.stop().await;
+    assert_eq!(state_of(&queue, "ev-1").await, Some(JobState::Succeeded));
 }
 
 #[sqlx::test(migrations = false)]

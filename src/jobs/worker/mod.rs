@@ -164,11 +164,10 @@ impl<H: JobHandler> Worker<H> {
             }
         }
 
-        self.drain(slots, hard_stop).await;
-        // Every job task and every completion has ended (or was given up),
-        // so the completer stops once its last sender is gone.
+        // The loop claims no more; each job task and each completion holds
+        // its own sender, so the completer stops once the last has ended.
         drop(completions);
-        let _ = completer.await;
+        self.drain(slots, hard_stop, completer).await;
         // Alerts still owed stay owed: the next worker to sweep sends them.
         alerts_stop.cancel();
         let _ = alerts.await;
@@ -211,6 +210,7 @@ impl<H: JobHandler> Worker<H> {
             let run = run_job(
                 self.queue.clone(),
                 completions.clone(),
+                slots.behind().clone(),
                 self.alerts_due.clone(),
                 self.handler.clone(),
                 self.opts.clone(),

@@ -16,6 +16,7 @@ use tracing::{Instrument, debug, error, info, warn};
 
 use super::WorkerOptions;
 use super::completions::Completions;
+use super::slots::Behind;
 use crate::jobs::{
     Job, JobContext, JobError, JobHandler, JobState, Lease, Outcome, Queue, QueueError,
 };
@@ -29,12 +30,12 @@ enum RunEnd {
     LeaseLost,
 }
 
-/// A job whose handler succeeded: its completion, still to be written
-/// through the batch ([`Completions`]). The job's slot is free by then, so
-/// the worker claims the next jobs while the batch commits; the lease stays
-/// the fence, and until the batch commits the job is `running` in the
-/// table, rescued like any other if this process dies.
-pub(super) struct Completing {
+/// A job whose handler succeeded: its completion, written through the
+/// batch ([`Completions`]) behind the slots (`slots.rs`). The worker claims
+/// the next jobs while the batch commits; the lease stays the fence, and
+/// until the batch commits the job is `running` in the table, rescued like
+/// any other if this process dies.
+struct Completing {
     queue: Queue,
     completions: Completions,
     opts: Arc<WorkerOptions>,
@@ -44,7 +45,7 @@ pub(super) struct Completing {
 }
 
 impl Completing {
-    pub(super) async fn write(self) {
+    async fn write(self) {
         let end = RunEnd::Finished(Ok(Outcome::Succeeded));
         let record = record(
             &self.queue,
@@ -58,19 +59,20 @@ impl Completing {
     }
 }
 
-/// Runs the handler; writes any result but a success, which it returns for
-/// the worker to write once the slot is free.
+/// Runs the handler and writes the result; a success is handed to `behind`
+/// to be written there, and the slot is free at once.
 #[allow(clippy::too_many_arguments)]
 pub(super) async fn run_job<H: JobHandler>(
     queue: Queue,
     completions: Completions,
+    behind: Behind,
     alerts_due: Arc<Notify>,
     handler: Arc<H>,
     opts: Arc<WorkerOptions>,
     job: Job,
     lease: Lease,
     cancel: CancellationToken,
-) -> Option<Completing> {
+) {
     let started = Instant::now();
     let ctx = JobContext {
         queue: queue.clone(),
@@ -86,20 +88,21 @@ pub(super) async fn run_job<H: JobHandler>(
         () = keep_lease_alive(&queue, &lease, opts.lease) => RunEnd::LeaseLost,
     };
     if matches!(end, RunEnd::Finished(Ok(Outcome::Succeeded))) {
-        return Some(Completing {
+        let completing = Completing {
             queue,
             completions,
             opts,
             lease,
             took: started.elapsed(),
             span: tracing::Span::current(),
-        });
+        };
+        behind.write(completing.write());
+        return;
     }
     let ended = record(&queue, &completions, &opts, &lease, end, started.elapsed()).await;
     if matches!(ended, Some(JobState::Failed | JobState::Unmatched)) {
         alerts_due.notify_one();
     }
-    None
 }
 
 /// Heartbeats every third of the lease; returns only when the lease is lost:

@@ -4,12 +4,17 @@
 use std::future::Future;
 use std::time::Duration;
 
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use super::Worker;
 use super::slots::Slots;
 use crate::jobs::{Job, JobHandler, QueueError};
+
+/// After the grace period: the time the releases and the completions still
+/// owed get, together (part of `STOP_MARGIN` in `config::worker`).
+const STOP_WINDOW: Duration = Duration::from_secs(5);
 
 impl<H: JobHandler> Worker<H> {
     /// A claim in flight when shutdown starts still commits (dropping the
@@ -48,48 +53,48 @@ impl<H: JobHandler> Worker<H> {
         }
     }
 
-    /// Lets running jobs finish (or releases them), then writes the
-    /// completions still owed.
-    pub(super) async fn drain(&self, mut slots: Slots, hard_stop: CancellationToken) {
+    /// Lets running jobs finish for `shutdown_timeout`, then releases the
+    /// rest; the completions still owed are written meanwhile. The releases
+    /// and the completions share one window of [`STOP_WINDOW`] after the
+    /// grace period: what is still running or unwritten after it is given
+    /// up, and its lease expires for another worker.
+    pub(super) async fn drain(
+        &self,
+        mut slots: Slots,
+        hard_stop: CancellationToken,
+        mut completer: JoinHandle<()>,
+    ) {
         if slots.running() > 0 {
-            self.runs_ended(&mut slots, hard_stop).await;
-        }
-        // Successes already reported are written before the worker stops:
-        // one batched statement. A completion that cannot be written in
-        // time leaves its job to run again once its lease expires.
-        let written =
-            tokio::time::timeout(Duration::from_secs(5), slots.completions_written()).await;
-        if written.is_err() {
-            error!(
-                jobs = slots.completing(),
-                "could not record every finished job; they run again when their leases expire"
-            );
-        }
-    }
-
-    /// Gives the running jobs `shutdown_timeout`, then releases the rest.
-    async fn runs_ended(&self, slots: &mut Slots, hard_stop: CancellationToken) {
-        info!(
-            jobs = slots.running(),
-            timeout = ?self.opts.shutdown_timeout,
-            "shutting down: waiting for in-flight jobs"
-        );
-        let finished = tokio::time::timeout(self.opts.shutdown_timeout, slots.runs_ended()).await;
-        if finished.is_err() {
-            warn!(
+            info!(
                 jobs = slots.running(),
-                "shutdown grace period over: releasing unfinished jobs"
+                timeout = ?self.opts.shutdown_timeout,
+                "shutting down: waiting for in-flight jobs"
             );
-            hard_stop.cancel();
-            // Each job releases itself on cancellation: one short UPDATE.
-            let released = tokio::time::timeout(Duration::from_secs(5), slots.runs_ended()).await;
-            if released.is_err() {
-                error!(
+            let finished =
+                tokio::time::timeout(self.opts.shutdown_timeout, slots.runs_ended()).await;
+            if finished.is_err() {
+                warn!(
                     jobs = slots.running(),
-                    "could not release every job; their leases will expire"
+                    "shutdown grace period over: releasing unfinished jobs"
                 );
-                slots.abort_runs();
+                // Each job releases itself on cancellation: one short UPDATE.
+                hard_stop.cancel();
             }
+        }
+        let ended = tokio::time::timeout(STOP_WINDOW, async {
+            slots.runs_ended().await;
+            slots.completions_written().await;
+            let _ = (&mut completer).await;
+        })
+        .await;
+        if ended.is_err() {
+            error!(
+                running = slots.running(),
+                completing = slots.completing(),
+                "could not release or record every job in time; they run again when their leases expire"
+            );
+            slots.give_up();
+            completer.abort();
         }
     }
 }
