@@ -132,9 +132,12 @@ impl<H: JobHandler> Worker<H> {
             "worker started"
         );
 
+        // Whether anything since the last claim may let the next one take a
+        // job: a wake-up, the poll, or more room in the slots.
+        let mut claim_due = true;
         loop {
             let free = slots.free();
-            if free > 0 {
+            if free > 0 && claim_due {
                 let claim = self
                     .queue
                     .claim(&self.opts.worker_id, free, self.opts.lease);
@@ -149,19 +152,20 @@ impl<H: JobHandler> Worker<H> {
                 };
                 self.spawn_claimed(claimed, &mut slots, &completions, &hard_stop);
             }
-            tokio::select! {
+            claim_due = tokio::select! {
                 biased;
                 () = shutdown.cancelled() => break,
-                () = slots.settle(), if !slots.is_empty() => {}
-                () = wake.notified() => {}
+                room = slots.settle(), if !slots.is_empty() => room,
+                () = wake.notified() => true,
                 _ = poll.tick() => {
                     self.rescue_expired_leases().await;
                     // Also alerts that other processes owe, and sends that
                     // failed: the poll is the sweep's clock.
                     self.alerts_due.notify_one();
                     sweep_due.notify_one();
+                    true
                 }
-            }
+            };
         }
 
         // The loop claims no more; each job task and each completion holds

@@ -119,19 +119,23 @@ impl Slots {
 
     /// Waits until a run or a completion ends, then reaps every other run
     /// that has ended too, so the next claim takes as many jobs as it can
-    /// in one statement. Cancel-safe: it only awaits `join_next` and a
-    /// `Notify`.
-    pub(super) async fn settle(&mut self) {
+    /// in one statement. Returns whether that made room for a claim: a
+    /// completion written while the slots had room already does not (a
+    /// claim for it would be one more statement per job, and an empty one).
+    /// Cancel-safe: it only awaits `join_next` and a `Notify`.
+    pub(super) async fn settle(&mut self) -> bool {
+        let before = self.free();
         tokio::select! {
             Some(joined) = self.running.join_next(), if !self.running.is_empty() => {
                 log_join_error(joined);
             }
             () = self.behind.written.notified(), if self.behind.pending() > 0 => {}
-            else => return,
+            else => return false,
         }
         while let Some(joined) = self.running.try_join_next() {
             log_join_error(joined);
         }
+        self.free() > before
     }
 
     /// Waits for every run (at shutdown).
