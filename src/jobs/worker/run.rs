@@ -1,7 +1,7 @@
 //! One claimed job's run: the handler under a heartbeated lease, a panic
 //! caught as a retryable failure, and the result written back through the
 //! lease (or nothing, when the lease was lost). A success is written after
-//! the job has given its slot back ([`Completing`]).
+//! the job has given its slot back (`slots.rs`).
 
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
@@ -28,35 +28,6 @@ enum RunEnd {
     Interrupted,
     /// Another worker owns the job now; write nothing.
     LeaseLost,
-}
-
-/// A job whose handler succeeded: its completion, written through the
-/// batch ([`Completions`]) behind the slots (`slots.rs`). The worker claims
-/// the next jobs while the batch commits; the lease stays the fence, and
-/// until the batch commits the job is `running` in the table, rescued like
-/// any other if this process dies.
-struct Completing {
-    queue: Queue,
-    completions: Completions,
-    opts: Arc<WorkerOptions>,
-    lease: Lease,
-    took: Duration,
-    span: tracing::Span,
-}
-
-impl Completing {
-    async fn write(self) {
-        let end = RunEnd::Finished(Ok(Outcome::Succeeded));
-        let record = record(
-            &self.queue,
-            &self.completions,
-            &self.opts,
-            &self.lease,
-            end,
-            self.took,
-        );
-        record.instrument(self.span).await;
-    }
 }
 
 /// Runs the handler and writes the result; a success is handed to `behind`
@@ -88,15 +59,15 @@ pub(super) async fn run_job<H: JobHandler>(
         () = keep_lease_alive(&queue, &lease, opts.lease) => RunEnd::LeaseLost,
     };
     if matches!(end, RunEnd::Finished(Ok(Outcome::Succeeded))) {
-        let completing = Completing {
-            queue,
-            completions,
-            opts,
-            lease,
-            took: started.elapsed(),
-            span: tracing::Span::current(),
+        // Written through the batch ([`Completions`]) behind the slots, so
+        // the worker claims the next jobs while the batch commits. The lease
+        // stays the fence; until the batch commits the job is `running` in
+        // the table, rescued like any other if this process dies.
+        let took = started.elapsed();
+        let write = async move {
+            record(&queue, &completions, &opts, &lease, end, took).await;
         };
-        behind.write(completing.write());
+        behind.write(write.instrument(tracing::Span::current()));
         return;
     }
     let ended = record(&queue, &completions, &opts, &lease, end, started.elapsed()).await;
