@@ -224,6 +224,17 @@ pub(super) async fn post_signed(
     body: Vec<u8>,
 ) -> anyhow::Result<()> {
     let headers = testing::signature_headers(key, testing::unix_now(), &body);
+    post_webhook(http, url, body, headers).await
+}
+
+/// POSTs a webhook `body` with its signature `headers` (signed beforehand
+/// or just now); an answer other than 2xx is an error.
+pub(super) async fn post_webhook(
+    http: &reqwest::Client,
+    url: &str,
+    body: impl Into<reqwest::Body>,
+    headers: [(&'static str, String); 2],
+) -> anyhow::Result<()> {
     let mut req = http.post(url).header("content-type", "application/json");
     for (name, value) in headers {
         req = req.header(name, value);

@@ -61,19 +61,9 @@ async fn callgrind_listen(url: &str, key: &SigningKey, requests: usize) -> anyho
     .await
     .context("the listener under valgrind (apt-get install valgrind)")?;
     let http = reqwest::Client::new();
+    let url = format!("http://{}/webhooks/telnyx", listener.addr);
     for (body, headers) in signed_requests(key, &format!("callgrind-{requests}"), requests) {
-        let mut req = http
-            .post(format!("http://{}/webhooks/telnyx", listener.addr))
-            .header("content-type", "application/json");
-        for (name, value) in headers {
-            req = req.header(name, value);
-        }
-        let res = req.body(body).send().await?;
-        ensure!(
-            res.status().is_success(),
-            "a webhook was answered {}",
-            res.status()
-        );
+        post_webhook(&http, &url, body, headers).await?;
     }
     listener.stop_within(Duration::from_secs(120)).await?;
     let text =
